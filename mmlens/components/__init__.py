@@ -1,0 +1,14 @@
+"""Small modules with hook points; none of them knows about images."""
+
+from mmlens.components.attention import Attention
+from mmlens.components.block import TransformerBlock
+from mmlens.components.embed import Embed, Unembed
+from mmlens.components.mlp import MLP, GatedMLP
+from mmlens.components.norms import LayerNorm, RMSNorm
+from mmlens.components.projector import Projector
+from mmlens.components.rotary import RotaryEmbedding
+
+__all__ = [
+    "MLP", "Attention", "Embed", "GatedMLP", "LayerNorm", "Projector", "RMSNorm",
+    "RotaryEmbedding", "TransformerBlock", "Unembed",
+]

@@ -1,0 +1,129 @@
+"""Multi-head / grouped-query attention with TransformerLens hook points.
+
+Attention runs through `scaled_dot_product_attention` unless a hook is attached to
+`hook_attn_scores` or `hook_pattern` (including caching hooks): only then are the
+`[batch, head, q_pos, k_pos]` scores and pattern materialised.
+"""
+
+from __future__ import annotations
+
+import einops
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+
+from mmlens.components.rotary import apply_rotary
+
+KeyValue = tuple[Float[torch.Tensor, "batch k_pos kv_head d_head"], Float[torch.Tensor, "batch k_pos kv_head d_head"]]
+
+
+class Attention(nn.Module):
+    """Self-attention; `n_key_value_heads < n_heads` gives grouped-query attention.
+
+    Weights keep Hugging Face's layout (`q_proj.weight` is `[n_heads * d_head, d_model]`) so that
+    one matmul computes all heads; `W_Q`, `W_K`, `W_V`, `W_O` and `b_*` give TransformerLens'
+    per-head views.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_key_value_heads: int, d_head: int, bias: bool):
+        super().__init__()
+        self.n_heads, self.n_key_value_heads, self.d_head = n_heads, n_key_value_heads, d_head
+        self.q_proj = nn.Linear(d_model, n_heads * d_head, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_key_value_heads * d_head, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_key_value_heads * d_head, bias=bias)
+        self.o_proj = nn.Linear(n_heads * d_head, d_model, bias=bias)
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_rot_q = HookPoint()
+        self.hook_rot_k = HookPoint()
+        self.hook_attn_scores = HookPoint()  # [batch, head, q_pos, k_pos], masked, pre-softmax
+        self.hook_pattern = HookPoint()  # [batch, head, q_pos, k_pos]
+        self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+
+    # TransformerLens-shaped views of the weights.
+    @property
+    def W_Q(self) -> Float[torch.Tensor, "head d_model d_head"]:
+        return einops.rearrange(self.q_proj.weight, "(head d_head) d_model -> head d_model d_head", head=self.n_heads)
+
+    @property
+    def W_K(self) -> Float[torch.Tensor, "kv_head d_model d_head"]:
+        return einops.rearrange(self.k_proj.weight, "(head d_head) d_model -> head d_model d_head", head=self.n_key_value_heads)
+
+    @property
+    def W_V(self) -> Float[torch.Tensor, "kv_head d_model d_head"]:
+        return einops.rearrange(self.v_proj.weight, "(head d_head) d_model -> head d_model d_head", head=self.n_key_value_heads)
+
+    @property
+    def W_O(self) -> Float[torch.Tensor, "head d_head d_model"]:
+        return einops.rearrange(self.o_proj.weight, "d_model (head d_head) -> head d_head d_model", head=self.n_heads)
+
+    @property
+    def b_O(self) -> Float[torch.Tensor, "d_model"]:
+        bias = self.o_proj.bias
+        return bias if bias is not None else torch.zeros_like(self.o_proj.weight[:, 0])
+
+    def _split_heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
+        return x.view(*x.shape[:-1], n_heads, self.d_head)
+
+    def forward(
+        self,
+        x: Float[torch.Tensor, "batch pos d_model"],
+        *,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: Bool[torch.Tensor, "batch 1 q_pos k_pos"] | None = None,
+        is_causal: bool = False,
+        past_key_value: KeyValue | None = None,
+    ) -> tuple[Float[torch.Tensor, "batch pos d_model"], KeyValue]:
+        """Attend; returns the output and this layer's (rotated) keys/values incl. the past.
+
+        `mask` is True where a query may attend to a key; with `mask=None`, `is_causal` selects
+        plain causal attention (no padding, no past) or full attention (vision tower).
+        """
+        q = self.hook_q(self._split_heads(self.q_proj(x), self.n_heads))
+        k = self.hook_k(self._split_heads(self.k_proj(x), self.n_key_value_heads))
+        v = self.hook_v(self._split_heads(self.v_proj(x), self.n_key_value_heads))
+        if rotary is not None:
+            q = self.hook_rot_q(apply_rotary(q, *rotary))
+            k = self.hook_rot_k(apply_rotary(k, *rotary))
+        if past_key_value is not None:
+            k = torch.cat((past_key_value[0], k), dim=1)
+            v = torch.cat((past_key_value[1], v), dim=1)
+
+        q_heads, k_heads, v_heads = (t.transpose(1, 2) for t in (q, k, v))
+        if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
+            z_heads = self._attend_explicitly(q_heads, k_heads, v_heads, mask, is_causal)
+        else:
+            z_heads = F.scaled_dot_product_attention(
+                q_heads,
+                k_heads,
+                v_heads,
+                attn_mask=mask,
+                is_causal=is_causal and mask is None,
+                enable_gqa=self.n_key_value_heads != self.n_heads,
+            )
+        z = self.hook_z(z_heads.transpose(1, 2))
+        return self.o_proj(z.reshape(*z.shape[:2], -1)), (k, v)
+
+    def _attend_explicitly(
+        self,
+        q: Float[torch.Tensor, "batch head q_pos d_head"],
+        k: Float[torch.Tensor, "batch kv_head k_pos d_head"],
+        v: Float[torch.Tensor, "batch kv_head k_pos d_head"],
+        mask: torch.Tensor | None,
+        is_causal: bool,
+    ) -> Float[torch.Tensor, "batch head q_pos d_head"]:
+        """Scores and pattern as tensors, so that hooks can read and edit them."""
+        group = self.n_heads // self.n_key_value_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = q @ k.transpose(-1, -2) * self.d_head**-0.5
+        if mask is None and is_causal:
+            n_q, n_k = scores.shape[-2:]
+            mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        scores = self.hook_attn_scores(scores)
+        pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+        return pattern @ v

@@ -1,0 +1,33 @@
+"""Pre-norm residual block: `resid + attn(ln1(resid))`, then `+ mlp(ln2(resid))`."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+
+from mmlens.components.attention import Attention, KeyValue
+
+
+class TransformerBlock(nn.Module):
+    """One layer, shared by the decoder (RMSNorm, gated MLP) and the vision tower (LayerNorm)."""
+
+    def __init__(self, ln1: nn.Module, attn: Attention, ln2: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(
+        self, resid: Float[torch.Tensor, "batch pos d_model"], **attn_kwargs
+    ) -> tuple[Float[torch.Tensor, "batch pos d_model"], KeyValue]:
+        """`attn_kwargs` go to `Attention.forward` (rotary, mask, is_causal, past_key_value)."""
+        resid = self.hook_resid_pre(resid)
+        attn_out, key_value = self.attn(self.ln1(resid), **attn_kwargs)
+        resid = self.hook_resid_mid(resid + self.hook_attn_out(attn_out))
+        resid = self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
+        return resid, key_value

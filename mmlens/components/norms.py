@@ -1,0 +1,45 @@
+"""RMSNorm (decoder) and LayerNorm (vision tower), each exposing its scale and output."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm: `weight * x / sqrt(mean(x^2) + eps)`, computed in float32 like HF.
+
+    Hooks: `hook_scale` ([batch, pos, 1], float32) and `hook_normalized` ([batch, pos, d]).
+    """
+
+    def __init__(self, d_model: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Float[torch.Tensor, "batch pos d"]) -> Float[torch.Tensor, "batch pos d"]:
+        x32 = x.float()
+        scale = self.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(self.weight * (x32 / scale).to(x.dtype))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with TransformerLens hooks: `hook_scale` is sqrt(var + eps)."""
+
+    def __init__(self, d_model: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.bias = nn.Parameter(torch.zeros(d_model))
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Float[torch.Tensor, "batch pos d"]) -> Float[torch.Tensor, "batch pos d"]:
+        x32 = x.float()
+        x32 = x32 - x32.mean(-1, keepdim=True)
+        scale = self.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized((x32 / scale * self.weight.float() + self.bias.float()).to(x.dtype))

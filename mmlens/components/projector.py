@@ -1,0 +1,25 @@
+"""LLaVA's multimodal projector: `linear_2(act(linear_1(features)))`.
+
+`projector_hidden_act="linear"` (identity) gives a purely linear projector.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+from transformers.activations import ACT2FN
+
+
+class Projector(nn.Module):
+    def __init__(self, d_in: int, d_model: int, act_fn: str, bias: bool):
+        super().__init__()
+        self.linear_1 = nn.Linear(d_in, d_model, bias=bias)
+        self.act = ACT2FN[act_fn]
+        self.linear_2 = nn.Linear(d_model, d_model, bias=bias)
+        self.hook_in = HookPoint()  # [n_images, n_tokens, d_in]
+        self.hook_out = HookPoint()  # [n_images, n_tokens, d_model]
+
+    def forward(self, features: Float[torch.Tensor, "image token d_in"]) -> Float[torch.Tensor, "image token d_model"]:
+        return self.hook_out(self.linear_2(self.act(self.linear_1(self.hook_in(features)))))

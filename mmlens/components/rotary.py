@@ -1,0 +1,73 @@
+"""Rotary position embedding with the checkpoint's `rope_theta` and scaling.
+
+Frequencies come from transformers' own `ROPE_INIT_FUNCTIONS` for scaled variants (llama3,
+linear, yarn), so a Llama-3 checkpoint rotates exactly as in HF.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import nn
+
+from mmlens.config import MMConfig
+
+# Rope types whose frequencies depend only on the config (not on the running sequence length).
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def rope_frequencies(cfg: MMConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies `[d_head / 2]` and the cos/sin scaling factor for `cfg`."""
+    params = dict(cfg.rope_parameters)
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise NotImplementedError(
+            f"rope_type {rope_type!r} is not supported; supported: {STATIC_ROPE_TYPES}"
+        )
+    if rope_type == "default":
+        dims = torch.arange(0, cfg.d_head, 2, dtype=torch.float32, device="cpu")
+        return 1.0 / (params["rope_theta"] ** (dims / cfg.d_head)), 1.0
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_config = LlamaConfig(
+        hidden_size=cfg.d_model,
+        num_attention_heads=cfg.n_heads,
+        head_dim=cfg.d_head,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_parameters=params,
+    )
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, device="cpu")
+    return inv_freq.float(), float(scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    """Maps position ids to the cos/sin tables applied to queries and keys."""
+
+    def __init__(self, cfg: MMConfig):
+        super().__init__()
+        inv_freq, self.attention_scaling = rope_frequencies(cfg)
+        # Not persistent: derived from the config, never read from a checkpoint. Created on the
+        # CPU explicitly so that a model built on the meta device still gets real frequencies.
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(
+        self, position_ids: Int[torch.Tensor, "batch pos"], dtype: torch.dtype
+    ) -> tuple[Float[torch.Tensor, "batch pos d_head"], Float[torch.Tensor, "batch pos d_head"]]:
+        freqs = position_ids[..., None].float() * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)
+        cos = angles.cos() * self.attention_scaling
+        sin = angles.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+
+def apply_rotary(
+    x: Float[torch.Tensor, "batch pos head d_head"],
+    cos: Float[torch.Tensor, "batch pos d_head"],
+    sin: Float[torch.Tensor, "batch pos d_head"],
+) -> Float[torch.Tensor, "batch pos head d_head"]:
+    """Rotate pairs (i, i + d_head/2) of every head by the position's angle (HF convention)."""
+    first, second = x.chunk(2, dim=-1)
+    rotated_half = torch.cat((-second, first), dim=-1)
+    return x * cos[:, :, None] + rotated_half * sin[:, :, None]

@@ -1,0 +1,154 @@
+"""One config for the decoder, the vision tower, the projector and the multimodal glue.
+
+Field names follow TransformerLens (`n_layers`, `d_model`, ...) so that
+`transformer_lens.ActivationCache` helpers work unchanged; `from_hf` reads a Hugging Face
+config (`LlamaConfig`, `MistralConfig`, `LlavaConfig`, `LlavaNextConfig`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class VisionConfig:
+    """CLIP ViT vision tower (pre-layernorm, quick-gelu MLP, learned absolute positions)."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_mlp: int
+    image_size: int
+    patch_size: int
+    eps: float = 1e-5
+    act_fn: str = "quick_gelu"
+    n_channels: int = 3
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side of the (square) input image."""
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> VisionConfig:
+        if hf.model_type not in ("clip_vision_model", "clip"):
+            raise NotImplementedError(
+                f"vision tower of type {hf.model_type!r} is not supported yet (CLIP only)"
+            )
+        return cls(
+            n_layers=hf.num_hidden_layers,
+            d_model=hf.hidden_size,
+            n_heads=hf.num_attention_heads,
+            d_mlp=hf.intermediate_size,
+            image_size=hf.image_size,
+            patch_size=hf.patch_size,
+            eps=hf.layer_norm_eps,
+            act_fn=hf.hidden_act,
+            n_channels=hf.num_channels,
+        )
+
+
+@dataclass
+class MMConfig:
+    """Config of a decoder-only LM, optionally with a vision tower and projector (LLaVA)."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_mlp: int
+    d_vocab: int
+    n_key_value_heads: int | None = None
+    d_head: int | None = None
+    eps: float = 1e-6
+    act_fn: str = "silu"
+    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 1e4})
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    model_name: str = "custom"
+    model_type: str = "llama"
+    dtype: torch.dtype = torch.float32
+    device: str | torch.device = "cpu"
+    # Multimodal (LLaVA) fields; `vision is None` for a text-only model.
+    vision: VisionConfig | None = None
+    vision_feature_layer: int | list[int] = -2
+    vision_feature_select_strategy: str = "default"
+    projector_hidden_act: str = "gelu"
+    projector_bias: bool = True
+    image_token_id: int | None = None
+    # Fixed for this architecture family; read by transformer_lens.ActivationCache.
+    normalization_type: str = "RMS"
+    attn_only: bool = False
+    positional_embedding_type: str = "rotary"
+
+    def __post_init__(self) -> None:
+        if self.n_key_value_heads is None:
+            self.n_key_value_heads = self.n_heads
+        if self.d_head is None:
+            self.d_head = self.d_model // self.n_heads
+        if self.n_heads % self.n_key_value_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} must be a multiple of n_key_value_heads="
+                f"{self.n_key_value_heads}"
+            )
+
+    @property
+    def vision_feature_layers(self) -> list[int]:
+        """`vision_feature_layer` as a list (HF allows an int or a list)."""
+        layers = self.vision_feature_layer
+        return [layers] if isinstance(layers, int) else list(layers)
+
+    @classmethod
+    def from_hf(cls, hf: Any, **overrides: Any) -> MMConfig:
+        """Build from a HF config: a text config, or a LLaVA config with `text_config`."""
+        text = getattr(hf, "text_config", None) or hf
+        if text.model_type not in ("llama", "mistral"):
+            raise NotImplementedError(
+                f"decoder of type {text.model_type!r} is not supported (llama, mistral)"
+            )
+        if getattr(text, "hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"decoder activation {text.hidden_act!r} (silu only)")
+        fields: dict[str, Any] = dict(
+            n_layers=text.num_hidden_layers,
+            d_model=text.hidden_size,
+            n_heads=text.num_attention_heads,
+            n_key_value_heads=text.num_key_value_heads,
+            d_head=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            d_mlp=text.intermediate_size,
+            d_vocab=text.vocab_size,
+            eps=text.rms_norm_eps,
+            rope_parameters=dict(text.rope_parameters),
+            max_position_embeddings=text.max_position_embeddings,
+            attention_bias=getattr(text, "attention_bias", False),
+            mlp_bias=getattr(text, "mlp_bias", False),
+            tie_word_embeddings=bool(
+                getattr(hf, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)
+            ),
+            pad_token_id=text.pad_token_id,
+            bos_token_id=text.bos_token_id,
+            eos_token_id=text.eos_token_id,
+            model_type=hf.model_type,
+            model_name=getattr(hf, "name_or_path", "") or hf.model_type,
+        )
+        if hasattr(hf, "vision_config"):
+            fields.update(
+                vision=VisionConfig.from_hf(hf.vision_config),
+                vision_feature_layer=hf.vision_feature_layer,
+                vision_feature_select_strategy=hf.vision_feature_select_strategy,
+                projector_hidden_act=hf.projector_hidden_act,
+                projector_bias=getattr(hf, "multimodal_projector_bias", True),
+                image_token_id=hf.image_token_id,
+            )
+        fields.update(overrides)
+        return cls(**fields)

@@ -1,0 +1,372 @@
+"""HookedTransformer: a decoder-only language model (Llama / Vicuna / Mistral / Llama-3) with
+TransformerLens hook points, built on `transformer_lens.HookedRootModule`.
+
+Read top to bottom: embed -> blocks (RMSNorm, rotary GQA attention, gated MLP) -> final norm
+-> unembed. Multimodal subclasses only override `embed_input`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import nn
+from tqdm.auto import tqdm
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from mmlens.components import (
+    Attention,
+    Embed,
+    GatedMLP,
+    RMSNorm,
+    RotaryEmbedding,
+    TransformerBlock,
+    Unembed,
+)
+from mmlens.components.attention import KeyValue
+from mmlens.config import MMConfig
+
+
+@dataclass
+class KVCache:
+    """Keys/values of every layer for the positions seen so far, and their attention mask.
+
+    `generate` creates one and the forward pass extends it in place, like TransformerLens'
+    `HookedTransformerKeyValueCache`.
+    """
+
+    key_values: list[KeyValue | None]
+    attention_mask: Int[torch.Tensor, "batch past_pos"]
+
+    @classmethod
+    def empty(cls, n_layers: int, batch: int, device: torch.device) -> KVCache:
+        return cls([None] * n_layers, torch.zeros(batch, 0, dtype=torch.long, device=device))
+
+
+def attention_mask_and_positions(
+    attention_mask: Int[torch.Tensor, "batch pos"], n_new: int
+) -> tuple[Bool[torch.Tensor, "batch 1 new_pos pos"] | None, Int[torch.Tensor, "batch new_pos"]]:
+    """Causal + padding mask for the last `n_new` positions, and their rotary position ids.
+
+    Rotary positions count from each item's first real token (as HF `generate` does), so a
+    left-padded item gives the same logits as the item alone. Pad queries attend to themselves
+    only, which keeps their (unused) activations finite. Returns `mask=None` when plain causal
+    attention is exact (no padding, no past), so that SDPA can use its causal kernel.
+    """
+    n_total = attention_mask.shape[1]
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, n_total - n_new :]
+    if n_new == n_total and bool(attention_mask.all()):
+        return None, positions
+    key_index = torch.arange(n_total, device=attention_mask.device)
+    query_index = key_index[n_total - n_new :, None]
+    causal = key_index[None, :] <= query_index
+    is_real_key = attention_mask.bool()[:, None, :]
+    mask = (causal & is_real_key) | (key_index[None, :] == query_index)
+    return mask[:, None], positions
+
+
+class HookedTransformer(HookedRootModule):
+    """Decoder-only LM with TransformerLens hook names (see DESIGN.md §3).
+
+    Example:
+        >>> model = mmlens.HookedTransformer.from_pretrained("path/to/llama")  # doctest: +SKIP
+        >>> logits, cache = model.run_with_cache("The cat sat on the")
+        >>> cache["blocks.0.attn.hook_pattern"].shape  # [batch, head, q_pos, k_pos]
+    """
+
+    def __init__(self, cfg: MMConfig, tokenizer: Any = None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.embed = Embed(cfg.d_vocab, cfg.d_model)
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        self.rotary = RotaryEmbedding(cfg)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                RMSNorm(cfg.d_model, cfg.eps),
+                Attention(cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.attention_bias),
+                RMSNorm(cfg.d_model, cfg.eps),
+                GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, cfg.mlp_bias),
+            )
+            for _ in range(cfg.n_layers)
+        )
+        self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
+        self.setup()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> HookedTransformer:
+        """Load a Hugging Face checkpoint folder (or a hub id already in the local cache).
+
+        Weights are converted tensor by tensor from safetensors; the HF model is never built.
+        """
+        from mmlens.loading import load_pretrained
+
+        return load_pretrained(path_or_id, cls=cls, dtype=dtype, device=device)
+
+    # ------------------------------------------------------------------ TL-style weights
+    @property
+    def W_E(self) -> Float[torch.Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_U(self) -> Float[torch.Tensor, "d_model d_vocab"]:
+        return self.unembed.W_U
+
+    @property
+    def b_U(self) -> Float[torch.Tensor, "d_vocab"]:
+        return torch.zeros(self.cfg.d_vocab, dtype=self.W_U.dtype, device=self.W_U.device)
+
+    def tokens_to_residual_directions(
+        self, tokens: str | int | Int[torch.Tensor, "..."]
+    ) -> Float[torch.Tensor, "... d_model"]:
+        """Unembedding directions of `tokens` with the final norm's weight folded in.
+
+        TransformerLens folds norm weights into `W_U`; mmlens keeps the checkpoint's weights, so
+        the fold happens here. Then `cache.logit_attrs` (which divides by the cached final-norm
+        scale) reproduces the logits exactly.
+        """
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        tokens = torch.as_tensor(tokens, device=self.W_U.device)
+        return self.W_U[:, tokens].movedim(0, -1) * self.ln_final.weight
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Float[torch.Tensor, "d_model"]:
+        """Sum of the output biases written to the residual stream before `layer` (zero for
+        Llama-style checkpoints, which have none)."""
+        total = torch.zeros(self.cfg.d_model, dtype=self.W_U.dtype, device=self.W_U.device)
+        for index, block in enumerate(self.blocks[: layer + (1 if mlp_input else 0)]):
+            total = total + block.attn.b_O
+            down_bias = block.mlp.down_proj.bias
+            if include_mlp_biases and down_bias is not None and index < layer:
+                total = total + down_bias
+        return total
+
+    # ------------------------------------------------------------------ tokenizer helpers
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass token ids, or load it with from_pretrained")
+        return self.tokenizer
+
+    def to_tokens(
+        self, text: str | list[str], prepend_bos: bool = True
+    ) -> Int[torch.Tensor, "batch pos"]:
+        """Token ids `[batch, pos]` (left-padded) for a string or a list of strings."""
+        return self._tokenize(text, prepend_bos)["input_ids"]
+
+    def _tokenize(self, text: str | list[str], prepend_bos: bool = True) -> dict[str, torch.Tensor]:
+        tokenizer = self._require_tokenizer()
+        encoded = tokenizer(
+            [text] if isinstance(text, str) else list(text),
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=prepend_bos,
+        )
+        return {k: v.to(self.W_E.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+
+    def to_string(self, tokens: int | Int[torch.Tensor, "..."] | list[int]) -> str | list[str]:
+        """Decode ids: one string for a 0-/1-D input, a list of strings for `[batch, pos]`."""
+        tokenizer = self._require_tokenizer()
+        tokens = torch.as_tensor(tokens)
+        if tokens.ndim == 2:
+            return tokenizer.batch_decode(tokens.tolist())
+        return tokenizer.decode(tokens.reshape(-1).tolist())
+
+    def to_single_token(self, string: str) -> int:
+        """The id of `string`, which must be exactly one token (no BOS)."""
+        ids = self._require_tokenizer()(string, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{string!r} is {len(ids)} tokens ({ids}), not a single token")
+        return ids[0]
+
+    def to_str_tokens(self, tokens: str | Int[torch.Tensor, "pos"]) -> list[str]:
+        if isinstance(tokens, str):
+            tokens = self.to_tokens(tokens)[0]
+        return self._require_tokenizer().convert_ids_to_tokens(torch.as_tensor(tokens).reshape(-1).tolist())
+
+    # ------------------------------------------------------------------ hooks
+    def _enable_hook_with_name(self, name: str, hook: Any, dir: Literal["fwd", "bwd"]) -> None:
+        if not isinstance(self.mod_dict.get(name), HookPoint):
+            raise ValueError(self._unknown_hook_message(name))
+        super()._enable_hook_with_name(name, hook, dir)
+
+    def _unknown_hook_message(self, name: str) -> str:
+        for prefix, n_layers in self._layer_counts().items():
+            match = re.match(rf"^{re.escape(prefix)}blocks\.(-?\d+)\.", name)
+            if match and not 0 <= int(match.group(1)) < n_layers:
+                return (
+                    f"hook {name!r}: layer {match.group(1)} does not exist; "
+                    f"'{prefix}blocks' has layers 0..{n_layers - 1}"
+                )
+        close = difflib.get_close_matches(name, list(self.hook_dict), n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        return f"hook {name!r} does not exist in this model{hint} (see model.hook_dict)"
+
+    def _layer_counts(self) -> dict[str, int]:
+        return {"": self.cfg.n_layers}
+
+    def run_with_cache(self, *model_args: Any, **kwargs: Any) -> tuple[Any, ActivationCache]:
+        """Run and return `(output, cache)`; the cache is a `transformer_lens.ActivationCache`.
+
+        Takes `run_with_hooks`' inputs plus `names_filter` (name, list or predicate),
+        `device`, `remove_batch_dim` and `incl_bwd`.
+        """
+        output, cache_dict = super().run_with_cache(*model_args, **kwargs)
+        return output, ActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+
+    # ------------------------------------------------------------------ forward
+    def model_inputs(self, input: Any = None, **kwargs: Any) -> dict[str, Any]:
+        """Normalise any accepted input to HF-style keyword tensors.
+
+        Accepts a string or list of strings (tokenized here), a `[batch, pos]` tensor of ids,
+        an object with `model_kwargs()` (a `MultimodalInput`), or HF-style keywords.
+        """
+        if isinstance(input, (str, list)):
+            inputs = self._tokenize(input)
+        elif isinstance(input, torch.Tensor):
+            inputs = {"input_ids": input if input.ndim == 2 else input[None]}
+        elif input is not None and hasattr(input, "model_kwargs"):
+            inputs = dict(input.model_kwargs())
+        elif input is None:
+            inputs = {}
+        else:
+            raise TypeError(f"cannot run on an input of type {type(input).__name__}")
+        inputs.update({k: v for k, v in kwargs.items() if v is not None})
+        if "input_ids" not in inputs:
+            raise ValueError("no input: pass text, token ids, a MultimodalInput or input_ids=...")
+        return inputs
+
+    def embed_input(self, input_ids: Int[torch.Tensor, "batch pos"], **multimodal: Any) -> Float[torch.Tensor, "batch pos d_model"]:
+        """Residual stream before the first block; multimodal subclasses merge images here."""
+        if multimodal:
+            raise ValueError(f"{type(self).__name__} takes no {sorted(multimodal)}; use a multimodal model")
+        return self.hook_embed(self.embed(input_ids))
+
+    def forward(
+        self,
+        input: Any = None,
+        *,
+        input_ids: Int[torch.Tensor, "batch pos"] | None = None,
+        attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+        return_type: Literal["logits", "loss", "both"] | None = "logits",
+        stop_at_layer: int | None = None,
+        past_kv_cache: KVCache | None = None,
+        **multimodal: Any,
+    ) -> Any:
+        """Run the model.
+
+        Args:
+            input: text, ids `[batch, pos]`, or a `MultimodalInput`; or pass HF-style keywords
+                (`input_ids`, `attention_mask`, and for multimodal models `pixel_values`,
+                `image_sizes`).
+            return_type: "logits" (`[batch, pos, d_vocab]`), "loss" (mean next-token loss over
+                real positions), "both" (`(logits, loss)`) or None.
+            stop_at_layer: return the residual stream before this block (`[batch, pos, d_model]`).
+            past_kv_cache: keys/values of earlier positions; extended in place (generation).
+        """
+        inputs = self.model_inputs(input, input_ids=input_ids, attention_mask=attention_mask, **multimodal)
+        input_ids = inputs.pop("input_ids")
+        attention_mask = inputs.pop("attention_mask", None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        # Image features are only needed where image tokens are new (not for cached steps).
+        resid = self.embed_input(input_ids, **{k: v for k, v in inputs.items() if v is not None})
+
+        n_new = input_ids.shape[1]
+        if past_kv_cache is not None:
+            attention_mask = torch.cat((past_kv_cache.attention_mask, attention_mask), dim=1)
+            past_kv_cache.attention_mask = attention_mask
+        mask, position_ids = attention_mask_and_positions(attention_mask, n_new)
+        rotary = self.rotary(position_ids, resid.dtype)
+
+        n_blocks = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
+        for layer, block in enumerate(self.blocks[:n_blocks]):
+            past = past_kv_cache.key_values[layer] if past_kv_cache is not None else None
+            resid, key_value = block(resid, rotary=rotary, mask=mask, is_causal=True, past_key_value=past)
+            if past_kv_cache is not None:
+                past_kv_cache.key_values[layer] = key_value
+        if stop_at_layer is not None:
+            return resid
+
+        if return_type is None:
+            return None
+        logits = self.unembed(self.ln_final(resid))
+        if return_type == "logits":
+            return logits
+        loss = self.next_token_loss(logits, input_ids, attention_mask[:, -n_new:])
+        return loss if return_type == "loss" else (logits, loss)
+
+    @staticmethod
+    def next_token_loss(
+        logits: Float[torch.Tensor, "batch pos d_vocab"],
+        input_ids: Int[torch.Tensor, "batch pos"],
+        attention_mask: Int[torch.Tensor, "batch pos"],
+    ) -> Float[torch.Tensor, ""]:
+        """Mean cross-entropy of predicting each real token from the one before it."""
+        per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none")
+        weights = (attention_mask[:, 1:] * attention_mask[:, :-1]).flatten().float()
+        return (per_token * weights).sum() / weights.sum()
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input: Any = None,
+        *,
+        max_new_tokens: int = 10,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        stop_at_eos: bool = True,
+        eos_token_id: int | list[int] | None = None,
+        verbose: bool = False,
+        **kwargs: Any,
+    ) -> Int[torch.Tensor, "batch prompt_and_new_pos"]:
+        """Greedy (default) or sampled generation with a KV cache; hooks apply at every step.
+
+        Returns the prompt ids followed by the new ids, like HF `generate`. Items that have
+        finished (emitted EOS) are continued with the pad token.
+
+        Example:
+            >>> tokens = model.generate(inp, max_new_tokens=8)  # doctest: +SKIP
+            >>> model.to_string(tokens[0, inp.input_ids.shape[1]:])
+        """
+        inputs = self.model_inputs(input, **kwargs)
+        input_ids = inputs.pop("input_ids")
+        attention_mask = inputs.pop("attention_mask", torch.ones_like(input_ids))
+        eos = self.cfg.eos_token_id if eos_token_id is None else eos_token_id
+        eos_ids = torch.as_tensor([] if eos is None else eos, device=input_ids.device).reshape(-1)
+        pad_id = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else int(eos_ids[0]) if len(eos_ids) else 0
+
+        cache = KVCache.empty(self.cfg.n_layers, input_ids.shape[0], input_ids.device)
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        generated = [input_ids]
+        step_ids, step_mask = input_ids, attention_mask
+        for _ in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
+            logits = self.forward(input_ids=step_ids, attention_mask=step_mask, past_kv_cache=cache, **inputs)
+            inputs = {}  # images are encoded once, in the prefill step
+            next_logits = logits[:, -1].float()
+            if do_sample:
+                next_ids = torch.multinomial(F.softmax(next_logits / temperature, dim=-1), 1)[:, 0]
+            else:
+                next_ids = next_logits.argmax(-1)
+            next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
+            generated.append(next_ids[:, None])
+            if stop_at_eos:
+                finished |= torch.isin(next_ids, eos_ids)
+                if bool(finished.all()):
+                    break
+            step_ids, step_mask = next_ids[:, None], torch.ones_like(next_ids[:, None])
+        return torch.cat(generated, dim=1)

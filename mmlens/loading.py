@@ -1,0 +1,195 @@
+"""Load Hugging Face checkpoints (llava-hf folders or cached hub ids) into mmlens models.
+
+The HF model is never instantiated: mmlens builds its own modules on the meta device and
+assigns each safetensors tensor, renamed and cast, straight into them. No remote code runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from mmlens.config import MMConfig
+
+# Checkpoint prefixes differ between transformers versions (llava-hf hub checkpoints use
+# `language_model.model.`, transformers >= 4.52 saves `model.language_model.`); normalise first.
+_PREFIXES = [
+    (r"^(?:model\.)?language_model\.lm_head\.", "unembed."),
+    (r"^lm_head\.", "unembed."),
+    (r"^(?:model\.)?language_model\.(?:model\.)?", "lm."),
+    (r"^model\.(?=layers\.|embed_tokens\.|norm\.)", "lm."),  # text-only Llama/Mistral checkpoints
+    (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?", "vision."),
+    (r"^(?:model\.)?multi_modal_projector\.", "projector."),
+    (r"^(?:model\.)?image_newline$", "image_newline"),
+]
+_RENAMES = [
+    (r"^lm\.embed_tokens\.", "embed."),
+    (r"^lm\.norm\.", "ln_final."),
+    (r"^lm\.layers\.(\d+)\.self_attn\.", r"blocks.\1.attn."),
+    (r"^lm\.layers\.(\d+)\.input_layernorm\.", r"blocks.\1.ln1."),
+    (r"^lm\.layers\.(\d+)\.post_attention_layernorm\.", r"blocks.\1.ln2."),
+    (r"^lm\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
+    (r"^vision\.embeddings\.", "vision.embed."),
+    (r"^vision\.pre_layrnorm\.", "vision.ln_pre."),
+    (r"^vision\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"vision.blocks.\1.attn.o_proj."),
+    (r"^vision\.encoder\.layers\.(\d+)\.self_attn\.", r"vision.blocks.\1.attn."),
+    (r"^vision\.encoder\.layers\.(\d+)\.layer_norm1\.", r"vision.blocks.\1.ln1."),
+    (r"^vision\.encoder\.layers\.(\d+)\.layer_norm2\.", r"vision.blocks.\1.ln2."),
+    (r"^vision\.encoder\.layers\.(\d+)\.mlp\.", r"vision.blocks.\1.mlp."),
+]
+# Weights LLaVA never uses (CLIP's pooled-output norm) and non-weight buffers.
+_UNUSED = re.compile(r"^vision\.post_layernorm\.|position_ids$")
+
+
+def mmlens_key(hf_key: str) -> str | None:
+    """The mmlens state-dict name of a HF checkpoint tensor, or None if LLaVA never uses it.
+
+    >>> mmlens_key("model.language_model.layers.3.self_attn.q_proj.weight")
+    'blocks.3.attn.q_proj.weight'
+    """
+    key = hf_key
+    for pattern, replacement in _PREFIXES:
+        key, n = re.subn(pattern, replacement, key)
+        if n:
+            break
+    if _UNUSED.search(key):
+        return None
+    for pattern, replacement in _RENAMES:
+        key, n = re.subn(pattern, replacement, key)
+        if n:
+            break
+    return key
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
+    """A local folder as is; a hub id from the local HF cache, else a clear error."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json; pass a folder written by save_pretrained")
+        return path
+    repo_id = str(path_or_id)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception as offline_error:
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            raise _not_available(repo_id, HF_HUB_CACHE) from offline_error
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as online_error:
+        raise _not_available(repo_id, HF_HUB_CACHE) from online_error
+
+
+def _not_available(repo_id: str, cache: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"checkpoint {repo_id!r} is not a local folder and is not in the Hugging Face cache "
+        f"({cache}), and it could not be downloaded. Pass the path of a local checkpoint folder "
+        "(config.json, *.safetensors, tokenizer and processor files), or point HF_HOME / "
+        "HF_HUB_CACHE at a cache that holds it."
+    )
+
+
+def checkpoint_tensors(folder: Path, dtype: torch.dtype, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """Every used tensor of the checkpoint under its mmlens name, cast and moved one by one."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(
+            f"{folder} has no *.safetensors weights; mmlens loads safetensors only "
+            "(re-save a .bin checkpoint with save_pretrained(safe_serialization=True))"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        with safe_open(folder / shard, framework="pt", device="cpu") as f:
+            for hf_key in f.keys():
+                key = mmlens_key(hf_key)
+                if key is not None:
+                    tensors[key] = f.get_tensor(hf_key).to(device=device, dtype=dtype)
+    return tensors
+
+
+def model_class_for(model_type: str) -> type:
+    """The mmlens class for a HF `config.model_type`."""
+    from mmlens.hooked_transformer import HookedTransformer
+    from mmlens.models.llava import HookedLlava
+
+    classes = {"llava": HookedLlava, "llama": HookedTransformer, "mistral": HookedTransformer}
+    if model_type not in classes:
+        raise NotImplementedError(
+            f"model_type {model_type!r} is not supported yet; supported: {sorted(classes)}"
+        )
+    return classes[model_type]
+
+
+def load_pretrained(
+    path_or_id: str | os.PathLike,
+    *,
+    cls: type | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Any:
+    """Build the mmlens model for a checkpoint and load its weights (see `mmlens.from_pretrained`)."""
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    folder = resolve_checkpoint(path_or_id)
+    hf_config = AutoConfig.from_pretrained(folder)
+    model_cls = model_class_for(hf_config.model_type)
+    if cls is not None and not issubclass(model_cls, cls):
+        raise TypeError(
+            f"{folder} holds a {hf_config.model_type!r} checkpoint, which loads as "
+            f"{model_cls.__name__}, not {cls.__name__}; use mmlens.from_pretrained to dispatch"
+        )
+    cfg = MMConfig.from_hf(hf_config, dtype=dtype, device=device, model_name=str(path_or_id))
+    if cfg.vision is not None:
+        processor = AutoProcessor.from_pretrained(folder)
+        extra = {"tokenizer": processor.tokenizer, "processor": processor}
+    else:
+        extra = {"tokenizer": AutoTokenizer.from_pretrained(folder)}
+
+    with torch.device("meta"):
+        model = model_cls(cfg, **extra)
+    tensors = checkpoint_tensors(folder, dtype, device)
+    if cfg.tie_word_embeddings or "unembed.weight" not in tensors:
+        tensors["unembed.weight"] = tensors["embed.weight"]
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {folder} does not match {model_cls.__name__}: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.to(device).eval()
+
+
+def from_pretrained(
+    path_or_id: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Any:
+    """Load any supported checkpoint, dispatching on `config.model_type`.
+
+    Args:
+        path_or_id: a local folder written by `save_pretrained` (llava-hf layout), or a hub id
+            that is already in the local Hugging Face cache.
+        dtype: torch.float32, torch.bfloat16 or torch.float16.
+        device: where the weights go.
+
+    Example:
+        >>> model = mmlens.from_pretrained("llava-hf/llava-1.5-7b-hf", dtype=torch.bfloat16)  # doctest: +SKIP
+    """
+    return load_pretrained(path_or_id, dtype=dtype, device=device)

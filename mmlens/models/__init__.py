@@ -1,0 +1,3 @@
+from mmlens.models.llava import HookedLlava
+
+__all__ = ["HookedLlava"]

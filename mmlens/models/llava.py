@@ -1,0 +1,96 @@
+"""HookedLlava: LLaVA-1.5 = CLIP vision tower + projector + a hooked Llama/Vicuna decoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from transformer_lens.hook_points import HookPoint
+
+from mmlens.components import Projector
+from mmlens.config import MMConfig
+from mmlens.hooked_transformer import HookedTransformer
+from mmlens.vision import HookedVisionTower
+
+
+class HookedLlava(HookedTransformer):
+    """LLaVA with hooks in the decoder, the vision tower (`vision.`) and the projector.
+
+    Example:
+        >>> model = mmlens.HookedLlava.from_pretrained("llava-hf/llava-1.5-7b-hf")  # doctest: +SKIP
+        >>> inp = model.prepare(image, "What colour is the door?")
+        >>> logits, cache = model.run_with_cache(inp)
+        >>> cache["hook_image_embeds"].shape  # [n_images, 576, d_model]
+    """
+
+    def __init__(self, cfg: MMConfig, tokenizer: Any = None, processor: Any = None):
+        if cfg.vision is None:
+            raise ValueError("HookedLlava needs a config with a vision tower (cfg.vision)")
+        super().__init__(cfg, tokenizer)
+        self.processor = processor
+        self.vision = HookedVisionTower(cfg.vision)
+        self.projector = Projector(
+            cfg.vision.d_model * len(cfg.vision_feature_layers),
+            cfg.d_model,
+            cfg.projector_hidden_act,
+            cfg.projector_bias,
+        )
+        self.hook_image_embeds = HookPoint()  # [n_images, n_image_tokens, d_model]
+        self.setup()
+
+    def _layer_counts(self) -> dict[str, int]:
+        return {"": self.cfg.n_layers, "vision.": self.cfg.vision.n_layers}
+
+    def prepare(self, images: Any, prompts: str | list[str], **kwargs: Any) -> Any:
+        """Build a `MultimodalInput` with this checkpoint's processor (see `mmlens.inputs`)."""
+        from mmlens.inputs import MultimodalInput
+
+        if self.processor is None:
+            raise ValueError("this model has no processor; load it with from_pretrained(folder)")
+        inp = MultimodalInput.from_processor(
+            self.processor,
+            images,
+            prompts,
+            vision_feature_select_strategy=self.cfg.vision_feature_select_strategy,
+            patch_size=self.cfg.vision.patch_size,
+            **kwargs,
+        )
+        return inp.to(self.W_E.device)
+
+    def encode_images(
+        self, pixel_values: Float[torch.Tensor, "image channel height width"]
+    ) -> Float[torch.Tensor, "image token d_model"]:
+        """Vision tower -> selected features -> projector: the embeddings of the image slots."""
+        features = self.vision(pixel_values, self.cfg.vision_feature_layers, self.cfg.vision_feature_select_strategy)
+        return self.projector(features)
+
+    def embed_input(
+        self,
+        input_ids: Int[torch.Tensor, "batch pos"],
+        pixel_values: Float[torch.Tensor, "image channel height width"] | None = None,
+        **unused: Any,
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        """Token embeddings (`hook_embed`) with the image slots filled by `hook_image_embeds`.
+
+        `hook_embed` holds the embedding lookup of every id (the `<image>` placeholder's
+        embedding at image slots, which the image features then replace).
+        """
+        embeds = self.hook_embed(self.embed(input_ids))
+        image_slots = input_ids == self.cfg.image_token_id
+        n_slots = int(image_slots.sum())
+        if pixel_values is None:
+            if n_slots:
+                raise ValueError(
+                    f"the input has {n_slots} image tokens but no pixel_values; pass the image "
+                    "(model.prepare(image, prompt)) or remove '<image>' from the prompt"
+                )
+            return embeds
+        image_embeds = self.hook_image_embeds(self.encode_images(pixel_values))
+        if image_embeds.shape[0] * image_embeds.shape[1] != n_slots:
+            raise ValueError(
+                f"{image_embeds.shape[0]} image(s) give {image_embeds.shape[0] * image_embeds.shape[1]} "
+                f"image embeddings but the input has {n_slots} image tokens; use one '<image>' per "
+                "image and let model.prepare expand it"
+            )
+        return embeds.masked_scatter(image_slots[..., None], image_embeds.to(embeds.dtype))

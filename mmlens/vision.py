@@ -1,0 +1,84 @@
+"""HookedVisionTower: CLIP ViT with TransformerLens hook names under `vision.`."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+
+from mmlens.components import MLP, Attention, LayerNorm, TransformerBlock
+from mmlens.config import VisionConfig
+
+
+class PatchEmbed(nn.Module):
+    """Patch convolution + class token + learned absolute positions (CLIP)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(
+            cfg.n_channels, cfg.d_model, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False
+        )
+        self.class_embedding = nn.Parameter(torch.empty(cfg.d_model))
+        self.position_embedding = nn.Embedding(cfg.grid_size**2 + 1, cfg.d_model)
+
+    def forward(self, pixel_values: Float[torch.Tensor, "image channel height width"]) -> Float[torch.Tensor, "image token d_vision"]:
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        patches = patches.flatten(2).transpose(1, 2)  # row-major over the patch grid
+        cls = self.class_embedding.expand(patches.shape[0], 1, -1)
+        return torch.cat((cls, patches), dim=1) + self.position_embedding.weight
+
+
+class HookedVisionTower(nn.Module):
+    """CLIP vision encoder; token 0 is CLS, tokens 1.. are patches in row-major order.
+
+    Hooks: `hook_embed`, `ln_pre.*`, `blocks.{l}.*` (decoder names, LayerNorm, no rotary),
+    `hook_features` (the selected layers' features that go to the projector).
+    """
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = PatchEmbed(cfg)
+        self.hook_embed = HookPoint()
+        self.ln_pre = LayerNorm(cfg.d_model, cfg.eps)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                LayerNorm(cfg.d_model, cfg.eps),
+                Attention(cfg.d_model, cfg.n_heads, cfg.n_heads, cfg.d_head, bias=True),
+                LayerNorm(cfg.d_model, cfg.eps),
+                MLP(cfg.d_model, cfg.d_mlp, cfg.act_fn),
+            )
+            for _ in range(cfg.n_layers)
+        )
+        self.hook_features = HookPoint()
+
+    def forward(
+        self,
+        pixel_values: Float[torch.Tensor, "image channel height width"],
+        feature_layers: list[int],
+        select_strategy: str,
+    ) -> Float[torch.Tensor, "image token d_features"]:
+        """Features of `feature_layers`, concatenated on the channel axis.
+
+        Layer indices follow HF's `hidden_states`: 0 is the pre-layernorm output, `l` the output
+        of block `l - 1`, negative indices count from the end (-1 = last block). Blocks after the
+        last selected one cannot affect the features and are not run (their hooks do not fire).
+        `select_strategy="default"` drops the CLS token, `"full"` keeps it.
+        """
+        n_states = self.cfg.n_layers + 1
+        for layer in feature_layers:
+            if not -n_states <= layer < n_states:
+                raise ValueError(f"vision_feature_layer {layer} is out of range for {self.cfg.n_layers} layers")
+        state_indices = [layer % n_states for layer in feature_layers]
+        resid = self.ln_pre(self.hook_embed(self.embed(pixel_values)))
+        states = [resid]
+        for block in self.blocks[: max(state_indices)]:
+            resid, _ = block(resid)
+            states.append(resid)
+        features = torch.cat([states[index] for index in state_indices], dim=-1)
+        if select_strategy == "default":
+            features = features[:, 1:]
+        elif select_strategy != "full":
+            raise ValueError(f"vision_feature_select_strategy {select_strategy!r}: use 'default' or 'full'")
+        return self.hook_features(features)
