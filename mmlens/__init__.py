@@ -5,5 +5,12 @@ from mmlens.hooked_transformer import HookedTransformer, KVCache
 from mmlens.loading import from_pretrained
 from mmlens.models import HookedLlava
 
-__all__ = ["HookedLlava", "HookedTransformer", "KVCache", "MMConfig", "VisionConfig", "from_pretrained"]
+__all__ = [
+    "HookedLlava",
+    "HookedTransformer",
+    "KVCache",
+    "MMConfig",
+    "VisionConfig",
+    "from_pretrained",
+]
 __version__ = "0.1.0"

@@ -68,7 +68,9 @@ class MMConfig:
     d_head: int | None = None
     eps: float = 1e-6
     act_fn: str = "silu"
-    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 1e4})
+    rope_parameters: dict = field(
+        default_factory=lambda: {"rope_type": "default", "rope_theta": 1e4}
+    )
     max_position_embeddings: int = 4096
     attention_bias: bool = False
     mlp_bias: bool = False
@@ -133,7 +135,8 @@ class MMConfig:
             attention_bias=getattr(text, "attention_bias", False),
             mlp_bias=getattr(text, "mlp_bias", False),
             tie_word_embeddings=bool(
-                getattr(hf, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)
+                getattr(hf, "tie_word_embeddings", False)
+                or getattr(text, "tie_word_embeddings", False)
             ),
             pad_token_id=text.pad_token_id,
             bos_token_id=text.bos_token_id,

@@ -90,7 +90,9 @@ class HookedTransformer(HookedRootModule):
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 RMSNorm(cfg.d_model, cfg.eps),
-                Attention(cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.attention_bias),
+                Attention(
+                    cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.attention_bias
+                ),
                 RMSNorm(cfg.d_model, cfg.eps),
                 GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, cfg.mlp_bias),
             )
@@ -144,7 +146,9 @@ class HookedTransformer(HookedRootModule):
         tokens = torch.as_tensor(tokens, device=self.W_U.device)
         return self.W_U[:, tokens].movedim(0, -1) * self.ln_final.weight
 
-    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Float[torch.Tensor, "d_model"]:
+    def accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ) -> Float[torch.Tensor, "d_model"]:
         """Sum of the output biases written to the residual stream before `layer` (zero for
         Llama-style checkpoints, which have none)."""
         total = torch.zeros(self.cfg.d_model, dtype=self.W_U.dtype, device=self.W_U.device)
@@ -158,7 +162,9 @@ class HookedTransformer(HookedRootModule):
     # ------------------------------------------------------------------ tokenizer helpers
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer; pass token ids, or load it with from_pretrained")
+            raise ValueError(
+                "this model has no tokenizer; pass token ids, or load it with from_pretrained"
+            )
         return self.tokenizer
 
     def to_tokens(
@@ -175,7 +181,11 @@ class HookedTransformer(HookedRootModule):
             padding=True,
             add_special_tokens=prepend_bos,
         )
-        return {k: v.to(self.W_E.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+        return {
+            k: v.to(self.W_E.device)
+            for k, v in encoded.items()
+            if k in ("input_ids", "attention_mask")
+        }
 
     def to_string(self, tokens: int | Int[torch.Tensor, "..."] | list[int]) -> str | list[str]:
         """Decode ids: one string for a 0-/1-D input, a list of strings for `[batch, pos]`."""
@@ -195,7 +205,9 @@ class HookedTransformer(HookedRootModule):
     def to_str_tokens(self, tokens: str | Int[torch.Tensor, "pos"]) -> list[str]:
         if isinstance(tokens, str):
             tokens = self.to_tokens(tokens)[0]
-        return self._require_tokenizer().convert_ids_to_tokens(torch.as_tensor(tokens).reshape(-1).tolist())
+        return self._require_tokenizer().convert_ids_to_tokens(
+            torch.as_tensor(tokens).reshape(-1).tolist()
+        )
 
     # ------------------------------------------------------------------ hooks
     def _enable_hook_with_name(self, name: str, hook: Any, dir: Literal["fwd", "bwd"]) -> None:
@@ -225,7 +237,9 @@ class HookedTransformer(HookedRootModule):
         `device`, `remove_batch_dim` and `incl_bwd`.
         """
         output, cache_dict = super().run_with_cache(*model_args, **kwargs)
-        return output, ActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+        return output, ActivationCache(
+            cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False)
+        )
 
     # ------------------------------------------------------------------ forward
     def model_inputs(self, input: Any = None, **kwargs: Any) -> dict[str, Any]:
@@ -249,10 +263,14 @@ class HookedTransformer(HookedRootModule):
             raise ValueError("no input: pass text, token ids, a MultimodalInput or input_ids=...")
         return inputs
 
-    def embed_input(self, input_ids: Int[torch.Tensor, "batch pos"], **multimodal: Any) -> Float[torch.Tensor, "batch pos d_model"]:
+    def embed_input(
+        self, input_ids: Int[torch.Tensor, "batch pos"], **multimodal: Any
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
         """Residual stream before the first block; multimodal subclasses merge images here."""
         if multimodal:
-            raise ValueError(f"{type(self).__name__} takes no {sorted(multimodal)}; use a multimodal model")
+            raise ValueError(
+                f"{type(self).__name__} takes no {sorted(multimodal)}; use a multimodal model"
+            )
         return self.hook_embed(self.embed(input_ids))
 
     def forward(
@@ -277,7 +295,9 @@ class HookedTransformer(HookedRootModule):
             stop_at_layer: return the residual stream before this block (`[batch, pos, d_model]`).
             past_kv_cache: keys/values of earlier positions; extended in place (generation).
         """
-        inputs = self.model_inputs(input, input_ids=input_ids, attention_mask=attention_mask, **multimodal)
+        inputs = self.model_inputs(
+            input, input_ids=input_ids, attention_mask=attention_mask, **multimodal
+        )
         input_ids = inputs.pop("input_ids")
         attention_mask = inputs.pop("attention_mask", None)
         if attention_mask is None:
@@ -295,7 +315,9 @@ class HookedTransformer(HookedRootModule):
         n_blocks = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
         for layer, block in enumerate(self.blocks[:n_blocks]):
             past = past_kv_cache.key_values[layer] if past_kv_cache is not None else None
-            resid, key_value = block(resid, rotary=rotary, mask=mask, is_causal=True, past_key_value=past)
+            resid, key_value = block(
+                resid, rotary=rotary, mask=mask, is_causal=True, past_key_value=past
+            )
             if past_kv_cache is not None:
                 past_kv_cache.key_values[layer] = key_value
         if stop_at_layer is not None:
@@ -316,7 +338,9 @@ class HookedTransformer(HookedRootModule):
         attention_mask: Int[torch.Tensor, "batch pos"],
     ) -> Float[torch.Tensor, ""]:
         """Mean cross-entropy of predicting each real token from the one before it."""
-        per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none")
+        per_token = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none"
+        )
         weights = (attention_mask[:, 1:] * attention_mask[:, :-1]).flatten().float()
         return (per_token * weights).sum() / weights.sum()
 
@@ -348,14 +372,22 @@ class HookedTransformer(HookedRootModule):
         attention_mask = inputs.pop("attention_mask", torch.ones_like(input_ids))
         eos = self.cfg.eos_token_id if eos_token_id is None else eos_token_id
         eos_ids = torch.as_tensor([] if eos is None else eos, device=input_ids.device).reshape(-1)
-        pad_id = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else int(eos_ids[0]) if len(eos_ids) else 0
+        pad_id = (
+            self.cfg.pad_token_id
+            if self.cfg.pad_token_id is not None
+            else int(eos_ids[0])
+            if len(eos_ids)
+            else 0
+        )
 
         cache = KVCache.empty(self.cfg.n_layers, input_ids.shape[0], input_ids.device)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         generated = [input_ids]
         step_ids, step_mask = input_ids, attention_mask
         for _ in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
-            logits = self.forward(input_ids=step_ids, attention_mask=step_mask, past_kv_cache=cache, **inputs)
+            logits = self.forward(
+                input_ids=step_ids, attention_mask=step_mask, past_kv_cache=cache, **inputs
+            )
             inputs = {}  # images are encoded once, in the prefill step
             next_logits = logits[:, -1].float()
             if do_sample:

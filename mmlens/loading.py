@@ -72,7 +72,9 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json; pass a folder written by save_pretrained")
+            raise FileNotFoundError(
+                f"{path} has no config.json; pass a folder written by save_pretrained"
+            )
         return path
     repo_id = str(path_or_id)
     from huggingface_hub import snapshot_download
@@ -99,7 +101,9 @@ def _not_available(repo_id: str, cache: str) -> FileNotFoundError:
     )
 
 
-def checkpoint_tensors(folder: Path, dtype: torch.dtype, device: str | torch.device) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(
+    folder: Path, dtype: torch.dtype, device: str | torch.device
+) -> dict[str, torch.Tensor]:
     """Every used tensor of the checkpoint under its mmlens name, cast and moved one by one."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():

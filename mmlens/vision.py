@@ -17,12 +17,18 @@ class PatchEmbed(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.patch_embedding = nn.Conv2d(
-            cfg.n_channels, cfg.d_model, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False
+            cfg.n_channels,
+            cfg.d_model,
+            kernel_size=cfg.patch_size,
+            stride=cfg.patch_size,
+            bias=False,
         )
         self.class_embedding = nn.Parameter(torch.empty(cfg.d_model))
         self.position_embedding = nn.Embedding(cfg.grid_size**2 + 1, cfg.d_model)
 
-    def forward(self, pixel_values: Float[torch.Tensor, "image channel height width"]) -> Float[torch.Tensor, "image token d_vision"]:
+    def forward(
+        self, pixel_values: Float[torch.Tensor, "image channel height width"]
+    ) -> Float[torch.Tensor, "image token d_vision"]:
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
         patches = patches.flatten(2).transpose(1, 2)  # row-major over the patch grid
         cls = self.class_embedding.expand(patches.shape[0], 1, -1)
@@ -69,7 +75,9 @@ class HookedVisionTower(nn.Module):
         n_states = self.cfg.n_layers + 1
         for layer in feature_layers:
             if not -n_states <= layer < n_states:
-                raise ValueError(f"vision_feature_layer {layer} is out of range for {self.cfg.n_layers} layers")
+                raise ValueError(
+                    f"vision_feature_layer {layer} is out of range for {self.cfg.n_layers} layers"
+                )
         state_indices = [layer % n_states for layer in feature_layers]
         resid = self.ln_pre(self.hook_embed(self.embed(pixel_values)))
         states = [resid]
@@ -80,5 +88,7 @@ class HookedVisionTower(nn.Module):
         if select_strategy == "default":
             features = features[:, 1:]
         elif select_strategy != "full":
-            raise ValueError(f"vision_feature_select_strategy {select_strategy!r}: use 'default' or 'full'")
+            raise ValueError(
+                f"vision_feature_select_strategy {select_strategy!r}: use 'default' or 'full'"
+            )
         return self.hook_features(features)

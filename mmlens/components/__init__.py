@@ -9,6 +9,14 @@ from mmlens.components.projector import Projector
 from mmlens.components.rotary import RotaryEmbedding
 
 __all__ = [
-    "MLP", "Attention", "Embed", "GatedMLP", "LayerNorm", "Projector", "RMSNorm",
-    "RotaryEmbedding", "TransformerBlock", "Unembed",
+    "MLP",
+    "Attention",
+    "Embed",
+    "GatedMLP",
+    "LayerNorm",
+    "Projector",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "TransformerBlock",
+    "Unembed",
 ]

@@ -16,7 +16,10 @@ from transformer_lens.hook_points import HookPoint
 
 from mmlens.components.rotary import apply_rotary
 
-KeyValue = tuple[Float[torch.Tensor, "batch k_pos kv_head d_head"], Float[torch.Tensor, "batch k_pos kv_head d_head"]]
+KeyValue = tuple[
+    Float[torch.Tensor, "batch k_pos kv_head d_head"],
+    Float[torch.Tensor, "batch k_pos kv_head d_head"],
+]
 
 
 class Attention(nn.Module):
@@ -46,19 +49,31 @@ class Attention(nn.Module):
     # TransformerLens-shaped views of the weights.
     @property
     def W_Q(self) -> Float[torch.Tensor, "head d_model d_head"]:
-        return einops.rearrange(self.q_proj.weight, "(head d_head) d_model -> head d_model d_head", head=self.n_heads)
+        return einops.rearrange(
+            self.q_proj.weight, "(head d_head) d_model -> head d_model d_head", head=self.n_heads
+        )
 
     @property
     def W_K(self) -> Float[torch.Tensor, "kv_head d_model d_head"]:
-        return einops.rearrange(self.k_proj.weight, "(head d_head) d_model -> head d_model d_head", head=self.n_key_value_heads)
+        return einops.rearrange(
+            self.k_proj.weight,
+            "(head d_head) d_model -> head d_model d_head",
+            head=self.n_key_value_heads,
+        )
 
     @property
     def W_V(self) -> Float[torch.Tensor, "kv_head d_model d_head"]:
-        return einops.rearrange(self.v_proj.weight, "(head d_head) d_model -> head d_model d_head", head=self.n_key_value_heads)
+        return einops.rearrange(
+            self.v_proj.weight,
+            "(head d_head) d_model -> head d_model d_head",
+            head=self.n_key_value_heads,
+        )
 
     @property
     def W_O(self) -> Float[torch.Tensor, "head d_head d_model"]:
-        return einops.rearrange(self.o_proj.weight, "d_model (head d_head) -> head d_head d_model", head=self.n_heads)
+        return einops.rearrange(
+            self.o_proj.weight, "d_model (head d_head) -> head d_head d_model", head=self.n_heads
+        )
 
     @property
     def b_O(self) -> Float[torch.Tensor, "d_model"]:

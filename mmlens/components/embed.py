@@ -16,7 +16,9 @@ class Embed(nn.Module):
     def W_E(self) -> Float[torch.Tensor, "d_vocab d_model"]:
         return self.weight
 
-    def forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_model"]:
+    def forward(
+        self, tokens: Int[torch.Tensor, "batch pos"]
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
         return nn.functional.embedding(tokens, self.weight)
 
 
@@ -29,5 +31,7 @@ class Unembed(nn.Module):
     def W_U(self) -> Float[torch.Tensor, "d_model d_vocab"]:
         return self.weight.T
 
-    def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_vocab"]:
+    def forward(
+        self, x: Float[torch.Tensor, "batch pos d_model"]
+    ) -> Float[torch.Tensor, "batch pos d_vocab"]:
         return nn.functional.linear(x, self.weight)

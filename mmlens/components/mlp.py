@@ -38,7 +38,9 @@ class GatedMLP(nn.Module):
     def W_out(self) -> Float[torch.Tensor, "d_mlp d_model"]:
         return self.down_proj.weight.T
 
-    def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+    def forward(
+        self, x: Float[torch.Tensor, "batch pos d_model"]
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
         pre = self.hook_pre(self.gate_proj(x))
         pre_linear = self.hook_pre_linear(self.up_proj(x))
         return self.down_proj(self.hook_post(self.act(pre) * pre_linear))
@@ -59,5 +61,7 @@ class MLP(nn.Module):
     def W_out(self) -> Float[torch.Tensor, "d_mlp d_model"]:
         return self.fc2.weight.T
 
-    def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+    def forward(
+        self, x: Float[torch.Tensor, "batch pos d_model"]
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
         return self.fc2(self.hook_post(self.act(self.hook_pre(self.fc1(x)))))

@@ -42,4 +42,6 @@ class LayerNorm(nn.Module):
         x32 = x.float()
         x32 = x32 - x32.mean(-1, keepdim=True)
         scale = self.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        return self.hook_normalized((x32 / scale * self.weight.float() + self.bias.float()).to(x.dtype))
+        return self.hook_normalized(
+            (x32 / scale * self.weight.float() + self.bias.float()).to(x.dtype)
+        )

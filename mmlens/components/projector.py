@@ -21,5 +21,7 @@ class Projector(nn.Module):
         self.hook_in = HookPoint()  # [n_images, n_tokens, d_in]
         self.hook_out = HookPoint()  # [n_images, n_tokens, d_model]
 
-    def forward(self, features: Float[torch.Tensor, "image token d_in"]) -> Float[torch.Tensor, "image token d_model"]:
+    def forward(
+        self, features: Float[torch.Tensor, "image token d_in"]
+    ) -> Float[torch.Tensor, "image token d_model"]:
         return self.hook_out(self.linear_2(self.act(self.linear_1(self.hook_in(features)))))

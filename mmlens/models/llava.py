@@ -62,7 +62,9 @@ class HookedLlava(HookedTransformer):
         self, pixel_values: Float[torch.Tensor, "image channel height width"]
     ) -> Float[torch.Tensor, "image token d_model"]:
         """Vision tower -> selected features -> projector: the embeddings of the image slots."""
-        features = self.vision(pixel_values, self.cfg.vision_feature_layers, self.cfg.vision_feature_select_strategy)
+        features = self.vision(
+            pixel_values, self.cfg.vision_feature_layers, self.cfg.vision_feature_select_strategy
+        )
         return self.projector(features)
 
     def embed_input(
