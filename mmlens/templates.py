@@ -1,0 +1,218 @@
+"""Conversation templates: how a question (and its image) becomes the prompt text a model sees.
+
+A template is data (`ConversationTemplate`); `render` turns a question into a `RenderedPrompt`
+that remembers the character spans `mmlens.inputs` needs to find the segments (system text, image
+placeholder, question). Registered templates:
+
+- ``"llava_v1"`` (default): LLaVA-1.5 / Vicuna v1,
+  ``"{system} USER: <image>\\n{question} ASSISTANT:"`` with the LLaVA-1.5 system prompt. Without
+  an image the ``<image>\\n`` part is left out. `last` is the ':' of "ASSISTANT:", the last prompt
+  token, where the first answer token is predicted.
+- ``"plain"``: the prompt is used verbatim; the caller writes the full text, ``<image>``
+  placeholders included. The question is the text after the last placeholder (the whole text
+  without one), surrounding whitespace excluded. `last` is the last token of the text.
+
+Example:
+    >>> rendered = render(get_template("llava_v1"), "What colour is the door?", n_images=1)
+    >>> rendered.text[-50:]
+    "questions. USER: <image>\\nWhat colour is the door? ASSISTANT:"
+    >>> rendered.text[slice(*rendered.question_span)]
+    'What colour is the door?'
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+LLAVA_V1_SYSTEM_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+"""The system prompt of LLaVA-1.5 (and Vicuna v1), the papers' default."""
+
+IMAGE_PLACEHOLDER = "<image>"
+"""The image placeholder of llava-hf processors (a processor may name another one)."""
+
+
+@dataclass(frozen=True)
+class ConversationTemplate:
+    """One conversation format.
+
+    Attributes:
+        name: registry key.
+        pattern: `str.format` pattern with the fields ``{system}``, ``{image}`` and
+            ``{question}`` (each at most once). Unused for verbatim templates.
+        default_system: system text used when `render` gets ``system=None``.
+        image_slot: what ``{image}`` becomes for a prompt with an image; ``{token}`` is the
+            processor's image placeholder. ``{image}`` becomes "" for a text-only prompt.
+        last_token: what the `last` position is, in words (documentation for users).
+        verbatim: the question is the whole prompt, placeholders included (``"plain"``).
+    """
+
+    name: str
+    pattern: str
+    default_system: str
+    image_slot: str
+    last_token: str
+    verbatim: bool = False
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A prompt's text and the character spans (start, end exclusive) of its parts.
+
+    Attributes:
+        text: the prompt text with one placeholder per image (before the processor expands it).
+        question_span: span of the question text.
+        user_start: where the user's content (first image placeholder, else the question) starts.
+        image_spans: span of each image placeholder, in order.
+    """
+
+    text: str
+    question_span: tuple[int, int]
+    user_start: int
+    image_spans: tuple[tuple[int, int], ...]
+
+
+TEMPLATES: dict[str, ConversationTemplate] = {}
+
+
+def register_template(template: ConversationTemplate) -> ConversationTemplate:
+    """Add `template` to the registry under `template.name` (replacing one of that name)."""
+    if not template.verbatim:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template.pattern) if field]
+        unknown = sorted(set(fields) - {"system", "image", "question"})
+        if unknown or len(fields) != len(set(fields)) or "question" not in fields:
+            raise ValueError(
+                f"template {template.name!r}: the pattern must use {{question}} once and may use "
+                f"{{system}} and {{image}} once each; got fields {fields}"
+            )
+    TEMPLATES[template.name] = template
+    return template
+
+
+def get_template(name: str | ConversationTemplate) -> ConversationTemplate:
+    """The registered template called `name` (a template passes through unchanged)."""
+    if isinstance(name, ConversationTemplate):
+        return name
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}; registered templates: {sorted(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+register_template(
+    ConversationTemplate(
+        name="llava_v1",
+        pattern="{system} USER: {image}{question} ASSISTANT:",
+        default_system=LLAVA_V1_SYSTEM_PROMPT,
+        image_slot="{token}\n",
+        last_token="the ':' of 'ASSISTANT:' (the last prompt token)",
+    )
+)
+register_template(
+    ConversationTemplate(
+        name="plain",
+        pattern="{question}",
+        default_system="",
+        image_slot="",
+        last_token="the last token of the prompt text",
+        verbatim=True,
+    )
+)
+
+
+def render(
+    template: str | ConversationTemplate,
+    question: str,
+    *,
+    n_images: int,
+    system: str | None = None,
+    image_token: str = IMAGE_PLACEHOLDER,
+) -> RenderedPrompt:
+    """Render `question` with `template` for a prompt that comes with `n_images` images.
+
+    Args:
+        template: a registered name or a `ConversationTemplate`.
+        question: the user's question (for ``"plain"``: the full prompt text).
+        n_images: images given with this prompt (a formatted template holds at most one).
+        system: replaces the template's system text.
+        image_token: the processor's image placeholder.
+
+    Raises:
+        ValueError: the placeholders in the text do not match `n_images`, or the template
+            cannot hold what was asked (several images, a system text for ``"plain"``).
+
+    Example:
+        >>> render("plain", "<image>\\nWhat is this?", n_images=1).question_span
+        (8, 21)
+    """
+    template = get_template(template)
+    if template.verbatim:
+        return _render_verbatim(template, question, n_images, system, image_token)
+    if image_token in question:
+        raise ValueError(
+            f"the question {question!r} contains the image placeholder {image_token!r}, but template "
+            f"{template.name!r} inserts it itself; pass the question without it, or use "
+            "template='plain' and write the whole prompt"
+        )
+    if n_images > 1:
+        raise ValueError(
+            f"template {template.name!r} has one image slot but {n_images} images were given for "
+            f"the prompt {question!r}; use template='plain' with one {image_token!r} per image"
+        )
+    values = {
+        "system": template.default_system if system is None else system,
+        "image": template.image_slot.format(token=image_token) if n_images else "",
+        "question": question,
+    }
+    text, spans = "", {}
+    for literal, field, _, _ in string.Formatter().parse(template.pattern):
+        text += literal
+        if field:
+            spans[field] = (len(text), len(text) + len(values[field]))
+            text += values[field]
+    image_spans = ()
+    if n_images:
+        start = spans["image"][0] + template.image_slot.index("{token}")
+        image_spans = ((start, start + len(image_token)),)
+    user_start = image_spans[0][0] if image_spans else spans["question"][0]
+    return RenderedPrompt(text, spans["question"], user_start, image_spans)
+
+
+def _render_verbatim(
+    template: ConversationTemplate,
+    text: str,
+    n_images: int,
+    system: str | None,
+    image_token: str,
+) -> RenderedPrompt:
+    if system is not None:
+        raise ValueError(
+            f"template {template.name!r} uses the prompt verbatim and has no system text; put the "
+            "system text into the prompt instead of passing system="
+        )
+    image_spans = []
+    start = text.find(image_token)
+    while start >= 0:
+        image_spans.append((start, start + len(image_token)))
+        start = text.find(image_token, start + len(image_token))
+    if len(image_spans) > n_images:
+        raise ValueError(
+            f"the prompt {text!r} has {len(image_spans)} {image_token!r} placeholder(s) but "
+            f"{n_images} image(s) were given for it; pass an image for each placeholder, or remove "
+            "the placeholder for a text-only prompt"
+        )
+    if len(image_spans) < n_images:
+        raise ValueError(
+            f"{n_images} image(s) were given for the prompt {text!r}, which has "
+            f"{len(image_spans)} {image_token!r} placeholder(s); with template={template.name!r} "
+            f"write one {image_token!r} per image where it belongs (e.g. "
+            f"'{image_token}\\nWhat is this?'), or use template='llava_v1'"
+        )
+    question_start = image_spans[-1][1] if image_spans else 0
+    question = text[question_start:]
+    question_start += len(question) - len(question.lstrip())
+    question_end = question_start + len(question.strip())
+    user_start = image_spans[0][0] if image_spans else question_start
+    return RenderedPrompt(text, (question_start, question_end), user_start, tuple(image_spans))

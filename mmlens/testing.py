@@ -1,0 +1,353 @@
+"""Tiny random llava-hf checkpoints, built locally and offline (for tests, benchmarks, the demo).
+
+`build_tiny_llava(folder)` writes a folder that `transformers` loads like a real llava-hf
+checkpoint: ``LlavaForConditionalGeneration.from_pretrained(folder)`` and
+``AutoProcessor.from_pretrained(folder)``. The tokenizer is a real (small) Llama-style BPE
+tokenizer trained in-process on a built-in corpus, so segment detection and offsets are exercised
+as with a real checkpoint; the weights are random but far from uniform so parity tests have teeth.
+
+Example:
+    >>> from mmlens.testing import build_tiny_llava
+    >>> folder = build_tiny_llava(tmp_path / "tiny-llava")  # doctest: +SKIP
+    >>> model = mmlens.from_pretrained(folder)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaImageProcessorPil,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+
+from mmlens.templates import IMAGE_PLACEHOLDER, LLAVA_V1_SYSTEM_PROMPT
+
+BPE_VOCAB_SIZE = 1200
+"""Size of the trained BPE vocabulary (specials and learned pieces; the 256 byte tokens and the
+``<image>``/``<pad>`` tokens come on top)."""
+
+_COLOURS = ["red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black",
+            "white", "grey", "gray", "dark", "light", "colour", "color"]  # fmt: skip
+_SHAPES = ["circle", "square", "triangle", "rectangle", "star", "line", "dot", "cross", "oval",
+           "diamond", "stripe", "arrow"]  # fmt: skip
+_OBJECTS = ["door", "cat", "dog", "car", "tree", "house", "window", "chair", "table", "ball", "cup",
+            "book", "bird", "flower", "boat", "sign", "person", "clock", "bus", "train", "horse",
+            "kite", "umbrella", "bottle", "phone", "lamp", "bed", "road", "sky", "cloud", "apple",
+            "banana", "pizza", "bicycle", "fence", "wall", "roof", "shirt", "hat", "bag"]  # fmt: skip
+_POSITIONS = ["top left corner", "top right corner", "bottom left corner", "bottom right corner",
+              "centre", "center", "middle", "left side", "right side", "top", "bottom",
+              "background", "foreground"]  # fmt: skip
+_ADJECTIVES = ["small", "large", "big", "tiny", "round", "tall", "short", "wooden", "metal",
+               "shiny", "old", "new", "striped", "spotted", "bright", "empty", "open", "closed",
+               "wet", "sunny", "busy", "quiet", "happy", "sleeping", "flying", "parked"]  # fmt: skip
+_VERBS = ["sitting on", "standing next to", "lying under", "hanging above", "leaning against",
+          "running across", "looking at", "holding", "covering", "facing", "crossing",
+          "walking past", "resting beside", "floating over", "partly hidden behind"]  # fmt: skip
+_SCENES = ["kitchen", "street", "park", "beach", "garden", "office", "bedroom", "market",
+           "station", "forest", "river", "mountain", "field", "playground", "harbour", "bridge",
+           "city", "village", "restaurant", "classroom", "library", "museum", "airport"]  # fmt: skip
+_NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+
+def tokenizer_corpus() -> list[str]:
+    """The built-in training corpus of `make_tokenizer`: ~700 lines about images.
+
+    Questions and answers about colours, shapes, objects, counts and positions, LLaVA-1.5
+    conversations (system prompt, "USER:", "ASSISTANT:"), generated with a fixed seed. It holds
+    no newline, so "\\n" is encoded with the byte-fallback token ``<0x0A>`` as in Llama's vocabulary.
+
+    Example:
+        >>> tokenizer_corpus()[0]
+        'A chat between a curious human and an artificial intelligence assistant. ...'
+    """
+    rng = random.Random(0)
+    question_forms = [
+        "What colour is the {obj}?",
+        "What color is the {obj} in the {pos}?",
+        "Is there a {col} {shape} in the {pos}?",
+        "How many {shape}s are in the image?",
+        "Where is the {col} {obj}?",
+        "What is in the {pos} of the image?",
+        "Is the {obj} to the left or to the right of the {obj2}?",
+        "What shape is the {col} object?",
+        "Which object is above the {obj}?",
+        "Describe the image in detail.",
+        "What is the {obj} next to?",
+        "Can you see a {obj} in this picture?",
+        "Is the {adj} {obj} {verb} the {obj2}?",
+        "What is the {obj} doing in the {scene}?",
+        "Where was this photo taken?",
+        "Why is the {obj} {adj}?",
+        "What time of day is it in the {scene}?",
+    ]
+    answer_forms = [
+        "The {obj} is {col}.",
+        "There is a {col} {shape} in the {pos} of the image.",
+        "There are {num} {shape}s.",
+        "Yes, there is a {col} {obj} near the {obj2}.",
+        "No, the {pos} is empty.",
+        "The {col} {obj} is on the {pos}.",
+        "It is a {col} {shape}.",
+        "The image shows a {obj} and a {obj2} under a {col} sky.",
+        "A {col} {obj} stands in front of a {col2} {obj2}.",
+        "A {adj} {obj} is {verb} a {col} {obj2} in the {scene}.",
+        "This photo was taken in a {adj} {scene}.",
+        "The {obj} looks {adj} because it is {verb} the {obj2}.",
+        "In the {pos} there are {num} {adj} {obj}s.",
+    ]
+
+    def fill(form: str) -> str:
+        return form.format(
+            obj=rng.choice(_OBJECTS),
+            obj2=rng.choice(_OBJECTS),
+            col=rng.choice(_COLOURS),
+            col2=rng.choice(_COLOURS),
+            shape=rng.choice(_SHAPES),
+            pos=rng.choice(_POSITIONS),
+            num=rng.choice(_NUMBERS),
+            adj=rng.choice(_ADJECTIVES),
+            verb=rng.choice(_VERBS),
+            scene=rng.choice(_SCENES),
+        )
+
+    lines = [LLAVA_V1_SYSTEM_PROMPT]
+    lines += [fill(rng.choice(question_forms)) for _ in range(250)]
+    lines += [fill(rng.choice(answer_forms)) for _ in range(250)]
+    lines += [
+        f"{LLAVA_V1_SYSTEM_PROMPT} USER: {fill(rng.choice(question_forms))} "
+        f"ASSISTANT: {fill(rng.choice(answer_forms))}"
+        for _ in range(100)
+    ]
+    lines += [f"{word} {word}s" for word in _OBJECTS + _SHAPES + _SCENES]
+    lines += [" ".join(words) for words in (_COLOURS, _NUMBERS, _ADJECTIVES, _VERBS)]
+    lines.append("USER: ASSISTANT: image picture photo")
+    return lines
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A small Llama/SentencePiece-style fast tokenizer, trained in-process (deterministic).
+
+    BPE with byte fallback (``<0x00>`` ... ``<0xFF>``), a Metaspace("▁") pre-tokenizer and decoder,
+    ``<s>`` prepended by the post-processor, left padding, and llava-hf's extra tokens appended
+    after the vocabulary: ``<image>`` (the image placeholder, registered as ``image_token``) and
+    ``<pad>``. Ids 0, 1, 2 are ``<unk>``, ``<s>``, ``</s>`` as in Llama. Training on
+    `tokenizer_corpus` gives the same vocabulary on every call and in every process.
+
+    Returns:
+        a `PreTrainedTokenizerFast` of ~1200 tokens; it round-trips through `save_pretrained`
+        and `AutoTokenizer.from_pretrained(folder)`.
+
+    Example:
+        >>> tokenizer = make_tokenizer()
+        >>> tokenizer("What colour is the door?").input_ids[0] == tokenizer.bos_token_id
+        True
+        >>> tokenizer.image_token, tokenizer.padding_side
+        ('<image>', 'left')
+    """
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    specials = ["<unk>", "<s>", "</s>"]
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = metaspace
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE, special_tokens=specials, show_progress=False
+    )
+    trained.train_from_iterator(tokenizer_corpus(), trainer)
+    trained_model = json.loads(trained.to_str())["model"]
+
+    # Llama's layout: specials, the 256 byte tokens, then the learned pieces in training order.
+    vocab = {token: index for index, token in enumerate(specials)}
+    vocab.update({f"<0x{byte:02X}>": len(specials) + byte for byte in range(256)})
+    for piece, _ in sorted(trained_model["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(merge) for merge in trained_model["merges"]]
+    backend = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
+    backend.pre_tokenizer = metaspace
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+        ]
+    )
+    backend.add_special_tokens(
+        [
+            AddedToken(token, special=True, normalized=False)
+            for token in [*specials, IMAGE_PLACEHOLDER, "<pad>"]
+        ]
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        extra_special_tokens={"image_token": IMAGE_PLACEHOLDER},
+        model_max_length=4096,
+    )
+
+
+def make_image_processor(image_size: int = 56) -> LlavaImageProcessorPil:
+    """A llava-1.5 image processor (PIL backend) for `image_size` x `image_size` vision input.
+
+    Pads to a square with the mean colour (image centred), resizes the side to `image_size`
+    (bicubic), centre-crops `image_size` x `image_size`, rescales to [0, 1] and normalises with the
+    CLIP mean and std.
+
+    Example:
+        >>> pixels = make_image_processor(56)(PIL.Image.new("RGB", (90, 50)), return_tensors="pt")
+        >>> pixels["pixel_values"].shape
+        torch.Size([1, 3, 56, 56])
+    """
+    return LlavaImageProcessorPil(
+        do_pad=True,
+        do_resize=True,
+        size={"shortest_edge": image_size},
+        resample=PILImageResampling.BICUBIC,
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        do_convert_rgb=True,
+    )
+
+
+def build_tiny_llava(
+    path: str | Path,
+    *,
+    n_layers: int = 2,
+    d_model: int = 64,
+    n_heads: int = 4,
+    n_kv_heads: int | None = None,
+    d_mlp: int = 128,
+    vision_layers: int = 3,
+    vision_d_model: int = 32,
+    vision_heads: int = 4,
+    image_size: int = 56,
+    patch_size: int = 14,
+    vision_feature_layer: int | list[int] = -2,
+    vision_feature_select_strategy: str = "default",
+    projector_hidden_act: str = "gelu",
+    rope_theta: float = 10000.0,
+    seed: int = 0,
+) -> Path:
+    """Write a random llava-hf LLaVA-1.5 checkpoint (safetensors + processor) to `path`.
+
+    Architecture as llava-1.5: CLIP ViT (quick-GELU, pre-LayerNorm) -> features of
+    `vision_feature_layer` (an int, or a list of ints whose features are concatenated) ->
+    two-layer projector -> Llama decoder (RMSNorm, rotary, SiLU gated MLP, untied unembedding).
+    ``(image_size // patch_size) ** 2`` image tokens per image, plus the CLS token when
+    `vision_feature_select_strategy` is ``"full"``.
+
+    `projector_hidden_act` is any name of `transformers.activations.ACT2FN` (``"gelu"`` as in
+    llava-1.5). HF's `LlavaMultiModalProjector` always has two linear layers; ``"linear"`` maps to
+    the identity activation, which is how HF expresses a linear projector (their product).
+
+    Weights: `torch.manual_seed(seed)`, then every Linear/Conv/Embedding weight (and CLIP's class
+    embedding) ~ N(0, 0.15²), biases ~ N(0, 0.05²), norm weights ~ 1 + N(0, 0.2²) and norm biases
+    ~ N(0, 0.1²), so that parity tests would notice a missing bias, a swapped norm or a wrong
+    scale: the logits of a forward differ strongly between positions and are far from uniform.
+
+    Args:
+        path: folder to write (created if missing).
+        n_layers, d_model, n_heads, n_kv_heads, d_mlp: decoder shape (`n_kv_heads` < `n_heads`
+            for grouped-query attention; default `n_heads`).
+        vision_layers, vision_d_model, vision_heads, image_size, patch_size: CLIP tower shape.
+        vision_feature_layer, vision_feature_select_strategy, projector_hidden_act: as in
+            `transformers.LlavaConfig`.
+        rope_theta: rotary base.
+        seed: weight seed (the tokenizer does not depend on it).
+
+    Returns:
+        `path` as a `Path`.
+
+    Example:
+        >>> folder = build_tiny_llava(tmp_path / "llava", n_kv_heads=2)  # doctest: +SKIP
+        >>> LlavaForConditionalGeneration.from_pretrained(folder)  # doctest: +SKIP
+    """
+    path = Path(path)
+    tokenizer = make_tokenizer()
+    n_image_tokens = (image_size // patch_size) ** 2 + (vision_feature_select_strategy == "full")
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=vision_d_model,
+            intermediate_size=4 * vision_d_model,
+            projection_dim=vision_d_model,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=vision_heads,
+            image_size=image_size,
+            patch_size=patch_size,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=d_model,
+            intermediate_size=d_mlp,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_kv_heads or n_heads,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=False,
+        ),
+        image_token_id=tokenizer.image_token_id,
+        image_seq_length=n_image_tokens,
+        projector_hidden_act=projector_hidden_act,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        vision_feature_layer=vision_feature_layer,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    _randomize_weights(model)
+    model.save_pretrained(path)
+
+    processor = LlavaProcessor(
+        image_processor=make_image_processor(image_size),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(path)
+    return path
+
+
+@torch.no_grad()
+def _randomize_weights(model: torch.nn.Module) -> None:
+    """Non-trivial random weights (see `build_tiny_llava`), drawn from the global torch RNG."""
+    for name, parameter in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        is_norm = "norm" in name.split(".")[-2]
+        if is_norm and leaf == "weight":
+            parameter.copy_(1 + 0.2 * torch.randn_like(parameter))
+        elif is_norm and leaf == "bias":
+            parameter.normal_(0.0, 0.1)
+        elif leaf == "bias":
+            parameter.normal_(0.0, 0.05)
+        else:
+            parameter.normal_(0.0, 0.15)
