@@ -91,7 +91,12 @@ class HookedTransformer(HookedRootModule):
             TransformerBlock(
                 RMSNorm(cfg.d_model, cfg.eps),
                 Attention(
-                    cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.attention_bias
+                    cfg.d_model,
+                    cfg.n_heads,
+                    cfg.n_key_value_heads,
+                    cfg.d_head,
+                    bias=cfg.attention_bias,
+                    rotary=True,
                 ),
                 RMSNorm(cfg.d_model, cfg.eps),
                 GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, cfg.mlp_bias),

@@ -51,7 +51,9 @@ class HookedVisionTower(nn.Module):
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 LayerNorm(cfg.d_model, cfg.eps),
-                Attention(cfg.d_model, cfg.n_heads, cfg.n_heads, cfg.d_head, bias=True),
+                Attention(
+                    cfg.d_model, cfg.n_heads, cfg.n_heads, cfg.d_head, bias=True, rotary=False
+                ),
                 LayerNorm(cfg.d_model, cfg.eps),
                 MLP(cfg.d_model, cfg.d_mlp, cfg.act_fn),
             )

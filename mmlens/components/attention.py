@@ -30,7 +30,15 @@ class Attention(nn.Module):
     per-head views.
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_key_value_heads: int, d_head: int, bias: bool):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_key_value_heads: int,
+        d_head: int,
+        bias: bool,
+        rotary: bool,
+    ):
         super().__init__()
         self.n_heads, self.n_key_value_heads, self.d_head = n_heads, n_key_value_heads, d_head
         self.q_proj = nn.Linear(d_model, n_heads * d_head, bias=bias)
@@ -40,8 +48,9 @@ class Attention(nn.Module):
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
         self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
-        self.hook_rot_q = HookPoint()
-        self.hook_rot_k = HookPoint()
+        if rotary:  # the vision tower has no rotary, hence no rotated-q/k hooks
+            self.hook_rot_q = HookPoint()
+            self.hook_rot_k = HookPoint()
         self.hook_attn_scores = HookPoint()  # [batch, head, q_pos, k_pos], masked, pre-softmax
         self.hook_pattern = HookPoint()  # [batch, head, q_pos, k_pos]
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]
@@ -132,13 +141,14 @@ class Attention(nn.Module):
     ) -> Float[torch.Tensor, "batch head q_pos d_head"]:
         """Scores and pattern as tensors, so that hooks can read and edit them."""
         group = self.n_heads // self.n_key_value_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = q @ k.transpose(-1, -2) * self.d_head**-0.5
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = (q * self.d_head**-0.5) @ k.transpose(-1, -2)
         if mask is None and is_causal:
             n_q, n_k = scores.shape[-2:]
             mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores.masked_fill_(~mask, float("-inf"))  # in place: `scores` is a fresh tensor
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
         return pattern @ v

@@ -1,0 +1,112 @@
+"""Numerical parity with Hugging Face's LlavaForConditionalGeneration, with images.
+
+Every check loads the same saved checkpoint twice: through HF and through mmlens' own loading
+path (safetensors, tensor by tensor). fp32 tolerance is 1e-4 on logits and on every layer's
+residual stream at real (non-pad) positions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import LlavaForConditionalGeneration
+
+import mmlens
+
+TOLERANCE = 1e-4
+
+CONFIGS = {
+    "mha-layer-2-default-gelu": dict(),
+    "gqa-layer-1-full-linear": dict(
+        n_kv_heads=2,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        projector_hidden_act="linear",
+    ),
+    "mha-layer-list-default-gelu": dict(vision_feature_layer=[-3, -1], rope_theta=500.0),
+}
+PROMPTS = [
+    "What colour is the square?",
+    "Is there a red circle to the left of the small blue triangle?",
+]
+
+
+def random_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def loaded(request, tiny_checkpoint):
+    folder = tiny_checkpoint(**CONFIGS[request.param])
+    hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    model = mmlens.from_pretrained(folder)
+    return hf, model
+
+
+def hf_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each item's first real token, as HF generate computes them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def test_loads_as_hooked_llava(loaded):
+    _, model = loaded
+    assert isinstance(model, mmlens.HookedLlava)
+
+
+def test_logits_and_residuals_match_hf_on_padded_batch(loaded):
+    hf, model = loaded
+    inp = model.prepare(random_images([(56, 56), (90, 50)]), PROMPTS)
+    assert inp.attention_mask[0].sum() < inp.attention_mask.shape[1], "prompts should need padding"
+    with torch.no_grad():
+        out = hf(
+            **inp.model_kwargs(),
+            position_ids=hf_position_ids(inp.attention_mask),
+            output_hidden_states=True,
+        )
+        logits, cache = model.run_with_cache(inp)
+    real = inp.attention_mask.bool()
+    assert (out.logits - logits)[real].abs().max() < TOLERANCE
+    for layer in range(model.cfg.n_layers):
+        resid_pre = cache[f"blocks.{layer}.hook_resid_pre"]
+        assert (out.hidden_states[layer] - resid_pre)[real].abs().max() < TOLERANCE, layer
+    final = cache["ln_final.hook_normalized"]  # HF's last hidden state is after the final norm
+    assert (out.hidden_states[-1] - final)[real].abs().max() < TOLERANCE
+    assert logits.std() > 0.5, "random checkpoint too flat for parity to mean anything"
+
+
+def test_padded_item_equals_item_alone(loaded):
+    _, model = loaded
+    images = random_images([(56, 56), (90, 50)])
+    batch = model.prepare(images, PROMPTS)
+    alone = model.prepare(images[0], PROMPTS[0])
+    with torch.no_grad():
+        batch_logits, alone_logits = model(batch), model(alone)
+    n_real = int(alone.attention_mask.sum())
+    assert (batch_logits[0, -n_real:] - alone_logits[0]).abs().max() < TOLERANCE
+
+
+def test_greedy_generation_matches_hf(loaded):
+    hf, model = loaded
+    inp = model.prepare(random_images([(60, 60), (40, 80)], seed=1), PROMPTS)
+    with torch.no_grad():
+        expected = hf.generate(**inp.model_kwargs(), max_new_tokens=10, do_sample=False)
+    tokens = model.generate(inp, max_new_tokens=10)
+    assert tokens.shape == expected.shape
+    assert torch.equal(tokens, expected)
+
+
+def test_bfloat16_runs_and_stays_close(tiny_checkpoint):
+    folder = tiny_checkpoint()
+    model32 = mmlens.from_pretrained(folder)
+    model16 = mmlens.from_pretrained(folder, dtype=torch.bfloat16)
+    assert model16.W_E.dtype == torch.bfloat16
+    inp = model32.prepare(random_images([(56, 56)]), PROMPTS[0])
+    with torch.no_grad():
+        logits32, logits16 = model32(inp), model16(inp).float()
+    assert torch.isfinite(logits16).all()
+    relative_error = (logits16 - logits32).abs().mean() / logits32.abs().mean()
+    assert relative_error < 0.05
+    assert (logits16[0, -1].argmax() == logits32[0, -1].argmax()).item()
