@@ -58,7 +58,7 @@ def demo() -> None:
     print("\nlogit lens at the last position (top token after each layer):")
     lens = cache.accumulated_resid(apply_ln=True, pos_slice=-1) @ model.W_U  # [layer, batch, vocab]
     for label, layer_logits in zip(
-        ["embed", *[f"layer {i}" for i in range(cfg.n_layers)]], lens[:, 0]
+        ["embed", *[f"layer {i}" for i in range(cfg.n_layers)]], lens[:, 0], strict=True
     ):
         probabilities = layer_logits.softmax(-1)
         top = int(probabilities.argmax())
@@ -70,9 +70,8 @@ def demo() -> None:
         scores[:, :, -1, image_positions] = float("-inf")  # last query row cannot see the image
         return scores
 
-    blocked = model.run_with_hooks(
-        inp, fwd_hooks=[(lambda name: name.endswith("attn.hook_attn_scores"), block_image_keys)]
-    )
+    decoder_scores = [f"blocks.{layer}.attn.hook_attn_scores" for layer in range(cfg.n_layers)]
+    blocked = model.run_with_hooks(inp, fwd_hooks=[(name, block_image_keys) for name in decoder_scores])
     p_clean = logits[0, -1].softmax(-1)
     answer = int(p_clean.argmax())
     p_blocked = blocked[0, -1].softmax(-1)[answer]
