@@ -18,7 +18,9 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPVisionConfig,
@@ -32,6 +34,12 @@ from transformers import (
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
 from mmlens.templates import IMAGE_PLACEHOLDER, LLAVA_V1_SYSTEM_PROMPT
+
+TEST_IMAGE_SIZES = {"square": (56, 56), "wide": (88, 48), "tall": (40, 80)}
+"""(width, height) of the standard test images. Padded to a square of side 56, 88 or 80 and
+resized to 56, no pixel centre of these images lands exactly on a border between processed pixels
+(the side is a multiple of 8), so a box-filter resize (the `patches_in_box` test oracle) has no
+ties to break; a 90 x 50 image would have some."""
 
 BPE_VOCAB_SIZE = 1200
 """Size of the trained BPE vocabulary (specials and learned pieces; the 256 byte tokens and the
@@ -203,12 +211,15 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def make_image_processor(image_size: int = 56) -> LlavaImageProcessorPil:
+def make_image_processor(
+    image_size: int = 56, *, pad_to_square: bool = True
+) -> LlavaImageProcessorPil:
     """A llava-1.5 image processor (PIL backend) for `image_size` x `image_size` vision input.
 
-    Pads to a square with the mean colour (image centred), resizes the side to `image_size`
-    (bicubic), centre-crops `image_size` x `image_size`, rescales to [0, 1] and normalises with the
-    CLIP mean and std.
+    Pads to a square with the mean colour (image centred), resizes the shorter side to
+    `image_size` (bicubic), centre-crops `image_size` x `image_size`, rescales to [0, 1] and
+    normalises with the CLIP mean and std. ``pad_to_square=False`` gives the plain CLIP
+    preprocessing (no padding, so the crop cuts off the ends of the longer side).
 
     Example:
         >>> pixels = make_image_processor(56)(PIL.Image.new("RGB", (90, 50)), return_tensors="pt")
@@ -216,7 +227,7 @@ def make_image_processor(image_size: int = 56) -> LlavaImageProcessorPil:
         torch.Size([1, 3, 56, 56])
     """
     return LlavaImageProcessorPil(
-        do_pad=True,
+        do_pad=pad_to_square,
         do_resize=True,
         size={"shortest_edge": image_size},
         resample=PILImageResampling.BICUBIC,
@@ -229,6 +240,23 @@ def make_image_processor(image_size: int = 56) -> LlavaImageProcessorPil:
         image_std=OPENAI_CLIP_STD,
         do_convert_rgb=True,
     )
+
+
+def make_test_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A deterministic RGB test image: a colour gradient with red, green and blue rectangles.
+
+    Example:
+        >>> make_test_image(*TEST_IMAGE_SIZES["wide"]).size
+        (88, 48)
+    """
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    gradient = [255 * x / max(width - 1, 1), 255 * y / max(height - 1, 1), np.full(x.shape, 128.0)]
+    pixels = np.stack(gradient, axis=-1)
+    for colour in ([230, 30, 30], [30, 200, 60], [40, 60, 230]):
+        x0, y0 = rng.integers(0, width - width // 4), rng.integers(0, height - height // 4)
+        pixels[y0 : y0 + height // 4, x0 : x0 + width // 4] = colour
+    return Image.fromarray(pixels.astype(np.uint8))
 
 
 def build_tiny_llava(
