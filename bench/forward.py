@@ -54,11 +54,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--d-model", type=int, default=LLAVA_15_SHAPE["d_model"])
-    parser.add_argument("--n-layers", type=int, default=LLAVA_15_SHAPE["n_layers"])
+    for field in ("d_model", "n_layers", "n_heads", "d_mlp"):
+        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=LLAVA_15_SHAPE[field])
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    shape = {**LLAVA_15_SHAPE, "d_model": args.d_model, "n_layers": args.n_layers}
+    shape = {**LLAVA_15_SHAPE, **{f: getattr(args, f) for f in ("d_model", "n_layers", "n_heads", "d_mlp")}}
 
     with tempfile.TemporaryDirectory() as folder:
         build_tiny_llava(folder, **shape)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -235,16 +236,79 @@ class HookedTransformer(HookedRootModule):
     def _layer_counts(self) -> dict[str, int]:
         return {"": self.cfg.n_layers}
 
-    def run_with_cache(self, *model_args: Any, **kwargs: Any) -> tuple[Any, ActivationCache]:
+    def run_with_cache(
+        self,
+        *model_args: Any,
+        names_filter: str | list[str] | Callable[[str], bool] | None = None,
+        device: str | torch.device | None = None,
+        remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        **model_kwargs: Any,
+    ) -> tuple[Any, ActivationCache]:
         """Run and return `(output, cache)`; the cache is a `transformer_lens.ActivationCache`.
 
-        Takes `run_with_hooks`' inputs plus `names_filter` (name, list or predicate),
-        `device`, `remove_batch_dim` and `incl_bwd`.
+        Args:
+            names_filter: a hook name, a list of names, or a predicate on names (default: all).
+            device: where cached tensors go (default: where they are computed).
+            remove_batch_dim: drop the batch axis (batch of 1 only).
+            incl_bwd: also cache gradients (`name + "_grad"`); the output must be a scalar
+                (e.g. `return_type="loss"`), as in TransformerLens.
+
+        Caching hooks are plain PyTorch forward hooks added after any hooks already on the
+        model (so the cache holds edited values) and removed even if the forward fails. They
+        bypass TransformerLens' per-hook bookkeeping, whose cost dominated a full cache of a
+        large model on a GPU (see `bench/forward.py`).
+
+        Example:
+            >>> logits, cache = model.run_with_cache(inp, names_filter=lambda n: "resid" in n)  # doctest: +SKIP
+            >>> cache.accumulated_resid(apply_ln=True).shape  # [n_layers + 1, batch, pos, d_model]
         """
-        output, cache_dict = super().run_with_cache(*model_args, **kwargs)
-        return output, ActivationCache(
-            cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False)
-        )
+        if incl_bwd:
+            output, cache_dict = super().run_with_cache(
+                *model_args,
+                names_filter=names_filter,
+                device=device,
+                remove_batch_dim=remove_batch_dim,
+                incl_bwd=True,
+                **model_kwargs,
+            )
+            return output, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+
+        cache_dict: dict[str, torch.Tensor] = {}
+
+        def save(hook_point: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            stored = output.detach().to(device)
+            cache_dict[hook_point.name] = stored[0] if remove_batch_dim else stored
+
+        handles = [
+            self.hook_dict[name].register_forward_hook(save)
+            for name in self.hook_names(names_filter)
+        ]
+        try:
+            output = self(*model_args, **model_kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if remove_batch_dim and output is not None and output.shape[0] != 1:
+            raise ValueError("remove_batch_dim=True needs a batch of 1")
+        return output, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+
+    def hook_names(
+        self, names_filter: str | list[str] | Callable[[str], bool] | None = None
+    ) -> list[str]:
+        """Hook point names selected by a name, a list of names or a predicate (None: all).
+
+        Names that do not exist raise a ValueError that says what does.
+        """
+        if names_filter is None:
+            return list(self.hook_dict)
+        if callable(names_filter):
+            return [name for name in self.hook_dict if names_filter(name)]
+        names = [names_filter] if isinstance(names_filter, str) else list(names_filter)
+        for name in names:
+            if name not in self.hook_dict:
+                raise ValueError(self._unknown_hook_message(name))
+        return names
 
     # ------------------------------------------------------------------ forward
     def model_inputs(self, input: Any = None, **kwargs: Any) -> dict[str, Any]:

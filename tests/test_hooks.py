@@ -134,6 +134,42 @@ def test_names_filter_limits_the_cache(model, inp):
     )
 
 
+def test_cache_sees_values_edited_by_earlier_hooks(model, inp):
+    with model.hooks(fwd_hooks=[("blocks.0.hook_attn_out", lambda t, hook: torch.zeros_like(t))]):
+        _, cache = model.run_with_cache(
+            inp, names_filter=["blocks.0.hook_attn_out", "blocks.0.hook_resid_mid"]
+        )
+    assert cache["blocks.0.hook_attn_out"].abs().max() == 0
+    _, clean = model.run_with_cache(inp, names_filter="blocks.0.hook_resid_pre")
+    assert torch.equal(cache["blocks.0.hook_resid_mid"], clean["blocks.0.hook_resid_pre"])
+
+
+def test_cache_options(model, inp):
+    _, cache = model.run_with_cache(
+        inp, names_filter="blocks.0.hook_resid_post", remove_batch_dim=True
+    )
+    assert cache["blocks.0.hook_resid_post"].shape == (inp.input_ids.shape[1], model.cfg.d_model)
+    with pytest.raises(ValueError, match="does not exist"):
+        model.run_with_cache(
+            inp, names_filter=["blocks.0.hook_resid_post", "blocks.0.hook_nothing"]
+        )
+
+
+def test_cache_with_gradients(model, inp):
+    loss, cache = model.run_with_cache(
+        inp, names_filter=["blocks.0.hook_resid_post"], incl_bwd=True, return_type="loss"
+    )
+    gradient = cache["blocks.0.hook_resid_post_grad"]
+    assert gradient.shape == cache["blocks.0.hook_resid_post"].shape and gradient.abs().sum() > 0
+    assert all(not hp.has_hooks() for hp in model.hook_dict.values())
+
+
+def test_failed_forward_leaves_no_caching_hook(model, inp):
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model.run_with_cache(input_ids=inp.input_ids)
+    assert all(not hp._forward_hooks for hp in model.hook_dict.values())
+
+
 def test_activation_cache_helpers_reproduce_the_logits(model, inp):
     logits, cache = model.run_with_cache(inp)
     accumulated, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)

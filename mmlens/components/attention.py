@@ -117,7 +117,9 @@ class Attention(nn.Module):
             v = torch.cat((past_key_value[1], v), dim=1)
 
         q_heads, k_heads, v_heads = (t.transpose(1, 2) for t in (q, k, v))
-        if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
+        # Any PyTorch hook counts: TransformerLens hooks and run_with_cache's caching hooks.
+        hooked = (self.hook_attn_scores, self.hook_pattern)
+        if any(point._forward_hooks or point._backward_hooks for point in hooked):
             z_heads = self._attend_explicitly(q_heads, k_heads, v_heads, mask, is_causal)
         else:
             z_heads = F.scaled_dot_product_attention(
