@@ -71,7 +71,9 @@ def demo() -> None:
         return scores
 
     decoder_scores = [f"blocks.{layer}.attn.hook_attn_scores" for layer in range(cfg.n_layers)]
-    blocked = model.run_with_hooks(inp, fwd_hooks=[(name, block_image_keys) for name in decoder_scores])
+    blocked = model.run_with_hooks(
+        inp, fwd_hooks=[(name, block_image_keys) for name in decoder_scores]
+    )
     p_clean = logits[0, -1].softmax(-1)
     answer = int(p_clean.argmax())
     p_blocked = blocked[0, -1].softmax(-1)[answer]

@@ -32,6 +32,7 @@ from mmlens.components import (
 )
 from mmlens.components.attention import KeyValue
 from mmlens.config import MMConfig
+from mmlens.perf import enable_for_cpu_caching
 
 
 @dataclass
@@ -257,7 +258,9 @@ class HookedTransformer(HookedRootModule):
         Caching hooks are plain PyTorch forward hooks added after any hooks already on the
         model (so the cache holds edited values) and removed even if the forward fails. They
         bypass TransformerLens' per-hook bookkeeping, whose cost dominated a full cache of a
-        large model on a GPU (see `bench/forward.py`).
+        large model on a GPU (see `bench/forward.py`). On the CPU, the first call makes glibc
+        keep freed memory for reuse (`mmlens.perf`; opt out with MMLENS_KEEP_FREED_MEMORY=0):
+        a full cache allocates hundreds of MB per call, and re-faulting it cost ~40%.
 
         Example:
             >>> logits, cache = model.run_with_cache(inp, names_filter=lambda n: "resid" in n)  # doctest: +SKIP
@@ -274,6 +277,8 @@ class HookedTransformer(HookedRootModule):
             )
             return output, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
 
+        if self.W_E.device.type == "cpu":
+            enable_for_cpu_caching()
         cache_dict: dict[str, torch.Tensor] = {}
 
         def save(hook_point: nn.Module, inputs: Any, output: torch.Tensor) -> None:

@@ -1,9 +1,15 @@
-"""Opt-in speed settings that change process-wide state, so mmlens never applies them itself."""
+"""Process-wide speed settings for CPU runs.
+
+`HookedTransformer.run_with_cache` calls `retain_freed_cpu_memory()` once, the first time it
+runs a model on the CPU, unless the environment sets `MMLENS_KEEP_FREED_MEMORY=0`.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import os
 import sys
 
 # glibc mallopt parameters (malloc.h)
@@ -19,8 +25,9 @@ def retain_freed_cpu_memory(pool_bytes: int = 8 << 30) -> bool:
     that made a full-cache run ~1.5x a plain HF forward instead of ~1.06x (see
     `bench/forward.py`). GPUs are unaffected (PyTorch's CUDA caching allocator already reuses).
 
-    Process-wide and irreversible for the process; returns False where it does not apply
-    (not Linux/glibc).
+    Process-wide and irreversible for the process: like PyTorch's CUDA caching allocator, the
+    process keeps its peak memory instead of returning it. Returns False where it does not
+    apply (not Linux/glibc).
 
     Example:
         >>> import mmlens.perf
@@ -43,3 +50,11 @@ def retain_freed_cpu_memory(pool_bytes: int = 8 << 30) -> bool:
             (_M_TOP_PAD, min(pool_bytes, 1 << 30)),
         )
     )
+
+
+@functools.cache
+def enable_for_cpu_caching() -> bool:
+    """`retain_freed_cpu_memory()` once per process, unless `MMLENS_KEEP_FREED_MEMORY=0`."""
+    if os.environ.get("MMLENS_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    return retain_freed_cpu_memory()
