@@ -75,6 +75,7 @@ class MMConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
+    sliding_window: int | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -138,6 +139,7 @@ class MMConfig:
                 getattr(hf, "tie_word_embeddings", False)
                 or getattr(text, "tie_word_embeddings", False)
             ),
+            sliding_window=getattr(text, "sliding_window", None),
             pad_token_id=text.pad_token_id,
             bos_token_id=text.bos_token_id,
             eos_token_id=text.eos_token_id,

@@ -52,7 +52,7 @@ class KVCache:
 
 
 def attention_mask_and_positions(
-    attention_mask: Int[torch.Tensor, "batch pos"], n_new: int
+    attention_mask: Int[torch.Tensor, "batch pos"], n_new: int, sliding_window: int | None = None
 ) -> tuple[Bool[torch.Tensor, "batch 1 new_pos pos"] | None, Int[torch.Tensor, "batch new_pos"]]:
     """Causal + padding mask for the last `n_new` positions, and their rotary position ids.
 
@@ -60,14 +60,18 @@ def attention_mask_and_positions(
     left-padded item gives the same logits as the item alone. Pad queries attend to themselves
     only, which keeps their (unused) activations finite. Returns `mask=None` when plain causal
     attention is exact (no padding, no past), so that SDPA can use its causal kernel.
+    `sliding_window` (Mistral v0.1) limits each query to the last `sliding_window` keys.
     """
     n_total = attention_mask.shape[1]
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, n_total - n_new :]
-    if n_new == n_total and bool(attention_mask.all()):
+    window_matters = sliding_window is not None and n_total > sliding_window
+    if n_new == n_total and not window_matters and bool(attention_mask.all()):
         return None, positions
     key_index = torch.arange(n_total, device=attention_mask.device)
     query_index = key_index[n_total - n_new :, None]
     causal = key_index[None, :] <= query_index
+    if window_matters:
+        causal &= query_index - key_index[None, :] < sliding_window
     is_real_key = attention_mask.bool()[:, None, :]
     mask = (causal & is_real_key) | (key_index[None, :] == query_index)
     return mask[:, None], positions
@@ -383,7 +387,9 @@ class HookedTransformer(HookedRootModule):
         if past_kv_cache is not None:
             attention_mask = torch.cat((past_kv_cache.attention_mask, attention_mask), dim=1)
             past_kv_cache.attention_mask = attention_mask
-        mask, position_ids = attention_mask_and_positions(attention_mask, n_new)
+        mask, position_ids = attention_mask_and_positions(
+            attention_mask, n_new, self.cfg.sliding_window
+        )
         rotary = self.rotary(position_ids, resid.dtype)
 
         n_blocks = self.cfg.n_layers if stop_at_layer is None else stop_at_layer

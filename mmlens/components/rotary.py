@@ -37,7 +37,8 @@ def rope_frequencies(cfg: MMConfig) -> tuple[torch.Tensor, float]:
         max_position_embeddings=cfg.max_position_embeddings,
         rope_parameters=params,
     )
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, device="cpu")
+    with torch.device("cpu"):  # real numbers even while the model is built on the meta device
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, device="cpu")
     return inv_freq.float(), float(scaling)
 
 
