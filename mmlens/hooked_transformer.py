@@ -37,44 +37,70 @@ from mmlens.perf import enable_for_cpu_caching
 
 @dataclass
 class KVCache:
-    """Keys/values of every layer for the positions seen so far, and their attention mask.
+    """What later forward passes need of the positions seen so far (generation).
 
-    `generate` creates one and the forward pass extends it in place, like TransformerLens'
-    `HookedTransformerKeyValueCache`.
+    Per layer: rotated keys and values, the original positions of those keys and whether each
+    is a real token (not padding); layers after a pruning point hold fewer keys. Plus the
+    attention mask of every original position seen, which numbers the rotary positions of new
+    tokens. `generate` creates one and each forward pass extends it in place.
     """
 
     key_values: list[KeyValue | None]
-    attention_mask: Int[torch.Tensor, "batch past_pos"]
+    key_positions: list[Int[torch.Tensor, "batch k_pos"] | None]
+    key_is_real: list[Bool[torch.Tensor, "batch k_pos"] | None]
+    attention_mask: Int[torch.Tensor, "batch seen_pos"]
 
     @classmethod
     def empty(cls, n_layers: int, batch: int, device: torch.device) -> KVCache:
-        return cls([None] * n_layers, torch.zeros(batch, 0, dtype=torch.long, device=device))
+        empty_mask = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        return cls([None] * n_layers, [None] * n_layers, [None] * n_layers, empty_mask)
 
 
-def attention_mask_and_positions(
-    attention_mask: Int[torch.Tensor, "batch pos"], n_new: int, sliding_window: int | None = None
-) -> tuple[Bool[torch.Tensor, "batch 1 new_pos pos"] | None, Int[torch.Tensor, "batch new_pos"]]:
-    """Causal + padding mask for the last `n_new` positions, and their rotary position ids.
+def causal_padding_mask(
+    query_positions: Int[torch.Tensor, "batch q_pos"],
+    key_positions: Int[torch.Tensor, "batch k_pos"],
+    key_is_real: Bool[torch.Tensor, "batch k_pos"],
+    sliding_window: int | None = None,
+) -> Bool[torch.Tensor, "batch 1 q_pos k_pos"]:
+    """Which keys each query may attend to, from original sequence positions.
 
-    Rotary positions count from each item's first real token (as HF `generate` does), so a
-    left-padded item gives the same logits as the item alone. Pad queries attend to themselves
-    only, which keeps their (unused) activations finite. Returns `mask=None` when plain causal
-    attention is exact (no padding, no past), so that SDPA can use its causal kernel.
-    `sliding_window` (Mistral v0.1) limits each query to the last `sliding_window` keys.
+    Causal (a key at or before the query), padding keys hidden, and a query always sees itself:
+    pad queries then attend to themselves only, which keeps their unused activations finite.
+    `sliding_window` (Mistral v0.1) limits each query to the last `sliding_window` positions.
     """
-    n_total = attention_mask.shape[1]
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, n_total - n_new :]
-    window_matters = sliding_window is not None and n_total > sliding_window
-    if n_new == n_total and not window_matters and bool(attention_mask.all()):
-        return None, positions
-    key_index = torch.arange(n_total, device=attention_mask.device)
-    query_index = key_index[n_total - n_new :, None]
-    causal = key_index[None, :] <= query_index
-    if window_matters:
-        causal &= query_index - key_index[None, :] < sliding_window
-    is_real_key = attention_mask.bool()[:, None, :]
-    mask = (causal & is_real_key) | (key_index[None, :] == query_index)
-    return mask[:, None], positions
+    query, key = query_positions[:, :, None], key_positions[:, None, :]
+    allowed = (key <= query) & key_is_real[:, None, :]
+    if sliding_window is not None:
+        allowed &= query - key < sliding_window
+    return (allowed | (key == query))[:, None]
+
+
+def rotary_position_ids(
+    attention_mask: Int[torch.Tensor, "batch pos"],
+) -> Int[torch.Tensor, "batch pos"]:
+    """Rotary positions counted from each item's first real token (as HF `generate` does), so a
+    left-padded item gives the same logits as the item alone."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def survivor_index(
+    positions: Int[torch.Tensor, "batch pos"], kept: Int[torch.Tensor, "batch kept_pos"], layer: int
+) -> Int[torch.Tensor, "batch kept_pos"]:
+    """Indices into the current sequence of the positions a `hook_prune` hook kept."""
+    if kept.ndim != 2 or kept.shape[0] != positions.shape[0]:
+        raise ValueError(
+            f"blocks.{layer}.hook_prune must return [batch, kept_pos] positions, got shape "
+            f"{tuple(kept.shape)} for a batch of {positions.shape[0]}; keep the same number "
+            "of positions in every batch item"
+        )
+    index = torch.searchsorted(positions.contiguous(), kept.contiguous())
+    found = positions.gather(1, index.clamp(max=positions.shape[1] - 1)) == kept
+    if not bool(found.all()) or bool((kept[:, 1:] <= kept[:, :-1]).any()):
+        raise ValueError(
+            f"blocks.{layer}.hook_prune must return an increasing subset of the positions it "
+            "was given (original sequence indices)"
+        )
+    return index
 
 
 class HookedTransformer(HookedRootModule):
@@ -106,6 +132,7 @@ class HookedTransformer(HookedRootModule):
                 ),
                 RMSNorm(cfg.d_model, cfg.eps),
                 GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, cfg.mlp_bias),
+                position_hooks=True,
             )
             for _ in range(cfg.n_layers)
         )
@@ -383,23 +410,9 @@ class HookedTransformer(HookedRootModule):
         # Image features are only needed where image tokens are new (not for cached steps).
         resid = self.embed_input(input_ids, **{k: v for k, v in inputs.items() if v is not None})
 
-        n_new = input_ids.shape[1]
-        if past_kv_cache is not None:
-            attention_mask = torch.cat((past_kv_cache.attention_mask, attention_mask), dim=1)
-            past_kv_cache.attention_mask = attention_mask
-        mask, position_ids = attention_mask_and_positions(
-            attention_mask, n_new, self.cfg.sliding_window
+        resid, positions = self.run_blocks(
+            resid, attention_mask, past_kv_cache, stop_at_layer=stop_at_layer
         )
-        rotary = self.rotary(position_ids, resid.dtype)
-
-        n_blocks = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
-        for layer, block in enumerate(self.blocks[:n_blocks]):
-            past = past_kv_cache.key_values[layer] if past_kv_cache is not None else None
-            resid, key_value = block(
-                resid, rotary=rotary, mask=mask, is_causal=True, past_key_value=past
-            )
-            if past_kv_cache is not None:
-                past_kv_cache.key_values[layer] = key_value
         if stop_at_layer is not None:
             return resid
 
@@ -408,8 +421,78 @@ class HookedTransformer(HookedRootModule):
         logits = self.unembed(self.ln_final(resid))
         if return_type == "logits":
             return logits
-        loss = self.next_token_loss(logits, input_ids, attention_mask[:, -n_new:])
+        if positions.shape[1] != input_ids.shape[1]:
+            raise ValueError("return_type='loss' is undefined when tokens were pruned")
+        loss = self.next_token_loss(logits, input_ids, attention_mask)
         return loss if return_type == "loss" else (logits, loss)
+
+    def run_blocks(
+        self,
+        resid: Float[torch.Tensor, "batch pos d_model"],
+        attention_mask: Int[torch.Tensor, "batch pos"],
+        past_kv_cache: KVCache | None = None,
+        stop_at_layer: int | None = None,
+    ) -> tuple[Float[torch.Tensor, "batch kept_pos d_model"], Int[torch.Tensor, "batch kept_pos"]]:
+        """The decoder blocks; returns the residual stream and its original positions.
+
+        Tracks the original position of every token so that a `hook_prune` hook can remove
+        tokens mid-model: from that block on the residual stream, keys and values (and the KV
+        cache) really shrink, and the survivors keep their rotary positions.
+        """
+        batch, n_new = attention_mask.shape
+        seen = past_kv_cache.attention_mask if past_kv_cache is not None else attention_mask[:, :0]
+        all_seen = torch.cat((seen, attention_mask), dim=1)
+        if past_kv_cache is not None:
+            past_kv_cache.attention_mask = all_seen
+        n_seen = seen.shape[1]
+        positions = torch.arange(n_seen, n_seen + n_new, device=resid.device).expand(batch, -1)
+        rotary_ids = rotary_position_ids(all_seen)[:, n_seen:]
+        is_real = attention_mask.bool()
+        rotary = self.rotary(rotary_ids, resid.dtype)
+        window = self.cfg.sliding_window
+        # Plain causal attention (SDPA's causal kernel) is exact while nothing is cached,
+        # padded or pruned and the sliding window does not bite.
+        plain_causal = bool(is_real.all()) and (window is None or n_seen + n_new <= window)
+        mask, mask_inputs = None, (None, None)
+
+        n_blocks = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
+        for layer, block in enumerate(self.blocks[:n_blocks]):
+            kept = block.hook_prune(positions)
+            if kept is not positions:
+                index = survivor_index(positions, kept, layer)
+                resid = resid.gather(1, index[..., None].expand(-1, -1, resid.shape[-1]))
+                positions, is_real = kept, is_real.gather(1, index)
+                rotary_ids = rotary_ids.gather(1, index)
+                rotary = self.rotary(rotary_ids, resid.dtype)
+                plain_causal = False
+            block.hook_positions(positions)
+
+            past = past_kv_cache.key_values[layer] if past_kv_cache is not None else None
+            past_positions = past_kv_cache.key_positions[layer] if past is not None else None
+            # Layers share their keys (and mask) until a pruning point, or a pruned KV cache.
+            if mask_inputs[0] is not past_positions or mask_inputs[1] is not positions:
+                mask_inputs = (past_positions, positions)
+                if past is None:
+                    key_positions, key_is_real = positions, is_real
+                else:
+                    key_positions = torch.cat((past_positions, positions), dim=1)
+                    key_is_real = torch.cat((past_kv_cache.key_is_real[layer], is_real), dim=1)
+                plain = plain_causal and past is None
+                mask = (
+                    None
+                    if plain
+                    else causal_padding_mask(positions, key_positions, key_is_real, window)
+                )
+            block.hook_key_positions(key_positions)
+
+            resid, key_value = block(
+                resid, rotary=rotary, mask=mask, is_causal=True, past_key_value=past
+            )
+            if past_kv_cache is not None:
+                past_kv_cache.key_values[layer] = key_value
+                past_kv_cache.key_positions[layer] = key_positions
+                past_kv_cache.key_is_real[layer] = key_is_real
+        return resid, positions
 
     @staticmethod
     def next_token_loss(

@@ -11,11 +11,29 @@ from mmlens.components.attention import Attention, KeyValue
 
 
 class TransformerBlock(nn.Module):
-    """One layer, shared by the decoder (RMSNorm, gated MLP) and the vision tower (LayerNorm)."""
+    """One layer, shared by the decoder (RMSNorm, gated MLP) and the vision tower (LayerNorm).
 
-    def __init__(self, ln1: nn.Module, attn: Attention, ln2: nn.Module, mlp: nn.Module):
+    With `position_hooks=True` (the decoder) the block also has three hook points that the
+    model fires before the block runs, each holding original sequence indices `[batch, pos]`:
+    `hook_prune` (a hook may return a subset: the other positions are removed from the
+    sequence from this block on), `hook_positions` (this block's queries, after pruning) and
+    `hook_key_positions` (its keys: cached positions followed by the queries).
+    """
+
+    def __init__(
+        self,
+        ln1: nn.Module,
+        attn: Attention,
+        ln2: nn.Module,
+        mlp: nn.Module,
+        position_hooks: bool = False,
+    ):
         super().__init__()
         self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
+        if position_hooks:
+            self.hook_prune = HookPoint()
+            self.hook_positions = HookPoint()
+            self.hook_key_positions = HookPoint()
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()

@@ -1,0 +1,32 @@
+"""Ablations as TransformerLens hook lists `[(hook_name, fn), ...]`.
+
+Every factory returns a plain list, so ablations compose by concatenation and work with
+`run_with_hooks`, `run_with_cache`, `hooks()` and `generate`. Positions are original sequence
+indices (image tokens expanded): a 1-D set shared by the batch, or a list with one set per batch
+item. They keep addressing the same tokens after pruning and during generation.
+
+Example:
+    >>> from mmlens.ablations import attention_knockout, drop_tokens, window
+    >>> hooks = attention_knockout(inp.positions("image"), inp.positions("last"), window(14, 9, 32))
+    >>> hooks += drop_tokens(inp.positions("image"), from_layer=24)
+    >>> logits = model.run_with_hooks(inp, fwd_hooks=hooks)
+"""
+
+from mmlens.ablations.knockout import attention_knockout, attention_knockout_post_softmax, window
+from mmlens.ablations.positions import PositionSet, SequenceView
+from mmlens.ablations.pruning import drop_tokens, fastv, truncate_image_tokens
+from mmlens.ablations.zeroing import zero_attention, zero_heads, zero_mlp
+
+__all__ = [
+    "PositionSet",
+    "SequenceView",
+    "attention_knockout",
+    "attention_knockout_post_softmax",
+    "drop_tokens",
+    "fastv",
+    "truncate_image_tokens",
+    "window",
+    "zero_attention",
+    "zero_heads",
+    "zero_mlp",
+]

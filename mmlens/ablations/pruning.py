@@ -1,0 +1,174 @@
+"""Token pruning: remove positions from the sequence from a layer on (the computation really
+shrinks), image-token truncation ranked by attention (From Redundancy to Relevance), FastV, and
+`mode="mask"` variants that hide the keys instead of removing them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+from mmlens.ablations.positions import (
+    Hook,
+    PositionSet,
+    PositionsLike,
+    SequenceView,
+    as_layers,
+    check_in_range,
+    is_layer_hook,
+    layer_of,
+)
+
+Mode = Literal["drop", "mask"]
+
+
+def drop_tokens(positions: PositionsLike, from_layer: int, mode: Mode = "drop") -> list[Hook]:
+    """Remove `positions` (original indices) from the sequence from `from_layer` on.
+
+    `mode="drop"`: the residual stream, keys, values and the generation KV cache of later
+    layers really shrink; surviving tokens keep their rotary positions; later hooks and caches
+    see the shorter sequence (`blocks.{l}.hook_positions` says which original positions
+    survive). Every batch item must keep the same number of positions.
+    `mode="mask"`: nothing is removed; from `from_layer` on no query attends to the dropped
+    keys (a dropped token still attends to itself, so its row is never empty). Same outputs at
+    the surviving positions, no speed-up.
+
+    Example:
+        >>> hooks = drop_tokens(inp.positions("image"), from_layer=16)   # appendix F: last 16 of 32
+        >>> logits = model.run_with_hooks(inp, fwd_hooks=hooks)          # [batch, pos - 576, vocab]
+    """
+    position_set = PositionSet.of(positions)
+    (from_layer,) = as_layers(from_layer, "from_layer")
+    return _drop_hooks(lambda: position_set, from_layer, mode)
+
+
+def truncate_image_tokens(
+    layer: int,
+    keep: int,
+    rank: Literal["last", "mean"] = "last",
+    *,
+    image_positions: PositionsLike,
+    mode: Mode = "drop",
+) -> list[Hook]:
+    """Keep the `keep` image tokens that receive the most attention; drop the rest from `layer` on.
+
+    Ranking (FastV's rule): the attention pattern of layer `layer - 1`, mean over heads, of the
+    last query row (`rank="last"`) or the mean over all query rows (`rank="mean"`), over each
+    batch item's image positions; ties keep the earlier position. `keep=0` drops every image
+    token (no ranking needed), the "information-flow cliff" scan. The ranking is made in the
+    forward pass that contains the image (the prompt) and reused for later generation steps.
+
+    Example:
+        >>> hooks = truncate_image_tokens(8, keep=64, image_positions=inp.positions("image"))
+    """
+    if not isinstance(keep, int) or keep < 0:
+        raise ValueError(f"keep must be a non-negative number of image tokens, got {keep!r}")
+    if keep == 0:
+        return drop_tokens(image_positions, layer, mode)
+
+    def keep_count(n_image_tokens: int) -> int:
+        if keep > n_image_tokens:
+            raise ValueError(f"keep={keep} but the input has only {n_image_tokens} image tokens")
+        return keep
+
+    return _truncation_hooks(layer, keep_count, rank, image_positions, mode)
+
+
+def fastv(
+    k: int, ratio: float, *, image_positions: PositionsLike, mode: Mode = "drop"
+) -> list[Hook]:
+    """FastV: from layer `k` on, keep the fraction `ratio` of image tokens that layer `k - 1`'s
+    last query row attends to most (`round(ratio * n_image_tokens)` tokens per item).
+
+    `ratio` is the *kept* fraction (DESIGN.md); FastV's paper states its R as the pruned
+    fraction, so R = 50% is `ratio=0.5` either way.
+
+    Example:
+        >>> hooks = fastv(2, 0.5, image_positions=inp.positions("image"))
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be the kept fraction in [0, 1], got {ratio}")
+    return _truncation_hooks(k, lambda n: round(ratio * n), "last", image_positions, mode)
+
+
+def _truncation_hooks(
+    layer: int,
+    keep_count: Callable[[int], int],
+    rank: str,
+    image_positions: PositionsLike,
+    mode: Mode,
+) -> list[Hook]:
+    (layer,) = as_layers(layer, "layer")
+    if layer < 1:
+        raise ValueError("truncation ranks by the attention of layer - 1, so layer must be >= 1")
+    if rank not in ("last", "mean"):
+        raise ValueError(f"rank must be 'last' or 'mean', got {rank!r}")
+    images, view = PositionSet.of(image_positions, "image_positions"), SequenceView()
+    chosen: dict[str, PositionSet] = {}
+
+    def rank_images(pattern: Float[Tensor, "batch head q_pos k_pos"], hook: HookPoint) -> None:
+        queries, keys = view.queries[layer - 1], view.keys[layer - 1]
+        if not bool(images.mask(queries).any()):
+            return  # a generation step after the prompt: keep the prompt's choice
+        check_in_range(images, keys, "image_positions")
+        received = pattern.mean(1)  # [batch, q_pos, k_pos], mean over heads
+        received = received[:, -1] if rank == "last" else received.mean(1)
+        is_image = images.mask(keys)
+        dropped = []
+        for item in range(keys.shape[0]):
+            image_keys = is_image[item].nonzero()[:, 0]
+            order = received[item, image_keys].float().argsort(descending=True, stable=True)
+            dropped.append(
+                keys[item, image_keys[order[keep_count(len(image_keys)) :]]].sort().values
+            )
+        chosen["dropped"] = PositionSet(shared=None, per_item=tuple(dropped))
+
+    ranking = view.hooks([layer - 1]) + [(f"blocks.{layer - 1}.attn.hook_pattern", rank_images)]
+    return ranking + _drop_hooks(lambda: chosen.get("dropped"), layer, mode)
+
+
+def _drop_hooks(
+    dropped: Callable[[], PositionSet | None], from_layer: int, mode: Mode
+) -> list[Hook]:
+    """Hooks removing (or masking) the positions `dropped()` names when the hooks run."""
+    if mode == "drop":
+
+        def prune(positions: Int[Tensor, "batch pos"], hook: HookPoint) -> Tensor | None:
+            drop_set = dropped()
+            if drop_set is None:
+                return None
+            check_in_range(drop_set, positions, "dropped positions")
+            keep = ~drop_set.mask(positions)
+            if bool(keep.all()):
+                return None
+            n_kept = keep.sum(1)
+            if bool((n_kept != n_kept[0]).any()):
+                raise ValueError(
+                    f"dropping these positions would leave batch items of different lengths "
+                    f"({n_kept.tolist()}); drop the same number from every item, or use mode='mask'"
+                )
+            if int(n_kept[0]) == 0:
+                raise ValueError("dropping these positions would leave no token in the sequence")
+            return positions[keep].view(positions.shape[0], -1)
+
+        return [(f"blocks.{from_layer}.hook_prune", prune)]
+    if mode != "mask":
+        raise ValueError(f"mode must be 'drop' or 'mask', got {mode!r}")
+    view = SequenceView()
+
+    def hide_keys(scores: Float[Tensor, "batch head q_pos k_pos"], hook: HookPoint) -> Tensor:
+        drop_set = dropped()
+        if drop_set is None:
+            return scores
+        layer = layer_of(hook)
+        queries, keys = view.queries[layer], view.keys[layer]
+        check_in_range(drop_set, keys, "dropped positions")
+        not_self = queries[:, :, None] != keys[:, None, :]
+        hidden = drop_set.mask(keys)[:, None, :] & not_self
+        return scores.masked_fill(hidden[:, None], float("-inf"))
+
+    scores_from = (lambda name: is_layer_hook(name, "attn.hook_attn_scores", from_layer), hide_keys)
+    return view.hooks_from(from_layer) + [scores_from]

@@ -1,0 +1,80 @@
+"""Module knockout: zero attention or MLP outputs (Cross-modal paper, appendix D/K), or heads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+from mmlens.ablations.positions import (
+    Hook,
+    PositionSet,
+    PositionsLike,
+    SequenceView,
+    as_layers,
+    check_in_range,
+    layer_of,
+)
+
+
+def zero_attention(
+    layers: int | Iterable[int], positions: PositionsLike | None = None
+) -> list[Hook]:
+    """Zero `hook_attn_out` (the whole attention sublayer's output) in `layers`, at every
+    position or only at `positions` (original sequence indices).
+
+    Example:
+        >>> logits = model.run_with_hooks(inp, fwd_hooks=zero_attention(range(10, 19)))
+    """
+    return _zero_output("hook_attn_out", layers, positions)
+
+
+def zero_mlp(layers: int | Iterable[int], positions: PositionsLike | None = None) -> list[Hook]:
+    """Zero `hook_mlp_out` in `layers`, at every position or only at `positions`.
+
+    Example:
+        >>> hooks = zero_mlp(range(0, 9), positions=inp.positions("question"))
+    """
+    return _zero_output("hook_mlp_out", layers, positions)
+
+
+def zero_heads(layer: int, heads: int | Iterable[int]) -> list[Hook]:
+    """Zero the outputs `hook_z` of `heads` in `layer` (before the output projection).
+
+    Example:
+        >>> logits = model.run_with_hooks(inp, fwd_hooks=zero_heads(12, [0, 5]))
+    """
+    (layer,) = as_layers(layer, "layer")
+    head_index = as_layers(heads, "heads")
+
+    def zero(z: Float[Tensor, "batch pos head d_head"], hook: HookPoint) -> Tensor:
+        if max(head_index) >= z.shape[2]:
+            raise ValueError(
+                f"head {max(head_index)} does not exist: layer {layer} has {z.shape[2]} heads"
+            )
+        z = z.clone()
+        z[:, :, head_index] = 0.0
+        return z
+
+    return [(f"blocks.{layer}.attn.hook_z", zero)]
+
+
+def _zero_output(
+    site: str, layers: int | Iterable[int], positions: PositionsLike | None
+) -> list[Hook]:
+    layers = as_layers(layers)
+    if positions is None:
+        return [
+            (f"blocks.{layer}.{site}", lambda out, hook: torch.zeros_like(out)) for layer in layers
+        ]
+    position_set, view = PositionSet.of(positions), SequenceView()
+
+    def zero_at_positions(out: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
+        layer = layer_of(hook)
+        check_in_range(position_set, view.keys[layer], "positions")
+        return out.masked_fill(position_set.mask(view.queries[layer])[..., None], 0.0)
+
+    return view.hooks(layers) + [(f"blocks.{layer}.{site}", zero_at_positions) for layer in layers]
