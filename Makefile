@@ -27,3 +27,4 @@ lint: setup
 
 bench: setup
 	$(PY) bench/forward.py
+	$(PY) bench/pruning.py
