@@ -86,7 +86,7 @@ def _knockout_hooks(
     layers = as_layers(layers)
     head_index = None if heads is None else as_layers(heads, "heads")
     if not post_softmax:
-        _check_rows_keep_a_key(source_set, target_set)
+        check_rows_keep_a_key(source_set, target_set)
     view = SequenceView()
 
     def knock_out(scores: Float[Tensor, "batch head q_pos k_pos"], hook: HookPoint) -> Tensor:
@@ -116,7 +116,7 @@ def _knockout_hooks(
     return view.hooks(layers) + [(f"blocks.{layer}.{site}", knock_out) for layer in layers]
 
 
-def _check_rows_keep_a_key(source: PositionSet, target: PositionSet) -> None:
+def check_rows_keep_a_key(source: PositionSet, target: PositionSet) -> None:
     """A target t sees keys 0..t (causal); if the source holds all of them, t's row is empty."""
     n_items = max(len(s.per_item) if s.per_item is not None else 1 for s in (source, target))
     for item, (source_item, target_item) in enumerate(

@@ -1,0 +1,99 @@
+"""Answer probabilities: the score every knockout experiment reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+
+@dataclass
+class AnswerProbability:
+    """Per batch item: the scored token id and its probability."""
+
+    token_ids: Int[Tensor, "batch"]
+    probabilities: Float[Tensor, "batch"]
+
+
+def answer_token_ids(model: Any, inp: Any, answer: str, item: int = 0) -> list[int]:
+    """The ids `answer` gets when the model writes it right after the prompt of `item`.
+
+    Tokenises prompt + answer together (a space between them unless the template's prompt ends
+    in whitespace, as Llama-3's does), so SentencePiece/BPE word boundaries come out as in
+    generation, and returns the ids after the prompt's.
+
+    Example:
+        >>> answer_token_ids(model, inp, "red")   # e.g. [2654] for "▁red"
+    """
+    prompt = inp.prompts[item]
+    text = prompt + answer if prompt[-1:].isspace() else f"{prompt} {answer}"
+    prompt_ids = model.tokenizer(prompt).input_ids
+    full_ids = model.tokenizer(text).input_ids
+    if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) == len(prompt_ids):
+        raise ValueError(f"could not tokenise answer {answer!r} as a continuation of the prompt")
+    return full_ids[len(prompt_ids) :]
+
+
+def answer_probability(
+    model: Any,
+    inp: Any,
+    answer: str | list[str] | None = None,
+    subword: Literal["first", "final"] = "first",
+    fwd_hooks: list | tuple = (),
+) -> AnswerProbability:
+    """Probability of the answer at the position that predicts it.
+
+    With `answer=None`: the first predicted token (the argmax at the last prompt position) and
+    its probability. With an answer (one string, or one per batch item): its first sub-word at
+    the last prompt position, or its final sub-word, scored by teacher-forcing the answer's
+    earlier sub-words after the prompt. `fwd_hooks` (e.g. an ablation) apply to the run.
+
+    Example:
+        >>> base = answer_probability(model, inp)
+        >>> knocked = answer_probability(model, inp, fwd_hooks=attention_knockout(...))
+        >>> relative_change(knocked.probabilities, base.probabilities)
+    """
+    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
+        if answer is None:
+            probabilities = model(inp)[:, -1].float().softmax(-1)
+            token_ids = probabilities.argmax(-1)
+            return AnswerProbability(token_ids, probabilities.gather(1, token_ids[:, None])[:, 0])
+        answers = [answer] * inp.batch_size if isinstance(answer, str) else list(answer)
+        token_ids, probabilities = [], []
+        for item, item_answer in enumerate(answers):
+            ids = answer_token_ids(model, inp, item_answer, item)
+            scored = ids[0] if subword == "first" else ids[-1]
+            forced = torch.tensor([ids[:-1] if subword == "final" else []], dtype=torch.long)
+            logits = model(**_append_tokens(item_kwargs(inp, item), forced))
+            token_ids.append(scored)
+            probabilities.append(logits[0, -1].float().softmax(-1)[scored])
+    return AnswerProbability(torch.tensor(token_ids), torch.stack(probabilities))
+
+
+def item_kwargs(inp: Any, item: int) -> dict[str, Tensor]:
+    """HF-style kwargs of one batch item of a `MultimodalInput` (its own images only)."""
+    kwargs = dict(inp.model_kwargs())
+    for name in ("input_ids", "attention_mask"):
+        kwargs[name] = kwargs[name][item : item + 1]
+    images = [index for index, owner in enumerate(inp.image_items) if owner == item]
+    for name in ("pixel_values", "image_sizes"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = kwargs[name][images] if images else None
+    return {name: value for name, value in kwargs.items() if value is not None}
+
+
+def _append_tokens(kwargs: dict[str, Tensor], tokens: Int[Tensor, "1 n"]) -> dict[str, Tensor]:
+    """Batch-1 HF-style kwargs with `tokens` appended after the prompt."""
+    kwargs = dict(kwargs)
+    tokens = tokens.to(kwargs["input_ids"].device)
+    kwargs["input_ids"] = torch.cat((kwargs["input_ids"], tokens), dim=1)
+    kwargs["attention_mask"] = torch.cat((kwargs["attention_mask"], torch.ones_like(tokens)), dim=1)
+    return kwargs
+
+
+def relative_change(p_new: Tensor | float, p_base: Tensor | float) -> Tensor | float:
+    """`(p_new - p_base) / p_base * 100`, the papers' relative change in percent."""
+    return (p_new - p_base) / p_base * 100

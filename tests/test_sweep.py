@@ -1,0 +1,111 @@
+"""Answer probabilities and the knockout-sweep engine against the naive loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmlens
+from mmlens.analysis import answer_probability, answer_token_ids, knockout_sweep, relative_change
+from mmlens.testing import make_test_image
+
+N_LAYERS = 6
+FLOWS = {
+    "Image→Last": ("image", "last"),
+    "Question→Last": ("question", "last"),
+    "Last→Last": ("last", "last"),
+    "Image→Question": ("image", "question"),
+    "Related patches→Question": ("related_patches", "question"),
+    "Other patches→Question": ("other_patches", "question"),
+}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return mmlens.from_pretrained(tiny_checkpoint(n_layers=N_LAYERS, n_kv_heads=2))
+
+
+@pytest.fixture(scope="module")
+def samples(model):
+    return [
+        model.prepare(make_test_image(88, 48, 0), "What colour is the square on the left?"),
+        model.prepare(make_test_image(40, 80, 1), "Is the circle red?"),
+    ]
+
+
+BOXES = [[(0, 0, 30, 20)], [(5, 40, 35, 80), (0, 0, 10, 10)]]
+
+
+def test_answer_probability_first_and_final_subword(model, samples):
+    inp = samples[0]
+    logits = model(inp)[0, -1].softmax(-1)
+    base = answer_probability(model, inp)
+    assert int(base.token_ids[0]) == int(logits.argmax())
+    assert torch.allclose(base.probabilities[0], logits.max())
+
+    answer = "zanzibarish"  # not in the test corpus: several sub-words
+    ids = answer_token_ids(model, inp, answer)
+    assert len(ids) >= 2, "the test needs a multi-token answer"
+    first = answer_probability(model, inp, answer)
+    assert int(first.token_ids[0]) == ids[0] and torch.allclose(
+        first.probabilities[0], logits[ids[0]]
+    )
+    final = answer_probability(model, inp, answer, subword="final")
+    forced = torch.cat((inp.input_ids, torch.tensor([ids[:-1]])), dim=1)
+    expected = model(input_ids=forced, pixel_values=inp.pixel_values)[0, -1].softmax(-1)[ids[-1]]
+    assert int(final.token_ids[0]) == ids[-1] and torch.allclose(final.probabilities[0], expected)
+
+
+def test_answer_probability_per_item_of_a_padded_batch(model, samples):
+    batch = model.prepare(
+        [make_test_image(88, 48, 0), make_test_image(40, 80, 1)],
+        ["What colour is the square on the left?", "Is the circle red?"],
+    )
+    both = answer_probability(model, batch, ["red", "yes"])
+    for item, (inp, answer) in enumerate(zip(samples, ["red", "yes"], strict=True)):
+        alone = answer_probability(model, inp, answer)
+        assert torch.allclose(both.probabilities[item], alone.probabilities[0], atol=1e-6)
+
+
+def test_relative_change():
+    assert relative_change(0.3, 0.4) == pytest.approx(-25.0)
+
+
+@pytest.mark.parametrize("window_size", [1, 9])
+def test_engine_equals_naive_loop_on_every_flow(model, samples, window_size):
+    engine = knockout_sweep(model, samples, FLOWS, window_size, boxes=BOXES, progress=False)
+    naive = knockout_sweep(
+        model, samples, FLOWS, window_size, boxes=BOXES, method="naive", progress=False
+    )
+    assert len(engine) == len(samples) * len(FLOWS) * N_LAYERS
+    assert engine[["sample", "flow", "layer", "answer_token"]].equals(
+        naive[["sample", "flow", "layer", "answer_token"]]
+    )
+    relative_error = ((engine.p_new - naive.p_new).abs() / naive.p_new).max()
+    assert relative_error < 1e-5
+    assert (engine.p_base - naive.p_base).abs().max() < 1e-6
+    assert engine.relative_change.abs().max() > 1.0, "knockouts should move the probability"
+
+
+def test_engine_in_chunks_and_windows(model, samples):
+    whole = knockout_sweep(model, samples[:1], FLOWS, 3, boxes=BOXES[:1], progress=False)
+    chunked = knockout_sweep(
+        model, samples[:1], FLOWS, 3, boxes=BOXES[:1], batch_size=4, progress=False
+    )
+    assert (whole.p_new - chunked.p_new).abs().max() < 1e-6
+    row = whole[(whole.flow == "Image→Last") & (whole.layer == 0)].iloc[0]
+    assert (row.window_start, row.window_end) == (0, 2)
+    assert whole.attrs["window_size"] == 3 and whole.attrs["flows"]["Image→Last"] == (
+        "image",
+        "last",
+    )
+
+
+def test_sweep_errors(model, samples):
+    with pytest.raises(ValueError, match="boxes"):
+        knockout_sweep(model, samples, {"R": ("related_patches", "question")}, progress=False)
+    with pytest.raises(ValueError, match="no key|every key"):
+        knockout_sweep(model, samples, {"all": (torch.arange(100), "question")}, progress=False)
+    batch = model.prepare([make_test_image(56, 56)] * 2, ["What colour is it?", "Is it red?"])
+    with pytest.raises(ValueError, match="batch-1"):
+        knockout_sweep(model, [batch], progress=False)
