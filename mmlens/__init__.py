@@ -3,10 +3,11 @@
 from mmlens.config import MMConfig, VisionConfig
 from mmlens.hooked_transformer import HookedTransformer, KVCache
 from mmlens.loading import from_pretrained
-from mmlens.models import HookedLlava
+from mmlens.models import HookedLlava, HookedLlavaNext
 
 __all__ = [
     "HookedLlava",
+    "HookedLlavaNext",
     "HookedTransformer",
     "KVCache",
     "MMConfig",

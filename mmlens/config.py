@@ -81,6 +81,7 @@ class MMConfig:
     eos_token_id: int | list[int] | None = None
     model_name: str = "custom"
     model_type: str = "llama"
+    decoder_model_type: str = "llama"  # the decoder's HF model_type (LLaVA-NeXT picks its template)
     dtype: torch.dtype = torch.float32
     device: str | torch.device = "cpu"
     # Multimodal (LLaVA) fields; `vision is None` for a text-only model.
@@ -90,6 +91,8 @@ class MMConfig:
     projector_hidden_act: str = "gelu"
     projector_bias: bool = True
     image_token_id: int | None = None
+    # LLaVA-NeXT ("anyres"): candidate canvas sizes [height, width] for the tiles; None for LLaVA-1.5.
+    image_grid_pinpoints: list[list[int]] | None = None
     # Fixed for this architecture family; read by transformer_lens.ActivationCache.
     normalization_type: str = "RMS"
     attn_only: bool = False
@@ -144,6 +147,7 @@ class MMConfig:
             bos_token_id=text.bos_token_id,
             eos_token_id=text.eos_token_id,
             model_type=hf.model_type,
+            decoder_model_type=text.model_type,
             model_name=getattr(hf, "name_or_path", "") or hf.model_type,
         )
         if hasattr(hf, "vision_config"):
@@ -154,6 +158,7 @@ class MMConfig:
                 projector_hidden_act=hf.projector_hidden_act,
                 projector_bias=getattr(hf, "multimodal_projector_bias", True),
                 image_token_id=hf.image_token_id,
+                image_grid_pinpoints=getattr(hf, "image_grid_pinpoints", None),
             )
         fields.update(overrides)
         return cls(**fields)

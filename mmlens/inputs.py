@@ -12,10 +12,13 @@ the same text give the segments. Semantics (DESIGN.md §4):
   ``question`` = the tokens overlapping the question's characters; ``last`` = the last prompt
   position. Text-only prompts have no image block: ``system`` ends, and ``user`` starts, at the
   first token that reaches into the user's content.
+  For LLaVA-NeXT, ``image`` holds the base grid, the tiles and the newline tokens, in model order.
 - Image-token layout (`ImageTokenLayout`): for every image token its batch item, image, tile
-  (0 = the base image), patch row and column, and kind (patch, CLS; NeXT will add newlines).
+  (0 = the base image, 1.. = LLaVA-NeXT's tiles, -1 = a newline token), patch row and column, and
+  kind (patch, CLS, newline).
 - `MultimodalInput.patches_in_box` maps a box in original-image pixels through the processor's
-  geometry (`ImageGeometry`) to the image tokens whose patches it touches.
+  geometry (`ImageGeometry`; `AnyresGeometry` for LLaVA-NeXT's tiles) to the image tokens whose
+  patches it touches.
 
 Example:
     >>> inp = MultimodalInput.from_processor(processor, image, "What colour is the door?")
@@ -28,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +40,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from PIL import Image
 from torch import Tensor
+from transformers.image_processing_utils import select_best_resolution
 from transformers.image_utils import get_image_size, to_numpy_array
 
 from mmlens.templates import IMAGE_PLACEHOLDER, ConversationTemplate, RenderedPrompt, render
@@ -54,13 +59,25 @@ Box = tuple[int, int, int, int]
 class ImageTokenLayout:
     """What each image token of a batch shows: one entry per image token, in sequence order.
 
-    All fields are LongTensors of shape ``[n_image_tokens]``. `row` and `col` index the patch grid
-    of the tile; they are -1 for tokens that are not patches (CLS; NeXT's newline tokens will have
-    the row they end). `kind` holds `PATCH`, `CLS` or `NEWLINE` (names in `TOKEN_KINDS`).
+    All fields are LongTensors of shape ``[n_image_tokens]``; `kind` holds `PATCH`, `CLS` or
+    `NEWLINE` (names in `TOKEN_KINDS`).
+
+    - `tile` is 0 for the base image (LLaVA-1.5's only image); for LLaVA-NeXT, 1, 2, ... is the
+      tile a patch came from (row-major over the tile grid, HF's crop order) and -1 marks a
+      newline token.
+    - `row` and `col`: for the base image, the patch grid (CLS: -1, -1). For NeXT tile patches,
+      the unpadded high-resolution grid: all tiles side by side, minus the rows (or columns) that
+      unpadding removed, so row 0 is the first row the model kept. A newline token has the `row`
+      it ends and `col` -1.
+
+    The entries of one image are in the model's order: base grid row-major, then each kept row of
+    the tile grid followed by its newline. The layout of the whole batch lists the image tokens
+    in the order `hook_image_embeds` holds them.
 
     Example:
         >>> layout = inp.layout
-        >>> layout.position[(layout.image == 0) & (layout.row == 0)]  # top patch row of image 0
+        >>> layout.position[(layout.image == 0) & (layout.tile == 0) & (layout.row == 0)]  # top base row
+        >>> layout.position[layout.kind == NEWLINE]  # LLaVA-NeXT's newline tokens
     """
 
     item: Int[Tensor, "n_image_tokens"]
@@ -79,17 +96,43 @@ class ImageTokenLayout:
         return [TOKEN_KINDS[code] for code in self.kind.tolist()]
 
     def patch_grid(self, image: int = 0, tile: int = 0) -> Int[Tensor, "rows cols"]:
-        """Sequence positions of the patch tokens of `image` / `tile`, arranged as the patch grid.
+        """Sequence positions of the patch tokens of `image` / `tile`, arranged as their grid.
+
+        Tile 0 is the base image's full patch grid. A LLaVA-NeXT tile (1, 2, ...) gives the part
+        of the unpadded grid it covers: its patches that unpadding kept, as a rectangle.
 
         Example:
             >>> inp.layout.patch_grid(0).shape  # (24, 24) for llava-1.5 at 336 px
         """
         selected = (self.image == image) & (self.tile == tile) & (self.kind == PATCH)
+        return self._grid(selected, f"image {image}, tile {tile}")
+
+    def highres_grid(self, image: int = 0) -> Int[Tensor, "rows cols"]:
+        """Sequence positions of all tile patches of a LLaVA-NeXT `image`, as the unpadded grid.
+
+        The grid the model reads row by row (each row then followed by a newline token); newline
+        tokens are not in it. ``grid[r, c]`` is the token with ``row == r`` and ``col == c``.
+
+        Example:
+            >>> inp.layout.highres_grid(0).shape  # e.g. (36, 48) for a 640 x 480 image, llava-v1.6
+        """
+        selected = (self.image == image) & (self.tile >= 1) & (self.kind == PATCH)
+        return self._grid(selected, f"the tiles of image {image}")
+
+    def _grid(
+        self, selected: Bool[Tensor, "n_image_tokens"], what: str
+    ) -> Int[Tensor, "rows cols"]:
         if not selected.any():
-            raise ValueError(f"no patch tokens for image {image}, tile {tile}")
-        rows, cols = int(self.row[selected].max()) + 1, int(self.col[selected].max()) + 1
-        grid = torch.full((rows, cols), -1, dtype=torch.long, device=self.position.device)
-        grid[self.row[selected], self.col[selected]] = self.position[selected]
+            raise ValueError(
+                f"no patch tokens for {what}; this layout has images "
+                f"{sorted(set(self.image.tolist()))} and tiles {sorted(set(self.tile.tolist()) - {-1})}"
+                " (only LLaVA-NeXT images have tiles 1, 2, ...)"
+            )
+        rows, cols = self.row[selected], self.col[selected]
+        first_row, first_col = int(rows.min()), int(cols.min())
+        shape = (int(rows.max()) - first_row + 1, int(cols.max()) - first_col + 1)
+        grid = torch.full(shape, -1, dtype=torch.long, device=self.position.device)
+        grid[rows - first_row, cols - first_col] = self.position[selected]
         return grid
 
     def to(self, device: torch.device | str) -> ImageTokenLayout:
@@ -137,6 +180,43 @@ class ImageTokenLayout:
             col=col,
             kind=kind,
         )
+
+    @classmethod
+    def for_anyres_image(
+        cls,
+        *,
+        item: int,
+        image: int,
+        positions: Int[Tensor, "n_image_tokens"],
+        base_grid_size: tuple[int, int],
+        grid: AnyresGrid,
+    ) -> ImageTokenLayout:
+        """The layout of one LLaVA-NeXT image: the base grid row-major, then each kept row of
+        the unpadded tile grid followed by a newline token (HF's `pack_image_features`)."""
+        n_base = base_grid_size[0] * base_grid_size[1]
+        base = cls.for_image(
+            item=item,
+            image=image,
+            positions=positions[:n_base],
+            grid_size=base_grid_size,
+            has_cls=False,
+        )
+        rows, cols = grid.unpadded_size
+        row = torch.arange(rows).repeat_interleave(cols + 1)
+        col = torch.arange(cols + 1).repeat(rows)
+        is_newline = col == cols
+        col = col.masked_fill(is_newline, -1)
+        tile = grid.tile_of(row, col).masked_fill(is_newline, -1)
+        tiles = cls(
+            item=torch.full((row.numel(),), item),
+            position=positions[n_base:].to(torch.long),
+            image=torch.full((row.numel(),), image),
+            tile=tile,
+            row=row,
+            col=col,
+            kind=torch.where(is_newline, NEWLINE, PATCH),
+        )
+        return cls.concatenate([base, tiles])
 
 
 @dataclass(frozen=True)
@@ -235,6 +315,22 @@ class ImageGeometry:
             patch_size=patch_size,
         )
 
+    def n_image_tokens(self, has_cls: bool) -> int:
+        """Image tokens of this image: one per patch, plus the CLS token if `has_cls`."""
+        return self.grid_size[0] * self.grid_size[1] + has_cls
+
+    def token_layout(
+        self, *, item: int, image: int, positions: Int[Tensor, "n_image_tokens"], has_cls: bool
+    ) -> ImageTokenLayout:
+        """The layout of this image's tokens at `positions` of batch item `item`."""
+        return ImageTokenLayout.for_image(
+            item=item, image=image, positions=positions, grid_size=self.grid_size, has_cls=has_cls
+        )
+
+    def patch_ranges_per_grid(self, box: Box) -> dict[str, tuple[range, range]]:
+        """``{"base": patch_ranges(box)}``: the one grid of a LLaVA-1.5 image (see `AnyresGeometry`)."""
+        return {"base": self.patch_ranges(box)}
+
     def patch_ranges(self, box: Box) -> tuple[range, range]:
         """Patch rows and columns that the pixels of `box` land in.
 
@@ -290,6 +386,238 @@ class ImageGeometry:
 
 
 @dataclass(frozen=True)
+class AnyresGrid:
+    """How LLaVA-NeXT lays out the tile features of one image (HF's `pack_image_features`).
+
+    The best canvas for the image (`select_best_resolution` over the grid pinpoints) is cut into
+    ``tiles = (rows, cols)`` tiles of ``patches_per_tile`` x ``patches_per_tile`` patches. Their
+    features, side by side, form the canvas grid of ``rows * patches_per_tile`` by
+    ``cols * patches_per_tile`` patches, of which unpadding keeps `kept_rows` x `kept_cols`: the
+    rows (or columns) that show the centred image, computed in patch units with HF's
+    `unpad_image` arithmetic. The model reads the kept grid row by row, each row followed by one
+    newline token. The model (`HookedLlavaNext`) and the inputs (`AnyresGeometry`) both use this
+    class, so they cannot disagree.
+
+    Example:
+        >>> grid = AnyresGrid.for_image((480, 640), [[336, 672], [672, 336], [672, 672]], 336, 14)
+        >>> grid.tiles, grid.kept_rows, grid.kept_cols
+        ((2, 2), range(6, 42), range(0, 48))
+        >>> grid.unpadded_size, grid.n_tokens
+        ((36, 48), 1764)
+    """
+
+    tiles: tuple[int, int]
+    patches_per_tile: int
+    kept_rows: range
+    kept_cols: range
+
+    @classmethod
+    def for_image(
+        cls,
+        image_size: tuple[int, int],
+        grid_pinpoints: Sequence[Sequence[int]],
+        tile_size: int,
+        patch_size: int,
+    ) -> AnyresGrid:
+        """The grid for an image of ``(height, width)`` `image_size`.
+
+        Args:
+            image_size: the original image's (height, width).
+            grid_pinpoints: candidate canvas sizes ``[height, width]``, multiples of `tile_size`.
+            tile_size: side of a tile in pixels (the vision tower's input size).
+            patch_size: side of a vision patch in pixels.
+        """
+        height, width = (int(side) for side in image_size)
+        best_height, best_width = select_best_resolution((height, width), list(grid_pinpoints))
+        tiles = (best_height // tile_size, best_width // tile_size)
+        per_tile = tile_size // patch_size
+        rows, cols = tiles[0] * per_tile, tiles[1] * per_tile
+        kept_rows, kept_cols = range(rows), range(cols)
+        # HF's unpad_image, in patch units and with its float arithmetic (round to 7 digits).
+        if width / height > cols / rows:
+            padding = (rows - int(round(height * (cols / width), 7))) // 2
+            kept_rows = range(padding, rows - padding)
+        else:
+            padding = (cols - int(round(width * (rows / height), 7))) // 2
+            kept_cols = range(padding, cols - padding)
+        return cls(tiles, per_tile, kept_rows, kept_cols)
+
+    @property
+    def n_tiles(self) -> int:
+        return self.tiles[0] * self.tiles[1]
+
+    @property
+    def unpadded_size(self) -> tuple[int, int]:
+        """Rows and columns of the unpadded grid."""
+        return len(self.kept_rows), len(self.kept_cols)
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens of the tile part: every kept patch plus one newline per kept row."""
+        rows, cols = self.unpadded_size
+        return rows * (cols + 1)
+
+    def tile_of(self, row: Int[Tensor, "n"], col: Int[Tensor, "n"]) -> Int[Tensor, "n"]:
+        """The tile (1, 2, ... row-major) holding unpadded-grid patch (`row`, `col`)."""
+        tile_row = (row + self.kept_rows.start) // self.patches_per_tile
+        tile_col = (col + self.kept_cols.start) // self.patches_per_tile
+        return 1 + tile_row * self.tiles[1] + tile_col
+
+
+@dataclass(frozen=True)
+class AnyresGeometry:
+    """Where the pixels of one image end up in LLaVA-NeXT's base crop and tiles.
+
+    The LLaVA-NeXT image processor makes two views of the image: the base crop, the whole image
+    resized (squashed, aspect ratio not kept) to the vision input size; and the canvas, the image
+    resized to fit the best resolution keeping its aspect ratio (HF's `get_patch_output_size`),
+    centred on a black canvas of that size, cut into tiles. The model then drops the canvas rows
+    or columns that unpadding removes (`AnyresGrid`).
+
+    Attributes:
+        base: geometry of the base crop.
+        canvas: geometry of the canvas: `processed_size` is the canvas, `crop_offset` is minus
+            the image's offset in it, the patch grid is the canvas grid of all tiles.
+        grid: tiles and unpadding.
+
+    Example:
+        >>> geometry = AnyresGeometry.from_image_processor(processor.image_processor, (40, 90), 7)
+        >>> geometry.grid.tiles, geometry.canvas.resized_size
+        ((1, 3), (28, 63))
+    """
+
+    base: ImageGeometry
+    canvas: ImageGeometry
+    grid: AnyresGrid
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        return self.base.original_size
+
+    @property
+    def processed_size(self) -> tuple[int, int]:
+        """Size of each crop the vision tower sees (the base crop and every tile)."""
+        return self.base.processed_size
+
+    @classmethod
+    def from_image_processor(
+        cls, image_processor: Any, original_size: tuple[int, int], patch_size: int
+    ) -> AnyresGeometry:
+        """The geometry that a llava-hf LLaVA-NeXT image processor applies.
+
+        Supports the llava-v1.6 settings: the crop size (``size`` as ``shortest_edge`` or a
+        square ``height``/``width``, and ``crop_size`` if centre cropping) is one square side,
+        so the per-crop resize and crop change nothing.
+
+        Raises:
+            ValueError: settings this geometry does not model.
+        """
+        side = _size_field(image_processor.size, "shortest_edge")
+        height, width = (_size_field(image_processor.size, key) for key in ("height", "width"))
+        if not side and height == width:
+            side = height
+        crop = (
+            image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else None
+        )
+        crop_sides = {_size_field(crop, "height"), _size_field(crop, "width")} if crop else {side}
+        if not side or crop_sides != {side}:
+            raise ValueError(
+                f"LLaVA-NeXT image processor with size={image_processor.size} and "
+                f"crop_size={crop}: only one square crop side (size == crop_size, as in "
+                "llava-v1.6) is modelled"
+            )
+        grid = AnyresGrid.for_image(
+            original_size, image_processor.image_grid_pinpoints, side, patch_size
+        )
+        canvas_size = (grid.tiles[0] * side, grid.tiles[1] * side)
+        resized = _fit_keeping_aspect_ratio(original_size, canvas_size)
+        paste = ((canvas_size[0] - resized[0]) // 2, (canvas_size[1] - resized[1]) // 2)
+        original_size = tuple(original_size)
+        return cls(
+            base=ImageGeometry(
+                original_size=original_size,
+                pad_offset=(0, 0),
+                padded_size=original_size,
+                resized_size=(side, side),
+                crop_offset=(0, 0),
+                processed_size=(side, side),
+                patch_size=patch_size,
+            ),
+            canvas=ImageGeometry(
+                original_size=original_size,
+                pad_offset=(0, 0),
+                padded_size=original_size,
+                resized_size=resized,
+                crop_offset=(-paste[0], -paste[1]),
+                processed_size=canvas_size,
+                patch_size=patch_size,
+            ),
+            grid=grid,
+        )
+
+    def n_image_tokens(self, has_cls: bool) -> int:
+        """Base patches + kept tile patches + one newline per kept row."""
+        if has_cls:
+            raise ValueError(
+                "vision_feature_select_strategy='full' (CLS tokens kept) is not supported for "
+                "LLaVA-NeXT images: HF's LlavaNext cannot pack tiles with a CLS token either; "
+                "use 'default'"
+            )
+        rows, cols = self.base.grid_size
+        return rows * cols + self.grid.n_tokens
+
+    def token_layout(
+        self, *, item: int, image: int, positions: Int[Tensor, "n_image_tokens"], has_cls: bool
+    ) -> ImageTokenLayout:
+        """The layout of this image's tokens at `positions` of batch item `item`."""
+        self.n_image_tokens(has_cls)  # raises for CLS tokens
+        return ImageTokenLayout.for_anyres_image(
+            item=item,
+            image=image,
+            positions=positions,
+            base_grid_size=self.base.grid_size,
+            grid=self.grid,
+        )
+
+    def patch_ranges_per_grid(self, box: Box) -> dict[str, tuple[range, range]]:
+        """Patch ranges that `box` hits: ``"base"`` in the base grid, ``"tiles"`` in the
+        unpadded grid (empty where the box only reaches canvas rows or columns that unpadding
+        removed). Pixel rule as in `ImageGeometry.patch_ranges`."""
+        rows, cols = self.canvas.patch_ranges(box)
+        kept_rows = _shifted_intersection(rows, self.grid.kept_rows)
+        kept_cols = _shifted_intersection(cols, self.grid.kept_cols)
+        if not kept_rows or not kept_cols:
+            kept_rows = kept_cols = range(0)
+        return {"base": self.base.patch_ranges(box), "tiles": (kept_rows, kept_cols)}
+
+
+def processor_geometry(
+    image_processor: Any, original_size: tuple[int, int], patch_size: int
+) -> ImageGeometry | AnyresGeometry:
+    """The geometry of `image_processor`: `AnyresGeometry` if it tiles (``image_grid_pinpoints``,
+    LLaVA-NeXT), else `ImageGeometry`."""
+    if getattr(image_processor, "image_grid_pinpoints", None):
+        return AnyresGeometry.from_image_processor(image_processor, original_size, patch_size)
+    return ImageGeometry.from_image_processor(image_processor, original_size, patch_size)
+
+
+def _fit_keeping_aspect_ratio(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """The size that `size` (height, width) is resized to inside `target`, aspect ratio kept
+    (HF's `get_patch_output_size`: the tighter side fills the target, the other rounds up)."""
+    (height, width), (target_height, target_width) = size, target
+    scale_width, scale_height = target_width / width, target_height / height
+    if scale_width < scale_height:
+        return min(math.ceil(height * scale_width), target_height), target_width
+    return target_height, min(math.ceil(width * scale_height), target_width)
+
+
+def _shifted_intersection(hit: range, kept: range) -> range:
+    """`hit` ∩ `kept`, renumbered so that `kept.start` becomes 0."""
+    start, stop = max(hit.start, kept.start), min(hit.stop, kept.stop)
+    return range(start - kept.start, stop - kept.start) if start < stop else range(0)
+
+
+@dataclass(frozen=True)
 class MultimodalInput:
     """A batch of prompts (with or without an image each), ready for any model call.
 
@@ -303,7 +631,8 @@ class MultimodalInput:
         image_token_id: id of the image placeholder token.
         segments: per item, segment name -> sorted positions (see `positions`).
         layout: the image-token layout of the whole batch.
-        image_geometry: per image, how the processor maps its pixels (see `patches_in_box`).
+        image_geometry: per image, how the processor maps its pixels (see `patches_in_box`):
+            `AnyresGeometry` for LLaVA-NeXT, else `ImageGeometry`.
         image_items: per image, the batch item that holds it.
         token_spans: per item, ``[pos, 2]`` character span (start, end) of each token in
             `prompts[item]` (image tokens: their placeholder's span; specials, padding: (0, 0)).
@@ -325,7 +654,7 @@ class MultimodalInput:
     image_token_id: int
     segments: list[dict[str, Int[Tensor, "n_positions"]]]
     layout: ImageTokenLayout
-    image_geometry: list[ImageGeometry]
+    image_geometry: list[ImageGeometry | AnyresGeometry]
     image_items: list[int]
     token_spans: list[Int[Tensor, "pos 2"]]
     template: str
@@ -392,10 +721,14 @@ class MultimodalInput:
 
         Returns:
             sorted 1-D LongTensor of positions in ``input_ids[inp.image_items[image]]``; the CLS
-            token is never included; empty if the box lies entirely in a cropped-away margin.
+            token and LLaVA-NeXT's newline tokens are never included; empty if the box lies
+            entirely in a cropped-away margin.
 
         The mapping follows the processor (pad to square, resize, centre crop); a patch counts if
-        any pixel of the box lands in it (precise rule: `ImageGeometry.patch_ranges`).
+        any pixel of the box lands in it (precise rule: `ImageGeometry.patch_ranges`). For
+        LLaVA-NeXT both views count: the base-grid patches the box lands in (whole image squashed
+        to one crop) and the tile patches it lands in (image fitted into the tile canvas), minus
+        tile rows or columns that unpadding removed.
 
         Raises:
             ValueError: unknown image, or an empty box / a box not inside the image.
@@ -408,18 +741,18 @@ class MultimodalInput:
             raise ValueError(
                 f"image {image} does not exist; this input has {self.n_images} image(s)"
             )
-        rows, cols = self.image_geometry[image].patch_ranges(box)
         layout = self.layout
-        hit = (
-            (layout.image == image)
-            & (layout.tile == 0)
-            & (layout.kind == PATCH)
-            & (layout.row >= rows.start)
-            & (layout.row < rows.stop)
-            & (layout.col >= cols.start)
-            & (layout.col < cols.stop)
-        )
-        return layout.position[hit]
+        in_grid = {"base": layout.tile == 0, "tiles": layout.tile >= 1}
+        in_box = torch.zeros_like(layout.kind, dtype=torch.bool)
+        for grid, (rows, cols) in self.image_geometry[image].patch_ranges_per_grid(box).items():
+            in_box |= (
+                in_grid[grid]
+                & (layout.row >= rows.start)
+                & (layout.row < rows.stop)
+                & (layout.col >= cols.start)
+                & (layout.col < cols.stop)
+            )
+        return layout.position[in_box & (layout.image == image) & (layout.kind == PATCH)]
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> MultimodalInput:
         """A copy with its tensors on `device` (and `pixel_values` cast to `dtype` if given)."""
@@ -539,13 +872,10 @@ class MultimodalInput:
         input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
         pixel_values = encoded.get("pixel_values")
 
-        token_spans = _token_spans(
-            processor.tokenizer, rendered, input_ids, attention_mask, image_token_id
-        )
         image_items = [item for item, image in enumerate(image_list) if image is not None]
         original_sizes = [_image_size(image) for image in given_images]
         geometry = [
-            ImageGeometry.from_image_processor(processor.image_processor, size, patch_size)
+            processor_geometry(processor.image_processor, size, patch_size)
             for size in original_sizes
         ]
         for image_index, image_geometry in enumerate(geometry):
@@ -555,14 +885,35 @@ class MultimodalInput:
                     f"pixels but its settings predict {image_geometry.processed_size}"
                 )
 
+        has_cls = strategy == "full"
+        is_image = (input_ids == image_token_id) & attention_mask.bool()
+        item_images = [
+            [index for index, owner in enumerate(image_items) if owner == item]
+            for item in range(len(rendered))
+        ]
+        image_token_counts = [
+            [geometry[index].n_image_tokens(has_cls) for index in indices]
+            for indices in item_images
+        ]
+        for item, counts in enumerate(image_token_counts):
+            if int(is_image[item].sum()) != sum(counts):
+                raise ValueError(
+                    f"batch item {item} has {int(is_image[item].sum())} image tokens, but its "
+                    f"{len(counts)} image(s) need {sum(counts)} with vision_feature_select_strategy="
+                    f"{strategy!r}; check patch_size, the strategy and the processor's "
+                    "num_additional_image_tokens against the model config"
+                )
+        token_spans = _token_spans(
+            processor.tokenizer, rendered, input_ids, attention_mask, image_token_counts
+        )
+
         segments, layouts = [], []
         for item, prompt in enumerate(rendered):
-            is_image = (input_ids[item] == image_token_id) & attention_mask[item].bool()
-            item_images = [index for index, owner in enumerate(image_items) if owner == item]
-            layouts += _item_layouts(
-                item, item_images, is_image.nonzero().flatten(), geometry, strategy
+            image_positions = is_image[item].nonzero().flatten()
+            layouts += _item_layouts(item, item_images[item], image_positions, geometry, has_cls)
+            segments.append(
+                _segments(prompt, attention_mask[item], is_image[item], token_spans[item])
             )
-            segments.append(_segments(prompt, attention_mask[item], is_image, token_spans[item]))
 
         image_sizes = torch.tensor(original_sizes, dtype=torch.long) if original_sizes else None
         image_sizes_for_model = "image_sizes" in encoded  # LLaVA-NeXT's processor returns them
@@ -609,23 +960,22 @@ def _token_spans(
     rendered: list[RenderedPrompt],
     input_ids: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"],
-    image_token_id: int,
+    image_token_counts: list[list[int]],
 ) -> list[Int[Tensor, "pos 2"]]:
     """Character span of every token in its rendered prompt, from the fast tokenizer's offsets.
 
-    The processor expanded each placeholder into one image token per image feature; the same
-    expanded text is tokenized again with offsets (and must give the same ids), then offsets are
-    mapped back to the rendered prompt: an image token gets its placeholder's span.
+    The processor expanded each placeholder into one image token per image feature
+    (`image_token_counts[item]`, one count per placeholder: LLaVA-NeXT's differ by image size);
+    the same expanded text is tokenized again with offsets (and must give the same ids), then
+    offsets are mapped back to the rendered prompt: an image token gets its placeholder's span.
     """
     expanded_texts, placeholder_blocks = [], []
-    for item, prompt in enumerate(rendered):
-        n_image_tokens = int((input_ids[item] == image_token_id).sum())
-        per_image = n_image_tokens // max(len(prompt.image_spans), 1)
+    for prompt, counts in zip(rendered, image_token_counts, strict=True):
         text, blocks, cursor = "", [], 0
-        for start, end in prompt.image_spans:
+        for (start, end), n_image_tokens in zip(prompt.image_spans, counts, strict=True):
             text += prompt.text[cursor:start]
             expanded_start = len(text)
-            text += prompt.text[start:end] * per_image
+            text += prompt.text[start:end] * n_image_tokens
             blocks.append((expanded_start, len(text), start, end))
             cursor = end
         expanded_texts.append(text + prompt.text[cursor:])
@@ -696,30 +1046,17 @@ def _item_layouts(
     item: int,
     item_images: list[int],
     image_positions: Int[Tensor, "n_image_tokens"],
-    geometry: list[ImageGeometry],
-    strategy: str,
+    geometry: list[ImageGeometry | AnyresGeometry],
+    has_cls: bool,
 ) -> list[ImageTokenLayout]:
     """Layouts of the images of one batch item, whose tokens follow each other in order."""
-    has_cls = strategy == "full"
-    expected = sum(
-        geometry[index].grid_size[0] * geometry[index].grid_size[1] + has_cls
-        for index in item_images
-    )
-    if len(image_positions) != expected:
-        raise ValueError(
-            f"batch item {item} has {len(image_positions)} image tokens, but its "
-            f"{len(item_images)} image(s) need {expected} with vision_feature_select_strategy="
-            f"{strategy!r}; check patch_size, the strategy and the processor's "
-            "num_additional_image_tokens against the model config"
-        )
     layouts, cursor = [], 0
     for index in item_images:
-        grid_size = geometry[index].grid_size
-        n_tokens = grid_size[0] * grid_size[1] + has_cls
+        n_tokens = geometry[index].n_image_tokens(has_cls)
         positions = image_positions[cursor : cursor + n_tokens]
         layouts.append(
-            ImageTokenLayout.for_image(
-                item=item, image=index, positions=positions, grid_size=grid_size, has_cls=has_cls
+            geometry[index].token_layout(
+                item=item, image=index, positions=positions, has_cls=has_cls
             )
         )
         cursor += n_tokens

@@ -129,8 +129,14 @@ def model_class_for(model_type: str) -> type:
     """The mmlens class for a HF `config.model_type`."""
     from mmlens.hooked_transformer import HookedTransformer
     from mmlens.models.llava import HookedLlava
+    from mmlens.models.llava_next import HookedLlavaNext
 
-    classes = {"llava": HookedLlava, "llama": HookedTransformer, "mistral": HookedTransformer}
+    classes = {
+        "llava": HookedLlava,
+        "llava_next": HookedLlavaNext,
+        "llama": HookedTransformer,
+        "mistral": HookedTransformer,
+    }
     if model_type not in classes:
         raise NotImplementedError(
             f"model_type {model_type!r} is not supported yet; supported: {sorted(classes)}"

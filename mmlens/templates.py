@@ -2,15 +2,32 @@
 
 A template is data (`ConversationTemplate`); `render` turns a question into a `RenderedPrompt`
 that remembers the character spans `mmlens.inputs` needs to find the segments (system text, image
-placeholder, question). Registered templates:
+placeholder, question). The tokenizer adds the BOS token itself, so no template writes it. Without
+an image the image slot (``<image>\\n``) is left out. In every template `last` is the last prompt
+token, where the first answer token is predicted; the prompt ends where the model's answer
+begins, so that prediction is the answer's first word (after `answer_prefix`), never a newline or
+a header. Registered templates:
 
-- ``"llava_v1"`` (default): LLaVA-1.5 / Vicuna v1,
-  ``"{system} USER: <image>\\n{question} ASSISTANT:"`` with the LLaVA-1.5 system prompt. Without
-  an image the ``<image>\\n`` part is left out. `last` is the ':' of "ASSISTANT:", the last prompt
-  token, where the first answer token is predicted.
+- ``"llava_v1"`` (LLaVA-1.5, llava-v1.6-vicuna): ``"{system} USER: <image>\\n{question}
+  ASSISTANT:"`` with the LLaVA-1.5 system prompt. `last` is the ':' of "ASSISTANT:"; answers
+  follow after a space.
+- ``"mistral_instruct"`` (llava-v1.6-mistral): ``"[INST] <image>\\n{question} [/INST]"``, no
+  system prompt (a given one goes into the first [INST] as ``<<SYS>>\\n...\\n<</SYS>>\\n\\n``,
+  as LLaVA's Llama-2-style conversations do). `last` is the last token of "[/INST]" (plain text in
+  llava-v1.6-mistral's tokenizer, not a special token); answers follow after a space.
+- ``"llama3"`` (llama3-llava-next-8b): ``"<|start_header_id|>user<|end_header_id|>\\n\\n<image>\\n
+  {question}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n"``, llava-hf's chat
+  template with the generation prompt; no system turn unless one is given. `last` is the "\\n\\n"
+  token that ends the assistant header (part of the generation prompt), so the first prediction
+  is the answer word itself, not the header's newline.
+- ``"chatml"`` (llava-v1.6-34b): ``"<|im_start|>system\\nAnswer the questions.<|im_end|>
+  <|im_start|>user\\n<image>\\n{question}<|im_end|><|im_start|>assistant\\n"``. `last` is the
+  "\\n" after "assistant" (or the last token of "assistant\\n" if the tokenizer merges them).
 - ``"plain"``: the prompt is used verbatim; the caller writes the full text, ``<image>``
   placeholders included. The question is the text after the last placeholder (the whole text
   without one), surrounding whitespace excluded. `last` is the last token of the text.
+
+`default_template` picks the template of a LLaVA-NeXT checkpoint from its tokenizer and decoder.
 
 Example:
     >>> rendered = render("llava_v1", "What colour is the door?", n_images=1)
@@ -24,12 +41,16 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from typing import Any
 
 LLAVA_V1_SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 """The system prompt of LLaVA-1.5 (and Vicuna v1), the papers' default."""
+
+LLAVA_NEXT_34B_SYSTEM_PROMPT = "Answer the questions."
+"""The system prompt of llava-v1.6-34b's ChatML conversations."""
 
 IMAGE_PLACEHOLDER = "<image>"
 """The image placeholder of llava-hf processors (a processor may name another one)."""
@@ -47,6 +68,11 @@ class ConversationTemplate:
         image_slot: what ``{image}`` becomes for a prompt with an image; ``{token}`` is the
             processor's image placeholder. ``{image}`` becomes "" for a text-only prompt.
         last_token: what the `last` position is, in words (documentation for users).
+        system_slot: what ``{system}`` becomes for a non-empty system text ``{text}`` (e.g. a
+            system turn with its header); "" for an empty one.
+        answer_prefix: what comes between the prompt and the answer's first word in the
+            model's training format (" " after "ASSISTANT:", nothing after Llama-3's header);
+            text to put before an answer that is teacher-forced after the prompt.
         verbatim: the question is the whole prompt, placeholders included (``"plain"``).
     """
 
@@ -55,6 +81,8 @@ class ConversationTemplate:
     default_system: str
     image_slot: str
     last_token: str
+    system_slot: str = "{text}"
+    answer_prefix: str = ""
     verbatim: bool = False
 
 
@@ -108,6 +136,45 @@ register_template(
         default_system=LLAVA_V1_SYSTEM_PROMPT,
         image_slot="{token}\n",
         last_token="the ':' of 'ASSISTANT:' (the last prompt token)",
+        answer_prefix=" ",
+    )
+)
+register_template(
+    ConversationTemplate(
+        name="mistral_instruct",
+        pattern="[INST] {system}{image}{question} [/INST]",
+        default_system="",
+        image_slot="{token}\n",
+        last_token="the last token of '[/INST]' (the last prompt token)",
+        system_slot="<<SYS>>\n{text}\n<</SYS>>\n\n",
+        answer_prefix=" ",
+    )
+)
+register_template(
+    ConversationTemplate(
+        name="llama3",
+        pattern=(
+            "{system}<|start_header_id|>user<|end_header_id|>\n\n{image}{question}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        ),
+        default_system="",
+        image_slot="{token}\n",
+        last_token=(
+            "the '\\n\\n' token that ends the generation prompt "
+            "'<|start_header_id|>assistant<|end_header_id|>\\n\\n' (the last prompt token); "
+            "the first predicted token is the answer's first word"
+        ),
+        system_slot="<|start_header_id|>system<|end_header_id|>\n\n{text}<|eot_id|>",
+    )
+)
+register_template(
+    ConversationTemplate(
+        name="chatml",
+        pattern="{system}<|im_start|>user\n{image}{question}<|im_end|><|im_start|>assistant\n",
+        default_system=LLAVA_NEXT_34B_SYSTEM_PROMPT,
+        image_slot="{token}\n",
+        last_token="the '\\n' ending '<|im_start|>assistant\\n' (the last prompt token)",
+        system_slot="<|im_start|>system\n{text}<|im_end|>",
     )
 )
 register_template(
@@ -161,8 +228,9 @@ def render(
             f"template {template.name!r} has one image slot but {n_images} images were given for "
             f"the prompt {question!r}; use template='plain' with one {image_token!r} per image"
         )
+    system_text = template.default_system if system is None else system
     values = {
-        "system": template.default_system if system is None else system,
+        "system": template.system_slot.format(text=system_text) if system_text else "",
         "image": template.image_slot.format(token=image_token) if n_images else "",
         "question": question,
     }
@@ -216,3 +284,25 @@ def _render_verbatim(
     question_end = question_start + len(question.strip())
     user_start = image_spans[0][0] if image_spans else question_start
     return RenderedPrompt(text, (question_start, question_end), user_start, tuple(image_spans))
+
+
+def default_template(tokenizer: Any, decoder_model_type: str) -> str:
+    """The template of a LLaVA-NeXT checkpoint, from its tokenizer and decoder type.
+
+    ``"llama3"`` if the tokenizer has Llama-3's ``<|start_header_id|>``, ``"chatml"`` if it has
+    ``<|im_start|>`` (llava-v1.6-34b), ``"mistral_instruct"`` for a Mistral decoder, else
+    ``"llava_v1"`` (llava-v1.6-vicuna). (LLaVA-1.5 checkpoints, bakLlava's Mistral included, all
+    use ``"llava_v1"``.)
+
+    Example:
+        >>> default_template(make_tokenizer("llama3"), "llama")
+        'llama3'
+    """
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+    if "<|start_header_id|>" in vocab:
+        return "llama3"
+    if "<|im_start|>" in vocab:
+        return "chatml"
+    if decoder_model_type == "mistral":
+        return "mistral_instruct"
+    return "llava_v1"

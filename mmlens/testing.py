@@ -1,15 +1,18 @@
 """Tiny random llava-hf checkpoints, built locally and offline (for tests, benchmarks, the demo).
 
-`build_tiny_llava(folder)` writes a folder that `transformers` loads like a real llava-hf
-checkpoint: ``LlavaForConditionalGeneration.from_pretrained(folder)`` and
-``AutoProcessor.from_pretrained(folder)``. The tokenizer is a real (small) Llama-style BPE
-tokenizer trained in-process on a built-in corpus, so segment detection and offsets are exercised
-as with a real checkpoint; the weights are random but far from uniform so parity tests have teeth.
+`build_tiny_llava(folder)` (LLaVA-1.5) and `build_tiny_llava_next(folder, family=...)` (LLaVA-NeXT)
+write folders that `transformers` loads like real llava-hf checkpoints:
+``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration.from_pretrained(folder)``
+and ``AutoProcessor.from_pretrained(folder)``. The tokenizers are real (small) BPE tokenizers of
+each checkpoint family, trained in-process on a built-in corpus (`make_tokenizer`), so segment
+detection and offsets are exercised as with a real checkpoint; the weights are random but far
+from uniform so parity tests have teeth.
 
 Example:
-    >>> from mmlens.testing import build_tiny_llava
+    >>> from mmlens.testing import build_tiny_llava, build_tiny_llava_next
     >>> folder = build_tiny_llava(tmp_path / "tiny-llava")  # doctest: +SKIP
-    >>> model = mmlens.from_pretrained(folder)  # doctest: +SKIP
+    >>> next_folder = build_tiny_llava_next(tmp_path / "tiny-next", family="llama3")  # doctest: +SKIP
+    >>> model = mmlens.from_pretrained(next_folder)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -17,18 +20,33 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaImageProcessorPil,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
     LlavaProcessor,
+    MistralConfig,
     PreTrainedTokenizerFast,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
@@ -68,17 +86,48 @@ _SCENES = ["kitchen", "street", "park", "beach", "garden", "office", "bedroom", 
 _NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
 
-def tokenizer_corpus() -> list[str]:
-    """The built-in training corpus of `make_tokenizer`: ~700 lines about images.
+FAMILIES = ("vicuna", "mistral", "llama3")
+"""Checkpoint families `make_tokenizer` and `build_tiny_llava_next` know: Vicuna / Llama-2
+(SentencePiece-style BPE, Llama decoder), Mistral (SentencePiece-style BPE, Mistral decoder) and
+Llama-3 (byte-level BPE with header tokens, Llama decoder with grouped-query attention)."""
+
+_FAMILY_CONVERSATIONS = {
+    "vicuna": None,  # the common corpus already holds LLaVA-1.5 / Vicuna conversations
+    "mistral": "[INST] {question} [/INST] {answer}",
+    "llama3": "user\n\n{question}\nassistant\n\n{answer}",
+}
+
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+"""Llama-3's pre-tokenizer regex (tiktoken's cl100k pattern with digits in groups of three)."""
+
+LLAMA3_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+)
+
+
+def tokenizer_corpus(family: str = "vicuna") -> list[str]:
+    """The built-in training corpus of `make_tokenizer`: ~700 lines about images (~850 for
+    Mistral and Llama-3).
 
     Questions and answers about colours, shapes, objects, counts and positions, LLaVA-1.5
-    conversations (system prompt, "USER:", "ASSISTANT:"), generated with a fixed seed. It holds
-    no newline, so "\\n" is encoded with the byte-fallback token ``<0x0A>`` as in Llama's vocabulary.
+    conversations (system prompt, "USER:", "ASSISTANT:"), generated with a fixed seed; Mistral and
+    Llama-3 add 150 conversations in their own format (``[INST] ... [/INST]``; ``user\\n\\n``
+    ... ``assistant\\n\\n``, without the special tokens, which are never learned). The Vicuna
+    and Mistral corpora hold no newline, so "\\n" is encoded with the byte-fallback token
+    ``<0x0A>`` as in Llama-2's and Mistral's vocabularies; Llama-3's learns "\\n\\n" as a token.
 
     Example:
         >>> tokenizer_corpus()[0]
         'A chat between a curious human and an artificial intelligence assistant. ...'
     """
+    _check_family(family)
     rng = random.Random(0)
     question_forms = [
         "What colour is the {obj}?",
@@ -140,17 +189,35 @@ def tokenizer_corpus() -> list[str]:
     lines += [f"{word} {word}s" for word in _OBJECTS + _SHAPES + _SCENES]
     lines += [" ".join(words) for words in (_COLOURS, _NUMBERS, _ADJECTIVES, _VERBS)]
     lines.append("USER: ASSISTANT: image picture photo")
+    conversation = _FAMILY_CONVERSATIONS[family]
+    if conversation is not None:
+        lines += [
+            conversation.format(
+                question=fill(rng.choice(question_forms)), answer=fill(rng.choice(answer_forms))
+            )
+            for _ in range(150)
+        ]
     return lines
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A small Llama/SentencePiece-style fast tokenizer, trained in-process (deterministic).
+def make_tokenizer(family: str = "vicuna") -> PreTrainedTokenizerFast:
+    """A small fast tokenizer of a checkpoint family, trained in-process (deterministic).
 
-    BPE with byte fallback (``<0x00>`` ... ``<0xFF>``), a Metaspace("▁") pre-tokenizer and decoder,
-    ``<s>`` prepended by the post-processor, left padding, and llava-hf's extra tokens appended
-    after the vocabulary: ``<image>`` (the image placeholder, registered as ``image_token``) and
-    ``<pad>``. Ids 0, 1, 2 are ``<unk>``, ``<s>``, ``</s>`` as in Llama. Training on
-    `tokenizer_corpus` gives the same vocabulary on every call and in every process.
+    - ``"vicuna"`` (Llama-2 / Vicuna) and ``"mistral"``: SentencePiece-style BPE with byte
+      fallback (``<0x00>`` ... ``<0xFF>``), a Metaspace("▁") pre-tokenizer and decoder, ``<s>``
+      prepended by the post-processor. Ids 0, 1, 2 are ``<unk>``, ``<s>``, ``</s>`` as in Llama.
+      Mistral's corpus adds ``[INST] ... [/INST]`` conversations; as in
+      llava-v1.6-mistral-7b-hf's tokenizer, ``[INST]`` and ``[/INST]`` are plain text, not
+      special tokens.
+    - ``"llama3"``: byte-level BPE (GPT-2 byte alphabet, Llama-3's split regex), the learned
+      vocabulary first, then Llama-3's special tokens ``<|begin_of_text|>``, ``<|end_of_text|>``,
+      ``<|start_header_id|>``, ``<|end_header_id|>``, ``<|eot_id|>`` (the EOS token);
+      ``<|begin_of_text|>`` is prepended by the post-processor, offsets keep the leading space
+      of a word ("Ġdoor" covers " door").
+
+    All families: left padding, and llava-hf's extra tokens appended after the vocabulary:
+    ``<image>`` (the image placeholder, registered as ``image_token``) and ``<pad>``. Training on
+    `tokenizer_corpus(family)` gives the same vocabulary on every call and in every process.
 
     Returns:
         a `PreTrainedTokenizerFast` of ~1200 tokens; it round-trips through `save_pretrained`
@@ -162,7 +229,22 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
         True
         >>> tokenizer.image_token, tokenizer.padding_side
         ('<image>', 'left')
+        >>> make_tokenizer("llama3").convert_ids_to_tokens(make_tokenizer("llama3")("Hi").input_ids)
+        ['<|begin_of_text|>', 'Hi']
     """
+    _check_family(family)
+    if family == "llama3":
+        return _byte_level_tokenizer(tokenizer_corpus(family))
+    return _sentencepiece_style_tokenizer(tokenizer_corpus(family))
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown checkpoint family {family!r}; known: {', '.join(FAMILIES)}")
+
+
+def _sentencepiece_style_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
+    """Llama-2-style BPE with byte fallback (see `make_tokenizer`)."""
     metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     specials = ["<unk>", "<s>", "</s>"]
     trained = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -170,7 +252,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(
         vocab_size=BPE_VOCAB_SIZE, special_tokens=specials, show_progress=False
     )
-    trained.train_from_iterator(tokenizer_corpus(), trainer)
+    trained.train_from_iterator(corpus, trainer)
     trained_model = json.loads(trained.to_str())["model"]
 
     # Llama's layout: specials, the 256 byte tokens, then the learned pieces in training order.
@@ -199,16 +281,69 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     backend.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
     )
+    return _fast_tokenizer(backend, bos="<s>", eos="</s>", unk="<unk>")
+
+
+def _byte_level_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
+    """Llama-3-style byte-level BPE (see `make_tokenizer`)."""
+    pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer)
+    backend.decoder = decoders.ByteLevel()
+    special_tokens = [*LLAMA3_SPECIAL_TOKENS, IMAGE_PLACEHOLDER, "<pad>"]
+    backend.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in special_tokens]
+    )
+    bos = LLAMA3_SPECIAL_TOKENS[0]
+    backend.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{bos} $A",
+                pair=f"{bos} $A {bos} $B",
+                special_tokens=[(bos, backend.token_to_id(bos))],
+            ),
+        ]
+    )
+    return _fast_tokenizer(backend, bos=bos, eos="<|eot_id|>", unk=None)
+
+
+def _fast_tokenizer(
+    backend: Tokenizer, *, bos: str, eos: str, unk: str | None
+) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=unk,
         pad_token="<pad>",
         padding_side="left",
         extra_special_tokens={"image_token": IMAGE_PLACEHOLDER},
         model_max_length=4096,
     )
+
+
+_CLIP_PIXELS = dict(
+    resample=PILImageResampling.BICUBIC,
+    do_rescale=True,
+    rescale_factor=1 / 255,
+    do_normalize=True,
+    image_mean=OPENAI_CLIP_MEAN,
+    image_std=OPENAI_CLIP_STD,
+    do_convert_rgb=True,
+)
+"""Resampling, rescaling and normalisation shared by llava-1.5's and llava-NeXT's processors."""
 
 
 def make_image_processor(
@@ -230,16 +365,53 @@ def make_image_processor(
         do_pad=pad_to_square,
         do_resize=True,
         size={"shortest_edge": image_size},
-        resample=PILImageResampling.BICUBIC,
         do_center_crop=True,
         crop_size={"height": image_size, "width": image_size},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-        do_convert_rgb=True,
+        **_CLIP_PIXELS,
     )
+
+
+def make_anyres_image_processor(
+    image_size: int = 28, grid_pinpoints: list[list[int]] | None = None
+) -> LlavaNextImageProcessorPil:
+    """A llava-NeXT ("anyres") image processor (PIL backend) with llava-v1.6's settings.
+
+    Per image: the base crop is the whole image resized (squashed) to `image_size` x
+    `image_size`; the tiles come from the image resized to fit the best of `grid_pinpoints`
+    (``[height, width]`` each, multiples of `image_size`) keeping its aspect ratio, centred on a
+    black canvas of that size, cut into `image_size` x `image_size` tiles in row-major order.
+    Bicubic resampling, rescaling to [0, 1] and CLIP normalisation as in llava-1.5. Images with
+    fewer tiles are padded with all-zero crops to the batch's largest count.
+
+    Args:
+        image_size: the vision tower's input side (336 for llava-v1.6).
+        grid_pinpoints: candidate canvas sizes; default `TINY_GRID_PINPOINTS` (llava-v1.6's
+            ``[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]`` at 28 px a tile).
+
+    Example:
+        >>> processor = make_anyres_image_processor(28)
+        >>> processor(PIL.Image.new("RGB", (90, 40)), return_tensors="pt")["pixel_values"].shape
+        torch.Size([1, 3, 3, 28, 28])
+    """
+    return LlavaNextImageProcessorPil(
+        do_pad=True,
+        do_resize=True,
+        size={"shortest_edge": image_size},
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=grid_pinpoints or _scaled_pinpoints(image_size),
+        **_CLIP_PIXELS,
+    )
+
+
+def _scaled_pinpoints(image_size: int) -> list[list[int]]:
+    """llava-v1.6's grid pinpoints for tiles of `image_size` pixels."""
+    return [[image_size * rows, image_size * cols] for rows, cols in _LLAVA_V16_TILE_GRIDS]
+
+
+_LLAVA_V16_TILE_GRIDS = [(1, 2), (2, 1), (2, 2), (3, 1), (1, 3)]
+TINY_GRID_PINPOINTS = _scaled_pinpoints(28)
+"""llava-v1.6's tile grids (1x2, 2x1, 2x2, 3x1, 1x3) at 28 px a tile: ``[[28, 56], [56, 28], ...]``."""
 
 
 def make_test_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -316,31 +488,18 @@ def build_tiny_llava(
     tokenizer = make_tokenizer()
     n_image_tokens = (image_size // patch_size) ** 2 + (vision_feature_select_strategy == "full")
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=vision_d_model,
-            intermediate_size=4 * vision_d_model,
-            projection_dim=vision_d_model,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=vision_heads,
-            image_size=image_size,
-            patch_size=patch_size,
-            hidden_act="quick_gelu",
-            layer_norm_eps=1e-5,
+        vision_config=_clip_config(
+            vision_layers, vision_d_model, vision_heads, image_size, patch_size
         ),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=d_model,
-            intermediate_size=d_mlp,
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            num_key_value_heads=n_kv_heads or n_heads,
-            max_position_embeddings=4096,
-            rms_norm_eps=1e-5,
-            rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=False,
+        text_config=_decoder_config(
+            "vicuna",
+            tokenizer,
+            n_layers=n_layers,
+            d_model=d_model,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            d_mlp=d_mlp,
+            rope_theta=rope_theta,
         ),
         image_token_id=tokenizer.image_token_id,
         image_seq_length=n_image_tokens,
@@ -349,11 +508,7 @@ def build_tiny_llava(
         vision_feature_layer=vision_feature_layer,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    _randomize_weights(model)
-    model.save_pretrained(path)
-
+    _save_random_model(LlavaForConditionalGeneration, config, path, seed)
     processor = LlavaProcessor(
         image_processor=make_image_processor(image_size),
         tokenizer=tokenizer,
@@ -363,6 +518,166 @@ def build_tiny_llava(
     )
     processor.save_pretrained(path)
     return path
+
+
+def build_tiny_llava_next(
+    path: str | Path,
+    *,
+    family: str = "vicuna",
+    n_layers: int = 2,
+    d_model: int = 64,
+    n_heads: int = 4,
+    n_kv_heads: int | None = None,
+    d_mlp: int = 128,
+    vision_layers: int = 2,
+    vision_d_model: int = 32,
+    vision_heads: int = 4,
+    image_size: int = 28,
+    patch_size: int = 7,
+    image_grid_pinpoints: list[list[int]] | None = None,
+    vision_feature_layer: int | list[int] = -2,
+    rope_theta: float | None = None,
+    sliding_window: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a random llava-hf LLaVA-NeXT (v1.6) checkpoint (safetensors + processor) to `path`.
+
+    Architecture as llava-v1.6: CLIP ViT -> features of `vision_feature_layer` (CLS dropped) ->
+    two-layer GELU projector, applied to the base crop and every tile; tiles are unpadded for
+    the image's aspect ratio and each row of the tile grid ends with the learned
+    `image_newline` embedding; the decoder of `family`:
+
+    - ``"vicuna"`` (llava-v1.6-vicuna): Llama decoder, rotary base 10^4, Vicuna tokenizer.
+    - ``"mistral"`` (llava-v1.6-mistral): Mistral decoder, rotary base 10^6, `sliding_window`
+      (None as in Mistral-7B-v0.2), Mistral tokenizer.
+    - ``"llama3"`` (llama3-llava-next-8b): Llama decoder, rotary base 5·10^5, Llama-3 tokenizer
+      (EOS ``<|eot_id|>``).
+
+    Defaults are llava-v1.6 at 1/12 scale: 28 px crops of 7 px patches (4 x 4 = 16 base tokens),
+    `TINY_GRID_PINPOINTS` tile grids, so one image gives 16 + up to 8 x 9 = 88 image tokens.
+    Weights are drawn as in `build_tiny_llava`, `image_newline` included.
+
+    Args:
+        path: folder to write (created if missing).
+        family: "vicuna", "mistral" or "llama3" (see `FAMILIES`).
+        n_layers, d_model, n_heads, n_kv_heads, d_mlp: decoder shape (`n_kv_heads` < `n_heads`
+            for grouped-query attention; default `n_heads`).
+        vision_layers, vision_d_model, vision_heads, image_size, patch_size: CLIP tower shape.
+        image_grid_pinpoints: canvas sizes ``[height, width]``, multiples of `image_size`
+            (default: llava-v1.6's grids at `image_size` per tile).
+        vision_feature_layer: as in `transformers.LlavaNextConfig`.
+        rope_theta: rotary base (default: the family's).
+        sliding_window: Mistral's attention window (``"mistral"`` only).
+        seed: weight seed (the tokenizer does not depend on it).
+
+    Returns:
+        `path` as a `Path`.
+
+    Example:
+        >>> folder = build_tiny_llava_next(tmp_path / "next", family="mistral", n_kv_heads=2)  # doctest: +SKIP
+        >>> LlavaNextForConditionalGeneration.from_pretrained(folder)  # doctest: +SKIP
+    """
+    path = Path(path)
+    tokenizer = make_tokenizer(family)
+    pinpoints = image_grid_pinpoints or _scaled_pinpoints(image_size)
+    config = LlavaNextConfig(
+        vision_config=_clip_config(
+            vision_layers, vision_d_model, vision_heads, image_size, patch_size
+        ),
+        text_config=_decoder_config(
+            family,
+            tokenizer,
+            n_layers=n_layers,
+            d_model=d_model,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            d_mlp=d_mlp,
+            rope_theta=rope_theta,
+            sliding_window=sliding_window,
+        ),
+        image_grid_pinpoints=pinpoints,
+        image_token_id=tokenizer.image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=vision_feature_layer,
+        tie_word_embeddings=False,
+    )
+    _save_random_model(LlavaNextForConditionalGeneration, config, path, seed)
+    processor = LlavaNextProcessor(
+        image_processor=make_anyres_image_processor(image_size, pinpoints),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(path)
+    return path
+
+
+_FAMILY_ROPE_THETA = {"vicuna": 10000.0, "mistral": 1e6, "llama3": 500000.0}
+
+
+def _clip_config(
+    n_layers: int, d_model: int, n_heads: int, image_size: int, patch_size: int
+) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=d_model,
+        intermediate_size=4 * d_model,
+        projection_dim=d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
+
+
+def _decoder_config(
+    family: str,
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    n_layers: int,
+    d_model: int,
+    n_heads: int,
+    n_kv_heads: int | None,
+    d_mlp: int,
+    rope_theta: float | None,
+    sliding_window: int | None = None,
+) -> LlamaConfig | MistralConfig:
+    """The decoder config of `family` (Mistral for "mistral", Llama otherwise)."""
+    _check_family(family)
+    if sliding_window is not None and family != "mistral":
+        raise ValueError(f"sliding_window is a Mistral setting; family {family!r} has none")
+    shape = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads or n_heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": rope_theta or _FAMILY_ROPE_THETA[family],
+        },
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    if family == "mistral":
+        return MistralConfig(**shape, sliding_window=sliding_window)
+    return LlamaConfig(**shape)
+
+
+def _save_random_model(model_class: type, config: Any, path: Path, seed: int) -> None:
+    """Build `model_class(config)` with weights drawn from `seed` (see `build_tiny_llava`), save it."""
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    _randomize_weights(model)
+    model.save_pretrained(path)
 
 
 @torch.no_grad()

@@ -1,0 +1,169 @@
+"""HookedLlavaNext: LLaVA-NeXT (v1.6) = HookedLlava + anyres tiles, unpadding and `image_newline`.
+
+Each image is seen twice by the vision tower: as a base crop (the whole image squashed to the
+vision input size) and as tiles of the best canvas for its size (`image_grid_pinpoints`). The
+projected tile features are laid side by side, the rows or columns that only showed the canvas'
+padding are dropped ("spatial_unpad"), and every remaining row ends with the learned
+`image_newline` embedding. The image's tokens are the base grid, then those rows (HF's
+`LlavaNextModel.pack_image_features`); their number depends on the image size, so images of one
+batch differ in length.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from einops import rearrange
+from jaxtyping import Float, Int
+from torch import nn
+
+from mmlens.config import MMConfig
+from mmlens.inputs import AnyresGrid
+from mmlens.models.llava import HookedLlava
+from mmlens.templates import default_template
+
+
+class HookedLlavaNext(HookedLlava):
+    """LLaVA-NeXT with the hooks of `HookedLlava`.
+
+    Hook points keep HookedLlava's names. `vision.*` and `projector.*` see every crop
+    (``[n_crops, ...]``: each image's base crop then its tiles, images in batch order);
+    `hook_image_embeds` holds ``[1, n_image_tokens, d_model]``: the packed sequences of all images
+    of the batch, one after the other, newline embeddings included, exactly the rows that fill
+    the image slots. Row ``i`` is the image token described by ``inp.layout`` entry ``i``.
+
+    Example:
+        >>> model = mmlens.from_pretrained("llava-hf/llava-v1.6-mistral-7b-hf")  # doctest: +SKIP
+        >>> inp = model.prepare(image, "What colour is the door?")  # Mistral instruct template
+        >>> logits, cache = model.run_with_cache(inp)
+        >>> cache["hook_image_embeds"].shape  # [1, len(inp.positions("image")), d_model]
+        >>> inp.layout.highres_grid(0).shape  # the unpadded tile grid, e.g. (36, 48)
+    """
+
+    def __init__(self, cfg: MMConfig, tokenizer: Any = None, processor: Any = None):
+        if not cfg.image_grid_pinpoints:
+            raise ValueError(
+                "HookedLlavaNext needs cfg.image_grid_pinpoints (the anyres canvas sizes); load a "
+                "llava_next checkpoint with mmlens.from_pretrained"
+            )
+        if cfg.vision_feature_select_strategy != "default":
+            raise NotImplementedError(
+                f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}: "
+                "LLaVA-NeXT tiles can only be packed without the CLS token ('default'), as in HF"
+            )
+        super().__init__(cfg, tokenizer, processor)
+        self.image_newline = nn.Parameter(torch.empty(cfg.d_model))  # ends each tile-grid row
+
+    @property
+    def default_template(self) -> str:
+        """The conversation template `prepare` uses unless told otherwise (from the tokenizer's
+        special tokens and the decoder: ``llama3``, ``chatml``, ``mistral_instruct``, ``llava_v1``)."""
+        return default_template(self.tokenizer, self.cfg.decoder_model_type)
+
+    def prepare(self, images: Any, prompts: str | list[str], **kwargs: Any) -> Any:
+        """`HookedLlava.prepare` with this checkpoint family's template by default.
+
+        Example:
+            >>> inp = model.prepare(image, "What colour is the door?")  # e.g. "[INST] <image>\\n... [/INST]"
+        """
+        kwargs.setdefault("template", self.default_template)
+        return super().prepare(images, prompts, **kwargs)
+
+    def tile_grid(self, image_size: tuple[int, int]) -> AnyresGrid:
+        """Tiles and unpadding of an image of ``(height, width)`` `image_size`."""
+        vision = self.cfg.vision
+        return AnyresGrid.for_image(
+            image_size, self.cfg.image_grid_pinpoints, vision.image_size, vision.patch_size
+        )
+
+    def encode_images(
+        self,
+        pixel_values: Float[torch.Tensor, "image crop channel height width"]
+        | Float[torch.Tensor, "crop channel height width"],
+        image_sizes: Int[torch.Tensor, "image 2"],
+    ) -> Float[torch.Tensor, "1 image_token d_model"]:
+        """Every crop through the vision tower and projector, then each image packed.
+
+        Args:
+            pixel_values: the processor's ``[n_images, max_crops, ...]`` (crops past an image's
+                own count are padding and are skipped), or its real crops concatenated.
+            image_sizes: ``(height, width)`` of each original image.
+
+        Returns:
+            the packed image sequences of all images, concatenated (see the class doc).
+        """
+        grids = [self.tile_grid(size) for size in image_sizes.tolist()]
+        n_crops = [1 + grid.n_tiles for grid in grids]
+        crop_embeds = super().encode_images(_real_crops(pixel_values, n_crops))
+        packed = [
+            self.pack_image(embeds, grid)
+            for embeds, grid in zip(crop_embeds.split(n_crops), grids, strict=True)
+        ]
+        return torch.cat(packed)[None]
+
+    def pack_image(
+        self, crop_embeds: Float[torch.Tensor, "crop patch d_model"], grid: AnyresGrid
+    ) -> Float[torch.Tensor, "image_token d_model"]:
+        """One image's tokens: base grid, then each kept tile-grid row and a newline embedding."""
+        tiles_high, _ = grid.tiles
+        canvas = rearrange(
+            crop_embeds[1:],
+            "(tile_row tile_col) (row col) d -> (tile_row row) (tile_col col) d",
+            tile_row=tiles_high,
+            row=grid.patches_per_tile,
+        )
+        kept = canvas[
+            grid.kept_rows.start : grid.kept_rows.stop, grid.kept_cols.start : grid.kept_cols.stop
+        ]
+        newlines = self.image_newline.to(kept.dtype).expand(kept.shape[0], 1, -1)
+        return torch.cat([crop_embeds[0], torch.cat([kept, newlines], dim=1).flatten(0, 1)])
+
+    def embed_input(
+        self,
+        input_ids: Int[torch.Tensor, "batch pos"],
+        pixel_values: Float[torch.Tensor, "image crop channel height width"] | None = None,
+        image_sizes: Int[torch.Tensor, "image 2"] | None = None,
+        **unused: Any,
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        """Token embeddings (`hook_embed`) with the image slots filled by `hook_image_embeds`."""
+        if pixel_values is None:
+            return super().embed_input(input_ids)
+        if image_sizes is None:
+            raise ValueError(
+                "LLaVA-NeXT needs image_sizes (each original image's (height, width)) with "
+                "pixel_values; pass inp = model.prepare(...) or the processor's image_sizes"
+            )
+        embeds = self.hook_embed(self.embed(input_ids))
+        image_slots = input_ids == self.cfg.image_token_id
+        image_embeds = self.hook_image_embeds(self.encode_images(pixel_values, image_sizes))
+        n_slots = int(image_slots.sum())
+        if image_embeds.shape[1] != n_slots:
+            raise ValueError(
+                f"{len(image_sizes)} image(s) of sizes {image_sizes.tolist()} give "
+                f"{image_embeds.shape[1]} image embeddings but the input has {n_slots} image "
+                "tokens; the count depends on each image's size: let model.prepare (or the "
+                "checkpoint's processor) expand one '<image>' per image"
+            )
+        return embeds.masked_scatter(image_slots[..., None], image_embeds.to(embeds.dtype))
+
+
+def _real_crops(
+    pixel_values: torch.Tensor, n_crops: list[int]
+) -> Float[torch.Tensor, "crop channel height width"]:
+    """The crops of every image, concatenated, without the processor's all-zero padding crops."""
+    if pixel_values.ndim == 5:
+        if pixel_values.shape[0] != len(n_crops) or pixel_values.shape[1] < max(n_crops):
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)} do not fit image_sizes, "
+                f"whose images need {n_crops} crops (base + tiles); pass the processor's "
+                "pixel_values and image_sizes together"
+            )
+        return torch.cat([crops[:n] for crops, n in zip(pixel_values, n_crops, strict=True)])
+    if pixel_values.ndim == 4 and pixel_values.shape[0] == sum(n_crops):
+        return pixel_values
+    raise ValueError(
+        f"pixel_values of shape {tuple(pixel_values.shape)}: expected [n_images, max_crops, "
+        f"channel, height, width] or the {sum(n_crops)} real crops [crop, channel, height, width] "
+        "that image_sizes call for"
+    )
