@@ -6,7 +6,15 @@ import pytest
 import torch
 
 import mmlens
-from mmlens.analysis import answer_probability, answer_token_ids, knockout_sweep, relative_change
+from mmlens.ablations import drop_tokens, zero_attention, zero_mlp
+from mmlens.analysis import (
+    answer_probability,
+    answer_token_ids,
+    cliff_layer,
+    knockout_sweep,
+    module_knockout_jaccard,
+    relative_change,
+)
 from mmlens.testing import make_test_image
 
 N_LAYERS = 6
@@ -109,3 +117,46 @@ def test_sweep_errors(model, samples):
     batch = model.prepare([make_test_image(56, 56)] * 2, ["What colour is it?", "Is it red?"])
     with pytest.raises(ValueError, match="batch-1"):
         knockout_sweep(model, [batch], progress=False)
+
+
+# ---------------------------------------------------------------------- module knockout, cliff
+def naive_top_words(logits: torch.Tensor, positions: torch.Tensor, k: int) -> set[int]:
+    return {int(t) for position in positions for t in logits[0, position].topk(k).indices}
+
+
+@pytest.mark.parametrize(("module", "zero_at"), [("mlp", "all"), ("attn", "positions")])
+def test_module_knockout_jaccard_equals_naive_runs(model, samples, module, zero_at):
+    inp = samples[0]
+    question = inp.positions("question")
+    result = module_knockout_jaccard(
+        model, inp, module, window=3, k=5, zero_at=zero_at, batch_size=4, progress=False
+    )
+    clean = naive_top_words(model(inp), question, 5)
+    for row in result.itertuples():
+        layers = range(row.layer, min(row.layer + 3, N_LAYERS))
+        factory = zero_mlp if module == "mlp" else zero_attention
+        hooks = factory(layers, positions=question if zero_at == "positions" else None)
+        words = naive_top_words(model.run_with_hooks(inp, fwd_hooks=hooks), question, 5)
+        assert row.jaccard == pytest.approx(len(words & clean) / len(words | clean))
+        assert row.window_end == layers.stop
+    assert result.jaccard.min() < 1.0, "zeroing modules should change some words"
+
+
+def test_cliff_layer_against_direct_accuracy(model, samples):
+    answers = []
+    for inp in samples:  # answers the model gets right, so the baseline accuracy is 1
+        answers.append(model.to_string([int(model(inp)[0, -1].argmax())]).strip())
+    result = cliff_layer(model, samples, answers, tolerance=0.0, progress=False)
+    assert result.baseline == 1.0 and result.curve.accuracy.iloc[-1] == 1.0
+    for layer in (0, N_LAYERS - 1):
+        correct = 0
+        for inp, answer in zip(samples, answers, strict=True):
+            hooks = drop_tokens(inp.positions("image"), layer)
+            predicted = int(model.run_with_hooks(inp, fwd_hooks=hooks)[0, -1].argmax())
+            correct += predicted == answer_token_ids(model, inp, answer)[0]
+        assert result.curve.accuracy.iloc[layer] == correct / len(samples)
+    accuracy = result.curve.accuracy.tolist()
+    expected_cliff = next(
+        (layer for layer in range(N_LAYERS) if all(a >= 1.0 for a in accuracy[layer:-1])), None
+    )
+    assert result.cliff_layer == expected_cliff

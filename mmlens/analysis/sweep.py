@@ -223,7 +223,7 @@ def _engine(
         ] & torch.isin(torch.arange(n_positions, device=device), source.to(device))
         p_new[name] = []
         for first in range(0, len(windows), chunk):
-            active = _active_layers(windows[first : first + chunk], n_layers, device)
+            active = active_layers(windows[first : first + chunk], n_layers, device)
             knock_out = _batched_knockout(edges, active)
             logits = prefix.suffix_logits(
                 model, start, active.shape[1], [(_is_decoder_scores, knock_out)]
@@ -254,9 +254,10 @@ def _naive(
     return float(base.probabilities[0]), answer, p_new
 
 
-def _active_layers(
+def active_layers(
     windows: list[range], n_layers: int, device: torch.device
 ) -> Bool[Tensor, "layer variant"]:
+    """`[layer, variant]`: whether variant i's window contains the layer."""
     active = torch.zeros(n_layers, len(windows), dtype=torch.bool, device=device)
     for variant, layers in enumerate(windows):
         active[layers.start : layers.stop, variant] = True

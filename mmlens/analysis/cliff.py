@@ -1,0 +1,79 @@
+"""The "information-flow cliff" (From Redundancy to Relevance): accuracy when every image token
+is truncated from layer l on, for each l; the cliff is where truncation stops hurting."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from mmlens.ablations import drop_tokens
+from mmlens.ablations.positions import PositionSet
+from mmlens.analysis.probability import answer_token_ids
+
+
+@dataclass
+class CliffResult:
+    """`curve`: accuracy per truncation layer (`layer` = n_layers means no truncation);
+    `baseline`: accuracy without truncation; `cliff_layer`: the first layer from which
+    accuracy stays within `tolerance` of the baseline (None if even the last layer is not)."""
+
+    curve: pd.DataFrame
+    baseline: float
+    cliff_layer: int | None
+    tolerance: float
+
+
+def cliff_layer(
+    model: Any,
+    inputs: Any | Sequence[Any],
+    answers: Sequence[str] | Sequence[Sequence[str]],
+    tolerance: float = 0.02,
+    mode: str = "drop",
+    progress: bool = True,
+) -> CliffResult:
+    """Accuracy with all image tokens truncated from each layer on.
+
+    Args:
+        inputs: `MultimodalInput`s (batches are fine: each item's image tokens are dropped).
+        answers: per input, the answer of every batch item (a single string for batch-1 inputs).
+            A prediction is correct when the greedy first token at the last prompt position is
+            the answer's first sub-word.
+        tolerance: accuracy drop (absolute, as a fraction) still counted as "no drop".
+        mode: "drop" (really remove the tokens; fast) or "mask" (hide them as keys).
+
+    Example:
+        >>> result = cliff_layer(model, samples, answers)
+        >>> result.cliff_layer, mmlens.plot.cliff(result)
+    """
+    inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    if len(answers) != len(inputs):
+        raise ValueError(f"{len(answers)} answers for {len(inputs)} inputs")
+    n_layers = model.cfg.n_layers
+    correct = torch.zeros(n_layers + 1)
+    n_items = 0
+    for inp, answer in zip(tqdm(inputs, desc="cliff", disable=not progress), answers, strict=True):
+        item_answers = [answer] if isinstance(answer, str) else list(answer)
+        expected = torch.tensor(
+            [answer_token_ids(model, inp, a, i)[0] for i, a in enumerate(item_answers)]
+        )
+        images = PositionSet.per_batch_item(inp, "image")
+        with torch.no_grad():
+            for layer in range(n_layers + 1):
+                hooks = drop_tokens(images, layer, mode) if layer < n_layers else []
+                predicted = model.run_with_hooks(inp, fwd_hooks=hooks)[:, -1].argmax(-1).cpu()
+                correct[layer] += (predicted == expected).sum()
+        n_items += len(item_answers)
+    accuracy = (correct / n_items).tolist()
+    baseline = accuracy[-1]
+    within = [a >= baseline - tolerance for a in accuracy[:-1]]
+    cliff = next((layer for layer in range(n_layers) if all(within[layer:])), None)
+    curve = pd.DataFrame({"layer": range(n_layers + 1), "accuracy": accuracy})
+    curve.attrs.update(
+        analysis="cliff_layer", model=model.cfg.model_name, n_samples=n_items, mode=mode
+    )
+    return CliffResult(curve, baseline, cliff, tolerance)
