@@ -1,0 +1,326 @@
+"""Reading the residual stream and the attention pattern: logit lens, attention share, high-norm
+image patches (semantics in DESIGN.md §4 and docs/analyses.md).
+
+Each analysis takes a model (and runs it, caching only what it needs) or an `ActivationCache`
+of a run on the same input (`cache.model` is the model), and returns tidy results that carry the
+model name and the settings, so a figure (`mmlens.plot`) can be redrawn later.
+
+Example:
+    >>> ids = answer_token_variants(model, inp, "red")        # "▁red", "▁Red"
+    >>> probabilities = logit_lens(model, inp, ids)           # layer, token, token_str, probability
+    >>> shares = attention_share(model, inp)                  # layer, segment, share
+    >>> high_norm_patches(model, inp).positions               # outlier image positions
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from einops import reduce
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import ActivationCache
+
+from mmlens.analysis.probability import _append_tokens, answer_token_ids, item_kwargs
+
+MAD_TO_STD = 1.4826
+"""Median absolute deviation -> standard deviation of a normal distribution."""
+
+
+def answer_token_variants(model: Any, inp: Any, answer: str, item: int = 0) -> list[int]:
+    """Ids of the first sub-word of `answer` with a lower-case and a capitalised initial.
+
+    As the Cross-modal Information Flow paper tracks them (Figure 6: "Noncapitalized" and
+    "Capitalized Answer"): the first token each variant is generated as right after the prompt
+    of `item` (`answer_token_ids`: "▁red" for SentencePiece, "Ġred" for byte-level BPE).
+    Duplicates (e.g. a digit) appear once.
+
+    Example:
+        >>> model.to_str_tokens(torch.tensor(answer_token_variants(model, inp, "red")))
+        ['▁red', '▁Red']
+    """
+    variants = (answer[:1].lower() + answer[1:], answer[:1].upper() + answer[1:])
+    ids = [answer_token_ids(model, inp, variant, item)[0] for variant in variants]
+    return list(dict.fromkeys(ids))
+
+
+def logit_lens(
+    model_or_cache: Any,
+    inp: Any,
+    tokens: int | str | list[int | str],
+    position: int | Literal["last"] = "last",
+    apply_final_norm: bool = True,
+    item: int = 0,
+) -> pd.DataFrame:
+    """Probability of `tokens` read off the residual stream at `position` after every layer.
+
+    Layer 0 is the embeddings (`blocks.0.hook_resid_pre`), layer ``l >= 1`` the stream after
+    block ``l - 1`` (`blocks.{l-1}.hook_resid_post`). Each is passed through the model's own
+    final norm (`ln_final`, weight included; skipped with ``apply_final_norm=False``, as the
+    paper's code did), unembedded with `W_U` and softmaxed over the vocabulary. With the norm,
+    the last layer's row is exactly the model's output distribution.
+
+    Args:
+        model_or_cache: a model (run here, caching only the residual hooks) or an
+            `ActivationCache` of a run on `inp` holding those hooks.
+        tokens: token ids, or strings that are single tokens (`model.to_single_token`); for an
+            answer as generated use `answer_token_variants`.
+        position: a sequence position, or "last" (the last prompt position).
+        item: batch item.
+
+    Returns:
+        columns ``layer, token, token_str, probability``, one row per layer and token; `attrs`
+        holds the analysis name, model name, position and settings.
+
+    Example:
+        >>> result = logit_lens(model, inp, answer_token_variants(model, inp, "red"))
+        >>> result.pivot(index="layer", columns="token_str", values="probability")
+    """
+    names = _residual_hooks(model_or_cache)
+    model, cache = _model_and_cache(model_or_cache, inp, names)
+    _check_unpruned(cache[names[0]], inp)
+    token_ids = [
+        model.to_single_token(token) if isinstance(token, str) else int(token)
+        for token in (tokens if isinstance(tokens, list) else [tokens])
+    ]
+    pos = int(inp.positions("last", item)) if position == "last" else int(position)
+    resid = torch.stack([cache[name][item, pos] for name in names])  # [layer, d_model]
+    with torch.no_grad():
+        if apply_final_norm:
+            resid = model.ln_final(resid[None])[0]
+        probabilities = (resid @ model.W_U).float().softmax(-1)[:, token_ids]  # [layer, token]
+    token_strs = model.tokenizer.convert_ids_to_tokens(token_ids)
+    result = pd.DataFrame(
+        [
+            (layer, token, token_str, float(probabilities[layer, column]))
+            for layer in range(len(names))
+            for column, (token, token_str) in enumerate(zip(token_ids, token_strs, strict=True))
+        ],
+        columns=["layer", "token", "token_str", "probability"],
+    )
+    result.attrs = {
+        "analysis": "logit_lens",
+        "model": model.cfg.model_name,
+        "position": pos,
+        "item": item,
+        "apply_final_norm": apply_final_norm,
+    }
+    return result
+
+
+SEGMENTS = ("system", "image", "user")
+"""Key segments of `attention_share` (plus "generated" with ``query="generated"``)."""
+
+
+def attention_share(
+    model_or_cache: Any,
+    inp: Any,
+    query: Literal["last", "generated"] = "last",
+    heads: Literal["mean", "max"] = "mean",
+    item: int = 0,
+    max_new_tokens: int = 16,
+) -> pd.DataFrame:
+    """Share of the query row's attention that goes to each segment, per layer.
+
+    From Redundancy to Relevance, eq. 6–8: at every layer, the attention pattern's query row is
+    summed over the keys of each segment (system, image, user), per head; the heads are
+    aggregated (mean, or max per segment), and the shares normalised to sum to 1 per layer.
+
+    ``query="last"`` reads the last prompt position, where the first answer token is predicted.
+    ``query="generated"`` generates greedily (up to `max_new_tokens`, stopping at EOS), runs
+    prompt + answer, and averages over the rows that predicted each generated token: the last
+    prompt position and every generated token but the final one. Keys then include the
+    "generated" segment (the generated tokens fed back).
+
+    Args:
+        model_or_cache: a model, or an `ActivationCache` of a run on `inp` holding every
+            layer's `attn.hook_pattern` (only ``query="last"``).
+        item: batch item.
+
+    Returns:
+        columns ``layer, segment, share``; `attrs` holds the model name, the query rows and the
+        settings (and the generated ids for ``query="generated"``).
+
+    Example:
+        >>> shares = attention_share(model, inp)
+        >>> shares.pivot(index="layer", columns="segment", values="share")
+    """
+    if heads not in ("mean", "max"):
+        raise ValueError(f"heads={heads!r}: use 'mean' or 'max'")
+    model = _model_of(model_or_cache)
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+    segments = {name: inp.positions(name, item) for name in SEGMENTS}
+    last = int(inp.positions("last", item))
+    attrs: dict[str, Any] = {}
+    if query == "last":
+        rows = torch.tensor([last])
+        patterns = _pattern_rows(model_or_cache, inp, names, rows, item)
+    elif query == "generated":
+        if isinstance(model_or_cache, ActivationCache):
+            raise ValueError("query='generated' needs the model (it generates), not a cache")
+        prompt = item_kwargs(inp, item)
+        generated = model.generate(**prompt, max_new_tokens=max_new_tokens)[:, last + 1 :]
+        rows = torch.arange(last, last + generated.shape[1])
+        segments["generated"] = rows[1:]
+        # The final generated token predicts nothing measured: it is not run.
+        run = _append_tokens(prompt, generated[:, :-1])
+        patterns = _pattern_rows(model, run, names, rows, 0)
+        attrs["generated_ids"] = generated[0].tolist()
+    else:
+        raise ValueError(f"query={query!r}: use 'last' or 'generated'")
+
+    per_head = torch.stack(
+        [patterns[..., positions.to(patterns.device)].sum(-1) for positions in segments.values()],
+        dim=-1,
+    )  # [layer, head, row, segment]
+    per_row = reduce(per_head, "layer head row segment -> layer row segment", heads)
+    shares = per_row.mean(1)
+    shares = shares / shares.sum(-1, keepdim=True)
+    result = pd.DataFrame(
+        [
+            (layer, segment, float(shares[layer, column]))
+            for layer in range(len(names))
+            for column, segment in enumerate(segments)
+        ],
+        columns=["layer", "segment", "share"],
+    )
+    result.attrs = {
+        "analysis": "attention_share",
+        "model": model.cfg.model_name,
+        "query": query,
+        "query_positions": rows.tolist(),
+        "heads": heads,
+        "item": item,
+        **attrs,
+    }
+    return result
+
+
+@dataclass(frozen=True)
+class HighNormPatches:
+    """Image positions whose residual norm is an outlier (`high_norm_patches`).
+
+    Attributes:
+        positions: sequence positions of the outliers, ``[n_high]``.
+        norms: their norms, ``[n_high]``.
+        image_positions: every image position examined, ``[n_image]``.
+        image_norms: the norm at each of them, ``[n_image]`` (for a histogram).
+        threshold: the norm above which a position is an outlier.
+        settings: model name, layer, item, and how the threshold was chosen.
+    """
+
+    positions: Int[Tensor, "n_high"]
+    norms: Float[Tensor, "n_high"]
+    image_positions: Int[Tensor, "n_image"]
+    image_norms: Float[Tensor, "n_image"]
+    threshold: float
+    settings: dict[str, Any]
+
+
+def high_norm_patches(
+    model_or_cache: Any,
+    inp: Any,
+    threshold: float | None = None,
+    layer: int = 0,
+    mad_multiple: float = 5.0,
+    item: int = 0,
+) -> HighNormPatches:
+    """Image positions whose residual-stream norm is an outlier (Cross-modal paper, appendix E).
+
+    The L2 norm of `blocks.{layer}.hook_resid_pre` at every image position of batch item
+    `item` (layer 0: the projected image embeddings). A position is an outlier when its norm is
+    above `threshold` (the paper used 57 for LLaVA-1.5-13b) or, without one, above the robust
+    rule ``median + mad_multiple * 1.4826 * MAD`` (`mad_multiple` standard deviations of a normal
+    distribution fitted robustly; a few huge norms do not move it).
+
+    Example:
+        >>> high = high_norm_patches(model, inp)
+        >>> other = inp.positions("image")[~torch.isin(inp.positions("image"), high.positions)]
+    """
+    name = f"blocks.{layer}.hook_resid_pre"
+    model, cache = _model_and_cache(model_or_cache, inp, [name])
+    _check_unpruned(cache[name], inp)
+    image_positions = inp.positions("image", item)
+    norms = cache[name][item, image_positions.to(cache[name].device)].float().norm(dim=-1).cpu()
+    if threshold is None:
+        median = norms.median()
+        mad = (norms - median).abs().median()
+        threshold = float(median + mad_multiple * MAD_TO_STD * mad)
+        rule = f"median + {mad_multiple} * 1.4826 * MAD"
+    else:
+        rule = "given"
+    high = norms > threshold
+    return HighNormPatches(
+        positions=image_positions.cpu()[high],
+        norms=norms[high],
+        image_positions=image_positions.cpu(),
+        image_norms=norms,
+        threshold=float(threshold),
+        settings={"model": model.cfg.model_name, "layer": layer, "item": item, "rule": rule},
+    )
+
+
+def _model_of(model_or_cache: Any) -> Any:
+    return model_or_cache.model if isinstance(model_or_cache, ActivationCache) else model_or_cache
+
+
+def _residual_hooks(model_or_cache: Any) -> list[str]:
+    """`blocks.0.hook_resid_pre`, then every block's `hook_resid_post`."""
+    n_layers = _model_of(model_or_cache).cfg.n_layers
+    return ["blocks.0.hook_resid_pre"] + [
+        f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)
+    ]
+
+
+def _model_and_cache(
+    model_or_cache: Any, inp: Any, names: list[str]
+) -> tuple[Any, ActivationCache]:
+    """The model and a cache holding `names`: the given cache, or a run caching just those."""
+    if isinstance(model_or_cache, ActivationCache):
+        _check_cached(model_or_cache, names)
+        return model_or_cache.model, model_or_cache
+    with torch.no_grad():
+        _, cache = model_or_cache.run_with_cache(inp, names_filter=names, return_type=None)
+    return model_or_cache, cache
+
+
+def _check_cached(cache: ActivationCache, names: list[str]) -> None:
+    missing = [name for name in names if name not in cache.cache_dict]
+    if missing:
+        raise ValueError(
+            f"the cache lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}; run "
+            "run_with_cache with these hooks, or pass the model"
+        )
+
+
+def _pattern_rows(
+    model_or_cache: Any, model_input: Any, names: list[str], rows: Int[Tensor, "row"], item: int
+) -> Float[Tensor, "layer head row k_pos"]:
+    """Rows `rows` of every named attention pattern, from the cache or from a run that keeps
+    only those rows (a full pattern cache of a 7B model is ~1 GB)."""
+    if isinstance(model_or_cache, ActivationCache):
+        _check_cached(model_or_cache, names)
+        patterns = [model_or_cache[name][item] for name in names]
+        return torch.stack([pattern[:, rows.to(pattern.device)] for pattern in patterns]).float()
+    kept: dict[str, Tensor] = {}
+
+    def keep_rows(pattern: Tensor, hook: Any) -> None:
+        kept[hook.name] = pattern[item, :, rows.to(pattern.device)].float()
+
+    inputs = model_input if isinstance(model_input, dict) else {"input": model_input}
+    with torch.no_grad():
+        model_or_cache.run_with_hooks(
+            **inputs, return_type=None, fwd_hooks=[(name, keep_rows) for name in names]
+        )
+    return torch.stack([kept[name] for name in names])
+
+
+def _check_unpruned(resid: Float[Tensor, "batch pos d_model"], inp: Any) -> None:
+    if resid.shape[1] != inp.input_ids.shape[1]:
+        raise ValueError(
+            f"the residual stream has {resid.shape[1]} positions but the input {inp.input_ids.shape[1]}; "
+            "use a cache of an unpruned run on this input"
+        )

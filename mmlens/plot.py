@@ -1,0 +1,211 @@
+"""Plotly figures of the analyses in `mmlens.analysis`, one small function per result type.
+
+Each takes the result an analysis returned (its settings travel with it) and returns a
+`plotly.graph_objects.Figure`.
+
+Example:
+    >>> mmlens.plot.logit_lens(logit_lens(model, inp, tokens)).show()
+    >>> mmlens.plot.llava_cam(llava_cam(model, inp, "red"), inp).write_html("cam.html")
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from PIL import Image
+from plotly.subplots import make_subplots
+
+from mmlens.inputs import ImageGeometry
+
+if TYPE_CHECKING:
+    from mmlens.analysis.cam import CamResult
+    from mmlens.analysis.lens import HighNormPatches
+
+SEGMENT_COLOURS = {
+    "system": "#636efa",
+    "image": "#ef553b",
+    "user": "#00cc96",
+    "generated": "#ab63fa",
+}
+
+
+def logit_lens(result: pd.DataFrame) -> go.Figure:
+    """One line per token: its probability at the position over layers (Cross-modal Figure 6).
+
+    Example:
+        >>> plot.logit_lens(logit_lens(model, inp, answer_token_variants(model, inp, "red")))
+    """
+    attrs = result.attrs
+    figure = go.Figure()
+    for token_str, rows in result.groupby("token_str", sort=False):
+        figure.add_scatter(x=rows["layer"], y=rows["probability"], mode="lines+markers",
+                           name=repr(token_str))  # fmt: skip
+    norm = "final norm applied" if attrs.get("apply_final_norm", True) else "no final norm"
+    figure.update_layout(
+        title=f"Logit lens at position {attrs.get('position')} ({norm}) - {attrs.get('model')}",
+        xaxis_title="layer (0 = embeddings)",
+        yaxis_title="probability",
+        legend_title="token",
+    )
+    return figure
+
+
+def attention_share(result: pd.DataFrame) -> go.Figure:
+    """Stacked bars: each segment's share of the query's attention per layer (From Redundancy
+    to Relevance, Figure 2b).
+
+    Example:
+        >>> plot.attention_share(attention_share(model, inp, heads="max"))
+    """
+    attrs = result.attrs
+    figure = go.Figure()
+    for segment, rows in result.groupby("segment", sort=False):
+        figure.add_bar(x=rows["layer"], y=rows["share"], name=segment,
+                       marker_color=SEGMENT_COLOURS.get(segment))  # fmt: skip
+    figure.update_layout(
+        barmode="stack",
+        title=f"Attention share of the {attrs.get('query')} query ({attrs.get('heads')} over "
+        f"heads) - {attrs.get('model')}",
+        xaxis_title="layer",
+        yaxis_title="share of attention",
+        yaxis_range=[0, 1],
+        legend_title="keys",
+    )
+    return figure
+
+
+def patch_norms(result: HighNormPatches) -> go.Figure:
+    """Histogram of the image positions' residual norms with the outlier threshold (Cross-modal
+    appendix E, Figure 15).
+
+    Example:
+        >>> plot.patch_norms(high_norm_patches(model, inp))
+    """
+    settings = result.settings
+    figure = go.Figure(go.Histogram(x=result.image_norms.tolist(), name="image positions"))
+    figure.add_vline(x=result.threshold, line_dash="dash",
+                     annotation_text=f"threshold {result.threshold:.3g} ({settings['rule']})")  # fmt: skip
+    figure.update_layout(
+        title=f"Residual norms of image positions at layer {settings['layer']} - "
+        f"{settings['model']}: {len(result.positions)} above the threshold",
+        xaxis_title="L2 norm",
+        yaxis_title="image positions",
+    )
+    return figure
+
+
+def llava_cam(result: CamResult, inp: Any, columns: int = 4, opacity: float = 0.5) -> go.Figure:
+    """One panel per layer: the map over the image as the model saw it.
+
+    The image is `inp.pixel_values` un-normalised with the processor's mean and std, so the
+    panel shows the real input geometry: pad-to-square bars in the mean colour, resize and crop.
+    Each map cell covers its patch (smoothed for display). A dashed box marks where the original
+    image lies in that input; the caption says how it got there.
+
+    Example:
+        >>> plot.llava_cam(llava_cam(model, inp, "red", layers=[0, 8, 16]), inp).show()
+    """
+    settings = result.settings
+    image = settings["image"]
+    pixels = _model_view(inp.pixel_values[image], settings["image_mean"], settings["image_std"])
+    height, width = pixels.height, pixels.width
+    geometry = inp.image_geometry[image]
+    patch = geometry.patch_size
+    n_rows = math.ceil(len(result.layers) / columns)
+    figure = make_subplots(
+        rows=n_rows,
+        cols=min(columns, len(result.layers)),
+        subplot_titles=result.layers,
+        horizontal_spacing=0.02,
+        vertical_spacing=0.08,
+    )
+    source = _png_data_uri(pixels)
+    x0, y0, x1, y1 = _original_extent(geometry)
+    for index, layer_map in enumerate(result.maps):
+        row, col = index // columns + 1, index % columns + 1
+        figure.add_trace(go.Image(source=source, hoverinfo="skip"), row=row, col=col)
+        figure.add_trace(
+            go.Heatmap(
+                z=layer_map.tolist(),
+                x0=patch / 2 - 0.5,
+                dx=patch,
+                y0=patch / 2 - 0.5,
+                dy=patch,
+                zmin=0,
+                zmax=1,
+                zsmooth="best",
+                colorscale="Jet",
+                opacity=opacity,
+                showscale=index == 0,
+                name=result.layers[index],
+            ),
+            row=row,
+            col=col,
+        )
+        figure.add_shape(type="rect", x0=x0, y0=y0, x1=x1, y1=y1, row=row, col=col,
+                         line={"color": "white", "dash": "dash", "width": 1})  # fmt: skip
+        figure.update_xaxes(range=[-0.5, width - 0.5], visible=False, row=row, col=col)
+        figure.update_yaxes(range=[height - 0.5, -0.5], visible=False, row=row, col=col,
+                            scaleanchor=f"x{index + 1 if index else ''}")  # fmt: skip
+    noise = f"SmoothGrad sigma={settings['noise_std']}, n={settings['n_samples']}"
+    figure.update_layout(
+        title=f"LLaVA-CAM of {settings['answer']!r} ({settings['site']}, {noise}) - "
+        f"{settings['model']}",
+        height=260 * n_rows + 120,
+        width=240 * min(columns, len(result.layers)) + 120,
+        margin={"b": 90},
+    )
+    figure.add_annotation(text=_geometry_note(geometry), xref="paper", yref="paper", x=0, y=0,
+                          yshift=-60, showarrow=False, xanchor="left", align="left")  # fmt: skip
+    return figure
+
+
+def _model_view(pixel_values: torch.Tensor, mean: list[float], std: list[float]) -> Image.Image:
+    """The processed image `[channel, height, width]` as RGB: normalisation undone."""
+    channels = len(mean)
+    pixels = pixel_values.detach().float().cpu() * torch.tensor(std).view(channels, 1, 1)
+    pixels = (pixels + torch.tensor(mean).view(channels, 1, 1)).clamp(0, 1)
+    return Image.fromarray((pixels * 255).round().byte().permute(1, 2, 0).numpy())
+
+
+def _png_data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _original_extent(
+    geometry: ImageGeometry,
+) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) of the original image in the processed image's plot coordinates
+    (pixel centres at integers), clipped to what the crop kept."""
+    edges = []
+    for axis in (1, 0):
+        scale = geometry.resized_size[axis] / geometry.padded_size[axis]
+        start = geometry.pad_offset[axis] * scale - geometry.crop_offset[axis]
+        stop = start + geometry.original_size[axis] * scale
+        size = geometry.processed_size[axis]
+        edges.append((max(start, 0) - 0.5, min(stop, size) - 0.5))
+    (x0, x1), (y0, y1) = edges
+    return x0, y0, x1, y1
+
+
+def _geometry_note(geometry: ImageGeometry) -> str:
+    """How the original image maps to what the vision tower saw, in one line."""
+    (height, width), (padded_h, padded_w) = geometry.original_size, geometry.padded_size
+    steps = [f"original {width}x{height}"]
+    if (padded_h, padded_w) != (height, width):
+        steps.append(f"padded to {padded_w}x{padded_h} (mean colour)")
+    steps.append(f"resized to {geometry.resized_size[1]}x{geometry.resized_size[0]}")
+    if geometry.processed_size != geometry.resized_size:
+        steps.append(f"centre-cropped to {geometry.processed_size[1]}x{geometry.processed_size[0]}")
+    return (
+        "Image as the model saw it: " + ", ".join(steps) + ". Dashed box: the original image; "
+        f"one map cell per {geometry.patch_size}x{geometry.patch_size}-pixel patch."
+    )
