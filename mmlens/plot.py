@@ -209,3 +209,87 @@ def _geometry_note(geometry: ImageGeometry) -> str:
         "Image as the model saw it: " + ", ".join(steps) + ". Dashed box: the original image; "
         f"one map cell per {geometry.patch_size}x{geometry.patch_size}-pixel patch."
     )
+
+
+def knockout_sweep(result: pd.DataFrame) -> go.Figure:
+    """Mean relative change of the answer probability per flow over window centres, with a
+    95% interval over samples (mean ± 1.96 standard errors), as the Cross-modal paper's
+    Figures 3-5.
+
+    Example:
+        >>> plot.knockout_sweep(knockout_sweep(model, samples))
+    """
+    attrs = result.attrs
+    figure = go.Figure()
+    for index, (flow, rows) in enumerate(result.groupby("flow", sort=False)):
+        colour = _COLOURS[index % len(_COLOURS)]
+        stats = rows.groupby("layer")["relative_change"].agg(["mean", "sem", "count"]).reset_index()
+        if stats["count"].min() > 1:
+            half_width = 1.96 * stats["sem"]
+            figure.add_scatter(
+                x=list(stats["layer"]) + list(stats["layer"][::-1]),
+                y=list(stats["mean"] + half_width) + list((stats["mean"] - half_width)[::-1]),
+                fill="toself", fillcolor=colour, opacity=0.2, line_width=0, hoverinfo="skip",
+                showlegend=False, name=f"{flow} 95% interval",
+            )  # fmt: skip
+        figure.add_scatter(x=stats["layer"], y=stats["mean"], mode="lines+markers", name=flow,
+                           line_color=colour)  # fmt: skip
+    n_samples = result["sample"].nunique()
+    figure.update_layout(
+        title=f"Attention knockout, window {attrs.get('window_size')} - {attrs.get('model')} "
+        f"({n_samples} sample{'s' if n_samples != 1 else ''})",
+        xaxis_title="window centre (layer)",
+        yaxis_title="relative change of p(answer) (%)",
+        legend_title="blocked flow",
+    )
+    return figure
+
+
+def module_knockout_jaccard(result: pd.DataFrame) -> go.Figure:
+    """Jaccard similarity of the question's top-k words per knocked-out window (appendix D/K).
+
+    Example:
+        >>> plot.module_knockout_jaccard(module_knockout_jaccard(model, inp, "mlp"))
+    """
+    attrs = result.attrs
+    figure = go.Figure()
+    for module, rows in result.groupby("module", sort=False):
+        figure.add_scatter(x=rows["layer"], y=rows["jaccard"], mode="lines+markers", name=module)
+    figure.update_layout(
+        title=f"Semantic change when zeroing {attrs.get('window')} layers from l "
+        f"(top-{attrs.get('k')} words at {attrs.get('positions')}) - {attrs.get('model')}",
+        xaxis_title="first zeroed layer",
+        yaxis_title="Jaccard similarity to the clean run",
+        yaxis_range=[0, 1.02],
+    )
+    return figure
+
+
+def cliff(result: Any) -> go.Figure:
+    """Accuracy with every image token truncated from layer l on, the baseline, and the cliff.
+
+    Example:
+        >>> plot.cliff(cliff_layer(model, samples, answers))
+    """
+    curve = result.curve
+    figure = go.Figure()
+    figure.add_scatter(
+        x=curve["layer"], y=curve["accuracy"], mode="lines+markers", name="truncated from layer"
+    )
+    figure.add_hline(y=result.baseline, line_dash="dash", annotation_text="no truncation")
+    if result.cliff_layer is not None:
+        figure.add_vline(
+            x=result.cliff_layer,
+            line_dash="dot",
+            annotation_text=f"cliff: layer {result.cliff_layer}",
+        )
+    figure.update_layout(
+        title=f"Information-flow cliff - {curve.attrs.get('model')} ({curve.attrs.get('n_samples')} samples)",
+        xaxis_title="image tokens removed from layer",
+        yaxis_title="accuracy",
+        yaxis_range=[0, 1.02],
+    )
+    return figure
+
+
+_COLOURS = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880"]

@@ -160,3 +160,22 @@ def test_cliff_layer_against_direct_accuracy(model, samples):
         (layer for layer in range(N_LAYERS) if all(a >= 1.0 for a in accuracy[layer:-1])), None
     )
     assert result.cliff_layer == expected_cliff
+
+
+def test_figures(model, samples):
+    from mmlens import plot
+
+    sweep = knockout_sweep(model, samples, window_size=3, progress=False)
+    figure = plot.knockout_sweep(sweep)
+    bands = [trace for trace in figure.data if trace.fill == "toself"]
+    lines = [trace for trace in figure.data if trace.fill != "toself"]
+    assert [trace.name for trace in lines] == list(sweep.flow.unique())
+    assert len(bands) == len(lines), "two samples: one 95% band per flow"
+    means = sweep[sweep.flow == "Image→Last"].groupby("layer").relative_change.mean()
+    assert list(lines[0].y) == pytest.approx(list(means))
+
+    jaccard = module_knockout_jaccard(model, samples[0], "mlp", window=3, progress=False)
+    assert list(plot.module_knockout_jaccard(jaccard).data[0].y) == list(jaccard.jaccard)
+    answers = [model.to_string([int(model(inp)[0, -1].argmax())]).strip() for inp in samples]
+    cliff_figure = plot.cliff(cliff_layer(model, samples, answers, progress=False))
+    assert len(cliff_figure.data) == 1 and len(cliff_figure.data[0].x) == N_LAYERS + 1
