@@ -1,11 +1,20 @@
-"""Forward-pass speed: HF `LlavaForConditionalGeneration` (sdpa) vs mmlens, side by side.
+"""Forward-pass speed: HF `LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration`
+(sdpa) vs mmlens, side by side.
 
-Builds a LLaVA-1.5-shaped random checkpoint (336px image, patch 14 -> 576 image tokens,
-decoder width 1024) in a temporary folder, loads it with both libraries and times, interleaved
-in one run: HF forward, mmlens forward, and mmlens `run_with_cache` with every hook cached.
-Prints medians and the ratios against HF; also checks that the logits agree.
+Builds a random checkpoint in a temporary folder, loads it with both libraries and times,
+interleaved in one run: HF forward, mmlens forward, and mmlens `run_with_cache` with every hook
+cached. Prints medians and the ratios against HF; also checks that the logits agree.
 
-    python bench/forward.py [--device cuda] [--dtype bfloat16] [--repeats 7]
+- ``--family llava`` (default): LLaVA-1.5-shaped (336 px image, patch 14 -> 576 image tokens).
+- ``--family next``: LLaVA-NeXT-shaped (llava-v1.6's 336 px crops and tile grids; a 640 x 480
+  image -> 2 x 2 tiles -> 576 base + 36 x 48 unpadded tile tokens + 36 newlines = 2,340 image
+  tokens). Its cache skips attention scores and patterns (16 x 2,400² floats per layer, twice:
+  ~6 GB in fp32) unless ``--cache-patterns``.
+
+Both use a decoder of width 1024 (8 layers) and a 4-layer CLIP tower of width 256
+(`timing.LLAVA_15_SHAPE`).
+
+    python bench/forward.py [--family next] [--device cuda] [--dtype bfloat16] [--repeats 7]
     MMLENS_KEEP_FREED_MEMORY=0 python bench/forward.py   # CPU: glibc's default allocator behaviour
 """
 
@@ -13,80 +22,70 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import LlavaForConditionalGeneration
+from timing import LLAVA_15_SHAPE, measure, report
+from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
 import mmlens
-from mmlens.testing import build_tiny_llava
+from mmlens.testing import build_tiny_llava, build_tiny_llava_next
 
-LLAVA_15_SHAPE = dict(
-    n_layers=8,
-    d_model=1024,
-    n_heads=16,
-    d_mlp=2816,
-    vision_layers=4,
-    vision_d_model=256,
-    vision_heads=4,
-    image_size=336,
-    patch_size=14,
-)
-
-
-def timed(fn, device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+FAMILIES = {  # name: (checkpoint builder, HF class, image (height, width))
+    "llava": (build_tiny_llava, LlavaForConditionalGeneration, (400, 300)),
+    "next": (build_tiny_llava_next, LlavaNextForConditionalGeneration, (480, 640)),
+}
+DECODER_FIELDS = ("d_model", "n_layers", "n_heads", "d_mlp")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--family", default="llava", choices=list(FAMILIES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=7)
-    for field in ("d_model", "n_layers", "n_heads", "d_mlp"):
+    parser.add_argument(
+        "--cache-patterns",
+        action="store_true",
+        help="--family next: also cache attention scores and patterns (~6 GB in fp32)",
+    )
+    for field in DECODER_FIELDS:
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=LLAVA_15_SHAPE[field])
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    shape = {
-        **LLAVA_15_SHAPE,
-        **{f: getattr(args, f) for f in ("d_model", "n_layers", "n_heads", "d_mlp")},
-    }
+    shape = {**LLAVA_15_SHAPE, **{field: getattr(args, field) for field in DECODER_FIELDS}}
+    build, hf_class, image_size = FAMILIES[args.family]
 
     with tempfile.TemporaryDirectory() as folder:
-        build_tiny_llava(folder, **shape)
-        hf = LlavaForConditionalGeneration.from_pretrained(
-            folder, dtype=dtype, attn_implementation="sdpa"
-        )
+        build(folder, **shape)
+        hf = hf_class.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
         hf = hf.to(args.device).eval()
         model = mmlens.from_pretrained(folder, dtype=dtype, device=args.device)
 
     image = Image.fromarray(
-        np.random.default_rng(0).integers(0, 255, (400, 300, 3), dtype=np.uint8)
+        np.random.default_rng(0).integers(0, 255, (*image_size, 3), dtype=np.uint8)
     )
     inp = model.prepare(image, "What colour is the shape in the top left corner of the picture?")
     kwargs = inp.model_kwargs()
     n_tokens = kwargs["input_ids"].shape[1]
     n_image = int((kwargs["input_ids"] == model.cfg.image_token_id).sum())
     print(
-        f"device={args.device} dtype={args.dtype} tokens={n_tokens} image_tokens={n_image} {shape}"
+        f"family={args.family} device={args.device} dtype={args.dtype} tokens={n_tokens} "
+        f"image_tokens={n_image} {shape}"
     )
 
+    if args.family == "next" and not args.cache_patterns:
+        cache_name, names_filter = "mmlens_run_with_cache_no_patterns", _not_attention_pattern
+    else:
+        cache_name, names_filter = "mmlens_run_with_cache_all_hooks", None
     runs = {
         "hf_sdpa_forward": lambda: hf(**kwargs).logits,
         "mmlens_forward": lambda: model(inp),
-        "mmlens_run_with_cache_all_hooks": lambda: model.run_with_cache(inp),
+        cache_name: lambda: model.run_with_cache(inp, names_filter=names_filter),
     }
     with torch.inference_mode():
         hf_logits, mm_logits = hf(**kwargs).logits.float(), model(inp).float()
@@ -97,27 +96,11 @@ def main() -> None:
         )
         keeps_memory = args.device == "cpu" and os.environ.get("MMLENS_KEEP_FREED_MEMORY") != "0"
         setting = "CPU allocator keeps freed memory (mmlens.perf)" if keeps_memory else ""
-        report(measure(runs, args.repeats, args.device), setting)
+        report(measure(runs, args.repeats, args.device), "hf_sdpa_forward", setting)
 
 
-def measure(runs: dict, repeats: int, device: str) -> dict[str, float]:
-    """Median seconds per method; methods interleaved so that drift hits each alike."""
-    for fn in runs.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            times[name].append(timed(fn, device))
-    return {name: statistics.median(samples) for name, samples in times.items()}
-
-
-def report(medians: dict[str, float], setting: str) -> None:
-    print(f"-- {setting}" if setting else "--")
-    reference = medians["hf_sdpa_forward"]
-    for name, median in medians.items():
-        print(
-            f"{name:34s} median {median * 1e3:9.2f} ms   ratio vs HF sdpa {median / reference:5.3f}"
-        )
+def _not_attention_pattern(name: str) -> bool:
+    return not name.endswith(("hook_attn_scores", "hook_pattern"))
 
 
 if __name__ == "__main__":

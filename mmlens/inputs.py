@@ -801,15 +801,17 @@ class MultimodalInput:
         """Render the prompts, run the HF processor, and locate segments and image tokens.
 
         Args:
-            processor: the checkpoint's HF processor (e.g. `LlavaProcessor`) with a fast tokenizer.
+            processor: the checkpoint's HF processor (`LlavaProcessor`, `LlavaNextProcessor`) with
+                a fast tokenizer.
             images: one image (PIL image, or an array the processor takes) or None for a single
                 prompt; for a batch, a list with one image or None (text-only) per prompt.
             prompts: a question, or a list of questions (a batch, left-padded). With
                 ``template="plain"`` the full prompt text, ``<image>`` placeholders included.
             system: replaces the template's system text.
-            template: a name registered in `mmlens.templates` or a `ConversationTemplate`.
-            vision_feature_select_strategy: "default" (patch tokens only) or "full" (CLS first);
-                default: the processor's.
+            template: a name registered in `mmlens.templates` or a `ConversationTemplate`
+                (`HookedLlavaNext.prepare` passes its checkpoint's template).
+            vision_feature_select_strategy: "default" (patch tokens only) or "full" (CLS first;
+                LLaVA-1.5 only); default: the processor's.
             patch_size: the vision tower's patch size; default: the processor's.
 
         Returns:
@@ -824,6 +826,7 @@ class MultimodalInput:
         Example:
             >>> inp = MultimodalInput.from_processor(processor, [img_a, None], ["Q1?", "Hi!"])
             >>> inp.pixel_values.shape  # llava-1.5: torch.Size([1, 3, 336, 336])
+            >>> # llava-v1.6: [n_images, max_crops, 3, 336, 336], base crop then tiles
             >>> inp.positions("image", item=1)  # tensor([], dtype=torch.int64): text-only
         """
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)

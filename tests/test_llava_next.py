@@ -163,6 +163,23 @@ def test_text_only_item_in_a_batch_with_an_image_matches_hf(vicuna):
     assert_matches_hf(hf, model, inp)
 
 
+def test_bfloat16_matches_hf_bfloat16_and_stays_close_to_fp32(tiny_next_checkpoint):
+    folder = tiny_next_checkpoint(**CONFIGS["llama3-gqa"])
+    model32 = mmlens.from_pretrained(folder)
+    model16 = mmlens.from_pretrained(folder, dtype=torch.bfloat16)
+    hf16 = LlavaNextForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    assert model16.image_newline.dtype == torch.bfloat16
+    inp = model32.prepare(case_image("wide-2x2-unpad"), QUESTIONS[0])
+    with torch.no_grad():
+        logits32, logits16 = model32(inp), model16(inp).float()
+        hf_logits16 = hf16(**inp.model_kwargs()).logits.float()
+    assert torch.isfinite(logits16).all()
+    # Same bf16 rounding as HF, op for op: agreement far tighter than bf16's own error.
+    assert (logits16 - hf_logits16).abs().max() < 1e-2 * logits32.abs().max()
+    relative_error = (logits16 - logits32).abs().mean() / logits32.abs().mean()
+    assert relative_error < 0.05
+
+
 # --- model: hooks and inputs -----------------------------------------------------------------
 
 
