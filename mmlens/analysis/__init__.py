@@ -3,7 +3,15 @@
 Analyses call models only through their public API (forward, hooks, caches).
 """
 
+from mmlens.analysis.cam import CamResult, llava_cam
 from mmlens.analysis.cliff import CliffResult, cliff_layer
+from mmlens.analysis.lens import (
+    HighNormPatches,
+    answer_token_variants,
+    attention_share,
+    high_norm_patches,
+    logit_lens,
+)
 from mmlens.analysis.probability import (
     AnswerProbability,
     answer_probability,
@@ -16,12 +24,19 @@ from mmlens.analysis.sweep import PAPER_FLOWS, PrefixCache, knockout_sweep
 __all__ = [
     "PAPER_FLOWS",
     "AnswerProbability",
+    "CamResult",
     "CliffResult",
+    "HighNormPatches",
     "PrefixCache",
     "answer_probability",
     "answer_token_ids",
+    "answer_token_variants",
+    "attention_share",
     "cliff_layer",
+    "high_norm_patches",
     "knockout_sweep",
+    "llava_cam",
+    "logit_lens",
     "module_knockout_jaccard",
     "relative_change",
 ]
