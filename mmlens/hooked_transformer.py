@@ -464,7 +464,8 @@ class HookedTransformer(HookedRootModule):
                 positions, is_real = kept, is_real.gather(1, index)
                 rotary_ids = rotary_ids.gather(1, index)
                 rotary = self.rotary(rotary_ids, resid.dtype)
-                plain_causal = False
+                # Survivors keep their order, so without padding, a cache or a biting sliding
+                # window, index-causal attention is still exact (and keeps SDPA's causal kernel).
             block.hook_positions(positions)
 
             past = past_kv_cache.key_values[layer] if past_kv_cache is not None else None

@@ -137,7 +137,8 @@ def knockout_sweep(
         window_size: layers per window (the paper: 9), centred and clipped (`ablations.window`).
         boxes: per sample, the boxes of the objects the question is about (original pixels).
         centres: window centres (default: every layer).
-        batch_size: window centres per forward (default: all at once).
+        batch_size: (flow, centre) pairs per batched forward (default: all at once; lower it
+            to bound memory on large models).
         method: "engine" (suffix recomputation, batched centres) or "naive" (one full forward
             per flow and centre, as the paper's code).
 
@@ -209,27 +210,38 @@ def _engine(
     windows: list[range],
     batch_size: int | None,
 ) -> tuple[float, int, dict[str, list[float]]]:
+    """Every (flow, window) pair is one batch item of a single suffix run from the earliest
+    target: one clean forward plus one short batched forward per sample."""
     prefix = PrefixCache.run(model, inp)
     probabilities = prefix.logits[0, -1].float().softmax(-1)
     answer = int(probabilities.argmax())
     n_positions, n_layers = prefix.embeddings.shape[1], model.cfg.n_layers
     device = prefix.embeddings.device
-    chunk = batch_size or len(windows)
-    p_new: dict[str, list[float]] = {}
-    for name, (source, target) in positions.items():
-        start = int(target.min())
-        edges = torch.isin(torch.arange(start, n_positions, device=device), target.to(device))[
-            :, None
-        ] & torch.isin(torch.arange(n_positions, device=device), source.to(device))
-        p_new[name] = []
-        for first in range(0, len(windows), chunk):
-            active = active_layers(windows[first : first + chunk], n_layers, device)
-            knock_out = _batched_knockout(edges, active)
-            logits = prefix.suffix_logits(
-                model, start, active.shape[1], [(_is_decoder_scores, knock_out)]
-            )
-            p_new[name] += logits[:, -1].float().softmax(-1)[:, answer].tolist()
-    return float(probabilities[answer]), answer, p_new
+    start = min(int(target.min()) for _, target in positions.values())
+    queries, keys = (
+        torch.arange(start, n_positions, device=device),
+        torch.arange(n_positions, device=device),
+    )
+    flow_edges = torch.stack(
+        [
+            torch.isin(queries, t.to(device))[:, None] & torch.isin(keys, s.to(device))
+            for s, t in positions.values()
+        ]
+    )  # [flow, q_pos, k_pos]
+    variants = [(flow, layers) for flow in range(len(positions)) for layers in windows]
+    chunk = batch_size or len(variants)
+    p_new: list[float] = []
+    for first in range(0, len(variants), chunk):
+        flows, chunk_windows = zip(*variants[first : first + chunk], strict=True)
+        knock_out = _batched_knockout(
+            flow_edges[list(flows)], active_layers(list(chunk_windows), n_layers, device)
+        )
+        logits = prefix.suffix_logits(model, start, len(flows), [(_is_decoder_scores, knock_out)])
+        p_new += logits[:, -1].float().softmax(-1)[:, answer].tolist()
+    per_flow = {
+        name: p_new[i * len(windows) : (i + 1) * len(windows)] for i, name in enumerate(positions)
+    }
+    return float(probabilities[answer]), answer, per_flow
 
 
 @torch.no_grad()
@@ -265,12 +277,12 @@ def active_layers(
 
 
 def _batched_knockout(
-    edges: Bool[Tensor, "q k"], active: Bool[Tensor, "layer variant"]
+    edges: Bool[Tensor, "variant q k"], active: Bool[Tensor, "layer variant"]
 ) -> Callable:
-    """A scores hook where batch item i blocks `edges` in the layers `active[:, i]`."""
+    """A scores hook where batch item i blocks `edges[i]` in the layers `active[:, i]`."""
 
     def knock_out(scores: Float[Tensor, "variant head q k"], hook: HookPoint) -> Tensor:
-        blocked = active[layer_of(hook)][:, None, None, None] & edges
+        blocked = active[layer_of(hook)][:, None, None, None] & edges[:, None]
         return scores.masked_fill(blocked, float("-inf"))
 
     return knock_out
