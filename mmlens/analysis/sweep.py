@@ -2,9 +2,9 @@
 for whole data sets.
 
 A knockout whose targets begin at position t cannot change anything before t. The engine runs
-the clean forward once, keeps every layer's keys and values, and for each flow recomputes only
-the suffix from t, with all window centres stacked in one batch: each batch item blocks the
-flow's edges in its own window of layers. It gives the naive loop's numbers (one full forward
+the clean forward once, keeps every layer's keys and values, and recomputes only the suffix
+from t, with every (flow, window centre) pair of the flows starting at t stacked in one batch:
+each batch item blocks its flow's edges in its own window of layers. It gives the naive loop's numbers (one full forward
 per flow and centre, as the paper's code does) within float rounding; tests check 1e-5.
 """
 
@@ -210,38 +210,43 @@ def _engine(
     windows: list[range],
     batch_size: int | None,
 ) -> tuple[float, int, dict[str, list[float]]]:
-    """Every (flow, window) pair is one batch item of a single suffix run from the earliest
-    target: one clean forward plus one short batched forward per sample."""
+    """Flows whose targets start at the same position share one batched suffix run, with one
+    batch item per (flow, window): e.g. one clean forward, one run of the last position for the
+    three ...→Last flows and one run from the question for Image→Question."""
     prefix = PrefixCache.run(model, inp)
     probabilities = prefix.logits[0, -1].float().softmax(-1)
     answer = int(probabilities.argmax())
     n_positions, n_layers = prefix.embeddings.shape[1], model.cfg.n_layers
     device = prefix.embeddings.device
-    start = min(int(target.min()) for _, target in positions.values())
-    queries, keys = (
-        torch.arange(start, n_positions, device=device),
-        torch.arange(n_positions, device=device),
-    )
-    flow_edges = torch.stack(
-        [
-            torch.isin(queries, t.to(device))[:, None] & torch.isin(keys, s.to(device))
-            for s, t in positions.values()
-        ]
-    )  # [flow, q_pos, k_pos]
-    variants = [(flow, layers) for flow in range(len(positions)) for layers in windows]
-    chunk = batch_size or len(variants)
-    p_new: list[float] = []
-    for first in range(0, len(variants), chunk):
-        flows, chunk_windows = zip(*variants[first : first + chunk], strict=True)
-        knock_out = _batched_knockout(
-            flow_edges[list(flows)], active_layers(list(chunk_windows), n_layers, device)
+    starts = {name: int(target.min()) for name, (_, target) in positions.items()}
+    p_new: dict[str, list[float]] = {}
+    for start in sorted(set(starts.values())):
+        names = [name for name in positions if starts[name] == start]
+        queries, keys = (
+            torch.arange(start, n_positions, device=device),
+            torch.arange(n_positions, device=device),
         )
-        logits = prefix.suffix_logits(model, start, len(flows), [(_is_decoder_scores, knock_out)])
-        p_new += logits[:, -1].float().softmax(-1)[:, answer].tolist()
-    per_flow = {
-        name: p_new[i * len(windows) : (i + 1) * len(windows)] for i, name in enumerate(positions)
-    }
-    return float(probabilities[answer]), answer, per_flow
+        flow_edges = torch.stack(
+            [
+                torch.isin(queries, positions[name][1].to(device))[:, None]
+                & torch.isin(keys, positions[name][0].to(device))
+                for name in names
+            ]
+        )  # [flow, q_pos, k_pos]
+        variants = [(flow, layers) for flow in range(len(names)) for layers in windows]
+        chunk = batch_size or len(variants)
+        group_p: list[float] = []
+        for first in range(0, len(variants), chunk):
+            flows, chunk_windows = zip(*variants[first : first + chunk], strict=True)
+            active = active_layers(list(chunk_windows), n_layers, device)
+            knock_out = _batched_knockout(flow_edges[list(flows)], active)
+            logits = prefix.suffix_logits(
+                model, start, len(flows), [(_is_decoder_scores, knock_out)]
+            )
+            group_p += logits[:, -1].float().softmax(-1)[:, answer].tolist()
+        for index, name in enumerate(names):
+            p_new[name] = group_p[index * len(windows) : (index + 1) * len(windows)]
+    return float(probabilities[answer]), answer, {name: p_new[name] for name in positions}
 
 
 @torch.no_grad()
