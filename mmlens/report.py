@@ -1,0 +1,279 @@
+"""A self-contained HTML report of both papers' analyses on one model and a set of VQA samples
+with ground-truth boxes (what `mmlens demo` writes for the shipped model).
+
+Every section has a plotly figure and a short text with the numbers it shows; LLaVA-CAM and
+attention are scored against the questions' boxes (mass inside the box vs the box's area share,
+pointing-game hits), so the report states numbers rather than impressions.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+import torch
+from tqdm.auto import tqdm
+
+from mmlens import plot
+from mmlens.analysis import (
+    answer_token_variants,
+    attention_share,
+    cliff_layer,
+    knockout_sweep,
+    llava_cam,
+    logit_lens,
+)
+from mmlens.analysis.sweep import PAPER_FLOWS
+
+REPORT_FLOWS = {
+    **PAPER_FLOWS,
+    "Related patches→Question": ("related_patches", "question"),
+    "Other patches→Question": ("other_patches", "question"),
+}
+
+
+@dataclass
+class Section:
+    title: str
+    text: str
+    figure: go.Figure | None = None
+
+
+def box_scores(
+    model: Any, inp: Any, boxes: Sequence[tuple[int, int, int, int]], maps: torch.Tensor
+) -> dict:
+    """How much of each map's mass lies on the patches of `boxes`, against their area share.
+
+    `maps`: `[layer, rows, cols]` on the image's patch grid (LLaVA-CAM maps or attention to the
+    image reshaped to the grid). Returns per-layer mass share, the area share, and whether
+    each layer's maximum (the pointing game) falls inside the boxes.
+    """
+    grid = inp.layout.patch_grid(0)
+    in_box = torch.isin(grid, torch.cat([inp.patches_in_box(box) for box in boxes]).to(grid.device))
+    maps = maps.float().cpu()
+    in_box = in_box.cpu()
+    total = maps.flatten(1).sum(1).clamp(min=1e-12)
+    mass = (maps * in_box).flatten(1).sum(1) / total
+    hits = in_box.flatten()[maps.flatten(1).argmax(1)]
+    return {"mass_in_box": mass, "area_share": in_box.float().mean().item(), "pointing_hit": hits}
+
+
+def last_row_attention_maps(model: Any, inp: Any) -> torch.Tensor:
+    """`[layer, rows, cols]`: the last position's attention to each image patch, mean over heads."""
+    grid = inp.layout.patch_grid(0)
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(inp, names_filter=names)
+    rows = torch.stack([cache[name][0, :, -1].mean(0) for name in names])  # [layer, k_pos]
+    return rows[:, grid.flatten()].reshape(len(names), *grid.shape)
+
+
+def write_report(
+    model: Any,
+    samples: Sequence[Any],
+    path: str | Path,
+    *,
+    n_cam_samples: int = 3,
+    window_size: int = 3,
+    progress: bool = True,
+) -> Path:
+    """Run the analyses on `samples` (objects with `image`, `question`, `answer`, `boxes`,
+    `question_type`) and write one self-contained HTML file to `path`.
+
+    Example:
+        >>> write_report(mmlens.load("tiny-shapes"), mmlens.zoo.shapes.generate(24, seed=1), "report.html")
+    """
+    inputs = [model.prepare(sample.image, sample.question) for sample in samples]
+    answers = [sample.answer for sample in samples]
+    sections = [_accuracy_section(model, samples, inputs)]
+    correct = [
+        i
+        for i, (inp, answer) in enumerate(zip(inputs, answers, strict=True))
+        if _predicts(model, inp, answer)
+    ]
+    used = correct or list(range(len(samples)))  # as the paper: analyse correctly answered samples
+
+    sweep = knockout_sweep(
+        model,
+        [inputs[i] for i in used],
+        REPORT_FLOWS,
+        window_size,
+        boxes=[samples[i].boxes for i in used],
+        progress=progress,
+    )
+    sections.append(_sweep_section(sweep))
+    first = used[0]
+    lens = logit_lens(
+        model, inputs[first], answer_token_variants(model, inputs[first], answers[first])
+    )
+    sections.append(_lens_section(lens, samples[first]))
+    share = attention_share(model, inputs[first])
+    sections.append(_share_section(share))
+    sections += _cam_sections(
+        model,
+        [samples[i] for i in used[:n_cam_samples]],
+        [inputs[i] for i in used[:n_cam_samples]],
+        progress,
+    )
+    sections.append(
+        _attention_box_section(model, [samples[i] for i in used], [inputs[i] for i in used])
+    )
+    cliff = cliff_layer(
+        model, [inputs[i] for i in used], [answers[i] for i in used], progress=progress
+    )
+    sections.append(_cliff_section(cliff))
+
+    path = Path(path)
+    path.write_text(_html(model, sections), encoding="utf-8")
+    return path
+
+
+def _predicts(model: Any, inp: Any, answer: str) -> bool:
+    from mmlens.analysis import answer_token_ids
+
+    with torch.no_grad():
+        return int(model(inp)[0, -1].argmax()) == answer_token_ids(model, inp, answer)[0]
+
+
+def _accuracy_section(model: Any, samples: Sequence[Any], inputs: Sequence[Any]) -> Section:
+    by_type: dict[str, list[bool]] = {}
+    for sample, inp in zip(samples, inputs, strict=True):
+        by_type.setdefault(sample.question_type, []).append(_predicts(model, inp, sample.answer))
+    rows = "".join(
+        f"<tr><td>{html.escape(kind)}</td><td>{sum(hits)}/{len(hits)}</td></tr>"
+        for kind, hits in by_type.items()
+    )
+    example = samples[0]
+    text = (
+        f"{len(samples)} samples. Greedy first answer token vs the answer word, per question type:"
+        f"<table><tr><th>type</th><th>correct</th></tr>{rows}</table>"
+        f"Example: <i>{html.escape(example.question)}</i> → <b>{html.escape(example.answer)}</b>."
+    )
+    return Section("Model and samples", text)
+
+
+def _sweep_section(sweep: Any) -> Section:
+    means = sweep.groupby(["flow", "layer"]).relative_change.mean()
+    lines = []
+    for flow in sweep.flow.unique():
+        curve = means[flow]
+        lines.append(
+            f"{html.escape(flow)}: largest drop {curve.min():.1f}% with the window centred on layer {int(curve.idxmin())}"
+        )
+    text = (
+        f"Attention knockout (Cross-modal Information Flow, eq. 7): each flow's edges are blocked in a "
+        f"window of {sweep.attrs['window_size']} layers centred on each layer; the curve is the mean relative "
+        f"change of the probability of the clean prediction over {sweep['sample'].nunique()} correctly answered "
+        "samples, with a 95% interval. " + "; ".join(lines) + "."
+    )
+    return Section("Information flow: attention knockout", text, plot.knockout_sweep(sweep))
+
+
+def _lens_section(lens: Any, sample: Any) -> Section:
+    final = lens[lens.layer == lens.layer.max()]
+    best = final.loc[final.probability.idxmax()]
+    text = (
+        f"Logit lens at the last position for <i>{html.escape(sample.question)}</i>: the probability of the "
+        f"answer's lower-case and capitalised first sub-word read off the residual stream after each layer "
+        f"(final norm applied). After the last layer {best.token_str!r} has p = {best.probability:.2f}."
+    )
+    return Section("Logit lens", text, plot.logit_lens(lens))
+
+
+def _share_section(share: Any) -> Section:
+    image = share[share.segment == "image"]
+    text = (
+        "Share of the last position's attention (mean over heads) on system, image and user tokens per "
+        f"layer (From Redundancy to Relevance, Figure 2). The image receives between {image.share.min():.0%} "
+        f"and {image.share.max():.0%} of it, most at layer {int(image.loc[image.share.idxmax()].layer)}."
+    )
+    return Section("Attention share", text, plot.attention_share(share))
+
+
+def _cam_sections(
+    model: Any, samples: Sequence[Any], inputs: Sequence[Any], progress: bool
+) -> list[Section]:
+    layers = list(range(model.cfg.n_layers))
+    sections = []
+    for sample, inp in zip(
+        tqdm(samples, desc="LLaVA-CAM", disable=not progress), inputs, strict=True
+    ):
+        cam = llava_cam(model, inp, sample.answer, layers=layers, progress=False)
+        scores = box_scores(model, inp, sample.boxes, cam.maps)
+        best = int(scores["mass_in_box"].argmax())
+        text = (
+            f"LLaVA-CAM for <i>{html.escape(sample.question)}</i> → {html.escape(sample.answer)}: per decoder "
+            f"layer, the answer logits' gradient-weighted post-attention-norm activations over the image patches. "
+            f"The question's objects cover {scores['area_share']:.0%} of the patches; the map puts "
+            f"{scores['mass_in_box'][best]:.0%} of its mass on them at layer {best}, and its maximum falls on them "
+            f"in {int(scores['pointing_hit'].sum())} of {len(layers)} layers."
+        )
+        sections.append(
+            Section(f"LLaVA-CAM: {sample.question_type}", text, plot.llava_cam(cam, inp))
+        )
+    return sections
+
+
+def _attention_box_section(model: Any, samples: Sequence[Any], inputs: Sequence[Any]) -> Section:
+    mass, hits, area = [], [], []
+    for sample, inp in zip(samples, inputs, strict=True):
+        scores = box_scores(model, inp, sample.boxes, last_row_attention_maps(model, inp))
+        mass.append(scores["mass_in_box"])
+        hits.append(scores["pointing_hit"].float())
+        area.append(scores["area_share"])
+    mass_per_layer, hit_rate = torch.stack(mass).mean(0), torch.stack(hits).mean(0)
+    figure = go.Figure()
+    figure.add_scatter(
+        y=mass_per_layer.tolist(), mode="lines+markers", name="attention mass in the boxes"
+    )
+    figure.add_scatter(y=hit_rate.tolist(), mode="lines+markers", name="pointing-game hit rate")
+    figure.add_hline(
+        y=sum(area) / len(area), line_dash="dash", annotation_text="boxes' share of the patches"
+    )
+    figure.update_layout(xaxis_title="layer", yaxis_title="fraction", yaxis_range=[0, 1.02],
+                         title="Where the last position's attention to the image goes")  # fmt: skip
+    best = int(mass_per_layer.argmax())
+    text = (
+        f"Ground truth: of the last position's attention to image patches (mean over heads), the share that "
+        f"lands on the question's objects, averaged over {len(samples)} samples, against the objects' share of "
+        f"the patches ({sum(area) / len(area):.0%}). Highest at layer {best}: {mass_per_layer[best]:.0%} "
+        f"(pointing-game hit rate {hit_rate[best]:.0%})."
+    )
+    return Section("Attention against the ground-truth boxes", text, figure)
+
+
+def _cliff_section(cliff: Any) -> Section:
+    where = f"layer {cliff.cliff_layer}" if cliff.cliff_layer is not None else "no layer"
+    text = (
+        f"Accuracy when every image token is removed from the sequence from layer l on. Without truncation "
+        f"{cliff.baseline:.0%}; from {where} on, removing the image costs at most {cliff.tolerance:.0%} — the "
+        "information-flow cliff: after it, the image has already been read."
+    )
+    return Section("Truncating image tokens: the cliff", text, plot.cliff(cliff))
+
+
+def _html(model: Any, sections: Sequence[Section]) -> str:
+    parts, plotly_js_included = [], False
+    for section in sections:
+        figure = ""
+        if section.figure is not None:
+            # The first figure carries plotly.js inline, so the file works offline on its own.
+            figure = section.figure.to_html(
+                full_html=False, include_plotlyjs=not plotly_js_included
+            )
+            plotly_js_included = True
+        parts.append(
+            f"<section><h2>{html.escape(section.title)}</h2><p>{section.text}</p>{figure}</section>"
+        )
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>mmlens report</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}</style></head><body>"
+        f"<h1>mmlens report: {html.escape(str(model.cfg.model_name))}</h1>"
+        + "".join(parts)
+        + "</body></html>"
+    )

@@ -1,0 +1,46 @@
+"""The HTML report: every section present, self-contained, ground-truth numbers consistent."""
+
+from __future__ import annotations
+
+import torch
+
+import mmlens
+from mmlens.report import box_scores, last_row_attention_maps, write_report
+from mmlens.zoo.shapes import generate
+
+
+def test_report_is_self_contained_with_every_section(tiny_checkpoint, tmp_path):
+    model = mmlens.from_pretrained(tiny_checkpoint(n_layers=3, image_size=112))
+    path = write_report(
+        model, generate(4, seed=3), tmp_path / "report.html", n_cam_samples=1, progress=False
+    )
+    text = path.read_text()
+    for title in (
+        "Information flow",
+        "Logit lens",
+        "Attention share",
+        "LLaVA-CAM",
+        "ground-truth boxes",
+        "cliff",
+    ):
+        assert title in text
+    assert text.count("plotly.js v") == 1 and '<script src="http' not in text, "plotly.js inline, once"
+    assert text.count('class="plotly-graph-div"') == 6  # sweep, lens, share, one CAM, boxes, cliff
+
+
+def test_box_scores_against_a_direct_count(tiny_checkpoint):
+    model = mmlens.from_pretrained(tiny_checkpoint(n_layers=3, image_size=112))
+    sample = generate(1, seed=5)[0]
+    inp = model.prepare(sample.image, sample.question)
+    maps = last_row_attention_maps(model, inp)
+    scores = box_scores(model, inp, sample.boxes, maps)
+    positions = torch.cat([inp.patches_in_box(box) for box in sample.boxes]).unique()
+    _, cache = model.run_with_cache(inp, names_filter="blocks.1.attn.hook_pattern")
+    row = cache["blocks.1.attn.hook_pattern"][0, :, -1].mean(0)
+    image = inp.positions("image")
+    expected = row[positions].sum() / row[image].sum()
+    assert torch.allclose(scores["mass_in_box"][1], expected, atol=1e-5)
+    assert scores["area_share"] == len(positions) / len(image)
+    assert bool(scores["pointing_hit"][1]) == bool(
+        torch.isin(image[row[image].argmax()], positions)
+    )
