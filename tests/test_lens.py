@@ -98,7 +98,9 @@ def test_logit_lens_takes_strings_and_positions(model, inp, cache):
     _, full_cache = cache
     by_id = logit_lens(full_cache, inp, [model.to_single_token("red")], position=5)
     by_string = logit_lens(full_cache, inp, "red", position=5)
-    assert by_id.equals(by_string) and by_string.attrs["position"] == 5
+    by_tensor = logit_lens(full_cache, inp, torch.tensor([model.to_single_token("red")]), 5)
+    assert by_id.equals(by_string) and by_id.equals(by_tensor)
+    assert by_string.attrs["position"] == 5
     assert set(by_string.layer) == set(range(model.cfg.n_layers + 1))
 
 

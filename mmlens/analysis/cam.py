@@ -70,10 +70,10 @@ def llava_cam(
 
     The answer is teacher-forced after the prompt (`answer_token_ids`: tokenised as the model
     would generate it) and the target is the sum of the logits of its tokens at the positions that
-    predict them. Per layer, the feature map A is the `site` activation at the image's patch
-    positions: decoder layers (ints) read ``blocks.{l}.ln2.hook_normalized`` at the image
-    tokens, vision-tower layers ("vision.blocks.{l}") the vision block's output at the patch
-    tokens (CLS excluded). Then ``alpha_c = mean over patches of d target / d A_c``,
+    predict them. Per layer, the feature map A is the block's `site` activation (default the
+    post-attention norm's output, ``ln2.hook_normalized``) at the image's patches: for decoder
+    layers (ints) at the image tokens' positions, for vision-tower layers ("vision.blocks.{l}")
+    at the patch tokens (CLS excluded). Then ``alpha_c = mean over patches of d target / d A_c``,
     ``map = ReLU(sum_c alpha_c A_c)`` on the patch grid, max-normalised.
 
     SmoothGrad: each of `n_samples` runs adds Gaussian noise of std `noise_std` to the [0, 1]
@@ -163,8 +163,10 @@ def _layer_names(model: Any, layers: Sequence[int | str] | None) -> list[str]:
     for layer in layers:
         if isinstance(layer, str):
             if not layer.startswith("vision.blocks."):
-                raise ValueError(f"layer {layer!r}: give decoder layers as ints, vision layers "
-                                 "as 'vision.blocks.{l}'")  # fmt: skip
+                raise ValueError(
+                    f"layer {layer!r}: give decoder layers as ints, vision layers as "
+                    "'vision.blocks.{l}'"
+                )
             names.append(layer)
         else:
             names.append(f"blocks.{int(layer)}")
@@ -188,9 +190,10 @@ def _raw_maps(
         captured[hook.name] = activation
 
     with torch.enable_grad():
+        # Pixels that require grad give the activations a graph even if the weights do not.
         run = dict(run, pixel_values=run["pixel_values"].detach().requires_grad_())
         logits = model.run_with_hooks(**run, fwd_hooks=[(name, capture) for name in hook_names])
-        target = logits[0, predicting, answer].sum()
+        target = logits[0, predicting, answer].float().sum()
         for name in hook_names:
             if name not in captured:
                 raise ValueError(

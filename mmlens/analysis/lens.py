@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,7 +51,7 @@ def answer_token_variants(model: Any, inp: Any, answer: str, item: int = 0) -> l
 def logit_lens(
     model_or_cache: Any,
     inp: Any,
-    tokens: int | str | list[int | str],
+    tokens: int | str | Sequence[int | str] | Int[Tensor, "n_tokens"],
     position: int | Literal["last"] = "last",
     apply_final_norm: bool = True,
     item: int = 0,
@@ -84,7 +85,7 @@ def logit_lens(
     _check_unpruned(cache[names[0]], inp)
     token_ids = [
         model.to_single_token(token) if isinstance(token, str) else int(token)
-        for token in (tokens if isinstance(tokens, list) else [tokens])
+        for token in ([tokens] if isinstance(tokens, (int, str)) else tokens)
     ]
     pos = int(inp.positions("last", item)) if position == "last" else int(position)
     resid = torch.stack([cache[name][item, pos] for name in names])  # [layer, d_model]
