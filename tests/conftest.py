@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from mmlens.testing import (
@@ -14,6 +15,16 @@ from mmlens.testing import (
     build_tiny_llava_next,
     make_test_image,
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models are dominated by per-op overhead: one thread is faster, and ~100x faster
+    when other processes share the CPU (oversubscribed threads spin)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

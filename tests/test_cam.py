@@ -21,15 +21,6 @@ DECODER_LAYERS = [0, 1, 2, 3]
 VISION_LAYERS = ["vision.blocks.0", "vision.blocks.1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model runs ~100x faster on one thread when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def folder(tiny_checkpoint):
     return tiny_checkpoint(n_layers=4)

@@ -21,7 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmlens.analysis.probability import _append_tokens, answer_token_ids
+from mmlens.analysis.probability import answer_token_ids, append_tokens
 
 SITES = {
     "ln2": "ln2.hook_normalized",
@@ -120,7 +120,7 @@ def llava_cam(
     image_mean = torch.tensor(model.processor.image_processor.image_mean)
 
     answer_tensor = torch.tensor([ids], device=inp.device)
-    run = _append_tokens(inp.model_kwargs(), answer_tensor)
+    run = append_tokens(inp.model_kwargs(), answer_tensor)
     predicting = torch.arange(len(ids), device=inp.device) + inp.input_ids.shape[1] - 1
     noise_scale = noise_std / image_std.to(inp.pixel_values)[:, None, None]
     generator = torch.Generator(device=inp.pixel_values.device).manual_seed(seed)

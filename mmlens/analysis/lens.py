@@ -25,7 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
-from mmlens.analysis.probability import _append_tokens, answer_token_ids, item_kwargs
+from mmlens.analysis.probability import answer_token_ids, append_tokens, item_kwargs
 
 MAD_TO_STD = 1.4826
 """Median absolute deviation -> standard deviation of a normal distribution."""
@@ -167,7 +167,7 @@ def attention_share(
         rows = torch.arange(last, last + generated.shape[1])
         segments["generated"] = rows[1:]
         # The final generated token predicts nothing measured: it is not run.
-        run = _append_tokens(prompt, generated[:, :-1])
+        run = append_tokens(prompt, generated[:, :-1])
         patterns = _pattern_rows(model, run, names, rows, 0)
         attrs["generated_ids"] = generated[0].tolist()
     else:

@@ -67,7 +67,7 @@ def answer_probability(
             ids = answer_token_ids(model, inp, item_answer, item)
             scored = ids[0] if subword == "first" else ids[-1]
             forced = torch.tensor([ids[:-1] if subword == "final" else []], dtype=torch.long)
-            logits = model(**_append_tokens(item_kwargs(inp, item), forced))
+            logits = model(**append_tokens(item_kwargs(inp, item), forced))
             token_ids.append(scored)
             probabilities.append(logits[0, -1].float().softmax(-1)[scored])
     return AnswerProbability(torch.tensor(token_ids), torch.stack(probabilities))
@@ -85,7 +85,7 @@ def item_kwargs(inp: Any, item: int) -> dict[str, Tensor]:
     return {name: value for name, value in kwargs.items() if value is not None}
 
 
-def _append_tokens(kwargs: dict[str, Tensor], tokens: Int[Tensor, "1 n"]) -> dict[str, Tensor]:
+def append_tokens(kwargs: dict[str, Tensor], tokens: Int[Tensor, "1 n"]) -> dict[str, Tensor]:
     """Batch-1 HF-style kwargs with `tokens` appended after the prompt."""
     kwargs = dict(kwargs)
     tokens = tokens.to(kwargs["input_ids"].device)
