@@ -5,7 +5,8 @@ the three last-position flows plus Image→Question, every window centre (window
 sample. The naive loop runs one full forward per flow and centre (4·L forwards, as the paper's
 code); the engine reuses the clean run's keys and values and recomputes only each flow's
 suffix, all centres in one batch. The physical floor is one clean forward; the goal is the
-whole sweep within 2x of it. Results of both are compared.
+whole sweep within 2x of it. Results of both are compared. Then LLaVA-CAM over every decoder
+layer from one backward pass vs one backward pass per layer.
 
     python bench/sweep.py [--device cuda] [--dtype bfloat16] [--n-layers 16]
 """
@@ -21,7 +22,7 @@ from PIL import Image
 from timing import LLAVA_15_SHAPE, measure, report, timed
 
 import mmlens
-from mmlens.analysis import PAPER_FLOWS, knockout_sweep
+from mmlens.analysis import PAPER_FLOWS, knockout_sweep, llava_cam
 from mmlens.testing import build_tiny_llava
 
 
@@ -68,6 +69,26 @@ def main() -> None:
         f"max relative difference engine vs naive: {error:.1e} over {len(engine)} (flow, centre) pairs"
     )
     print(f"naive / engine = {naive_seconds / medians['engine_sweep']:.1f}x")
+
+    layers = list(range(args.n_layers))
+    with torch.no_grad():
+        answer = [int(model(inp)[0, -1].argmax())]
+
+    def cam(layer_sets: list[list[int]]) -> list:
+        return [
+            llava_cam(model, inp, answer, layers=ls, noise_std=0.0, progress=False)
+            for ls in layer_sets
+        ]
+
+    cam_medians = measure(
+        {
+            "cam_all_layers_one_backward": lambda: cam([layers]),
+            "cam_one_backward_per_layer": lambda: cam([[layer] for layer in layers]),
+        },
+        args.repeats,
+        args.device,
+    )
+    report(cam_medians, reference="cam_all_layers_one_backward")
 
 
 if __name__ == "__main__":
