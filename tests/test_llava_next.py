@@ -231,6 +231,8 @@ def test_model_accepts_the_real_crops_flattened(vicuna):
     kwargs = {**inp.model_kwargs(), "pixel_values": crops}
     with torch.no_grad():
         assert torch.equal(model(**kwargs), model(inp))
+        as_list = {**kwargs, "image_sizes": inp.image_sizes.tolist()}
+        assert torch.equal(model(**as_list), model(inp))
 
 
 def test_errors_name_the_problem_and_the_fix(vicuna):

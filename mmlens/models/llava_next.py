@@ -126,7 +126,10 @@ class HookedLlavaNext(HookedLlava):
         image_sizes: Int[torch.Tensor, "image 2"] | None = None,
         **unused: Any,
     ) -> Float[torch.Tensor, "batch pos d_model"]:
-        """Token embeddings (`hook_embed`) with the image slots filled by `hook_image_embeds`."""
+        """Token embeddings (`hook_embed`) with the image slots filled by `hook_image_embeds`.
+
+        `image_sizes` may also be a list of ``(height, width)`` pairs.
+        """
         if pixel_values is None:
             return super().embed_input(input_ids)
         if image_sizes is None:
@@ -134,6 +137,7 @@ class HookedLlavaNext(HookedLlava):
                 "LLaVA-NeXT needs image_sizes (each original image's (height, width)) with "
                 "pixel_values; pass inp = model.prepare(...) or the processor's image_sizes"
             )
+        image_sizes = torch.as_tensor(image_sizes).reshape(-1, 2)
         embeds = self.hook_embed(self.embed(input_ids))
         image_slots = input_ids == self.cfg.image_token_id
         image_embeds = self.hook_image_embeds(self.encode_images(pixel_values, image_sizes))
