@@ -59,9 +59,10 @@ class HookedLlava(HookedTransformer):
         return inp.to(self.W_E.device)
 
     def encode_images(
-        self, pixel_values: Float[torch.Tensor, "image channel height width"]
+        self, pixel_values: Float[torch.Tensor, "image channel height width"], **unused: Any
     ) -> Float[torch.Tensor, "image token d_model"]:
-        """Vision tower -> selected features -> projector: the embeddings of the image slots."""
+        """Vision tower -> selected features -> projector: the embeddings of the image slots,
+        in slot order (LLaVA-1.5 ignores `image_sizes`; NeXT needs them)."""
         features = self.vision(
             pixel_values, self.cfg.vision_feature_layers, self.cfg.vision_feature_select_strategy
         )
@@ -71,12 +72,13 @@ class HookedLlava(HookedTransformer):
         self,
         input_ids: Int[torch.Tensor, "batch pos"],
         pixel_values: Float[torch.Tensor, "image channel height width"] | None = None,
-        **unused: Any,
+        **image_kwargs: Any,
     ) -> Float[torch.Tensor, "batch pos d_model"]:
         """Token embeddings (`hook_embed`) with the image slots filled by `hook_image_embeds`.
 
         `hook_embed` holds the embedding lookup of every id (the `<image>` placeholder's
-        embedding at image slots, which the image features then replace).
+        embedding at image slots, which the image features then replace). `image_kwargs`
+        (e.g. `image_sizes`) go to `encode_images`.
         """
         embeds = self.hook_embed(self.embed(input_ids))
         image_slots = input_ids == self.cfg.image_token_id
@@ -88,11 +90,12 @@ class HookedLlava(HookedTransformer):
                     "(model.prepare(image, prompt)) or remove '<image>' from the prompt"
                 )
             return embeds
-        image_embeds = self.hook_image_embeds(self.encode_images(pixel_values))
-        if image_embeds.shape[0] * image_embeds.shape[1] != n_slots:
+        image_embeds = self.hook_image_embeds(self.encode_images(pixel_values, **image_kwargs))
+        n_embeds = image_embeds.shape[:-1].numel()
+        if n_embeds != n_slots:
             raise ValueError(
-                f"{image_embeds.shape[0]} image(s) give {image_embeds.shape[0] * image_embeds.shape[1]} "
-                f"image embeddings but the input has {n_slots} image tokens; use one '<image>' per "
-                "image and let model.prepare expand it"
+                f"the image(s) give {n_embeds} image embeddings but the input has {n_slots} image "
+                "tokens; use one '<image>' per image and let model.prepare (or the checkpoint's "
+                "processor) expand it"
             )
         return embeds.masked_scatter(image_slots[..., None], image_embeds.to(embeds.dtype))

@@ -81,18 +81,25 @@ class HookedLlavaNext(HookedLlava):
         self,
         pixel_values: Float[torch.Tensor, "image crop channel height width"]
         | Float[torch.Tensor, "crop channel height width"],
-        image_sizes: Int[torch.Tensor, "image 2"],
+        image_sizes: Int[torch.Tensor, "image 2"] | list | None = None,
+        **unused: Any,
     ) -> Float[torch.Tensor, "1 image_token d_model"]:
         """Every crop through the vision tower and projector, then each image packed.
 
         Args:
             pixel_values: the processor's ``[n_images, max_crops, ...]`` (crops past an image's
                 own count are padding and are skipped), or its real crops concatenated.
-            image_sizes: ``(height, width)`` of each original image.
+            image_sizes: ``(height, width)`` of each original image (a tensor or a list).
 
         Returns:
             the packed image sequences of all images, concatenated (see the class doc).
         """
+        if image_sizes is None:
+            raise ValueError(
+                "LLaVA-NeXT needs image_sizes (each original image's (height, width)) with "
+                "pixel_values; pass inp = model.prepare(...) or the processor's image_sizes"
+            )
+        image_sizes = torch.as_tensor(image_sizes).reshape(-1, 2)
         grids = [self.tile_grid(size) for size in image_sizes.tolist()]
         n_crops = [1 + grid.n_tiles for grid in grids]
         crop_embeds = super().encode_images(_real_crops(pixel_values, n_crops))
@@ -118,38 +125,6 @@ class HookedLlavaNext(HookedLlava):
         ]
         newlines = self.image_newline.to(kept.dtype).expand(kept.shape[0], 1, -1)
         return torch.cat([crop_embeds[0], torch.cat([kept, newlines], dim=1).flatten(0, 1)])
-
-    def embed_input(
-        self,
-        input_ids: Int[torch.Tensor, "batch pos"],
-        pixel_values: Float[torch.Tensor, "image crop channel height width"] | None = None,
-        image_sizes: Int[torch.Tensor, "image 2"] | None = None,
-        **unused: Any,
-    ) -> Float[torch.Tensor, "batch pos d_model"]:
-        """Token embeddings (`hook_embed`) with the image slots filled by `hook_image_embeds`.
-
-        `image_sizes` may also be a list of ``(height, width)`` pairs.
-        """
-        if pixel_values is None:
-            return super().embed_input(input_ids)
-        if image_sizes is None:
-            raise ValueError(
-                "LLaVA-NeXT needs image_sizes (each original image's (height, width)) with "
-                "pixel_values; pass inp = model.prepare(...) or the processor's image_sizes"
-            )
-        image_sizes = torch.as_tensor(image_sizes).reshape(-1, 2)
-        embeds = self.hook_embed(self.embed(input_ids))
-        image_slots = input_ids == self.cfg.image_token_id
-        image_embeds = self.hook_image_embeds(self.encode_images(pixel_values, image_sizes))
-        n_slots = int(image_slots.sum())
-        if image_embeds.shape[1] != n_slots:
-            raise ValueError(
-                f"{len(image_sizes)} image(s) of sizes {image_sizes.tolist()} give "
-                f"{image_embeds.shape[1]} image embeddings but the input has {n_slots} image "
-                "tokens; the count depends on each image's size: let model.prepare (or the "
-                "checkpoint's processor) expand one '<image>' per image"
-            )
-        return embeds.masked_scatter(image_slots[..., None], image_embeds.to(embeds.dtype))
 
 
 def _real_crops(
