@@ -694,3 +694,39 @@ def _randomize_weights(model: torch.nn.Module) -> None:
             parameter.normal_(0.0, 0.05)
         else:
             parameter.normal_(0.0, 0.15)
+
+
+def hf_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each item's first real token, as HF `generate` computes them
+    (a plain HF forward would count from the padded start)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def assert_matches_hf(
+    hf_model: torch.nn.Module, model: torch.nn.Module, inp: Any, tolerance: float = 1e-4
+) -> tuple:
+    """Assert that mmlens and HF agree on `inp` at every real position: logits, every layer's
+    residual stream, and the final normed state. Returns HF's output and mmlens' cache so that a
+    test can check more.
+
+    Example:
+        >>> out, cache = assert_matches_hf(hf, model, model.prepare(images, prompts))
+    """
+    with torch.no_grad():
+        out = hf_model(
+            **inp.model_kwargs(),
+            position_ids=hf_position_ids(inp.attention_mask),
+            output_hidden_states=True,
+        )
+        logits, cache = model.run_with_cache(inp)
+    real = inp.attention_mask.bool()
+    assert (out.logits - logits)[real].abs().max() < tolerance, "logits"
+    for layer in range(model.cfg.n_layers):
+        resid_pre = cache[f"blocks.{layer}.hook_resid_pre"]
+        assert (out.hidden_states[layer] - resid_pre)[real].abs().max() < tolerance, (
+            f"layer {layer}"
+        )
+    final = cache["ln_final.hook_normalized"]  # HF's last hidden state is after the final norm
+    assert (out.hidden_states[-1] - final)[real].abs().max() < tolerance, "final norm"
+    assert logits.std() > 0.5, "random checkpoint too flat for parity to mean anything"
+    return out, cache
