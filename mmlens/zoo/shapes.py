@@ -210,7 +210,12 @@ class ShapesSample:
 
 
 def generate(
-    n: int, seed: int = 0, question_types: Sequence[str] = QUESTION_TYPES, *, start: int = 0
+    n: int,
+    seed: int = 0,
+    question_types: Sequence[str] = QUESTION_TYPES,
+    *,
+    start: int = 0,
+    n_objects: Sequence[int] = N_OBJECTS,
 ) -> list[ShapesSample]:
     """`n` samples, the question types taken in turn.
 
@@ -221,6 +226,8 @@ def generate(
         seed: dataset seed; different seeds give independent datasets.
         question_types: the types to cycle through (default: all of `QUESTION_TYPES`).
         start: index of the first sample (to continue a stream).
+        n_objects: how many objects a scene may hold (uniform over these; types that compare two
+            objects use at least 2). Fewer objects make easier scenes (the training curriculum).
 
     Example:
         >>> [s.question_type for s in generate(3, seed=1, question_types=["Exist", "ChooseCat"])]
@@ -230,11 +237,14 @@ def generate(
     for question_type in types:
         _check_type(question_type)
     return [
-        make_sample(seed, index, types[index % len(types)]) for index in range(start, start + n)
+        make_sample(seed, index, types[index % len(types)], n_objects=n_objects)
+        for index in range(start, start + n)
     ]
 
 
-def make_sample(seed: int, index: int, question_type: str) -> ShapesSample:
+def make_sample(
+    seed: int, index: int, question_type: str, *, n_objects: Sequence[int] = N_OBJECTS
+) -> ShapesSample:
     """The sample number `index` of type `question_type` in the dataset `seed` (deterministic).
 
     Example:
@@ -242,9 +252,12 @@ def make_sample(seed: int, index: int, question_type: str) -> ShapesSample:
         True
     """
     _check_type(question_type)
+    if not n_objects or not all(1 <= n <= len(SHAPES) - 1 for n in n_objects):
+        raise ValueError(f"n_objects must be counts between 1 and {len(SHAPES) - 1}: {n_objects}")
     rng = random.Random(f"mmlens.zoo.shapes/{seed}/{index}/{question_type}")
     for _ in range(1000):
-        built = _BUILDERS[question_type](rng)
+        n = rng.choice(list(n_objects))
+        built = _BUILDERS[question_type](rng, n)
         if built is not None:
             question, answer, objects, named, options, subtype = built
             referred = tuple(obj for shape in named for obj in objects if obj.shape == shape)
@@ -279,6 +292,172 @@ def vocabulary() -> list[str]:
             texts.append(template)
     texts += [answer for answers in ANSWERS.values() for answer in answers]
     return sorted({word for text in texts for word in re.findall(r"\w+|[^\w\s]+", text)})
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One question about a scene (a turn of a multi-turn conversation).
+
+    Attributes:
+        question, answer, question_type, subtype: as in `ShapesSample`.
+        named: the shapes the question names, in order (present or not).
+    """
+
+    question: str
+    answer: str
+    question_type: str
+    subtype: str
+    named: tuple[str, ...]
+
+
+def conversation(sample: ShapesSample, n_turns: int) -> list[Turn]:
+    """`n_turns` questions about `sample`'s image: its own question first, then follow-ups.
+
+    Follow-up types are drawn at random; each is derived from the scene by `ask` (a type the scene
+    cannot support, e.g. CompareAttr without a pair sharing exactly one attribute, is redrawn).
+    Deterministic given the sample. The training script uses these as LLaVA-1.5 multi-turn
+    conversations (``USER: ... ASSISTANT: a</s>USER: ...``), several supervised answers per image.
+
+    Example:
+        >>> [turn.question_type for turn in conversation(generate(1)[0], 3)][0]
+        'ChooseAttr'
+    """
+    turns = [
+        Turn(
+            sample.question,
+            sample.answer,
+            sample.question_type,
+            sample.subtype,
+            _named_in(sample.question),
+        )
+    ]
+    rng = random.Random(f"mmlens.zoo.shapes/turns/{sample.seed}/{sample.index}")
+    for _ in range(100 * n_turns):
+        if len(turns) >= n_turns:
+            break
+        turn = ask(rng, sample.objects, rng.choice(QUESTION_TYPES))
+        if turn is not None and turn.question not in {t.question for t in turns}:
+            turns.append(turn)
+    return turns
+
+
+def _named_in(question: str) -> tuple[str, ...]:
+    words = re.findall(r"\w+", question)
+    return tuple(word for word in words if word in SHAPES)
+
+
+def ask(rng: random.Random, objects: Sequence[ShapeObject], question_type: str) -> Turn | None:
+    """A random question of `question_type` about the scene `objects`, or None if the scene has
+    none (answers balanced where the scene allows: yes/no drawn first, options shuffled)."""
+    _check_type(question_type)
+    objects = list(objects)
+    present = {obj.shape for obj in objects}
+    absent = [shape for shape in SHAPES if shape not in present]
+    target = rng.choice(objects)
+    if question_type == "ChooseAttr":
+        if rng.random() < 2 / 3:
+            other = rng.choice([c for c in COLORS if c != target.color])
+            answer, subtype = target.color, "color"
+        else:
+            other = next(size for size in SIZES if size != target.size)
+            answer, subtype = target.size, "size"
+        options = _shuffled(rng, [answer, other])
+        question = TEMPLATES["ChooseAttr"][0].format(
+            shape=target.shape, option1=options[0], option2=options[1]
+        )
+        return Turn(question, answer, question_type, subtype, (target.shape,))
+    if question_type == "ChooseCat":
+        subtype = "color" if rng.random() < 2 / 3 else "size"
+        value = getattr(target, subtype)
+        distractors = absent + [o.shape for o in objects if getattr(o, subtype) != value]
+        if not distractors:
+            return None
+        options = _shuffled(rng, [target.shape, rng.choice(distractors)])
+        question = TEMPLATES["ChooseCat"][0].format(
+            attribute=value, option1=options[0], option2=options[1]
+        )
+        return Turn(question, target.shape, question_type, subtype, options)
+    if question_type == "ChooseRel":
+        subtype = "horizontal" if rng.random() < 0.5 else "vertical"
+        axis = 0 if subtype == "horizontal" else 1
+        pairs = [
+            (a, b)
+            for a in objects
+            for b in objects
+            if a is not b and abs(a.center[axis] - b.center[axis]) >= MIN_SEPARATION
+        ]
+        if not pairs:
+            return None
+        first, second = rng.choice(pairs)
+        before = first.center[axis] < second.center[axis]
+        if subtype == "horizontal":
+            answer, options = ("left" if before else "right"), _shuffled(rng, ["left", "right"])
+        else:
+            answer, options = ("above" if before else "below"), _shuffled(rng, ["above", "below"])
+        question = TEMPLATES["ChooseRel"][axis].format(
+            shape=first.shape, shape2=second.shape, option1=options[0], option2=options[1]
+        )
+        return Turn(question, answer, question_type, subtype, (first.shape, second.shape))
+    if question_type == "CompareAttr":
+        pairs = [
+            (a, b)
+            for a in objects
+            for b in objects
+            if a is not b and (a.color == b.color) != (a.size == b.size)
+        ]
+        if not pairs:
+            return None
+        a, b = rng.choice(pairs)
+        answer = "color" if a.color == b.color else "size"
+        question = TEMPLATES["CompareAttr"][0].format(shape=a.shape, shape2=b.shape)
+        return Turn(question, answer, question_type, "common", (a.shape, b.shape))
+    if question_type == "LogicalObj":
+        if len(objects) < 2:
+            return None
+        subtype, answer = rng.choice(["or", "and"]), rng.choice(["yes", "no"])
+        if subtype == "or":
+            choices = (
+                [(False, False)] if answer == "no" else [(True, False), (False, True), (True, True)]
+            )
+        else:
+            choices = (
+                [(True, True)]
+                if answer == "yes"
+                else [(True, False), (False, True), (False, False)]
+            )
+        match = rng.choice(choices)
+        picked = rng.sample(objects, 2)
+        absent_left = list(absent)
+        descriptions = []
+        for obj, is_match in zip(picked, match, strict=True):
+            if is_match:
+                descriptions.append((obj.color, obj.shape))
+            elif not absent_left or rng.random() < 0.5:
+                descriptions.append((rng.choice([c for c in COLORS if c != obj.color]), obj.shape))
+            else:
+                shape = absent_left.pop(rng.randrange(len(absent_left)))
+                descriptions.append((rng.choice(list(COLORS)), shape))
+        (color, shape), (color2, shape2) = descriptions
+        template = TEMPLATES["LogicalObj"][0 if subtype == "or" else 1]
+        question = template.format(color=color, shape=shape, color2=color2, shape2=shape2)
+        return Turn(question, answer, question_type, subtype, (shape, shape2))
+    if question_type == "QueryAttr":
+        if rng.random() < 0.5:
+            x = target.center[0]
+            if MIDDLE_BAND[0] <= x < MIDDLE_BAND[1]:
+                return None
+            answer = "left" if x < MIDDLE_BAND[0] else "right"
+            question = TEMPLATES["QueryAttr"][0].format(shape=target.shape)
+            return Turn(question, answer, question_type, "position", (target.shape,))
+        question = TEMPLATES["QueryAttr"][1].format(shape=target.shape)
+        return Turn(question, target.color, question_type, "color", (target.shape,))
+    # Exist
+    if rng.random() < 0.5 or not absent:
+        shape, answer = target.shape, "yes"
+    else:
+        shape, answer = rng.choice(absent), "no"
+    question = TEMPLATES["Exist"][0].format(shape=shape)
+    return Turn(question, answer, question_type, "object", (shape,))
 
 
 # --- drawing -------------------------------------------------------------------------------------
@@ -367,8 +546,7 @@ def _apart(a: Box, b: Box, gap: int) -> bool:
     return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
 
 
-def _random_specs(rng: random.Random, n: int | None = None) -> list[_Spec]:
-    n = n or rng.choice(N_OBJECTS)
+def _random_specs(rng: random.Random, n: int) -> list[_Spec]:
     return [
         _Spec(shape, rng.choice(list(COLORS)), rng.choice(list(SIZES)))
         for shape in rng.sample(SHAPES, n)
@@ -384,8 +562,8 @@ def _shuffled(rng: random.Random, options: Sequence[str]) -> tuple[str, ...]:
 # --- question builders: rng -> (question, answer, objects, named shapes, options, subtype) ------
 
 
-def _choose_attr(rng: random.Random):
-    specs = _random_specs(rng)
+def _choose_attr(rng: random.Random, n: int):
+    specs = _random_specs(rng, n)
     target = specs[0]
     if rng.random() < 2 / 3:
         answer = rng.choice(list(COLORS))
@@ -407,11 +585,10 @@ def _choose_attr(rng: random.Random):
     return question, answer, objects, [target.shape], options, subtype
 
 
-def _choose_cat(rng: random.Random):
+def _choose_cat(rng: random.Random, n: int):
     subtype = "color" if rng.random() < 2 / 3 else "size"
     values = list(COLORS) if subtype == "color" else list(SIZES)
     attribute = rng.choice(values)
-    n = rng.choice(N_OBJECTS)
     shapes = list(rng.sample(SHAPES, n + 1))  # the last one is absent from the image
     answer, distractor = shapes[0], shapes[1] if rng.random() < 0.5 else shapes[-1]
     specs = []
@@ -432,8 +609,8 @@ def _choose_cat(rng: random.Random):
     return question, answer, objects, list(options), options, subtype
 
 
-def _choose_rel(rng: random.Random):
-    specs = _random_specs(rng)
+def _choose_rel(rng: random.Random, n: int):
+    specs = _random_specs(rng, max(n, 2))
     objects = _place(rng, specs)
     if objects is None:
         return None
@@ -461,8 +638,8 @@ def _choose_rel(rng: random.Random):
     return question, answer, objects, [first.shape, second.shape], options, subtype
 
 
-def _compare_attr(rng: random.Random):
-    specs = _random_specs(rng)
+def _compare_attr(rng: random.Random, n: int):
+    specs = _random_specs(rng, max(n, 2))
     answer = rng.choice(["color", "size"])
     a, b = specs[0], specs[1]
     if answer == "color":
@@ -480,7 +657,7 @@ def _compare_attr(rng: random.Random):
     return question, answer, objects, [a.shape, b.shape], (), "common"
 
 
-def _logical_obj(rng: random.Random):
+def _logical_obj(rng: random.Random, n: int):
     subtype = rng.choice(["or", "and"])
     answer = rng.choice(["yes", "no"])
     if subtype == "or":
@@ -492,7 +669,7 @@ def _logical_obj(rng: random.Random):
             [(True, True)] if answer == "yes" else [(True, False), (False, True), (False, False)]
         )
     match = rng.choice(matches)
-    specs = _random_specs(rng)
+    specs = _random_specs(rng, max(n, 2))
     absent = [shape for shape in SHAPES if shape not in {spec.shape for spec in specs}]
     present = list(range(len(specs)))
     rng.shuffle(present)
@@ -515,8 +692,8 @@ def _logical_obj(rng: random.Random):
     return question, answer, objects, [shape, shape2], (), subtype
 
 
-def _query_attr(rng: random.Random):
-    specs = _random_specs(rng)
+def _query_attr(rng: random.Random, n: int):
+    specs = _random_specs(rng, n)
     objects = _place(rng, specs)
     if objects is None:
         return None
@@ -535,8 +712,8 @@ def _query_attr(rng: random.Random):
     return question, answer, objects, [target.shape], (), subtype
 
 
-def _exist(rng: random.Random):
-    specs = _random_specs(rng)
+def _exist(rng: random.Random, n: int):
+    specs = _random_specs(rng, n)
     answer = rng.choice(["yes", "no"])
     if answer == "yes":
         shape = rng.choice(specs).shape
