@@ -4,6 +4,7 @@ from mmlens.config import MMConfig, VisionConfig
 from mmlens.hooked_transformer import HookedTransformer, KVCache
 from mmlens.loading import from_pretrained
 from mmlens.models import HookedLlava, HookedLlavaNext
+from mmlens.zoo import load
 
 __all__ = [
     "HookedLlava",
@@ -13,5 +14,6 @@ __all__ = [
     "MMConfig",
     "VisionConfig",
     "from_pretrained",
+    "load",
 ]
 __version__ = "0.1.0"

@@ -95,7 +95,11 @@ def write_report(
         for i, (inp, answer) in enumerate(zip(inputs, answers, strict=True))
         if _predicts(model, inp, answer)
     ]
-    used = correct or list(range(len(samples)))  # as the paper: analyse correctly answered samples
+    # As the paper: analyse correctly answered samples, and those whose question names objects
+    # in the image (the box-based flows and scores need their boxes).
+    used = [i for i in (correct or range(len(samples))) if samples[i].boxes]
+    if not used:
+        raise ValueError("no sample refers to an object in its image (all have empty boxes)")
 
     sweep = knockout_sweep(
         model,

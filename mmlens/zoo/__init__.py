@@ -1,0 +1,55 @@
+"""Small trained models that ship inside the mmlens package, and the data they were trained on.
+
+- ``"tiny-shapes"``: a LLaVA-1.5-style model (CLIP ViT, GELU projector, 6-layer Llama decoder,
+  word-level tokenizer) trained from scratch on `mmlens.zoo.shapes` by
+  `python -m mmlens.zoo.train_shapes`; see docs/zoo.md for its accuracy and ground-truth numbers.
+
+`load(name)` resolves the name to the checkpoint folder inside the installed package and loads it
+through `mmlens.from_pretrained`, the same path as any llava-hf checkpoint folder.
+
+Example:
+    >>> model = mmlens.load("tiny-shapes")
+    >>> sample = mmlens.zoo.shapes.generate(1, seed=0)[0]
+    >>> inp = model.prepare(sample.image, sample.question)
+    >>> model.to_string(model(inp)[0, -1].argmax()) == sample.answer  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+MODELS = {
+    "tiny-shapes": "LLaVA-1.5-style model trained on mmlens.zoo.shapes (112 px, 64 image tokens)",
+}
+"""Names `load` accepts, with a one-line description each."""
+
+
+def checkpoint_path(name: str) -> Path:
+    """The folder of the shipped checkpoint `name` inside the installed package.
+
+    Raises:
+        ValueError: unknown name.
+        FileNotFoundError: the package was installed without the checkpoint files.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown zoo model {name!r}; shipped models: {', '.join(sorted(MODELS))}")
+    folder = Path(__file__).resolve().parent / name
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} holds no checkpoint: this installation of mmlens lacks the package data "
+            f"of {name!r} (reinstall mmlens, or train it with `python -m mmlens.zoo.train_shapes`)"
+        )
+    return folder
+
+
+def load(name: str = "tiny-shapes", **kwargs: Any) -> Any:
+    """Load a shipped model through `mmlens.from_pretrained` (`kwargs`: ``dtype``, ``device``).
+
+    Example:
+        >>> model = mmlens.load("tiny-shapes", dtype=torch.float32, device="cpu")
+    """
+    from mmlens.loading import from_pretrained
+
+    return from_pretrained(checkpoint_path(name), **kwargs)
