@@ -24,7 +24,9 @@ def test_report_is_self_contained_with_every_section(tiny_checkpoint, tmp_path):
         "cliff",
     ):
         assert title in text
-    assert text.count("plotly.js v") == 1 and '<script src="http' not in text, "plotly.js inline, once"
+    assert text.count("plotly.js v") == 1 and '<script src="http' not in text, (
+        "plotly.js inline, once"
+    )
     assert text.count('class="plotly-graph-div"') == 6  # sweep, lens, share, one CAM, boxes, cliff
 
 

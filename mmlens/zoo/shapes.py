@@ -45,10 +45,10 @@ that is absent: it then has fewer boxes, possibly none).
 Example:
     >>> from mmlens.zoo.shapes import generate
     >>> sample = generate(7, seed=0)[0]
-    >>> sample.question_type, sample.question, sample.answer  # doctest: +SKIP
-    ('ChooseAttr', 'Is the star green or orange?', 'orange')
-    >>> sample.image.size, sample.boxes  # doctest: +SKIP
-    ((112, 112), ((61, 14, 93, 45),))
+    >>> sample.question_type, sample.question, sample.answer
+    ('ChooseAttr', 'Is the star blue or red?', 'red')
+    >>> sample.image.size, sample.boxes
+    ((112, 112), ((13, 26, 50, 61),))
 """
 
 from __future__ import annotations
@@ -154,7 +154,9 @@ class ShapeObject:
         color: one of `COLORS`.
         size: "small" or "large".
         box: tight box of its painted pixels, ``(x0, y0, x1, y1)``, x1/y1 exclusive.
-        footprint: the square the shape is drawn in (same convention; contains `box`).
+        footprint: the square the shape is drawn in (same convention). `box` lies inside it,
+            give or take one pixel (a star's tips can round one pixel past it); footprints of one
+            scene are at least 3 pixels apart, so objects never touch.
     """
 
     shape: str
@@ -310,13 +312,16 @@ class Turn:
     named: tuple[str, ...]
 
 
-def conversation(sample: ShapesSample, n_turns: int) -> list[Turn]:
+def conversation(
+    sample: ShapesSample, n_turns: int, question_types: Sequence[str] = QUESTION_TYPES
+) -> list[Turn]:
     """`n_turns` questions about `sample`'s image: its own question first, then follow-ups.
 
-    Follow-up types are drawn at random; each is derived from the scene by `ask` (a type the scene
-    cannot support, e.g. CompareAttr without a pair sharing exactly one attribute, is redrawn).
-    Deterministic given the sample. The training script uses these as LLaVA-1.5 multi-turn
-    conversations (``USER: ... ASSISTANT: a</s>USER: ...``), several supervised answers per image.
+    Follow-up types are drawn at random from `question_types`; each is derived from the scene by `ask` (a type the scene
+    cannot support, e.g. CompareAttr without a pair sharing exactly one attribute, is redrawn), and
+    no question repeats. Deterministic given the sample. The training script asks each of them as
+    its own single-turn question about the image (several supervised answers per image; the
+    questions never see each other).
 
     Example:
         >>> [turn.question_type for turn in conversation(generate(1)[0], 3)][0]
@@ -335,7 +340,7 @@ def conversation(sample: ShapesSample, n_turns: int) -> list[Turn]:
     for _ in range(100 * n_turns):
         if len(turns) >= n_turns:
             break
-        turn = ask(rng, sample.objects, rng.choice(QUESTION_TYPES))
+        turn = ask(rng, sample.objects, rng.choice(list(question_types)))
         if turn is not None and turn.question not in {t.question for t in turns}:
             turns.append(turn)
     return turns
