@@ -58,10 +58,10 @@ DEFAULT_OUT = Path(__file__).parent / "tiny-shapes"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 """Ids 0, 1, 2 as in Llama; ``<image>`` and ``<pad>`` come after the words."""
 
-DEFAULTS = dict(steps=3000, batch_size=8, n_questions=12, lr=2e-3, easy_steps=800)
+DEFAULTS = dict(steps=3200, batch_size=8, n_questions=12, lr=5e-4, easy_steps=500)
 """Training settings of the shipped checkpoint (`train`'s defaults, the CLI's defaults)."""
 
-EASY_TYPES = ("QueryAttr", "Exist", "ChooseAttr")
+EASY_TYPES = ("QueryAttr", "ChooseCat", "ChooseAttr", "Exist")
 """Question types of the curriculum's first phase."""
 
 ARCHITECTURE = dict(
@@ -315,11 +315,17 @@ def shared_prefix_loss(
         use_cache=True,
         logits_to_keep=1,
     )
+    conversations = questions_for(samples, n_questions, question_types)
+    # A scene may support fewer distinct questions than asked for: repeat each image's cache
+    # once per question it actually has.
+    repeats = torch.tensor([len(turns) for turns in conversations], device=device)
     cache = out.past_key_values
-    cache.batch_repeat_interleave(n_questions)
+    for layer in cache.layers:
+        layer.keys = layer.keys.repeat_interleave(repeats, dim=0)
+        layer.values = layer.values.repeat_interleave(repeats, dim=0)
 
     rows = []
-    for turns in questions_for(samples, n_questions, question_types):
+    for turns in conversations:
         for turn in turns:
             text = render("llava_v1", turn.question, n_images=1, image_token=processor.image_token)
             suffix = f"{text.text[prefix_end:]} {turn.answer}{tokenizer.eos_token}"
@@ -368,7 +374,7 @@ def train(
     weight_decay: float = 0.05,
     init_std: float = 0.08,
     easy_steps: int = DEFAULTS["easy_steps"],
-    easy_objects: tuple[int, ...] = (1, 2),
+    easy_objects: tuple[int, ...] = (1,),
     easy_types: tuple[str, ...] = EASY_TYPES,
     train_objects: tuple[int, ...] = (1, 2, 3, 4),
     eval_every: int = 250,
@@ -412,9 +418,12 @@ def train(
     eval_samples = generate(eval_per_type * len(QUESTION_TYPES), seed=seed + 2000)
     started, running = time.time(), None
     for step in range(steps):
-        objects = easy_objects if step < easy_steps else train_objects
-        samples = generate(batch_size, seed=seed + 1000, start=step * batch_size, n_objects=objects)
-        loss = shared_prefix_loss(model, processor, samples, n_questions)
+        easy = step < easy_steps
+        objects, types = (easy_objects, easy_types) if easy else (train_objects, QUESTION_TYPES)
+        samples = generate(
+            batch_size, seed + 1000, types, start=step * batch_size, n_objects=objects
+        )
+        loss = shared_prefix_loss(model, processor, samples, n_questions, types)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
