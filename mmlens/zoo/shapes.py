@@ -460,15 +460,7 @@ def ask(rng: random.Random, objects: Sequence[ShapeObject], question_type: str) 
         question = template.format(color=color, shape=shape, color2=color2, shape2=shape2)
         return Turn(question, answer, question_type, subtype, (shape, shape2))
     if question_type == "QueryAttr":
-        if rng.random() < 0.5:
-            x = target.center[0]
-            if MIDDLE_BAND[0] <= x < MIDDLE_BAND[1]:
-                return None
-            answer = "left" if x < MIDDLE_BAND[0] else "right"
-            question = TEMPLATES["QueryAttr"][0].format(shape=target.shape)
-            return Turn(question, answer, question_type, "position", (target.shape,))
-        question = TEMPLATES["QueryAttr"][1].format(shape=target.shape)
-        return Turn(question, target.color, question_type, "color", (target.shape,))
+        return _query(rng, target)
     # Exist
     if rng.random() < 0.5 or not absent:
         shape, answer = target.shape, "yes"
@@ -715,19 +707,24 @@ def _query_attr(rng: random.Random, n: int):
     objects = _place(rng, specs)
     if objects is None:
         return None
-    target = objects[0]
+    turn = _query(rng, objects[0])
+    if turn is None:
+        return None
+    return turn.question, turn.answer, objects, list(turn.named), (), turn.subtype
+
+
+def _query(rng: random.Random, target: ShapeObject) -> Turn | None:
+    """A QueryAttr question about `target`: its side of the image or its colour (None where its
+    centre lies in the middle band)."""
     if rng.random() < 0.5:
         x = target.center[0]
         if MIDDLE_BAND[0] <= x < MIDDLE_BAND[1]:
             return None
         answer = "left" if x < MIDDLE_BAND[0] else "right"
         question = TEMPLATES["QueryAttr"][0].format(shape=target.shape)
-        subtype = "position"
-    else:
-        answer = target.color
-        question = TEMPLATES["QueryAttr"][1].format(shape=target.shape)
-        subtype = "color"
-    return question, answer, objects, [target.shape], (), subtype
+        return Turn(question, answer, "QueryAttr", "position", (target.shape,))
+    question = TEMPLATES["QueryAttr"][1].format(shape=target.shape)
+    return Turn(question, target.color, "QueryAttr", "color", (target.shape,))
 
 
 def _exist(rng: random.Random, n: int):
