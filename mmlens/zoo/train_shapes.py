@@ -14,6 +14,10 @@ supervised). Each image gets several independent questions (its own plus follow-
 runs once per image (`shared_prefix_loss`), which gives the same loss and gradients as separate
 prompts at a fraction of the cost.
 
+Two cycles: 3200 steps from scratch (lr 5e-4, a single-object curriculum first), then a warm
+restart of 1500 steps (fresh AdamW, lr 3e-4, cosine again) that continues the image stream;
+``--resume FOLDER`` runs only the second cycle from a saved first one.
+
 Training images are drawn fresh from the generator (dataset seed ``seed + 1000``, never an
 evaluation seed): no epochs, no fixed training set. Everything is seeded: the same command with
 the same thread count on the same torch build and CPU type gives the same weights. At the end the
@@ -58,7 +62,15 @@ DEFAULT_OUT = Path(__file__).parent / "tiny-shapes"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 """Ids 0, 1, 2 as in Llama; ``<image>`` and ``<pad>`` come after the words."""
 
-DEFAULTS = dict(steps=3200, batch_size=8, n_questions=12, lr=5e-4, easy_steps=500)
+DEFAULTS = dict(
+    steps=3200,
+    batch_size=8,
+    n_questions=12,
+    lr=5e-4,
+    easy_steps=500,
+    restart_steps=1500,
+    restart_lr=3e-4,
+)
 """Training settings of the shipped checkpoint (`train`'s defaults, the CLI's defaults)."""
 
 EASY_TYPES = ("QueryAttr", "ChooseCat", "ChooseAttr", "Exist")
@@ -381,6 +393,8 @@ def train(
     eval_per_type: int = 40,
     threads: int | None = 1,
     device: str = "cpu",
+    resume_from: str | Path | None = None,
+    first_step: int = 0,
     log=print,
 ) -> LlavaForConditionalGeneration:
     """Train tiny-shapes from scratch; save it (weights, config, tokenizer, processor) to `out`.
@@ -395,11 +409,19 @@ def train(
     gradients clipped at norm 1. Logs the loss and, every `eval_every` steps, the single-question
     first-token accuracy per type on `eval_per_type` samples per type of dataset seed
     ``seed + 2000`` (through HF), and saves the model so far to `out`.
+
+    `resume_from` (a folder this function saved) continues training those weights with a fresh
+    optimizer and schedule (a warm restart); steps are then numbered from `first_step`, which
+    picks up the image stream (and the curriculum) where the earlier run left it.
     """
     if threads:
         torch.set_num_threads(threads)
     processor = make_processor()
-    model = build_model(seed, init_std).to(device).train()
+    if resume_from is None:
+        model = build_model(seed, init_std)
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(resume_from)
+    model = model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
@@ -416,8 +438,8 @@ def train(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     eval_samples = generate(eval_per_type * len(QUESTION_TYPES), seed=seed + 2000)
-    started, running = time.time(), None
-    for step in range(steps):
+    started, running, last = time.time(), None, first_step + steps
+    for step in range(first_step, last):
         easy = step < easy_steps
         objects, types = (easy_objects, easy_types) if easy else (train_objects, QUESTION_TYPES)
         samples = generate(
@@ -430,14 +452,14 @@ def train(
         optimizer.step()
         scheduler.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
+        if (step + 1) % eval_every == 0 or step + 1 == last:
             accuracy = hf_accuracy(model, processor, eval_samples)
             table = " ".join(f"{kind}={value:.2f}" for kind, value in accuracy.items())
-            log(f"step {step + 1}/{steps} loss {running:.3f} {time.time() - started:.0f}s {table}")
+            log(f"step {step + 1}/{last} loss {running:.3f} {time.time() - started:.0f}s {table}")
             if out is not None:
                 _save(model, processor, out)
         elif (step + 1) % 25 == 0:
-            log(f"step {step + 1}/{steps} loss {running:.3f} {time.time() - started:.0f}s")
+            log(f"step {step + 1}/{last} loss {running:.3f} {time.time() - started:.0f}s")
     model.eval()
     if out is not None:
         _save(model, processor, out)
@@ -463,23 +485,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--questions", type=int, default=DEFAULTS["n_questions"], help="per image")
     parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     parser.add_argument("--easy-steps", type=int, default=DEFAULTS["easy_steps"])
+    parser.add_argument("--restart-steps", type=int, default=DEFAULTS["restart_steps"],
+                        help="steps of the second cycle (warm restart; 0: none)")  # fmt: skip
+    parser.add_argument("--restart-lr", type=float, default=DEFAULTS["restart_lr"])
+    parser.add_argument("--resume", help="skip the first cycle: restart from this saved folder")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the shipped "
                         "weights were trained with 1; another count gives other, similar weights)")  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--eval-per-type", type=int, default=200, help="final evaluation size")
     args = parser.parse_args(argv)
     started = time.time()
-    train(
+    common = dict(
         out=args.out,
         seed=args.seed,
-        steps=args.steps,
         batch_size=args.batch_size,
         n_questions=args.questions,
-        lr=args.lr,
         easy_steps=args.easy_steps,
         threads=args.threads,
         device=args.device,
     )
+    if args.resume is None:
+        train(steps=args.steps, lr=args.lr, **common)
+    if args.restart_steps:
+        train(
+            steps=args.restart_steps,
+            lr=args.restart_lr,
+            resume_from=args.resume or args.out,
+            first_step=args.steps,
+            **common,
+        )
     seconds = time.time() - started
     print(f"trained in {seconds / 60:.1f} min ({args.threads} thread(s)); saved to {args.out}")
 
