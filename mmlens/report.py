@@ -251,12 +251,21 @@ def _attention_box_section(model: Any, samples: Sequence[Any], inputs: Sequence[
 
 
 def _cliff_section(cliff: Any) -> Section:
-    where = f"layer {cliff.cliff_layer}" if cliff.cliff_layer is not None else "no layer"
     text = (
-        f"Accuracy when every image token is removed from the sequence from layer l on. Without truncation "
-        f"{cliff.baseline:.0%}; from {where} on, removing the image costs at most {cliff.tolerance:.0%} — the "
-        "information-flow cliff: after it, the image has already been read."
+        f"Accuracy when every image token is removed from the sequence from layer l on. Without "
+        f"truncation {cliff.baseline:.0%}; "
     )
+    if cliff.cliff_layer is None:
+        text += (
+            f"removing the image costs more than {cliff.tolerance:.0%} even from the last layer "
+            "on: this model still reads the image in its last layer, so there is no cliff."
+        )
+    else:
+        text += (
+            f"from layer {cliff.cliff_layer} on, removing the image costs at most "
+            f"{cliff.tolerance:.0%} — the information-flow cliff: after it, the image has already "
+            "been read."
+        )
     return Section("Truncating image tokens: the cliff", text, plot.cliff(cliff))
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from mmlens.zoo.shapes import QUESTION_TYPES, ShapesSample, generate
 
@@ -124,6 +125,65 @@ def evaluate(model: Any, samples: list[ShapesSample], batch_size: int = 48) -> E
     )
 
 
+@dataclass
+class BoxScores:
+    """Per-layer ground-truth scores of maps over the image, averaged over samples.
+
+    Attributes:
+        mass_in_box: ``[n_layers]`` share of a map's mass on the question's box patches.
+        pointing_hit: ``[n_layers]`` fraction of samples whose map maximum lies in the boxes.
+        area_share: the boxes' mean share of the image patches (what a uniform map gives).
+        n_samples: samples averaged.
+    """
+
+    mass_in_box: torch.Tensor
+    pointing_hit: torch.Tensor
+    area_share: float
+    n_samples: int
+
+    def table(self) -> str:
+        """Markdown table per layer: mass in box, area share, ratio, pointing-game hits."""
+        lines = [
+            "| layer | mass in box | box area share | ratio | pointing-game hits |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for layer, (mass, hits) in enumerate(zip(self.mass_in_box, self.pointing_hit, strict=True)):
+            ratio = float(mass) / self.area_share
+            lines.append(
+                f"| {layer} | {mass:.3f} | {self.area_share:.3f} | {ratio:.2f} | {hits:.1%} |"
+            )
+        return "\n".join(lines)
+
+
+def cam_box_scores(model: Any, samples: list[ShapesSample]) -> BoxScores:
+    """LLaVA-CAM (all decoder layers, one backward per sample) of each sample's answer, scored
+    against the sample's boxes with `mmlens.report.box_scores`; samples without boxes are skipped.
+
+    Example:
+        >>> cam_box_scores(mmlens.load("tiny-shapes"), generate(14, seed=7)).table()  # doctest: +SKIP
+    """
+    from mmlens.analysis import llava_cam
+    from mmlens.report import box_scores
+
+    layers = range(model.cfg.n_layers)
+    mass, hits, area = [], [], []
+    for sample in tqdm([s for s in samples if s.boxes], desc="LLaVA-CAM vs boxes"):
+        inp = model.prepare(sample.image, sample.question)
+        cam = llava_cam(model, inp, sample.answer, layers=layers, progress=False)
+        scores = box_scores(model, inp, sample.boxes, cam.maps)
+        mass.append(scores["mass_in_box"])
+        hits.append(scores["pointing_hit"].float())
+        area.append(scores["area_share"])
+    if not mass:
+        raise ValueError("no sample names an object in its image (every sample has empty boxes)")
+    return BoxScores(
+        mass_in_box=torch.stack(mass).mean(0),
+        pointing_hit=torch.stack(hits).mean(0),
+        area_share=sum(area) / len(area),
+        n_samples=len(mass),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m mmlens.zoo.evaluate",
@@ -133,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-type", type=int, default=200, help="samples per question type")
     parser.add_argument("--seed", type=int, default=7, help="dataset seed (held out)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cam-samples", type=int, default=70, help="samples for LLaVA-CAM")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import mmlens
@@ -149,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     n_box = int(sum(result.has_box))
     print(f"\nattention of the last position over the image, {n_box} samples with boxes\n")
     print(result.attention_table())
+    cam = cam_box_scores(model, samples[: args.cam_samples])
+    print(f"\nLLaVA-CAM of the answer over the image, {cam.n_samples} samples with boxes\n")
+    print(cam.table())
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ runs once per image (`shared_prefix_loss`), which gives the same loss and gradie
 prompts at a fraction of the cost.
 
 Two cycles: 3200 steps from scratch (lr 5e-4, a single-object curriculum first), then a warm
-restart of 1500 steps (fresh AdamW, lr 3e-4, cosine again) that continues the image stream;
+restart of 1200 steps (fresh AdamW, lr 3e-4, cosine again, follow-up questions drawn more often
+from the types that lag: `DEFAULTS`) that continues the image stream;
 ``--resume FOLDER`` runs only the second cycle from a saved first one.
 
 Training images are drawn fresh from the generator (dataset seed ``seed + 1000``, never an
@@ -68,8 +69,9 @@ DEFAULTS = dict(
     n_questions=12,
     lr=5e-4,
     easy_steps=500,
-    restart_steps=1500,
+    restart_steps=1200,
     restart_lr=3e-4,
+    extra_follow_ups="ChooseRel,ChooseRel,CompareAttr,QueryAttr,ChooseCat,LogicalObj",
 )
 """Training settings of the shipped checkpoint (`train`'s defaults, the CLI's defaults)."""
 
@@ -395,6 +397,7 @@ def train(
     device: str = "cpu",
     resume_from: str | Path | None = None,
     first_step: int = 0,
+    extra_follow_ups: tuple[str, ...] = (),
     log=print,
 ) -> LlavaForConditionalGeneration:
     """Train tiny-shapes from scratch; save it (weights, config, tokenizer, processor) to `out`.
@@ -413,6 +416,8 @@ def train(
     `resume_from` (a folder this function saved) continues training those weights with a fresh
     optimizer and schedule (a warm restart); steps are then numbered from `first_step`, which
     picks up the image stream (and the curriculum) where the earlier run left it.
+    `extra_follow_ups` adds question types to the draw of follow-up questions after the
+    curriculum (a type listed once more is drawn twice as often).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -445,7 +450,8 @@ def train(
         samples = generate(
             batch_size, seed + 1000, types, start=step * batch_size, n_objects=objects
         )
-        loss = shared_prefix_loss(model, processor, samples, n_questions, types)
+        follow_ups = types if easy else (*types, *extra_follow_ups)
+        loss = shared_prefix_loss(model, processor, samples, n_questions, follow_ups)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -488,6 +494,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--restart-steps", type=int, default=DEFAULTS["restart_steps"],
                         help="steps of the second cycle (warm restart; 0: none)")  # fmt: skip
     parser.add_argument("--restart-lr", type=float, default=DEFAULTS["restart_lr"])
+    parser.add_argument("--extra-follow-ups", default=DEFAULTS["extra_follow_ups"], help="comma-separated types drawn "
+                        "more often as follow-up questions in the second cycle")  # fmt: skip
     parser.add_argument("--resume", help="skip the first cycle: restart from this saved folder")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the shipped "
                         "weights were trained with 1; another count gives other, similar weights)")  # fmt: skip
@@ -512,6 +520,7 @@ def main(argv: list[str] | None = None) -> None:
             lr=args.restart_lr,
             resume_from=args.resume or args.out,
             first_step=args.steps,
+            extra_follow_ups=tuple(filter(None, args.extra_follow_ups.split(","))),
             **common,
         )
     seconds = time.time() - started
