@@ -545,7 +545,12 @@ def _place(rng: random.Random, specs: Sequence[_Spec]) -> list[ShapeObject] | No
                 taken |= cells
                 x0, y0 = column * PATCH, row * PATCH
                 footprints.append(
-                    (x0 + MARGIN, y0 + MARGIN, x0 + side * PATCH - MARGIN, y0 + side * PATCH - MARGIN)
+                    (
+                        x0 + MARGIN,
+                        y0 + MARGIN,
+                        x0 + side * PATCH - MARGIN,
+                        y0 + side * PATCH - MARGIN,
+                    )
                 )
                 break
         else:
