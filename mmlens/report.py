@@ -44,18 +44,22 @@ class Section:
 
 
 def box_scores(
-    model: Any, inp: Any, boxes: Sequence[tuple[int, int, int, int]], maps: torch.Tensor
+    model: Any,
+    inp: Any,
+    boxes: Sequence[tuple[int, int, int, int]],
+    maps: torch.Tensor,
+    image: int = 0,
 ) -> dict:
     """How much of each map's mass lies on the patches of `boxes`, against their area share.
 
-    `maps`: `[layer, rows, cols]` on the image's patch grid (LLaVA-CAM maps or attention to the
-    image reshaped to the grid). Returns per-layer mass share, the area share, and whether
-    each layer's maximum (the pointing game) falls inside the boxes.
+    `maps`: `[layer, rows, cols]` on the patch grid of image `image` of `inp` (LLaVA-CAM maps or
+    attention to the image reshaped to the grid). Returns per-layer mass share, the area share,
+    and whether each layer's maximum (the pointing game) falls inside the boxes.
     """
-    grid = inp.layout.patch_grid(0)
-    in_box = torch.isin(grid, torch.cat([inp.patches_in_box(box) for box in boxes]).to(grid.device))
+    grid = inp.layout.patch_grid(image)
+    box_positions = torch.cat([inp.patches_in_box(box, image=image) for box in boxes])
+    in_box = torch.isin(grid, box_positions.to(grid.device)).cpu()
     maps = maps.float().cpu()
-    in_box = in_box.cpu()
     total = maps.flatten(1).sum(1).clamp(min=1e-12)
     mass = (maps * in_box).flatten(1).sum(1) / total
     hits = in_box.flatten()[maps.flatten(1).argmax(1)]

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mmlens.report import box_scores
 from mmlens.zoo.shapes import QUESTION_TYPES, ShapesSample, generate
 
 
@@ -99,15 +100,12 @@ def evaluate(model: Any, samples: list[ShapesSample], batch_size: int = 48) -> E
             has_box.append(bool(sample.boxes))
             if not sample.boxes:
                 continue
-            image = inp.positions("image", item=item)
-            in_box = torch.cat([inp.patches_in_box(box, image=item) for box in sample.boxes])
-            in_box = in_box.unique()
-            on_image = rows[item][:, image]  # [layer, n_image]
-            on_image = on_image / on_image.sum(-1, keepdim=True)
-            inside = torch.isin(image, in_box)
-            mass.append(on_image[:, inside].sum(-1))
-            area.append(inside.float().mean())
-            hits.append(inside[on_image.argmax(-1)])
+            grid = inp.layout.patch_grid(item)
+            maps = rows[item][:, grid.flatten()].reshape(n_layers, *grid.shape)
+            scores = box_scores(model, inp, sample.boxes, maps, image=item)
+            mass.append(scores["mass_in_box"])
+            area.append(torch.tensor(scores["area_share"]))
+            hits.append(scores["pointing_hit"])
     types = [sample.question_type for sample in samples]
     accuracy = {
         kind: sum(c for c, t in zip(correct, types, strict=True) if t == kind) / types.count(kind)
@@ -163,7 +161,6 @@ def cam_box_scores(model: Any, samples: list[ShapesSample]) -> BoxScores:
         >>> cam_box_scores(mmlens.load("tiny-shapes"), generate(14, seed=7)).table()  # doctest: +SKIP
     """
     from mmlens.analysis import llava_cam
-    from mmlens.report import box_scores
 
     layers = range(model.cfg.n_layers)
     mass, hits, area = [], [], []
@@ -193,7 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-type", type=int, default=200, help="samples per question type")
     parser.add_argument("--seed", type=int, default=7, help="dataset seed (held out)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cam-samples", type=int, default=70, help="samples for LLaVA-CAM")
+    parser.add_argument(
+        "--cam-samples", type=int, default=70, help="samples for LLaVA-CAM (0: skip)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import mmlens
@@ -210,9 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     n_box = int(sum(result.has_box))
     print(f"\nattention of the last position over the image, {n_box} samples with boxes\n")
     print(result.attention_table())
-    cam = cam_box_scores(model, samples[: args.cam_samples])
-    print(f"\nLLaVA-CAM of the answer over the image, {cam.n_samples} samples with boxes\n")
-    print(cam.table())
+    if args.cam_samples:
+        cam = cam_box_scores(model, samples[: args.cam_samples])
+        print(f"\nLLaVA-CAM of the answer over the image, {cam.n_samples} samples with boxes\n")
+        print(cam.table())
 
 
 if __name__ == "__main__":
