@@ -34,19 +34,20 @@ def demo(out: Path, n_samples: int, seed: int) -> None:
 
 
 def _untrained_stand_in(missing: Exception):
-    """A random checkpoint of the shipped model's shape, for an installation without it."""
+    """The untrained tiny-shapes model (its architecture, tokenizer and processor), for an
+    installation without the checkpoint."""
     import tempfile
 
     import mmlens
-    from mmlens.testing import build_tiny_llava
+    from mmlens.zoo.train_shapes import build_model, make_processor
 
     print(
-        f"{missing}\nUsing a RANDOM checkpoint of the same shape instead: the report shows the tools, not mechanisms."
+        f"{missing}\nUsing an UNTRAINED model of the same architecture instead: the report shows "
+        "the tools, not mechanisms."
     )
     with tempfile.TemporaryDirectory() as folder:
-        build_tiny_llava(
-            folder, n_layers=6, d_model=128, d_mlp=256, image_size=112, vision_d_model=96
-        )
+        build_model().save_pretrained(folder)
+        make_processor().save_pretrained(folder)
         return mmlens.from_pretrained(folder)
 
 

@@ -46,3 +46,20 @@ def test_box_scores_against_a_direct_count(tiny_checkpoint):
     assert bool(scores["pointing_hit"][1]) == bool(
         torch.isin(image[row[image].argmax()], positions)
     )
+
+
+def test_cliff_text_says_where_the_cliff_is_or_that_there_is_none():
+    import pandas as pd
+
+    from mmlens.analysis.cliff import CliffResult
+    from mmlens.report import _cliff_section
+
+    curve = pd.DataFrame({"layer": [0, 1, 2], "accuracy": [0.2, 0.6, 1.0]})
+    found = _cliff_section(CliffResult(curve, baseline=1.0, cliff_layer=1, tolerance=0.02))
+    assert "from layer 1 on, removing the image costs at most 2%" in found.text
+    none = _cliff_section(CliffResult(curve, baseline=1.0, cliff_layer=None, tolerance=0.02))
+    assert (
+        "no cliff" in none.text
+        and "from layer 1" not in none.text
+        and "costs at most" not in none.text
+    )

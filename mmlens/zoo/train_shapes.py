@@ -191,13 +191,12 @@ def collate(
     *,
     with_answers: bool = True,
     padding_side: str = "left",
-    pad_to: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Model inputs for `samples`.
 
     Each item is the LLaVA-1.5 prompt exactly as `model.prepare(image, question)` renders and
     tokenizes it, followed (when `with_answers`) by the answer word and ``</s>``; ``labels`` are
-    -100 everywhere but those two tokens. Padded on `padding_side` (to `pad_to` tokens if given);
+    -100 everywhere but those two tokens. Padded on `padding_side`;
     ``position_ids`` count from each item's first real token.
     """
     tokenizer = processor.tokenizer
@@ -217,11 +216,7 @@ def collate(
             labels += [answer, tokenizer.eos_token_id]
         rows.append(ids)
         label_rows.append(labels)
-    length = max(map(len, rows)) if pad_to is None else pad_to
-    if length < max(map(len, rows)):
-        raise ValueError(
-            f"pad_to={pad_to} is shorter than the longest item ({max(map(len, rows))})"
-        )
+    length = max(map(len, rows))
     input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)
     labels = torch.full((len(rows), length), -100)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -269,22 +264,6 @@ def hf_accuracy(
         for sample, hit in zip(chunk, hits, strict=True):
             correct.setdefault(sample.question_type, []).append(hit)
     model.train(was_training)
-    return {kind: sum(hits) / len(hits) for kind, hits in correct.items()}
-
-
-def mmlens_accuracy(model, samples: list[ShapesSample], batch_size: int = 48) -> dict[str, float]:
-    """Greedy first-token accuracy per question type through an mmlens model
-    (``model.prepare(images, questions)``, argmax of the logits at the last prompt position)."""
-    tokenizer = model.tokenizer
-    correct: dict[str, list[bool]] = {}
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        inp = model.prepare([s.image for s in chunk], [s.question for s in chunk])
-        with torch.no_grad():
-            predicted = model(inp)[:, -1].argmax(-1).tolist()
-        for sample, token in zip(chunk, predicted, strict=True):
-            hit = tokenizer.convert_ids_to_tokens(token) == sample.answer
-            correct.setdefault(sample.question_type, []).append(hit)
     return {kind: sum(hits) / len(hits) for kind, hits in correct.items()}
 
 
