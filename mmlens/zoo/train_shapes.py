@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     CLIPVisionConfig,
@@ -72,6 +73,7 @@ DEFAULTS = dict(
     restart_steps=1200,
     restart_lr=3e-4,
     extra_follow_ups="ChooseRel,ChooseRel,CompareAttr,QueryAttr,ChooseCat,LogicalObj",
+    extra_from_start=False,
 )
 """Training settings of the shipped checkpoint (`train`'s defaults, the CLI's defaults)."""
 
@@ -344,15 +346,49 @@ def shared_prefix_loss(
     return out.loss
 
 
+def sincos_positions(n_side: int, dim: int) -> Float[torch.Tensor, "n_side*n_side dim"]:
+    """2-D sine-cosine position codes of an ``n_side x n_side`` patch grid, row-major (MAE's):
+    the first half of the features encodes the column, the second the row, each as
+    ``sin``/``cos`` of the coordinate times ``10000 ** (-k / (dim / 4))``; every code has norm
+    ``sqrt(dim / 2)``.
+
+    Example:
+        >>> sincos_positions(8, 96).shape
+        torch.Size([64, 96])
+    """
+    quarter = dim // 4
+    frequencies = 10000.0 ** (-torch.arange(quarter) / quarter)
+    rows, columns = torch.meshgrid(torch.arange(n_side), torch.arange(n_side), indexing="ij")
+    codes = []
+    for coordinate in (columns.flatten(), rows.flatten()):
+        angles = torch.outer(coordinate.float(), frequencies)
+        codes += [angles.sin(), angles.cos()]
+    return torch.cat(codes, dim=1)
+
+
 def build_model(seed: int = 0, init_std: float = 0.08) -> LlavaForConditionalGeneration:
     """The untrained tiny-shapes model: `make_config` with decoder/projector weights ~ N(0, init_std²)
-    (1/sqrt(d_model) here: Llama's 0.02 trains far slower at this width), CLIP's own init."""
+    (1/sqrt(d_model) here: Llama's 0.02 trains far slower at this width), CLIP's own init except
+    for the vision tower's position embeddings, which start as `sincos_positions` (zero for the
+    class token).
+
+    Why: CLIP draws them from N(0, 0.02²), about 1% of the norm of a patch's content embedding;
+    trained from there, the image features carried no patch position at all (a linear probe of an
+    object's column from its features was at chance), so no "left of"/"which part" question could
+    be answered. Sine-cosine codes have the content's scale from the first step.
+    """
     processor_tokenizer = make_tokenizer()
     config = make_config(processor_tokenizer)
     config.initializer_range = init_std
     config.text_config.initializer_range = init_std
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config)
+    model = LlavaForConditionalGeneration(config)
+    positions = model.model.vision_tower.embeddings.position_embedding.weight
+    n_side = config.vision_config.image_size // config.vision_config.patch_size
+    with torch.no_grad():
+        positions[0] = 0.0
+        positions[1:] = sincos_positions(n_side, positions.shape[1])
+    return model
 
 
 def train(
@@ -475,6 +511,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--restart-lr", type=float, default=DEFAULTS["restart_lr"])
     parser.add_argument("--extra-follow-ups", default=DEFAULTS["extra_follow_ups"], help="comma-separated types drawn "
                         "more often as follow-up questions in the second cycle")  # fmt: skip
+    parser.add_argument("--extra-from-start", action=argparse.BooleanOptionalAction,
+                        default=DEFAULTS["extra_from_start"],
+                        help="draw the extra follow-ups in the first cycle too (after the curriculum)")  # fmt: skip
     parser.add_argument("--resume", help="skip the first cycle: restart from this saved folder")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the shipped "
                         "weights were trained with 1; another count gives other, similar weights)")  # fmt: skip
@@ -491,15 +530,17 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         device=args.device,
     )
+    extra_follow_ups = tuple(filter(None, args.extra_follow_ups.split(",")))
     if args.resume is None:
-        train(steps=args.steps, lr=args.lr, **common)
+        first_extra = extra_follow_ups if args.extra_from_start else ()
+        train(steps=args.steps, lr=args.lr, extra_follow_ups=first_extra, **common)
     if args.restart_steps:
         train(
             steps=args.restart_steps,
             lr=args.restart_lr,
             resume_from=args.resume or args.out,
             first_step=args.steps,
-            extra_follow_ups=tuple(filter(None, args.extra_follow_ups.split(","))),
+            extra_follow_ups=extra_follow_ups,
             **common,
         )
     seconds = time.time() - started
