@@ -45,6 +45,7 @@ TEST_SEED = 31337
 PER_TYPE = 48
 CAM_MASS_RATIO = 1.5
 CAM_HIT_RATIO = 1.5
+POSITION_PROBE_R2 = 0.9  # the shipped model: 0.99 (column), 0.97 (row)
 
 
 # --- generator ----------------------------------------------------------------------------------
@@ -417,17 +418,43 @@ def evaluation(model):
 
 SHIPPED_ACCURACY_FLOOR = {
     "ChooseAttr": 0.95,
-    "ChooseCat": 0.80,
-    "ChooseRel": 0.42,
-    "CompareAttr": 0.65,
-    "LogicalObj": 0.80,
-    "QueryAttr": 0.74,
+    "ChooseCat": 0.93,
+    "ChooseRel": 0.72,
+    "CompareAttr": 0.95,
+    "LogicalObj": 0.78,
+    "QueryAttr": 0.90,
     "Exist": 0.95,
 }
 """What the shipped checkpoint scores on this test's samples, less 5 points (docs/zoo.md). The
-issue's bar is 90% per type; the model reaches it on ChooseAttr and Exist only (ChooseRel is at
-chance), so this is a regression guard for the shipped model, not that bar."""
+issue's bar is 90% per type; the model meets it on five types but not on ChooseRel (77%) and
+LogicalObj (83%), so this is a regression guard for the shipped model, not that bar."""
 
+
+def test_image_features_carry_object_positions(model):
+    """The image tokens tell the decoder where an object is: a linear map fitted on the projected
+    features of half the objects (mean over each object's patches) reads the other half's centre
+    column and row (R² on held-out objects; 0 is the mean's guess). Without this no "left of" or
+    "which part" question can be answered: trained end to end from CLIP's default
+    position-embedding init, the features carried no position at all (R² below 0;
+    `train_shapes.build_model`, `train_shapes.pretrain_vision`)."""
+    samples = generate(300, seed=TEST_SEED + 3)
+    inp = model.prepare([s.image for s in samples], [s.question for s in samples])
+    _, cache = model.run_with_cache(inp, names_filter="hook_image_embeds")
+    features, centres = [], []
+    for item, sample in enumerate(samples):
+        for obj in sample.objects:
+            x0, y0, x1, y1 = (edge // PATCH for edge in obj.footprint)
+            # the 8 x 8 grid row-major (CLS dropped)
+            patches = [8 * row + col for row in range(y0, y1 + 1) for col in range(x0, x1 + 1)]
+            features.append(cache["hook_image_embeds"][item, patches].mean(0))
+            centres.append([(x0 + x1) / 2, (y0 + y1) / 2])
+    features = torch.cat([torch.stack(features), torch.ones(len(features), 1)], dim=1)
+    centres = torch.tensor(centres)
+    half = len(centres) // 2
+    probe = torch.linalg.lstsq(features[:half], centres[:half]).solution
+    error = features[half:] @ probe - centres[half:]
+    r2 = 1 - error.pow(2).mean(0) / centres[half:].var(0)
+    assert (r2 > POSITION_PROBE_R2).all(), f"R² of the column, row probes: {r2.tolist()}"
 
 
 def test_accuracy_per_question_type_does_not_regress(evaluation):
@@ -437,7 +464,7 @@ def test_accuracy_per_question_type_does_not_regress(evaluation):
     }
     assert not low, f"accuracy below the shipped model's: {low}\n{evaluation.accuracy_table()}"
     overall = sum(evaluation.correct) / len(evaluation.correct)
-    assert overall > 0.78  # 81% when shipped; answering from the text alone gives about 50%
+    assert overall > 0.88  # 93% when shipped; answering from the text alone gives about 50%
 
 
 def test_attention_lands_on_the_question_boxes_in_the_middle_layers(evaluation):

@@ -14,10 +14,12 @@ supervised). Each image gets several independent questions (its own plus follow-
 runs once per image (`shared_prefix_loss`), which gives the same loss and gradients as separate
 prompts at a fraction of the cost.
 
-Two cycles: 3200 steps from scratch (lr 5e-4, a single-object curriculum first), then a warm
-restart of 1200 steps (fresh AdamW, lr 3e-4, cosine again, follow-up questions drawn more often
-from the types that lag: `DEFAULTS`) that continues the image stream;
-``--resume FOLDER`` runs only the second cycle from a saved first one.
+First the vision tower alone is pretrained on dense per-patch labels from the generator
+(`pretrain_vision`, 1500 steps: the stand-in for the CLIP weights a real LLaVA starts from).
+Then, with the tower frozen as in LLaVA, two cycles: 3200 steps (lr 5e-4, a single-object
+curriculum first), then a warm restart of 1200 steps (fresh AdamW, lr 3e-4, cosine again,
+follow-up questions drawn more often from the types that lag: `DEFAULTS`) that continues the
+image stream; ``--resume FOLDER`` runs only the second cycle from a saved first one.
 
 Training images are drawn fresh from the generator (dataset seed ``seed + 1000``, never an
 evaluation seed): no epochs, no fixed training set. Everything is seeded: the same command with
