@@ -212,18 +212,26 @@ def _options(question: str) -> tuple[str, ...]:
 # --- training machinery --------------------------------------------------------------------------
 
 
-def test_shared_prefix_loss_equals_separate_prompts():
+@pytest.mark.parametrize(
+    ("n_objects", "n_questions", "counts"),
+    [((2, 3, 4), 4, [4, 4, 4]), ((1, 2), 40, [35, 35, 40])],
+    ids=["same-count", "one-object-scenes-support-fewer"],
+)
+def test_shared_prefix_loss_equals_separate_prompts(n_objects, n_questions, counts):
     """The training loss (prefix run once per image, questions on its repeated cache) is the loss
-    of the full single-turn prompts that `model.prepare` renders, gradients included."""
+    of the full single-turn prompts that `model.prepare` renders, gradients included, whether
+    every image gets the same number of questions or not."""
     from mmlens.zoo import train_shapes
 
     torch.set_num_threads(2)
     processor = train_shapes.make_processor()
     model = train_shapes.build_model(seed=0).train()
-    samples = generate(3, seed=5)
-    shared = train_shapes.shared_prefix_loss(model, processor, samples, n_questions=4)
+    samples = generate(3, seed=5, n_objects=n_objects)
+    conversations = train_shapes.questions_for(samples, n_questions)
+    assert [len(turns) for turns in conversations] == counts
+    shared = train_shapes.shared_prefix_loss(model, processor, samples, n_questions)
     separate = []
-    for sample, turns in zip(samples, train_shapes.questions_for(samples, 4), strict=True):
+    for sample, turns in zip(samples, conversations, strict=True):
         for turn in turns:
             separate.append(dataclasses.replace(sample, question=turn.question, answer=turn.answer))
     batch = train_shapes.collate(processor, separate, padding_side="right")

@@ -36,6 +36,7 @@ import math
 import time
 from pathlib import Path
 
+import einops
 import numpy as np
 import torch
 from jaxtyping import Float
@@ -320,13 +321,11 @@ def shared_prefix_loss(
         logits_to_keep=1,
     )
     conversations = questions_for(samples, n_questions, question_types)
-    # A scene may support fewer distinct questions than asked for: repeat each image's cache
-    # once per question it actually has.
-    repeats = torch.tensor([len(turns) for turns in conversations], device=device)
+    repeats = [len(turns) for turns in conversations]
     cache = out.past_key_values
     for layer in cache.layers:
-        layer.keys = layer.keys.repeat_interleave(repeats, dim=0)
-        layer.values = layer.values.repeat_interleave(repeats, dim=0)
+        layer.keys = _repeat_per_image(layer.keys, repeats)
+        layer.values = _repeat_per_image(layer.values, repeats)
 
     rows = []
     for turns in conversations:
@@ -353,6 +352,18 @@ def shared_prefix_loss(
         labels=labels.to(device),
     )
     return out.loss
+
+
+def _repeat_per_image(
+    tensor: Float[torch.Tensor, "image ..."], repeats: list[int]
+) -> Float[torch.Tensor, "question ..."]:
+    """Row i of `tensor` `repeats[i]` times. A scene may support fewer distinct questions than
+    asked for, hence the general case; when every image has the same count (nearly always) it is
+    an expand, whose backward pass is a sum: `repeat_interleave`'s scatter-add took ~15% of a
+    training step on CPU."""
+    if len(set(repeats)) == 1:
+        return einops.repeat(tensor, "image ... -> (image question) ...", question=repeats[0])
+    return tensor.repeat_interleave(torch.tensor(repeats, device=tensor.device), dim=0)
 
 
 def sincos_positions(n_side: int, dim: int) -> Float[torch.Tensor, "n_side*n_side dim"]:
