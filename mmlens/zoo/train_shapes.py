@@ -444,6 +444,25 @@ def patch_targets(samples: list[ShapesSample]) -> dict[str, torch.Tensor]:
     }
 
 
+def warmup_cosine(warmup: int, steps: int, floor: float = 0.05):
+    """The learning-rate factor of both training stages, as a function of the step: linear
+    warm-up over `warmup` steps, then cosine decay to `floor` at `steps`.
+
+    Example:
+        >>> factor = warmup_cosine(100, 1000)
+        >>> factor(0), factor(99), round(factor(999), 3)
+        (0.01, 1.0, 0.05)
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(steps - warmup, 1)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
 def pretrain_vision(
     model: LlavaForConditionalGeneration,
     processor: LlavaProcessor,
@@ -484,14 +503,7 @@ def pretrain_vision(
     patch_position = torch.stack([columns.flatten(), rows.flatten()], -1) - (n_side - 1) / 2
     parameters = [*tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
-    warmup = min(50, steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: (
-            min(1.0, (step + 1) / warmup)
-            * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        ),
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(50, steps), steps))
     tower.train()
     started, scores = time.time(), {}
     for step in range(steps):
@@ -598,14 +610,7 @@ def train(
         lr=lr,
         betas=(0.9, 0.98),
     )
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(steps - warmup, 1)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, steps))
     eval_samples = generate(eval_per_type * len(QUESTION_TYPES), seed=seed + 2000)
     started, running, last = time.time(), None, first_step + steps
     for step in range(first_step, last):
