@@ -42,7 +42,7 @@ from mmlens.zoo.shapes import (
 
 TEST_SEED = 31337
 """Dataset seed of the accuracy test: not the training (1000), training-eval (2000) or docs (7) seed."""
-PER_TYPE = 48
+PER_TYPE = 200
 CAM_MASS_RATIO = 1.5
 CAM_HIT_RATIO = 1.5
 POSITION_PROBE_R2 = 0.9  # the shipped model: 0.99 (column), 0.97 (row)
@@ -422,18 +422,10 @@ def evaluation(model):
     return evaluate(model, generate(PER_TYPE * len(QUESTION_TYPES), seed=TEST_SEED))
 
 
-SHIPPED_ACCURACY_FLOOR = {
-    "ChooseAttr": 0.95,
-    "ChooseCat": 0.93,
-    "ChooseRel": 0.72,
-    "CompareAttr": 0.95,
-    "LogicalObj": 0.78,
-    "QueryAttr": 0.90,
-    "Exist": 0.95,
-}
-"""What the shipped checkpoint scores on this test's samples, less 5 points (docs/zoo.md). The
-issue's bar is 90% per type; the model meets it on five types but not on ChooseRel (77%) and
-LogicalObj (83%), so this is a regression guard for the shipped model, not that bar."""
+ACCURACY_BAR = 0.90
+"""The issue's bar for every question type on a freshly generated set, `PER_TYPE` samples each
+(the shipped model's scores here are in docs/zoo.md). 200 a type, because at 48 the standard
+error of a 93% rate is ±3.7 points: which 48 samples were drawn would decide a 90% bar."""
 
 
 def test_image_features_carry_object_positions(model):
@@ -463,14 +455,11 @@ def test_image_features_carry_object_positions(model):
     assert (r2 > POSITION_PROBE_R2).all(), f"R² of the column, row probes: {r2.tolist()}"
 
 
-def test_accuracy_per_question_type_does_not_regress(evaluation):
+def test_every_question_type_is_answered_at_least_90_percent(evaluation):
+    """Held-out accuracy per type on a new seed (answering from the text alone gives about 50%)."""
     assert set(evaluation.accuracy) == set(QUESTION_TYPES)
-    low = {
-        kind: acc for kind, acc in evaluation.accuracy.items() if acc < SHIPPED_ACCURACY_FLOOR[kind]
-    }
-    assert not low, f"accuracy below the shipped model's: {low}\n{evaluation.accuracy_table()}"
-    overall = sum(evaluation.correct) / len(evaluation.correct)
-    assert overall > 0.88  # 93% when shipped; answering from the text alone gives about 50%
+    low = {kind: acc for kind, acc in evaluation.accuracy.items() if acc < ACCURACY_BAR}
+    assert not low, f"below {ACCURACY_BAR:.0%}: {low}\n{evaluation.accuracy_table()}"
 
 
 def test_attention_lands_on_the_question_boxes_in_the_middle_layers(evaluation):
