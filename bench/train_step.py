@@ -16,7 +16,7 @@ import torch
 from timing import measure, report
 
 from mmlens.zoo import train_shapes
-from mmlens.zoo.shapes import generate
+from mmlens.zoo.shapes import conversation, generate
 
 
 def main() -> None:
@@ -29,6 +29,7 @@ def main() -> None:
     model = train_shapes.build_model(seed=0).train()
     model.model.vision_tower.requires_grad_(False)
     samples = generate(8, seed=1000, n_objects=(2, 3, 4))
+    conversations = [conversation(sample, 12) for sample in samples]
     expand = train_shapes._repeat_per_image
 
     def interleave(tensor, repeats):
@@ -37,7 +38,7 @@ def main() -> None:
     def step(repeat) -> None:
         train_shapes._repeat_per_image = repeat
         try:
-            loss = train_shapes.shared_prefix_loss(model, processor, samples, n_questions=12)
+            loss = train_shapes.shared_prefix_loss(model, processor, samples, conversations)
             model.zero_grad(set_to_none=True)
             loss.backward()
         finally:

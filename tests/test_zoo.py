@@ -199,6 +199,32 @@ def test_follow_up_turns_are_answered_from_the_same_scene():
             assert oracle(clone) == turn.answer, turn
 
 
+@pytest.mark.parametrize("color_lures", [0.0, 1.0])
+def test_color_lures_name_another_objects_colour(color_lures):
+    """With `color_lures=1` every wrong colour a LogicalObj follow-up names for a shape in the
+    image is the colour of another object of the scene (where one differs), and answers stay
+    right; at 0 (the evaluation sets' rule) it is any other colour, a lure only by chance."""
+    lures = wrong = 0
+    for sample in generate(140, seed=15, n_objects=(3, 4)):
+        turns = conversation(sample, 12, ["LogicalObj"], color_lures=color_lures)
+        colors = {obj.shape: obj.color for obj in sample.objects}
+        for turn in turns[1:]:
+            clone = dataclasses.replace(sample, question=turn.question, answer=turn.answer,
+                                        question_type="LogicalObj", options=())  # fmt: skip
+            assert oracle(clone) == turn.answer, turn
+            words = turn.question.rstrip("?").split()
+            for color, shape in [(words[-6], words[-5]), (words[-2], words[-1])]:
+                others = set(colors.values()) - {colors.get(shape)}
+                if shape in colors and color != colors[shape] and others:
+                    wrong += 1
+                    lures += color in others
+    assert wrong > 200
+    if color_lures:
+        assert lures == wrong
+    else:
+        assert 0.2 < lures / wrong < 0.7  # 1-3 other colours in the scene, of 5 wrong ones
+
+
 def _options(question: str) -> tuple[str, ...]:
     words = question.rstrip("?").replace(",", "").split()
     if " or " not in question or "either" in words:
@@ -227,9 +253,9 @@ def test_shared_prefix_loss_equals_separate_prompts(n_objects, n_questions, coun
     processor = train_shapes.make_processor()
     model = train_shapes.build_model(seed=0).train()
     samples = generate(3, seed=5, n_objects=n_objects)
-    conversations = train_shapes.questions_for(samples, n_questions)
+    conversations = [conversation(sample, n_questions) for sample in samples]
     assert [len(turns) for turns in conversations] == counts
-    shared = train_shapes.shared_prefix_loss(model, processor, samples, n_questions)
+    shared = train_shapes.shared_prefix_loss(model, processor, samples, conversations)
     separate = []
     for sample, turns in zip(samples, conversations, strict=True):
         for turn in turns:

@@ -326,15 +326,19 @@ class Turn:
 
 
 def conversation(
-    sample: ShapesSample, n_turns: int, question_types: Sequence[str] = QUESTION_TYPES
+    sample: ShapesSample,
+    n_turns: int,
+    question_types: Sequence[str] = QUESTION_TYPES,
+    *,
+    color_lures: float = 0.0,
 ) -> list[Turn]:
     """`n_turns` questions about `sample`'s image: its own question first, then follow-ups.
 
-    Follow-up types are drawn at random from `question_types`; each is derived from the scene by `ask` (a type the scene
-    cannot support, e.g. CompareAttr without a pair sharing exactly one attribute, is redrawn), and
-    no question repeats. Deterministic given the sample. The training script asks each of them as
-    its own single-turn question about the image (several supervised answers per image; the
-    questions never see each other).
+    Follow-up types are drawn at random from `question_types`; each is derived from the scene by
+    `ask` (with `color_lures`; a type the scene cannot support, e.g. CompareAttr without a pair
+    sharing exactly one attribute, is redrawn), and no question repeats. Deterministic given the
+    sample. The training script asks each of them as its own single-turn question about the image
+    (several supervised answers per image; the questions never see each other).
 
     Example:
         >>> [turn.question_type for turn in conversation(generate(1)[0], 3)][0]
@@ -353,7 +357,7 @@ def conversation(
     for _ in range(100 * n_turns):
         if len(turns) >= n_turns:
             break
-        turn = ask(rng, sample.objects, rng.choice(list(question_types)))
+        turn = ask(rng, sample.objects, rng.choice(list(question_types)), color_lures=color_lures)
         if turn is not None and turn.question not in {t.question for t in turns}:
             turns.append(turn)
     return turns
@@ -364,9 +368,21 @@ def _named_in(question: str) -> tuple[str, ...]:
     return tuple(word for word in words if word in SHAPES)
 
 
-def ask(rng: random.Random, objects: Sequence[ShapeObject], question_type: str) -> Turn | None:
+def ask(
+    rng: random.Random,
+    objects: Sequence[ShapeObject],
+    question_type: str,
+    *,
+    color_lures: float = 0.0,
+) -> Turn | None:
     """A random question of `question_type` about the scene `objects`, or None if the scene has
-    none (answers balanced where the scene allows: yes/no drawn first, options shuffled)."""
+    none (answers balanced where the scene allows: yes/no drawn first, options shuffled).
+
+    `color_lures`: in LogicalObj, the chance that a wrong colour named for a shape in the image is
+    one that another object of the scene has ("a green star" where the star is red and the circle
+    green), where there is one. Such binding lures catch a model that checks the colour and the
+    shape separately; at 0 (the evaluation sets' rule) the wrong colour is any other colour.
+    """
     _check_type(question_type)
     objects = list(objects)
     present = {obj.shape for obj in objects}
@@ -451,7 +467,11 @@ def ask(rng: random.Random, objects: Sequence[ShapeObject], question_type: str) 
             if is_match:
                 descriptions.append((obj.color, obj.shape))
             elif not absent_left or rng.random() < 0.5:
-                descriptions.append((rng.choice([c for c in COLORS if c != obj.color]), obj.shape))
+                lures = sorted({other.color for other in objects} - {obj.color})
+                wrong = [c for c in COLORS if c != obj.color]
+                if color_lures and lures and rng.random() < color_lures:
+                    wrong = lures
+                descriptions.append((rng.choice(wrong), obj.shape))
             else:
                 shape = absent_left.pop(rng.randrange(len(absent_left)))
                 descriptions.append((rng.choice(list(COLORS)), shape))

@@ -81,6 +81,11 @@ DEFAULTS = dict(
     restart_steps=1200,
     restart_lr=3e-4,
     extra_follow_ups="ChooseRel,ChooseRel,LogicalObj,LogicalObj,LogicalObj,QueryAttr",
+    focus_steps=600,
+    focus_lr=3e-4,
+    focus_follow_ups="ChooseRel,ChooseRel,ChooseRel," + ",".join(["LogicalObj"] * 6),
+    focus_objects=(2, 3, 4),
+    focus_color_lures=0.75,
     vision_steps=1500,
     freeze_vision=True,
     threads=2,
@@ -276,23 +281,15 @@ def hf_accuracy(
     return {kind: sum(hits) / len(hits) for kind, hits in correct.items()}
 
 
-def questions_for(
-    samples: list[ShapesSample], n_questions: int, question_types=QUESTION_TYPES
-) -> list[list[Turn]]:
-    """Per sample: its own question, then ``n_questions - 1`` other questions of `question_types`
-    about its image (`mmlens.zoo.shapes.conversation`); each is asked on its own."""
-    return [conversation(sample, n_questions, question_types) for sample in samples]
-
-
 def shared_prefix_loss(
     model: LlavaForConditionalGeneration,
     processor: LlavaProcessor,
     samples: list[ShapesSample],
-    n_questions: int,
-    question_types=QUESTION_TYPES,
+    conversations: list[list[Turn]],
 ) -> torch.Tensor:
-    """Mean cross-entropy of the answer words and ``</s>`` of `n_questions` single-turn questions
-    per image, computed with the image's prompt prefix run once.
+    """Mean cross-entropy of the answer words and ``</s>`` of single-turn questions about each
+    image (``conversations[i]`` about ``samples[i].image``, e.g. from
+    `mmlens.zoo.shapes.conversation`), computed with the image's prompt prefix run once.
 
     Every question is the single-turn LLaVA-1.5 prompt that `model.prepare` renders,
     ``{system} USER: <image>\n{question} ASSISTANT: {answer}</s>``. Its prefix up to the last
@@ -317,7 +314,6 @@ def shared_prefix_loss(
         use_cache=True,
         logits_to_keep=1,
     )
-    conversations = questions_for(samples, n_questions, question_types)
     repeats = [len(turns) for turns in conversations]
     cache = out.past_key_values
     for layer in cache.layers:
@@ -560,6 +556,7 @@ def train(
     resume_from: str | Path | None = None,
     first_step: int = 0,
     extra_follow_ups: tuple[str, ...] = (),
+    color_lures: float = 0.0,
     vision_steps: int = 0,
     freeze_vision: bool = False,
     log=print,
@@ -579,7 +576,8 @@ def train(
     optimizer and schedule (a warm restart); steps are then numbered from `first_step`, which
     picks up the image stream where the earlier run left it.
     `extra_follow_ups` adds question types to the draw of follow-up questions (a type listed once
-    more is drawn twice as often).
+    more is drawn twice as often); `color_lures` is `mmlens.zoo.shapes.ask`'s chance of a binding
+    lure in LogicalObj follow-ups.
     `vision_steps` > 0 first runs `pretrain_vision` on the fresh model (not on a resumed one);
     `freeze_vision` keeps the vision tower's weights fixed in this cycle, as LLaVA keeps CLIP's.
     """
@@ -610,7 +608,11 @@ def train(
             batch_size, seed + 1000, start=step * batch_size, n_objects=train_objects
         )
         follow_ups = (*QUESTION_TYPES, *extra_follow_ups)
-        loss = shared_prefix_loss(model, processor, samples, n_questions, follow_ups)
+        conversations = [
+            conversation(sample, n_questions, follow_ups, color_lures=color_lures)
+            for sample in samples
+        ]
+        loss = shared_prefix_loss(model, processor, samples, conversations)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -654,12 +656,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--restart-lr", type=float, default=DEFAULTS["restart_lr"])
     parser.add_argument("--extra-follow-ups", default=DEFAULTS["extra_follow_ups"], help="comma-separated types "
                         "drawn more often as follow-up questions (listed twice: drawn three times as often)")  # fmt: skip
+    parser.add_argument("--focus-steps", type=int, default=DEFAULTS["focus_steps"],
+                        help="steps of the third cycle (ChooseRel/LogicalObj focus; 0: none)")  # fmt: skip
+    parser.add_argument("--focus-lr", type=float, default=DEFAULTS["focus_lr"])
+    parser.add_argument("--focus-follow-ups", default=DEFAULTS["focus_follow_ups"],
+                        help="--extra-follow-ups of the third cycle")  # fmt: skip
+    parser.add_argument("--focus-color-lures", type=float, default=DEFAULTS["focus_color_lures"],
+                        help="chance of a binding lure in the third cycle's LogicalObj follow-ups")  # fmt: skip
     parser.add_argument("--vision-steps", type=int, default=DEFAULTS["vision_steps"],
                         help="steps of the vision tower's dense pretraining (0: none)")  # fmt: skip
     parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction,
                         default=DEFAULTS["freeze_vision"],
                         help="keep the pretrained vision tower fixed while the rest trains")  # fmt: skip
-    parser.add_argument("--resume", help="skip the first cycle: restart from this saved folder")
+    parser.add_argument(
+        "--resume", help="a saved folder to continue: skip the cycles before --resume-cycle"
+    )
+    parser.add_argument("--resume-cycle", type=int, choices=(2, 3), default=2,
+                        help="with --resume: the cycle to start at (2: restart, 3: focus)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="torch CPU threads (the "
                         "shipped weights were trained with 2; another count gives other weights)")  # fmt: skip
     parser.add_argument("--device", default="cpu")
@@ -674,16 +687,36 @@ def main(argv: list[str] | None = None) -> None:
         freeze_vision=args.freeze_vision,
         threads=args.threads,
         device=args.device,
-        extra_follow_ups=tuple(filter(None, args.extra_follow_ups.split(","))),
     )
-    if args.resume is None:
-        train(steps=args.steps, lr=args.lr, vision_steps=args.vision_steps, **common)
-    if args.restart_steps:
+    extra_follow_ups = _types(args.extra_follow_ups)
+    first_cycle, source = (1, args.out) if args.resume is None else (args.resume_cycle, args.resume)
+    if first_cycle == 1:
+        train(
+            steps=args.steps,
+            lr=args.lr,
+            vision_steps=args.vision_steps,
+            extra_follow_ups=extra_follow_ups,
+            **common,
+        )
+    if args.restart_steps and first_cycle <= 2:
         train(
             steps=args.restart_steps,
             lr=args.restart_lr,
-            resume_from=args.resume or args.out,
+            resume_from=source,
             first_step=args.steps,
+            extra_follow_ups=extra_follow_ups,
+            **common,
+        )
+        source = args.out
+    if args.focus_steps:
+        train(
+            steps=args.focus_steps,
+            lr=args.focus_lr,
+            resume_from=source,
+            first_step=args.steps + args.restart_steps,
+            extra_follow_ups=_types(args.focus_follow_ups),
+            train_objects=DEFAULTS["focus_objects"],
+            color_lures=args.focus_color_lures,
             **common,
         )
     seconds = time.time() - started
@@ -700,6 +733,10 @@ def main(argv: list[str] | None = None) -> None:
     print("\nlast-position attention over the image vs the question's boxes:\n")
     print(result.attention_table())
     print(json.dumps({"train_seconds": round(seconds), "accuracy": result.accuracy}))
+
+
+def _types(comma_separated: str) -> tuple[str, ...]:
+    return tuple(filter(None, comma_separated.split(",")))
 
 
 if __name__ == "__main__":
