@@ -16,11 +16,14 @@ prompts at a fraction of the cost.
 
 First the vision tower alone is pretrained on dense per-patch labels from the generator
 (`pretrain_vision`, 1500 steps: the stand-in for the CLIP weights a real LLaVA starts from).
-Then, with the tower frozen as in LLaVA, two cycles: 3400 steps (lr 5e-4), then a warm restart
-of 1200 steps (fresh AdamW, lr 3e-4, cosine again) that continues the image stream; follow-up
-questions are drawn more often from the types that need two objects (`DEFAULTS`).
-``--resume FOLDER`` runs only the second cycle from a saved first one. 41 minutes with the
-default 2 threads on a 2-core machine.
+Then, with the tower frozen as in LLaVA, three cycles that continue one image stream: 3400 steps
+(lr 5e-4), a warm restart of 1200 steps (fresh AdamW, lr 3e-4, cosine again), and a 600-step
+focus cycle (fresh AdamW, lr 3e-4) on scenes of 2-4 objects whose follow-ups are mostly ChooseRel
+and LogicalObj, with colour binding lures ("a green star" where the star is red and the circle
+green; `mmlens.zoo.shapes.ask`). Follow-up questions are drawn more often from the types that need
+two objects throughout (`DEFAULTS`). ``--resume FOLDER [--resume-cycle 3]`` starts at the second
+(third) cycle from a saved folder. About 46 minutes with the default 2 threads on a 2-core
+machine.
 
 Training images are drawn fresh from the generator (dataset seed ``seed + 1000``, never an
 evaluation seed): no epochs, no fixed training set. Everything is seeded: the same command with
