@@ -22,7 +22,7 @@ focus cycle (fresh AdamW, lr 3e-4) on scenes of 2-4 objects whose follow-ups are
 and LogicalObj, with colour binding lures ("a green star" where the star is red and the circle
 green; `mmlens.zoo.shapes.ask`). Follow-up questions are drawn more often from the types that need
 two objects throughout (`DEFAULTS`). ``--resume FOLDER [--resume-cycle 3]`` starts at the second
-(third) cycle from a saved folder. About 46 minutes with the default 2 threads on a 2-core
+(third) cycle from a saved folder. About 45 minutes with the default 2 threads on a 2-core
 machine.
 
 Training images are drawn fresh from the generator (dataset seed ``seed + 1000``, never an
