@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import math
 from pathlib import Path
 
@@ -225,6 +226,31 @@ def test_color_lures_name_another_objects_colour(color_lures):
         assert 0.2 < lures / wrong < 0.7  # 1-3 other colours in the scene, of 5 wrong ones
 
 
+def test_swapped_twins_differ_only_in_which_colour_goes_with_which_shape():
+    """`conversation(..., swapped_twins=1)` follows LogicalObj follow-ups with their twin: the same
+    words with the two colours exchanged, the other answer (right by the oracle). At 0 the
+    conversation is the one without twins, draw for draw."""
+    twins = 0
+    for sample in generate(60, seed=16, n_objects=(2, 3, 4)):
+        plain = conversation(sample, 12, ["LogicalObj"], color_lures=0.75)
+        assert (
+            conversation(sample, 12, ["LogicalObj"], color_lures=0.75, swapped_twins=0.0) == plain
+        )
+        turns = conversation(sample, 12, ["LogicalObj"], color_lures=0.75, swapped_twins=1.0)
+        assert len(turns) == 12
+        for turn in turns[1:]:
+            clone = dataclasses.replace(sample, question=turn.question, answer=turn.answer,
+                                        question_type="LogicalObj", options=())  # fmt: skip
+            assert oracle(clone) == turn.answer, turn
+        for first, second in itertools.pairwise(turns[1:]):
+            swapped = first.question.split()
+            swapped[-6], swapped[-2] = swapped[-2], swapped[-6]
+            if second.question.split() == swapped:
+                twins += 1
+                assert first.answer != second.answer
+    assert twins > 100
+
+
 def _options(question: str) -> tuple[str, ...]:
     words = question.rstrip("?").replace(",", "").split()
     if " or " not in question or "either" in words:
@@ -274,6 +300,39 @@ def test_shared_prefix_loss_equals_separate_prompts(n_objects, n_questions, coun
     )
     assert torch.equal(prompts["input_ids"], inp.input_ids)
     assert torch.equal(prompts["pixel_values"], inp.pixel_values)
+
+
+def test_question_weight_adds_the_language_modelling_loss_of_the_questions():
+    """`shared_prefix_loss(..., question_weight=w)` adds w times the mean next-token loss of the
+    prompt text between the image and the answer (from its second token on), measured here on
+    the full separate prompts."""
+    from mmlens.zoo import train_shapes
+
+    torch.set_num_threads(2)
+    processor = train_shapes.make_processor()
+    model = train_shapes.build_model(seed=0).eval()
+    samples = generate(2, seed=6, n_objects=(2, 3))
+    conversations = [conversation(sample, 3) for sample in samples]
+    with torch.no_grad():
+        answers_only = train_shapes.shared_prefix_loss(model, processor, samples, conversations)
+        weighted = train_shapes.shared_prefix_loss(model, processor, samples, conversations, 0.3)
+        separate = [
+            dataclasses.replace(sample, question=turn.question, answer=turn.answer)
+            for sample, turns in zip(samples, conversations, strict=True)
+            for turn in turns
+        ]
+        batch = train_shapes.collate(processor, separate, padding_side="right")
+        log_probs = model(**batch).logits.log_softmax(-1)
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    losses = []
+    for row, ids in enumerate(batch["input_ids"]):
+        first_text = int((ids == image_id).nonzero().max()) + 2  # the suffix's second token
+        answer = int((batch["labels"][row] != -100).nonzero().min())
+        for position in range(first_text, answer):
+            losses.append(-log_probs[row, position - 1, ids[position]])
+    assert len(losses) > 6 * len(separate)
+    expected = answers_only + 0.3 * torch.stack(losses).mean()
+    assert torch.allclose(weighted, expected, atol=1e-5)
 
 
 def test_a_warm_restart_continues_the_saved_weights(tmp_path):

@@ -331,13 +331,17 @@ def conversation(
     question_types: Sequence[str] = QUESTION_TYPES,
     *,
     color_lures: float = 0.0,
+    swapped_twins: float = 0.0,
 ) -> list[Turn]:
     """`n_turns` questions about `sample`'s image: its own question first, then follow-ups.
 
     Follow-up types are drawn at random from `question_types`; each is derived from the scene by
     `ask` (with `color_lures`; a type the scene cannot support, e.g. CompareAttr without a pair
-    sharing exactly one attribute, is redrawn), and no question repeats. Deterministic given the
-    sample. The training script asks each of them as its own single-turn question about the image
+    sharing exactly one attribute, is redrawn), and no question repeats. With `swapped_twins`, a
+    LogicalObj follow-up is followed by its twin with the two colours exchanged ("either a red
+    star or a blue circle" after "either a blue star or a red circle") where that changes the
+    answer: the same words, the other answer, so only which colour goes with which shape decides.
+    Deterministic given the sample. The training script asks each of them as its own single-turn question about the image
     (several supervised answers per image; the questions never see each other).
 
     Example:
@@ -358,9 +362,27 @@ def conversation(
         if len(turns) >= n_turns:
             break
         turn = ask(rng, sample.objects, rng.choice(list(question_types)), color_lures=color_lures)
-        if turn is not None and turn.question not in {t.question for t in turns}:
-            turns.append(turn)
+        if turn is None or turn.question in {t.question for t in turns}:
+            continue
+        turns.append(turn)
+        if turn.question_type == "LogicalObj" and swapped_twins and rng.random() < swapped_twins:
+            twin = _swapped_twin(turn, sample.objects)
+            known = {t.question for t in turns}
+            if len(turns) < n_turns and twin.answer != turn.answer and twin.question not in known:
+                turns.append(twin)
     return turns
+
+
+def _swapped_twin(turn: Turn, objects: Sequence[ShapeObject]) -> Turn:
+    """`turn` (LogicalObj) with its two colours exchanged, answered from the scene `objects`."""
+    words = turn.question.rstrip("?").split()
+    (color, shape), (color2, shape2) = (words[-6], words[-5]), (words[-2], words[-1])
+    scene = {(obj.color, obj.shape) for obj in objects}
+    found = [(color2, shape) in scene, (color, shape2) in scene]
+    answer = any(found) if turn.subtype == "or" else all(found)
+    template = TEMPLATES["LogicalObj"][0 if turn.subtype == "or" else 1]
+    question = template.format(color=color2, shape=shape, color2=color, shape2=shape2)
+    return Turn(question, "yes" if answer else "no", turn.question_type, turn.subtype, turn.named)
 
 
 def _named_in(question: str) -> tuple[str, ...]:

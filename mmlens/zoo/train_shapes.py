@@ -17,13 +17,15 @@ prompts at a fraction of the cost.
 First the vision tower alone is pretrained on dense per-patch labels from the generator
 (`pretrain_vision`, 1500 steps: the stand-in for the CLIP weights a real LLaVA starts from).
 Then, with the tower frozen as in LLaVA, three cycles that continue one image stream: 3400 steps
-(lr 5e-4), a warm restart of 1200 steps (fresh AdamW, lr 3e-4, cosine again), and a 600-step
+(lr 5e-4), a warm restart of 1200 steps (fresh AdamW, lr 3e-4, cosine again), and a 1500-step
 focus cycle (fresh AdamW, lr 3e-4) on scenes of 2-4 objects whose follow-ups are mostly ChooseRel
-and LogicalObj, with colour binding lures ("a green star" where the star is red and the circle
-green; `mmlens.zoo.shapes.ask`). Follow-up questions are drawn more often from the types that need
-two objects throughout (`DEFAULTS`). ``--resume FOLDER [--resume-cycle 3]`` starts at the second
-(third) cycle from a saved folder. About 45 minutes with the default 2 threads on a 2-core
-machine.
+and LogicalObj, with colour-swapped twins of the LogicalObj questions (same words, other answer;
+`mmlens.zoo.shapes.conversation`), a language-modelling loss on the questions
+(`shared_prefix_loss`) and colour binding lures ("a green star" where the star is red and the
+circle green; `mmlens.zoo.shapes.ask`). Follow-up questions are drawn more often from the types
+that need two objects throughout (`DEFAULTS`). ``--resume FOLDER [--resume-cycle 3]`` starts at
+the second (third) cycle from a saved folder. About 50 minutes with the default 2 threads on a
+2-core machine.
 
 Training images are drawn fresh from the generator (dataset seed ``seed + 1000``, never an
 evaluation seed): no epochs, no fixed training set. Everything is seeded: the same command with
@@ -84,11 +86,13 @@ DEFAULTS = dict(
     restart_steps=1200,
     restart_lr=3e-4,
     extra_follow_ups="ChooseRel,ChooseRel,LogicalObj,LogicalObj,LogicalObj,QueryAttr",
-    focus_steps=600,
+    focus_steps=1500,
     focus_lr=3e-4,
     focus_follow_ups="ChooseRel,ChooseRel,ChooseRel," + ",".join(["LogicalObj"] * 6),
     focus_objects=(2, 3, 4),
     focus_color_lures=0.75,
+    focus_swapped_twins=1.0,
+    focus_question_weight=0.3,
     vision_steps=1500,
     freeze_vision=True,
     threads=2,
@@ -289,10 +293,14 @@ def shared_prefix_loss(
     processor: LlavaProcessor,
     samples: list[ShapesSample],
     conversations: list[list[Turn]],
+    question_weight: float = 0.0,
 ) -> torch.Tensor:
     """Mean cross-entropy of the answer words and ``</s>`` of single-turn questions about each
     image (``conversations[i]`` about ``samples[i].image``, e.g. from
-    `mmlens.zoo.shapes.conversation`), computed with the image's prompt prefix run once.
+    `mmlens.zoo.shapes.conversation`), computed with the image's prompt prefix run once; plus
+    `question_weight` times the mean next-token cross-entropy of the prompt text between the
+    image and the answer (the question and "ASSISTANT:", from its second token on), the
+    language modelling a real LLaVA's decoder had before it saw images.
 
     Every question is the single-turn LLaVA-1.5 prompt that `model.prepare` renders,
     ``{system} USER: <image>\n{question} ASSISTANT: {answer}</s>``. Its prefix up to the last
@@ -332,10 +340,12 @@ def shared_prefix_loss(
     length = max(map(len, rows))
     suffix_ids = torch.full((len(rows), length), tokenizer.pad_token_id)
     labels = torch.full((len(rows), length), -100)
+    question_labels = labels.clone()
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     for row, ids in enumerate(rows):
         suffix_ids[row, : len(ids)] = torch.tensor(ids)
         labels[row, len(ids) - 2 : len(ids)] = torch.tensor(ids[-2:])
+        question_labels[row, 1 : len(ids) - 2] = torch.tensor(ids[1:-2])
         mask[row, : len(ids)] = 1
     n_prefix = prefix_ids.shape[1]
     attention_mask = torch.cat([torch.ones((len(rows), n_prefix), dtype=torch.long), mask], dim=1)
@@ -347,7 +357,12 @@ def shared_prefix_loss(
         past_key_values=cache,
         labels=labels.to(device),
     )
-    return out.loss
+    if not question_weight:
+        return out.loss
+    question_loss = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].flatten(0, 1), question_labels[:, 1:].flatten().to(device)
+    )
+    return out.loss + question_weight * question_loss
 
 
 def _repeat_per_image(
@@ -560,6 +575,8 @@ def train(
     first_step: int = 0,
     extra_follow_ups: tuple[str, ...] = (),
     color_lures: float = 0.0,
+    swapped_twins: float = 0.0,
+    question_weight: float = 0.0,
     vision_steps: int = 0,
     freeze_vision: bool = False,
     log=print,
@@ -580,7 +597,9 @@ def train(
     picks up the image stream where the earlier run left it.
     `extra_follow_ups` adds question types to the draw of follow-up questions (a type listed once
     more is drawn twice as often); `color_lures` is `mmlens.zoo.shapes.ask`'s chance of a binding
-    lure in LogicalObj follow-ups.
+    lure in LogicalObj follow-ups, `swapped_twins` that of a follow-up's twin with its colours
+    exchanged (`mmlens.zoo.shapes.conversation`); `question_weight` weighs the language-modelling
+    loss on the questions (`shared_prefix_loss`).
     `vision_steps` > 0 first runs `pretrain_vision` on the fresh model (not on a resumed one);
     `freeze_vision` keeps the vision tower's weights fixed in this cycle, as LLaVA keeps CLIP's.
     """
@@ -612,10 +631,16 @@ def train(
         )
         follow_ups = (*QUESTION_TYPES, *extra_follow_ups)
         conversations = [
-            conversation(sample, n_questions, follow_ups, color_lures=color_lures)
+            conversation(
+                sample,
+                n_questions,
+                follow_ups,
+                color_lures=color_lures,
+                swapped_twins=swapped_twins,
+            )
             for sample in samples
         ]
-        loss = shared_prefix_loss(model, processor, samples, conversations)
+        loss = shared_prefix_loss(model, processor, samples, conversations, question_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -666,6 +691,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="--extra-follow-ups of the third cycle")  # fmt: skip
     parser.add_argument("--focus-color-lures", type=float, default=DEFAULTS["focus_color_lures"],
                         help="chance of a binding lure in the third cycle's LogicalObj follow-ups")  # fmt: skip
+    parser.add_argument("--focus-swapped-twins", type=float, default=DEFAULTS["focus_swapped_twins"],
+                        help="chance that a third-cycle LogicalObj follow-up gets its colour-swapped twin")  # fmt: skip
+    parser.add_argument("--focus-question-weight", type=float, default=DEFAULTS["focus_question_weight"],
+                        help="weight of the language-modelling loss on the questions in the third cycle")  # fmt: skip
     parser.add_argument("--vision-steps", type=int, default=DEFAULTS["vision_steps"],
                         help="steps of the vision tower's dense pretraining (0: none)")  # fmt: skip
     parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction,
@@ -720,6 +749,8 @@ def main(argv: list[str] | None = None) -> None:
             extra_follow_ups=_types(args.focus_follow_ups),
             train_objects=DEFAULTS["focus_objects"],
             color_lures=args.focus_color_lures,
+            swapped_twins=args.focus_swapped_twins,
+            question_weight=args.focus_question_weight,
             **common,
         )
     seconds = time.time() - started
