@@ -341,8 +341,9 @@ def conversation(
     LogicalObj follow-up is followed by its twin with the two colours exchanged ("either a red
     star or a blue circle" after "either a blue star or a red circle") where that changes the
     answer: the same words, the other answer, so only which colour goes with which shape decides.
-    Deterministic given the sample. The training script asks each of them as its own single-turn question about the image
-    (several supervised answers per image; the questions never see each other).
+    Deterministic given the sample. The training script asks each of them as its own single-turn
+    question about the image (several supervised answers per image; the questions never see each
+    other).
 
     Example:
         >>> [turn.question_type for turn in conversation(generate(1)[0], 3)][0]

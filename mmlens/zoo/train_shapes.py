@@ -8,11 +8,11 @@ The model is a llava-hf `LlavaForConditionalGeneration`: a CLIP vision tower (11
 Llama decoder, with a word-level tokenizer (`make_tokenizer`) and llava-1.5's image processor
 (`mmlens.testing.make_image_processor`). Every training prompt is the single-turn LLaVA-1.5
 conversation with its system prompt, exactly what `model.prepare(image, question)` renders, and
-the loss is the cross-entropy of the answer word and ``</s>`` after "ASSISTANT:" (nothing else is
-supervised). Each image gets several independent questions (its own plus follow-ups from
-`mmlens.zoo.shapes.conversation`); the prompt prefix they share (system text and image tokens)
-runs once per image (`shared_prefix_loss`), which gives the same loss and gradients as separate
-prompts at a fraction of the cost.
+the loss is the cross-entropy of the answer word and ``</s>`` after "ASSISTANT:" (the third
+cycle adds a language-modelling loss on the question text). Each image gets several independent
+questions (its own plus follow-ups from `mmlens.zoo.shapes.conversation`); the prompt prefix
+they share (system text and image tokens) runs once per image (`shared_prefix_loss`), which
+gives the same loss and gradients as separate prompts at a fraction of the cost.
 
 First the vision tower alone is pretrained on dense per-patch labels from the generator
 (`pretrain_vision`, 1500 steps: the stand-in for the CLIP weights a real LLaVA starts from).
