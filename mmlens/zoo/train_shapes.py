@@ -24,7 +24,7 @@ and LogicalObj, with colour-swapped twins of the LogicalObj questions (same word
 (`shared_prefix_loss`) and colour binding lures ("a green star" where the star is red and the
 circle green; `mmlens.zoo.shapes.ask`). Follow-up questions are drawn more often from the types
 that need two objects throughout (`DEFAULTS`). ``--resume FOLDER [--resume-cycle 3]`` starts at
-the second (third) cycle from a saved folder. About 50 minutes with the default 2 threads on a
+the second (third) cycle from a saved folder. About 37 minutes with the default 2 threads on a
 2-core machine.
 
 Training images are drawn fresh from the generator (dataset seed ``seed + 1000``, never an
