@@ -363,13 +363,13 @@ def conversation(
         if len(turns) >= n_turns:
             break
         turn = ask(rng, sample.objects, rng.choice(list(question_types)), color_lures=color_lures)
-        if turn is None or turn.question in {t.question for t in turns}:
+        asked = {t.question for t in turns}
+        if turn is None or turn.question in asked:
             continue
         turns.append(turn)
         if turn.question_type == "LogicalObj" and swapped_twins and rng.random() < swapped_twins:
             twin = _swapped_twin(turn, sample.objects)
-            known = {t.question for t in turns}
-            if len(turns) < n_turns and twin.answer != turn.answer and twin.question not in known:
+            if len(turns) < n_turns and twin.answer != turn.answer and twin.question not in asked:
                 turns.append(twin)
     return turns
 
