@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,6 +33,7 @@ from mmlens.components import (
 )
 from mmlens.components.attention import KeyValue
 from mmlens.config import MMConfig
+from mmlens.hooks import checked_hook, next_hook_id, remove_hooks
 from mmlens.perf import enable_for_cpu_caching
 
 
@@ -248,10 +250,127 @@ class HookedTransformer(HookedRootModule):
         )
 
     # ------------------------------------------------------------------ hooks
+    # Every hook mmlens adds goes through these methods: names are checked (with suggestions),
+    # user hooks' return values are checked (`mmlens.hooks.check_result`), and temporary hooks
+    # are removed whatever interrupts the call (`mmlens.hooks`, docs/hooks.md).
     def _enable_hook_with_name(self, name: str, hook: Any, dir: Literal["fwd", "bwd"]) -> None:
+        self._check_hook_name(name)
+        super()._enable_hook_with_name(name, checked_hook(hook), dir)
+
+    def _enable_hooks_for_points(
+        self, hook_points: Any, enabled: Callable, hook: Callable, dir: Literal["fwd", "bwd"]
+    ) -> None:
+        super()._enable_hooks_for_points(hook_points, enabled, checked_hook(hook), dir)
+
+    def add_hook(
+        self,
+        name: str | Callable[[str], bool],
+        hook: Callable,
+        dir: Literal["fwd", "bwd"] = "fwd",
+        is_permanent: bool = False,
+        level: int | None = None,
+        prepend: bool = False,
+    ) -> None:
+        """Add a hook that stays until `reset_hooks()` (TransformerLens' `add_hook`).
+
+        Example:
+            >>> model.add_hook("blocks.0.hook_resid_post", lambda resid, hook: resid * 2)
+            >>> model.reset_hooks()
+        """
+        if isinstance(name, str):
+            self._check_hook_name(name)
+        super().add_hook(name, checked_hook(hook), dir, is_permanent, level, prepend)
+
+    def _check_hook_name(self, name: str) -> None:
         if not isinstance(self.mod_dict.get(name), HookPoint):
             raise ValueError(self._unknown_hook_message(name))
-        super()._enable_hook_with_name(name, hook, dir)
+
+    @contextmanager
+    def hooks(
+        self,
+        fwd_hooks: list[tuple[str | Callable, Callable]] = [],  # noqa: B006 - TL's signature
+        bwd_hooks: list[tuple[str | Callable, Callable]] = [],  # noqa: B006
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+    ) -> Iterator[HookedTransformer]:
+        """Add hooks for the duration of a `with` block (TransformerLens' `hooks()`).
+
+        On exit, also after an exception or a `KeyboardInterrupt` at any moment (even while
+        the hooks are being added or removed), every hook this block added is gone; hooks added
+        with `add_hook` inside the block stay, as in TransformerLens.
+
+        Example:
+            >>> with model.hooks(fwd_hooks=zero_mlp(range(4))):
+            ...     logits = model(inp)
+        """
+        with self._temporary_hooks(keep_untracked=False, clear_contexts=clear_contexts) as level:
+            for name, hook in fwd_hooks:
+                self._enable_hook(name=name, hook=hook, dir="fwd")
+            for name, hook in bwd_hooks:
+                self._enable_hook(name=name, hook=hook, dir="bwd")
+            if not reset_hooks_end:
+                level.clear()  # the caller removes them (backward hooks for a later backward)
+            yield self
+
+    @contextmanager
+    def _temporary_hooks(self, keep_untracked: bool, clear_contexts: bool = False) -> Iterator:
+        """A context level: on exit, every hook added since entry at this level, or not recorded
+        at all, is removed (whatever interrupted), and the level is restored.
+
+        Yields a one-element list holding the level; emptying it keeps the hooks.
+        """
+        outer_level, first_id = self.context_level, next_hook_id()
+        level = [outer_level + 1]
+        try:
+            self.context_level = level[0]
+            yield level
+        finally:
+            if level:
+
+                def added_here(handle: Any, hook_id: int) -> bool:
+                    if hook_id < first_id:
+                        return False
+                    if handle is None:
+                        return not keep_untracked
+                    return handle.context_level == level[0] and not handle.is_permanent
+
+                try:
+                    remove_hooks(self.hook_points(), added_here)
+                    if clear_contexts:
+                        self.clear_contexts()
+                finally:
+                    self.context_level = outer_level
+            else:
+                self.context_level = outer_level
+
+    def reset_hooks(
+        self,
+        clear_contexts: bool = True,
+        direction: Literal["fwd", "bwd", "both"] = "both",
+        including_permanent: bool = False,
+        level: int | None = None,
+    ) -> None:
+        """Remove hooks (TransformerLens' `reset_hooks`); with `level=None`, every hook on the
+        model's hook points except permanent ones (unless `including_permanent`), raw PyTorch
+        hooks included, and the context level goes back to 0.
+
+        Example:
+            >>> model.reset_hooks()   # a clean model, whatever an interrupted cell left behind
+        """
+
+        def selected(handle: Any, hook_id: int) -> bool:
+            if handle is None:
+                return level is None
+            if handle.is_permanent and not including_permanent:
+                return False
+            return level is None or handle.context_level == level
+
+        remove_hooks(self.hook_points(), selected, direction)
+        if clear_contexts:
+            self.clear_contexts()
+        if level is None:
+            self.context_level = 0
+        self.is_caching = False
 
     def _unknown_hook_message(self, name: str) -> str:
         for prefix, n_layers in self._layer_counts().items():
@@ -287,7 +406,7 @@ class HookedTransformer(HookedRootModule):
                 (e.g. `return_type="loss"`), as in TransformerLens.
 
         Caching hooks are plain PyTorch forward hooks added after any hooks already on the
-        model (so the cache holds edited values) and removed even if the forward fails. They
+        model (so the cache holds edited values) and removed whatever interrupts the call. They
         bypass TransformerLens' per-hook bookkeeping, whose cost dominated a full cache of a
         large model on a GPU (see `bench/forward.py`). On the CPU, the first call makes glibc
         keep freed memory for reuse (`mmlens.perf`; opt out with MMLENS_KEEP_FREED_MEMORY=0):
@@ -316,15 +435,11 @@ class HookedTransformer(HookedRootModule):
             stored = output.detach().to(device)
             cache_dict[hook_point.name] = stored[0] if remove_batch_dim else stored
 
-        handles = [
-            self.hook_dict[name].register_forward_hook(save)
-            for name in self.hook_names(names_filter)
-        ]
-        try:
+        names = self.hook_names(names_filter)
+        with self._temporary_hooks(keep_untracked=False):
+            for name in names:
+                self.hook_dict[name].register_forward_hook(save)
             output = self(*model_args, **model_kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
         if remove_batch_dim and output is not None and output.shape[0] != 1:
             raise ValueError("remove_batch_dim=True needs a batch of 1")
         return output, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)

@@ -702,6 +702,26 @@ def hf_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def hf_image_features(output: Any) -> torch.Tensor:
+    """The projected image features of an HF LLaVA forward output, `[n_image_tokens, d_model]`
+    (LLaVA-NeXT: packed, newline tokens included), whatever the transformers version.
+
+    transformers < 5.2x returns them as the tensor `image_hidden_states`; 5.2x keeps them in
+    `image_outputs.pooler_output`, one tensor per image (and deprecates `image_hidden_states`,
+    which returns that list).
+
+    Example:
+        >>> features = hf_image_features(hf(**inp.model_kwargs()))  # doctest: +SKIP
+    """
+    image_outputs = getattr(output, "image_outputs", None)
+    features = (
+        image_outputs.pooler_output if image_outputs is not None else output.image_hidden_states
+    )
+    if isinstance(features, (list, tuple)):
+        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+    return features.reshape(-1, features.shape[-1])
+
+
 def assert_matches_hf(
     hf_model: torch.nn.Module, model: torch.nn.Module, inp: Any, tolerance: float = 1e-4
 ) -> tuple:

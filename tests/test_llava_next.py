@@ -72,7 +72,7 @@ def assert_matches_hf(hf, model, inp: MultimodalInput) -> None:
     # hook_image_embeds is HF's packed image features: [1, n_image_tokens, d_model].
     image_embeds = cache["hook_image_embeds"]
     assert image_embeds.shape == (1, len(inp.layout), model.cfg.d_model)
-    assert (image_embeds[0] - out.image_hidden_states).abs().max() < TOLERANCE
+    assert (image_embeds[0] - mmlens_testing.hf_image_features(out)).abs().max() < TOLERANCE
 
 
 # --- model: parity with HF -------------------------------------------------------------------
