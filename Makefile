@@ -1,14 +1,19 @@
 # One command sets up and does the job; each target is idempotent.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Exact versions the suite last passed with (`make lock` rewrites it; CONTRIBUTING.md).
+LOCK := constraints.txt
+# The CPU wheel of torch lies on local disk; installing it first keeps pip from pulling a CUDA
+# build. The package itself only asks for a range (pyproject.toml).
+TORCH ?= torch==2.13.0
 
-.PHONY: setup test test-slow demo lint bench
+.PHONY: setup test test-slow test-latest lock demo lint bench
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	rm -rf $(VENV)
 	python3 -m venv $(VENV)
-	# The CPU wheel of torch lies on local disk; installing it first keeps pip from pulling a CUDA build.
-	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c $(LOCK) "$(TORCH)"
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -18,6 +23,26 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# The newest releases the pyproject ranges allow (torch stays $(TORCH)), in a venv of its own,
+# running the same suite; prints how they differ from the lock first.
+test-latest:
+	rm -rf .venv-latest
+	python3 -m venv .venv-latest
+	.venv-latest/bin/python -m pip install --quiet "$(TORCH)"
+	.venv-latest/bin/python -m pip install --quiet -e ".[dev]"
+	.venv-latest/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//' | diff $(LOCK) - || true
+	.venv-latest/bin/python -m pytest -q -p no:cacheprovider
+
+# A fresh resolve of the pyproject ranges, written as exact versions to $(LOCK).
+lock:
+	rm -rf .venv-lock
+	python3 -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet "$(TORCH)"
+	.venv-lock/bin/python -m pip install --quiet -e ".[dev]"
+	{ echo "# Exact versions for 'make setup' (pip -c). Written by 'make lock' on $$(date -u +%F); see CONTRIBUTING.md."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > $(LOCK)
+	rm -rf .venv-lock
 
 demo: setup
 	$(VENV)/bin/mmlens demo
