@@ -148,7 +148,7 @@ class HookedTransformer(HookedRootModule):
         cls,
         path_or_id: str,
         *,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         device: str | torch.device = "cpu",
     ) -> HookedTransformer:
         """Load a Hugging Face checkpoint folder (or a hub id already in the local cache).

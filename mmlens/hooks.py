@@ -53,7 +53,7 @@ def remove_hooks(
     recorded). Records of removed hooks are dropped too. An interrupt or error inside the
     removal does not stop it: it is finished, then the first exception is raised again.
     """
-    points = list(points)
+    points = [point for point in points if _has_hook_or_record(point)]
     first_error: BaseException | None = None
     for _ in range(_CLEAN_UP_TRIES):
         try:
@@ -93,6 +93,11 @@ def _remove_from_point(
                 point.fwd_hooks = kept
             else:
                 point.bwd_hooks = kept
+
+
+def _has_hook_or_record(point: HookPoint) -> bool:
+    hook_dicts = [getattr(point, name) for side in _HOOK_DICTS.values() for name in side]
+    return any(hook_dicts) or bool(point.fwd_hooks) or bool(point.bwd_hooks)
 
 
 def has_any_hooks(points: Iterable[HookPoint]) -> bool:

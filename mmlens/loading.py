@@ -101,6 +101,61 @@ def _not_available(repo_id: str, cache: str) -> FileNotFoundError:
     )
 
 
+# Files in which transformers looks for `auto_map` (classes defined by Python files in the folder).
+_CONFIG_FILES = (
+    "config.json",
+    "tokenizer_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "image_processor_config.json",
+)
+
+
+def refuse_custom_code(folder: Path) -> None:
+    """Raise if the checkpoint asks to run its own Python code (`auto_map` in a config file).
+
+    transformers would offer to run such code ("Do you wish to run the custom code? [y/N]");
+    mmlens never runs code from a checkpoint folder (docs/checkpoints.md).
+    """
+    for name in _CONFIG_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            content = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from error
+        if isinstance(content, dict) and "auto_map" in content:
+            raise ValueError(
+                f"{path} has an 'auto_map' ({sorted(content['auto_map'])}): the checkpoint asks to "
+                "run Python code from its folder, and mmlens never runs checkpoint code. Use a "
+                "checkpoint in the llava-hf layout (supported model types: "
+                f"{', '.join(sorted(MODEL_CLASSES))}), or delete 'auto_map' from {name} if the "
+                "folder's model_type is one of them"
+            )
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating torch dtype from a dtype or its name ("bfloat16", "torch.float16", "fp32").
+
+    >>> as_dtype("bfloat16")
+    torch.bfloat16
+    """
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        name = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(name, name)
+        resolved = getattr(torch, name, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. 'bfloat16'")
+        dtype = resolved
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"dtype must be a floating type (torch.float32, torch.bfloat16, torch.float16), "
+            f"got {dtype!r}"
+        )
+    return dtype
+
+
 def checkpoint_tensors(
     folder: Path, dtype: torch.dtype, device: str | torch.device
 ) -> dict[str, torch.Tensor]:
@@ -125,37 +180,41 @@ def checkpoint_tensors(
     return tensors
 
 
+MODEL_CLASSES = {
+    "llava": "mmlens.models.llava.HookedLlava",
+    "llava_next": "mmlens.models.llava_next.HookedLlavaNext",
+    "llama": "mmlens.hooked_transformer.HookedTransformer",
+    "mistral": "mmlens.hooked_transformer.HookedTransformer",
+}
+"""HF `config.model_type` -> the mmlens class that loads it."""
+
+
 def model_class_for(model_type: str) -> type:
     """The mmlens class for a HF `config.model_type`."""
-    from mmlens.hooked_transformer import HookedTransformer
-    from mmlens.models.llava import HookedLlava
-    from mmlens.models.llava_next import HookedLlavaNext
+    import importlib
 
-    classes = {
-        "llava": HookedLlava,
-        "llava_next": HookedLlavaNext,
-        "llama": HookedTransformer,
-        "mistral": HookedTransformer,
-    }
-    if model_type not in classes:
+    if model_type not in MODEL_CLASSES:
         raise NotImplementedError(
-            f"model_type {model_type!r} is not supported yet; supported: {sorted(classes)}"
+            f"model_type {model_type!r} is not supported yet; supported: {sorted(MODEL_CLASSES)}"
         )
-    return classes[model_type]
+    module, _, name = MODEL_CLASSES[model_type].rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def load_pretrained(
     path_or_id: str | os.PathLike,
     *,
     cls: type | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
 ) -> Any:
     """Build the mmlens model for a checkpoint and load its weights (see `mmlens.from_pretrained`)."""
     from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
+    dtype = as_dtype(dtype)
     folder = resolve_checkpoint(path_or_id)
-    hf_config = AutoConfig.from_pretrained(folder)
+    refuse_custom_code(folder)
+    hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     model_cls = model_class_for(hf_config.model_type)
     if cls is not None and not issubclass(model_cls, cls):
         raise TypeError(
@@ -164,10 +223,10 @@ def load_pretrained(
         )
     cfg = MMConfig.from_hf(hf_config, dtype=dtype, device=device, model_name=str(path_or_id))
     if cfg.vision is not None:
-        processor = AutoProcessor.from_pretrained(folder)
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
         extra = {"tokenizer": processor.tokenizer, "processor": processor}
     else:
-        extra = {"tokenizer": AutoTokenizer.from_pretrained(folder)}
+        extra = {"tokenizer": AutoTokenizer.from_pretrained(folder, trust_remote_code=False)}
 
     with torch.device("meta"):
         model = model_cls(cfg, **extra)
@@ -188,7 +247,7 @@ def load_pretrained(
 def from_pretrained(
     path_or_id: str | os.PathLike,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
 ) -> Any:
     """Load any supported checkpoint, dispatching on `config.model_type`.
@@ -196,7 +255,7 @@ def from_pretrained(
     Args:
         path_or_id: a local folder written by `save_pretrained` (llava-hf layout), or a hub id
             that is already in the local Hugging Face cache.
-        dtype: torch.float32, torch.bfloat16 or torch.float16.
+        dtype: torch.float32, torch.bfloat16 or torch.float16, or its name ("bfloat16").
         device: where the weights go.
 
     Example:
