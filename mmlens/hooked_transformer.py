@@ -462,17 +462,35 @@ class HookedTransformer(HookedRootModule):
         return names
 
     # ------------------------------------------------------------------ forward
+    image_inputs: tuple[str, ...] = ()
+    """HF-style keyword tensors for images that `forward` takes besides ids and mask."""
+
     def model_inputs(self, input: Any = None, **kwargs: Any) -> dict[str, Any]:
         """Normalise any accepted input to HF-style keyword tensors.
 
         Accepts a string or list of strings (tokenized here), a `[batch, pos]` tensor of ids,
-        an object with `model_kwargs()` (a `MultimodalInput`), or HF-style keywords.
+        an object with `model_kwargs()` (a `MultimodalInput`, which must come from this model's
+        processor), or HF-style keywords (`input_ids`, `attention_mask`, `image_inputs`).
+        Unknown keywords are a ValueError (a misspelt `attention_mask` would run without a
+        mask).
         """
+        accepted = ("input_ids", "attention_mask", *self.image_inputs)
+        unknown = [name for name in kwargs if name not in accepted]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], accepted, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            if not self.image_inputs and {"pixel_values", "image_sizes"} & set(unknown):
+                hint = "; a text-only model takes no images: use a multimodal model"
+            raise ValueError(
+                f"{type(self).__name__} got unknown keyword argument(s) {unknown}{hint} "
+                f"It takes {', '.join(accepted)} (or a MultimodalInput from model.prepare)"
+            )
         if isinstance(input, (str, list)):
             inputs = self._tokenize(input)
         elif isinstance(input, torch.Tensor):
             inputs = {"input_ids": input if input.ndim == 2 else input[None]}
         elif input is not None and hasattr(input, "model_kwargs"):
+            self.check_prepared_here(input)
             inputs = dict(input.model_kwargs())
         elif input is None:
             inputs = {}
@@ -481,7 +499,37 @@ class HookedTransformer(HookedRootModule):
         inputs.update({k: v for k, v in kwargs.items() if v is not None})
         if "input_ids" not in inputs:
             raise ValueError("no input: pass text, token ids, a MultimodalInput or input_ids=...")
+        largest = int(inputs["input_ids"].max()) if inputs["input_ids"].numel() else 0
+        if largest >= self.cfg.d_vocab:
+            raise ValueError(
+                f"token id {largest} is outside this model's vocabulary of {self.cfg.d_vocab}; "
+                "were the ids made with another model's tokenizer?"
+            )
         return inputs
+
+    def check_prepared_here(self, inp: Any) -> None:
+        """Raise if `inp` (a `MultimodalInput`) was prepared for a different model: another
+        tokenizer, image processor or image token would make its ids and layout mean other
+        things here."""
+        image_token_id = self.cfg.image_token_id
+        if image_token_id is not None and inp.image_token_id != image_token_id:
+            raise ValueError(
+                f"this input's image token id is {inp.image_token_id}, this model's "
+                f"{image_token_id}: it was prepared for another model. Prepare it with this "
+                "model: model.prepare(image, prompt)"
+            )
+        processor = getattr(self, "processor", None)
+        made_by = getattr(inp, "processor_fingerprint", None)
+        if processor is not None and made_by is not None:
+            from mmlens.inputs import processor_fingerprint
+
+            if made_by != processor_fingerprint(processor):
+                raise ValueError(
+                    "this input was prepared with a different processor (tokenizer or image "
+                    "processor settings) than this model's, so its token ids and image layout "
+                    "would mean other things here. Prepare it with this model: "
+                    "model.prepare(image, prompt)"
+                )
 
     def embed_input(
         self, input_ids: Int[torch.Tensor, "batch pos"], **multimodal: Any
@@ -515,6 +563,10 @@ class HookedTransformer(HookedRootModule):
             stop_at_layer: return the residual stream before this block (`[batch, pos, d_model]`).
             past_kv_cache: keys/values of earlier positions; extended in place (generation).
         """
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(
+                f"return_type={return_type!r}: use 'logits', 'loss', 'both' or None"
+            )
         inputs = self.model_inputs(
             input, input_ids=input_ids, attention_mask=attention_mask, **multimodal
         )

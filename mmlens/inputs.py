@@ -31,7 +31,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +46,7 @@ from torch import Tensor
 from transformers.image_processing_utils import select_best_resolution
 from transformers.image_utils import get_image_size, to_numpy_array
 
+from mmlens.images import as_image
 from mmlens.templates import IMAGE_PLACEHOLDER, ConversationTemplate, RenderedPrompt, render
 
 SEGMENTS = ("system", "image", "user", "question", "last")
@@ -640,6 +644,8 @@ class MultimodalInput:
         image_sizes_for_model: whether `model_kwargs` passes `image_sizes` (when the processor
             returns them, as LLaVA-NeXT's does; LLaVA-1.5's does not, and its vision tower would
             not accept them).
+        processor_fingerprint: `processor_fingerprint` of the processor that made the input; a
+            model refuses an input made by a different processor (None: not checked).
 
     Example:
         >>> inp = MultimodalInput.from_processor(processor, [image, None], ["What is it?", "Hi"])
@@ -659,6 +665,7 @@ class MultimodalInput:
     token_spans: list[Int[Tensor, "pos 2"]]
     template: str
     image_sizes_for_model: bool = False
+    processor_fingerprint: str | None = None
 
     @property
     def batch_size(self) -> int:
@@ -803,8 +810,9 @@ class MultimodalInput:
         Args:
             processor: the checkpoint's HF processor (`LlavaProcessor`, `LlavaNextProcessor`) with
                 a fast tokenizer.
-            images: one image (PIL image, or an array the processor takes) or None for a single
-                prompt; for a batch, a list with one image or None (text-only) per prompt.
+            images: one image (PIL image, local path, uint8 array or float array in [0, 1]; see
+                `mmlens.images.as_image`) or None for a single prompt; for a batch, a list with
+                one image or None (text-only) per prompt.
             prompts: a question, or a list of questions (a batch, left-padded). With
                 ``template="plain"`` the full prompt text, ``<image>`` placeholders included.
             system: replaces the template's system text.
@@ -831,6 +839,7 @@ class MultimodalInput:
         """
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         image_list = list(images) if isinstance(images, (list, tuple)) else [images]
+        image_list = [None if image is None else as_image(image) for image in image_list]
         if len(image_list) > len(prompt_list):
             raise ValueError(
                 f"{len(image_list)} images for {len(prompt_list)} prompt(s): more images than "
@@ -939,7 +948,44 @@ class MultimodalInput:
             token_spans=token_spans,
             template=template if isinstance(template, str) else template.name,
             image_sizes_for_model=image_sizes_for_model,
+            processor_fingerprint=processor_fingerprint(processor),
         )
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def processor_fingerprint(processor: Any) -> str:
+    """A short hash of what decides a `MultimodalInput`: the tokenizer's vocabulary (added
+    tokens included), the image token and the image processor's settings.
+
+    Two processors loaded from the same checkpoint give the same fingerprint. Computed once
+    per processor object.
+
+    Example:
+        >>> processor_fingerprint(model.processor)  # doctest: +SKIP
+        '3f1c9a0d5e2b7c41'
+    """
+    try:
+        return _FINGERPRINTS[processor]
+    except (KeyError, TypeError):
+        pass
+    tokenizer = processor.tokenizer
+    parts = {
+        "tokenizer": type(tokenizer).__name__,
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "image_token": getattr(processor, "image_token", None),
+        "image_processor": processor.image_processor.to_dict(),
+        "patch_size": getattr(processor, "patch_size", None),
+        "strategy": getattr(processor, "vision_feature_select_strategy", None),
+    }
+    encoded = json.dumps(parts, sort_keys=True, default=str).encode()
+    fingerprint = hashlib.sha256(encoded).hexdigest()[:16]
+    try:
+        _FINGERPRINTS[processor] = fingerprint
+    except TypeError:  # an object that cannot be weakly referenced: recomputed each time
+        pass
+    return fingerprint
 
 
 def _size_field(size: Any, key: str) -> int | None:

@@ -91,6 +91,10 @@ def _knockout_hooks(
 
     def knock_out(scores: Float[Tensor, "batch head q_pos k_pos"], hook: HookPoint) -> Tensor:
         layer = layer_of(hook)
+        if head_index is not None and max(head_index) >= scores.shape[1]:
+            raise ValueError(
+                f"head {max(head_index)} does not exist: layer {layer} has {scores.shape[1]} heads"
+            )
         queries, keys = view.queries[layer], view.keys[layer]
         check_in_range(source_set, keys, "source")
         check_in_range(target_set, keys, "target")
@@ -122,6 +126,8 @@ def check_rows_keep_a_key(source: PositionSet, target: PositionSet) -> None:
     for item, (source_item, target_item) in enumerate(
         zip(source.items(n_items), target.items(n_items), strict=True)
     ):
+        if not target_item.numel():
+            continue
         covered = torch.zeros(int(target_item.max()) + 1, dtype=torch.bool)
         covered[source_item[source_item < covered.numel()]] = True
         blocked = [int(t) for t in target_item if bool(covered[: int(t) + 1].all())]

@@ -27,7 +27,9 @@ class PositionSet:
 
     Build with `PositionSet.of(positions)`: a 1-D tensor or list of ints applies to every
     item; a list of 1-D tensors gives each batch item its own set (e.g. from
-    `[inp.positions("image", item=i) for i in range(inp.batch_size)]`).
+    `[inp.positions("image", item=i) for i in range(inp.batch_size)]`). Boolean masks are read
+    as masks: a 1-D mask `[pos]` selects its True positions for every item, a `[batch, pos]`
+    mask (e.g. ``inp.input_ids == image_token_id``) one set per item.
     """
 
     shared: Int[Tensor, "n"] | None
@@ -39,6 +41,13 @@ class PositionSet:
             return positions
         if hasattr(positions, "positions") and hasattr(positions, "batch_size"):
             raise TypeError(f"{name}: pass positions, e.g. inp.positions('image'), not the input")
+        if isinstance(positions, str):
+            raise TypeError(
+                f"{name}: {positions!r} is a segment name, not positions; pass "
+                f"inp.positions({positions!r})"
+            )
+        if isinstance(positions, Tensor) and positions.dtype == torch.bool and positions.ndim == 2:
+            positions = list(positions)  # a [batch, pos] mask: one set per item
         if isinstance(positions, (list, tuple)) and positions and isinstance(positions[0], Tensor):
             per_item = tuple(
                 _checked(torch.as_tensor(p), f"{name}[{i}]", allow_empty=True)
@@ -70,15 +79,37 @@ class PositionSet:
         )
 
     def max(self) -> int:
+        """The largest position in any item's set (-1 when every set is empty)."""
         sets = [self.shared] if self.shared is not None else self.per_item
-        return max(int(p.max()) for p in sets if p.numel())
+        return max((int(p.max()) for p in sets if p.numel()), default=-1)
 
     def items(self, batch: int) -> list[Int[Tensor, "n"]]:
         """The set of every batch item."""
         return [self.shared] * batch if self.shared is not None else list(self.per_item)
 
 
+def as_positions(positions: PositionsLike, name: str = "positions") -> Int[Tensor, "n"]:
+    """Sorted, distinct positions from indices or a 1-D boolean mask (its True entries).
+
+    >>> as_positions(torch.tensor([False, True, True, False]))
+    tensor([1, 2])
+    """
+    if isinstance(positions, str):
+        raise TypeError(
+            f"{name}: {positions!r} is a segment name, not positions; pass "
+            f"inp.positions({positions!r})"
+        )
+    return _checked(torch.as_tensor(positions), name)
+
+
 def _checked(positions: Tensor, name: str, allow_empty: bool = False) -> Int[Tensor, "n"]:
+    if positions.dtype == torch.bool:
+        if positions.ndim != 1:
+            raise ValueError(
+                f"{name}: a boolean mask must be 1-D [pos] (or [batch, pos] for per-item sets), "
+                f"got shape {tuple(positions.shape)}"
+            )
+        positions = positions.nonzero()[:, 0]
     if positions.numel() == 0:
         if allow_empty:
             return positions.long().reshape(0)
@@ -162,8 +193,13 @@ def check_in_range(
     positions: PositionSet, key_positions: Int[Tensor, "batch k_pos"], name: str
 ) -> None:
     """In a prefill (keys start at 0), every requested position must exist in the input."""
-    n_positions = int(key_positions.max()) + 1
-    if int(key_positions.min()) == 0 and positions.max() >= n_positions:
+    if int(key_positions.min()) == 0:
+        check_positions_exist(positions, int(key_positions.max()) + 1, name)
+
+
+def check_positions_exist(positions: PositionSet, n_positions: int, name: str) -> None:
+    """Every position must be an index into an input of `n_positions` positions."""
+    if positions.max() >= n_positions:
         raise ValueError(
             f"{name} includes position {positions.max()}, but the input has {n_positions} "
             f"positions (0 .. {n_positions - 1})"

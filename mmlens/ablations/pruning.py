@@ -124,7 +124,9 @@ def _truncation_hooks(
             dropped.append(
                 keys[item, image_keys[order[keep_count(len(image_keys)) :]]].sort().values
             )
-        chosen["dropped"] = PositionSet(shared=None, per_item=tuple(dropped))
+        # Keeping every image token (fastv ratio 1.0, keep = all) drops nothing: a no-op.
+        any_dropped = any(item_dropped.numel() for item_dropped in dropped)
+        chosen["dropped"] = PositionSet(None, tuple(dropped)) if any_dropped else None
 
     ranking = view.hooks([layer - 1]) + [(f"blocks.{layer - 1}.attn.hook_pattern", rank_images)]
     return ranking + _drop_hooks(lambda: chosen.get("dropped"), layer, mode)

@@ -24,6 +24,8 @@ class HookedLlava(HookedTransformer):
         >>> cache["hook_image_embeds"].shape  # [n_images, 576, d_model]
     """
 
+    image_inputs = ("pixel_values",)
+
     def __init__(self, cfg: MMConfig, tokenizer: Any = None, processor: Any = None):
         if cfg.vision is None:
             raise ValueError("HookedLlava needs a config with a vision tower (cfg.vision)")

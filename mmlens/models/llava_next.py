@@ -41,6 +41,8 @@ class HookedLlavaNext(HookedLlava):
         >>> inp.layout.highres_grid(0).shape  # the unpadded tile grid, e.g. (36, 48)
     """
 
+    image_inputs = ("pixel_values", "image_sizes")
+
     def __init__(self, cfg: MMConfig, tokenizer: Any = None, processor: Any = None):
         if not cfg.image_grid_pinpoints:
             raise ValueError(

@@ -1,0 +1,108 @@
+"""Images as the HF processors read them correctly: 8-bit, from a file, never from the network.
+
+The processors rescale every image by 1/255, so an image already in [0, 1] would turn black, and
+PIL clips 16-bit images to white when it converts them to RGB. `as_image` converts such inputs to
+8 bits first (the rule is in docs/semantics.md, "Images"), opens local paths, and refuses URLs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def as_image(image: Any) -> Image.Image | np.ndarray:
+    """An image the HF processor reads as meant: a PIL image, or a uint8 array in the given layout.
+
+    - A path (`str` or `pathlib.Path`) is opened with PIL; a URL is refused (mmlens never
+      fetches anything).
+    - Float arrays/tensors must hold values in [0, 1]; they become ``round(255 * x)``.
+    - 16-bit images (PIL modes ``I;16*`` and ``I``, uint16 arrays) become ``round(x / 257)``.
+    - Other integer arrays must hold values in [0, 255].
+    - 8-bit PIL images and uint8 arrays are returned as they are.
+
+    Example:
+        >>> as_image(np.full((4, 4, 3), 0.5)).dtype    # a float image in [0, 1]
+        dtype('uint8')
+    """
+    if isinstance(image, (str, os.PathLike)):
+        image = _open(image)
+    if isinstance(image, Image.Image):
+        return _eight_bit_pil(image)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        return _eight_bit_array(image)
+    raise TypeError(
+        f"cannot read an image of type {type(image).__name__}: pass a PIL image, a path, or an "
+        "array/tensor (uint8, or float in [0, 1])"
+    )
+
+
+def _open(path: str | os.PathLike) -> Image.Image:
+    text = os.fspath(path)
+    if _URL.match(text):
+        raise ValueError(
+            f"image {text!r} is a URL; mmlens never fetches anything. Download the image and "
+            "pass its local path or a PIL image"
+        )
+    file = Path(text).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"image file {file} does not exist")
+    with Image.open(file) as opened:
+        opened.load()
+        return opened.copy()
+
+
+def _eight_bit_pil(image: Image.Image) -> Image.Image:
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "I":
+        return Image.fromarray(_sixteen_to_eight(np.asarray(image), f"PIL mode {image.mode}"))
+    if image.mode == "F":
+        return Image.fromarray(_unit_float_to_eight(np.asarray(image), "PIL mode F"))
+    return image
+
+
+def _eight_bit_array(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        raise ValueError("a boolean array is not an image; pass uint8 values or floats in [0, 1]")
+    if np.issubdtype(array.dtype, np.floating):
+        return _unit_float_to_eight(array, f"a {array.dtype} array")
+    if array.dtype == np.uint16:
+        return _sixteen_to_eight(array, "a uint16 array")
+    if np.issubdtype(array.dtype, np.integer):
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"an {array.dtype} image with values in [{low}, {high}]: pass 8-bit values "
+                "(0..255), a uint16 array for 16-bit images, or floats in [0, 1]"
+            )
+        return array.astype(np.uint8)
+    raise TypeError(f"cannot read an image array of dtype {array.dtype}")
+
+
+def _unit_float_to_eight(array: np.ndarray, what: str) -> np.ndarray:
+    low, high = float(np.nanmin(array)), float(np.nanmax(array))
+    if np.isnan(array).any() or low < 0.0 or high > 1.0:
+        raise ValueError(
+            f"{what} must hold values in [0, 1] (got [{low:g}, {high:g}]); for 0..255 values "
+            "pass a uint8 array (array.astype(np.uint8))"
+        )
+    return np.round(array.astype(np.float64) * 255).astype(np.uint8)
+
+
+def _sixteen_to_eight(array: np.ndarray, what: str) -> np.ndarray:
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high > 65535:
+        raise ValueError(f"{what} with values in [{low}, {high}] is not a 16-bit image")
+    return np.round(array.astype(np.float64) / 257).astype(np.uint8)
