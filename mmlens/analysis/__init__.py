@@ -19,7 +19,7 @@ from mmlens.analysis.probability import (
     relative_change,
 )
 from mmlens.analysis.semantics import module_knockout_jaccard
-from mmlens.analysis.sweep import PAPER_FLOWS, PrefixCache, knockout_sweep
+from mmlens.analysis.sweep import PAPER_FLOWS, PrefixCache, SweepError, knockout_sweep
 
 __all__ = [
     "PAPER_FLOWS",
@@ -28,6 +28,7 @@ __all__ = [
     "CliffResult",
     "HighNormPatches",
     "PrefixCache",
+    "SweepError",
     "answer_probability",
     "answer_token_ids",
     "answer_token_variants",

@@ -82,7 +82,8 @@ def logit_lens(
     """
     names = _residual_hooks(model_or_cache)
     model, cache = _model_and_cache(model_or_cache, inp, names)
-    _check_unpruned(cache[names[0]], inp)
+    for name in names:
+        _check_unpruned(name, _n_positions(inp), cache[name].shape[1])
     token_ids = [
         model.to_single_token(token) if isinstance(token, str) else int(token)
         for token in ([tokens] if isinstance(tokens, (int, str)) else tokens)
@@ -243,7 +244,7 @@ def high_norm_patches(
     """
     name = f"blocks.{layer}.hook_resid_pre"
     model, cache = _model_and_cache(model_or_cache, inp, [name])
-    _check_unpruned(cache[name], inp)
+    _check_unpruned(name, _n_positions(inp), cache[name].shape[1])
     image_positions = inp.positions("image", item)
     norms = cache[name][item, image_positions.to(cache[name].device)].float().norm(dim=-1).cpu()
     if threshold is None:
@@ -302,13 +303,17 @@ def _pattern_rows(
 ) -> Float[Tensor, "layer head row k_pos"]:
     """Rows `rows` of every named attention pattern, from the cache or from a run that keeps
     only those rows (a full pattern cache of a 7B model is ~1 GB)."""
+    n_positions = _n_positions(model_input)
     if isinstance(model_or_cache, ActivationCache):
         _check_cached(model_or_cache, names)
         patterns = [model_or_cache[name][item] for name in names]
+        for name, pattern in zip(names, patterns, strict=True):
+            _check_unpruned(name, n_positions, *pattern.shape[-2:])
         return torch.stack([pattern[:, rows.to(pattern.device)] for pattern in patterns]).float()
     kept: dict[str, Tensor] = {}
 
     def keep_rows(pattern: Tensor, hook: Any) -> None:
+        _check_unpruned(hook.name, n_positions, *pattern.shape[-2:])
         kept[hook.name] = pattern[item, :, rows.to(pattern.device)].float()
 
     inputs = model_input if isinstance(model_input, dict) else {"input": model_input}
@@ -319,9 +324,18 @@ def _pattern_rows(
     return torch.stack([kept[name] for name in names])
 
 
-def _check_unpruned(resid: Float[Tensor, "batch pos d_model"], inp: Any) -> None:
-    if resid.shape[1] != inp.input_ids.shape[1]:
+def _n_positions(model_input: Any) -> int:
+    """Sequence length of a `MultimodalInput` or of HF-style kwargs."""
+    ids = model_input["input_ids"] if isinstance(model_input, dict) else model_input.input_ids
+    return ids.shape[1]
+
+
+def _check_unpruned(name: str, n_positions: int, *sizes: int) -> None:
+    """Analyses index positions of the input: every position must still be there (no pruning
+    hook ran before this layer: `sizes` are its activation's position axes)."""
+    if set(sizes) != {n_positions}:
         raise ValueError(
-            f"the residual stream has {resid.shape[1]} positions but the input {inp.input_ids.shape[1]}; "
-            "use a cache of an unpruned run on this input"
+            f"{name} holds {min(sizes)} positions but the input has {n_positions}: tokens were "
+            "pruned (drop_tokens, fastv, truncate_image_tokens) before this layer. Use a cache "
+            "of an unpruned run on this input, or run this analysis outside the pruning hooks"
         )

@@ -23,9 +23,15 @@ from transformer_lens.hook_points import HookPoint
 
 from mmlens.ablations import attention_knockout, window
 from mmlens.ablations.knockout import check_rows_keep_a_key
-from mmlens.ablations.positions import PositionSet, layer_of
+from mmlens.ablations.positions import (
+    PositionSet,
+    as_positions,
+    check_positions_exist,
+    layer_of,
+)
 from mmlens.analysis.probability import answer_probability, relative_change
 from mmlens.hooked_transformer import KVCache
+from mmlens.hooks import has_any_hooks
 
 Box = tuple[int, int, int, int]
 PositionSpec = str | Callable[[Any], Tensor] | Tensor
@@ -44,12 +50,12 @@ def resolve_positions(spec: PositionSpec, inp: Any, boxes: Sequence[Box] = ()) -
 
     A segment name (`"system"`, `"image"`, `"user"`, `"question"`, `"last"`), `"related_patches"`
     (image tokens whose patches overlap any of the sample's boxes), `"other_patches"` (the rest
-    of the image tokens), a function of the input, or a tensor of positions.
+    of the image tokens), a function of the input, or a tensor of positions (or a boolean mask).
     """
     if callable(spec):
-        return torch.as_tensor(spec(inp))
+        return as_positions(spec(inp))
     if isinstance(spec, Tensor):
-        return spec
+        return as_positions(spec)
     if spec in ("related_patches", "other_patches"):
         if not boxes:
             raise ValueError(f"flow position set {spec!r} needs the sample's boxes (boxes=...)")
@@ -59,6 +65,28 @@ def resolve_positions(spec: PositionSpec, inp: Any, boxes: Sequence[Box] = ()) -
         image = inp.positions("image")
         return image[~torch.isin(image, related)]
     return inp.positions(spec)
+
+
+def check_no_hooks_on(model: Any) -> None:
+    """The engine reuses a clean prefix; hooks already on the model would change it in ways the
+    engine cannot follow (docs/analyses.md, "Knockout sweeps")."""
+    if has_any_hooks(model.hook_points()):
+        raise ValueError(
+            "the sweep engine reuses a clean prefix, which hooks already on the model (an "
+            "ablation in `with model.hooks(...)`, add_hook) would change in ways it cannot "
+            "follow (pruning, attention-ranked truncation); use method='naive', which runs "
+            "every variant in full under those hooks, or model.reset_hooks() first"
+        )
+
+
+class SweepError(ValueError):
+    """A sample of a sweep could not be measured. The message names the sample (and the flow);
+    `partial_result` holds the rows of the samples measured before it, as the sweep returns them.
+    """
+
+    def __init__(self, message: str, partial_result: pd.DataFrame):
+        super().__init__(message)
+        self.partial_result = partial_result
 
 
 @dataclass
@@ -75,6 +103,7 @@ class PrefixCache:
     def run(cls, model: Any, inp: Any) -> PrefixCache:
         if inp.batch_size != 1 or not bool(inp.attention_mask.all()):
             raise ValueError("the sweep engine takes samples one at a time: pass batch-1 inputs")
+        check_no_hooks_on(model)
         cache = KVCache.empty(model.cfg.n_layers, 1, inp.input_ids.device)
         stored: dict[str, Tensor] = {}
 
@@ -147,6 +176,13 @@ def knockout_sweep(
     `relative_change` (percent). `attrs` keeps the model name, flows and settings, so a
     figure can be re-drawn later (`mmlens.plot.knockout_sweep`).
 
+    Raises:
+        SweepError: a sample cannot be measured (a flow's positions are empty, outside the
+            input, or leave a target without keys; no boxes for a patch flow). The message
+            names the sample and the flow; `error.partial_result` holds the earlier samples'
+            rows. Both methods check the same way, before running the sample.
+        ValueError: `method="engine"` while hooks are on the model (use "naive").
+
     Example:
         >>> result = knockout_sweep(model, samples, window_size=9)
         >>> mmlens.plot.knockout_sweep(result).show()
@@ -160,22 +196,35 @@ def knockout_sweep(
         raise ValueError(f"method must be 'engine' or 'naive', got {method!r}")
     if boxes is not None and len(boxes) != len(samples):
         raise ValueError(f"{len(boxes)} box lists for {len(samples)} samples")
+    if method == "engine":
+        check_no_hooks_on(model)
+
+    def attrs() -> dict[str, Any]:
+        return dict(
+            analysis="knockout_sweep",
+            model=model.cfg.model_name,
+            n_layers=n_layers,
+            window_size=window_size,
+            flows={name: tuple(_describe(spec) for spec in pair) for name, pair in flows.items()},
+            method=method,
+        )
 
     rows = []
     for index, inp in enumerate(tqdm(samples, desc="knockout sweep", disable=not progress)):
-        sample_boxes = boxes[index] if boxes is not None else ()
-        positions = {
-            name: tuple(resolve_positions(spec, inp, sample_boxes) for spec in pair)
-            for name, pair in flows.items()
-        }
-        for source, target in positions.values():
-            check_rows_keep_a_key(
-                PositionSet.of(source, "source"), PositionSet.of(target, "target")
-            )
-        if method == "engine":
-            p_base, answer, p_new = _engine(model, inp, positions, windows, batch_size)
-        else:
-            p_base, answer, p_new = _naive(model, inp, positions, windows)
+        try:
+            positions = _flow_positions(flows, inp, boxes[index] if boxes is not None else ())
+            if method == "engine":
+                p_base, answer, p_new = _engine(model, inp, positions, windows, batch_size)
+            else:
+                p_base, answer, p_new = _naive(model, inp, positions, windows)
+        except ValueError as error:
+            partial = pd.DataFrame(rows)
+            partial.attrs.update(attrs())
+            raise SweepError(
+                f"sample {index}: {error} (the {len(set(partial.get('sample', [])))} samples "
+                "before it are in this error's partial_result)",
+                partial,
+            ) from error
         for name in flows:
             for centre, layers, probability in zip(centres, windows, p_new[name], strict=True):
                 rows.append(
@@ -192,15 +241,29 @@ def knockout_sweep(
                     )
                 )
     result = pd.DataFrame(rows)
-    result.attrs.update(
-        analysis="knockout_sweep",
-        model=model.cfg.model_name,
-        n_layers=n_layers,
-        window_size=window_size,
-        flows={name: tuple(_describe(spec) for spec in pair) for name, pair in flows.items()},
-        method=method,
-    )
+    result.attrs.update(attrs())
     return result
+
+
+def _flow_positions(
+    flows: dict[str, tuple[PositionSpec, PositionSpec]], inp: Any, boxes: Sequence[Box]
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Each flow's (source, target) positions in `inp`, checked the same way for both methods:
+    inside the input, and no target row left without a key."""
+    n_positions = inp.input_ids.shape[1]
+    positions = {}
+    for name, pair in flows.items():
+        try:
+            source, target = (resolve_positions(spec, inp, boxes) for spec in pair)
+            source_set = PositionSet.of(source, "source")
+            target_set = PositionSet.of(target, "target")
+            check_rows_keep_a_key(source_set, target_set)
+            check_positions_exist(source_set, n_positions, "source")
+            check_positions_exist(target_set, n_positions, "target")
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"flow {name!r}: {error}") from error
+        positions[name] = (source, target)
+    return positions
 
 
 def _engine(
