@@ -564,9 +564,7 @@ class HookedTransformer(HookedRootModule):
             past_kv_cache: keys/values of earlier positions; extended in place (generation).
         """
         if return_type not in ("logits", "loss", "both", None):
-            raise ValueError(
-                f"return_type={return_type!r}: use 'logits', 'loss', 'both' or None"
-            )
+            raise ValueError(f"return_type={return_type!r}: use 'logits', 'loss', 'both' or None")
         inputs = self.model_inputs(
             input, input_ids=input_ids, attention_mask=attention_mask, **multimodal
         )
