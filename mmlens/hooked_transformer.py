@@ -11,12 +11,11 @@ import difflib
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import nn
 from tqdm.auto import tqdm
 from transformer_lens import ActivationCache, HookedRootModule
@@ -31,78 +30,18 @@ from mmlens.components import (
     TransformerBlock,
     Unembed,
 )
-from mmlens.components.attention import KeyValue
 from mmlens.config import MMConfig
 from mmlens.hooks import checked_hook, next_hook_id, remove_hooks
 from mmlens.perf import enable_for_cpu_caching
-
-
-@dataclass
-class KVCache:
-    """What later forward passes need of the positions seen so far (generation).
-
-    Per layer: rotated keys and values, the original positions of those keys and whether each
-    is a real token (not padding); layers after a pruning point hold fewer keys. Plus the
-    attention mask of every original position seen, which numbers the rotary positions of new
-    tokens. `generate` creates one and each forward pass extends it in place.
-    """
-
-    key_values: list[KeyValue | None]
-    key_positions: list[Int[torch.Tensor, "batch k_pos"] | None]
-    key_is_real: list[Bool[torch.Tensor, "batch k_pos"] | None]
-    attention_mask: Int[torch.Tensor, "batch seen_pos"]
-
-    @classmethod
-    def empty(cls, n_layers: int, batch: int, device: torch.device) -> KVCache:
-        empty_mask = torch.zeros(batch, 0, dtype=torch.long, device=device)
-        return cls([None] * n_layers, [None] * n_layers, [None] * n_layers, empty_mask)
-
-
-def causal_padding_mask(
-    query_positions: Int[torch.Tensor, "batch q_pos"],
-    key_positions: Int[torch.Tensor, "batch k_pos"],
-    key_is_real: Bool[torch.Tensor, "batch k_pos"],
-    sliding_window: int | None = None,
-) -> Bool[torch.Tensor, "batch 1 q_pos k_pos"]:
-    """Which keys each query may attend to, from original sequence positions.
-
-    Causal (a key at or before the query), padding keys hidden, and a query always sees itself:
-    pad queries then attend to themselves only, which keeps their unused activations finite.
-    `sliding_window` (Mistral v0.1) limits each query to the last `sliding_window` positions.
-    """
-    query, key = query_positions[:, :, None], key_positions[:, None, :]
-    allowed = (key <= query) & key_is_real[:, None, :]
-    if sliding_window is not None:
-        allowed &= query - key < sliding_window
-    return (allowed | (key == query))[:, None]
-
-
-def rotary_position_ids(
-    attention_mask: Int[torch.Tensor, "batch pos"],
-) -> Int[torch.Tensor, "batch pos"]:
-    """Rotary positions counted from each item's first real token (as HF `generate` does), so a
-    left-padded item gives the same logits as the item alone."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def survivor_index(
-    positions: Int[torch.Tensor, "batch pos"], kept: Int[torch.Tensor, "batch kept_pos"], layer: int
-) -> Int[torch.Tensor, "batch kept_pos"]:
-    """Indices into the current sequence of the positions a `hook_prune` hook kept."""
-    if kept.ndim != 2 or kept.shape[0] != positions.shape[0]:
-        raise ValueError(
-            f"blocks.{layer}.hook_prune must return [batch, kept_pos] positions, got shape "
-            f"{tuple(kept.shape)} for a batch of {positions.shape[0]}; keep the same number "
-            "of positions in every batch item"
-        )
-    index = torch.searchsorted(positions.contiguous(), kept.contiguous())
-    found = positions.gather(1, index.clamp(max=positions.shape[1] - 1)) == kept
-    if not bool(found.all()) or bool((kept[:, 1:] <= kept[:, :-1]).any()):
-        raise ValueError(
-            f"blocks.{layer}.hook_prune must return an increasing subset of the positions it "
-            "was given (original sequence indices)"
-        )
-    return index
+from mmlens.sequence import (
+    KVCache,
+    LayerKV,
+    PrefixState,
+    SequenceState,
+    causal_padding_mask,
+    rotary_position_ids,
+    survivor_index,
+)
 
 
 class HookedTransformer(HookedRootModule):
@@ -575,9 +514,7 @@ class HookedTransformer(HookedRootModule):
         # Image features are only needed where image tokens are new (not for cached steps).
         resid = self.embed_input(input_ids, **{k: v for k, v in inputs.items() if v is not None})
 
-        resid, positions = self.run_blocks(
-            resid, attention_mask, past_kv_cache, stop_at_layer=stop_at_layer
-        )
+        resid, positions = self._run_decoder(resid, attention_mask, past_kv_cache, stop_at_layer)
         if stop_at_layer is not None:
             return resid
 
@@ -591,74 +528,230 @@ class HookedTransformer(HookedRootModule):
         loss = self.next_token_loss(logits, input_ids, attention_mask)
         return loss if return_type == "loss" else (logits, loss)
 
-    def run_blocks(
+    def _run_decoder(
         self,
         resid: Float[torch.Tensor, "batch pos d_model"],
         attention_mask: Int[torch.Tensor, "batch pos"],
-        past_kv_cache: KVCache | None = None,
+        cache: KVCache | None = None,
         stop_at_layer: int | None = None,
+        record: list | None = None,
     ) -> tuple[Float[torch.Tensor, "batch kept_pos d_model"], Int[torch.Tensor, "batch kept_pos"]]:
         """The decoder blocks; returns the residual stream and its original positions.
 
         Tracks the original position of every token so that a `hook_prune` hook can remove
         tokens mid-model: from that block on the residual stream, keys and values (and the KV
-        cache) really shrink, and the survivors keep their rotary positions.
+        cache) really shrink, and the survivors keep their rotary positions. `cache` holds the
+        keys and values of earlier positions and is extended in place; `record` receives each
+        layer's entering residual stream and its positions (`run_prefix`).
         """
         batch, n_new = attention_mask.shape
-        seen = past_kv_cache.attention_mask if past_kv_cache is not None else attention_mask[:, :0]
+        seen = cache.attention_mask if cache is not None else attention_mask[:, :0]
         all_seen = torch.cat((seen, attention_mask), dim=1)
-        if past_kv_cache is not None:
-            past_kv_cache.attention_mask = all_seen
+        if cache is not None:
+            cache.attention_mask = all_seen
         n_seen = seen.shape[1]
-        positions = torch.arange(n_seen, n_seen + n_new, device=resid.device).expand(batch, -1)
-        rotary_ids = rotary_position_ids(all_seen)[:, n_seen:]
-        is_real = attention_mask.bool()
-        rotary = self.rotary(rotary_ids, resid.dtype)
+        rows = _Rows(
+            resid,
+            torch.arange(n_seen, n_seen + n_new, device=resid.device).expand(batch, -1),
+            attention_mask.bool(),
+            rotary_position_ids(all_seen)[:, n_seen:],
+        )
         window = self.cfg.sliding_window
         # Plain causal attention (SDPA's causal kernel) is exact while nothing is cached,
         # padded or pruned and the sliding window does not bite.
-        plain_causal = bool(is_real.all()) and (window is None or n_seen + n_new <= window)
-        mask, mask_inputs = None, (None, None)
-
+        rows.plain_causal = bool(rows.is_real.all()) and (
+            window is None or n_seen + n_new <= window
+        )
         n_blocks = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
-        for layer, block in enumerate(self.blocks[:n_blocks]):
-            kept = block.hook_prune(positions)
-            if kept is not positions:
-                index = survivor_index(positions, kept, layer)
-                resid = resid.gather(1, index[..., None].expand(-1, -1, resid.shape[-1]))
-                positions, is_real = kept, is_real.gather(1, index)
-                rotary_ids = rotary_ids.gather(1, index)
-                rotary = self.rotary(rotary_ids, resid.dtype)
-                # Survivors keep their order, so without padding, a cache or a biting sliding
-                # window, index-causal attention is still exact (and keeps SDPA's causal kernel).
-            block.hook_positions(positions)
+        for layer in range(n_blocks):
+            if record is not None:
+                record.append((rows.resid, rows.positions))
+            past = cache.layers[layer] if cache is not None else None
+            new = self._run_block(layer, rows, past)
+            if cache is not None:
+                cache.layers[layer] = new if past is None else past.extended(*_entries(new))
+        return rows.resid, rows.positions
 
-            past = past_kv_cache.key_values[layer] if past_kv_cache is not None else None
-            past_positions = past_kv_cache.key_positions[layer] if past is not None else None
-            # Layers share their keys (and mask) until a pruning point, or a pruned KV cache.
-            if mask_inputs[0] is not past_positions or mask_inputs[1] is not positions:
-                mask_inputs = (past_positions, positions)
-                if past is None:
-                    key_positions, key_is_real = positions, is_real
-                else:
-                    key_positions = torch.cat((past_positions, positions), dim=1)
-                    key_is_real = torch.cat((past_kv_cache.key_is_real[layer], is_real), dim=1)
-                plain = plain_causal and past is None
-                mask = (
-                    None
-                    if plain
-                    else causal_padding_mask(positions, key_positions, key_is_real, window)
-                )
-            block.hook_key_positions(key_positions)
-
-            resid, key_value = block(
-                resid, rotary=rotary, mask=mask, is_causal=True, past_key_value=past
+    def _run_block(self, layer: int, rows: _Rows, past: LayerKV | None) -> LayerKV:
+        """Block `layer` on `rows` (updated in place), attending to `past` too; returns the
+        block's new keys and values. Publishes the block's `SequenceState` to its hooks."""
+        block = self.blocks[layer]
+        block.publish(rows.state(layer, past))
+        kept = block.hook_prune(rows.positions)
+        if kept is not rows.positions:
+            rows.keep(survivor_index(rows.positions, kept, layer))
+            block.publish(rows.state(layer, past))
+        state = rows.state(layer, past)
+        block.hook_positions(rows.positions)
+        block.hook_key_positions(state.key_positions)
+        if rows.plain_causal and past is None:
+            mask = None  # index-causal attention is exact (survivors keep their order)
+        else:
+            mask = rows.memo(
+                "mask",
+                (state.key_positions, rows.positions),
+                lambda: causal_padding_mask(
+                    rows.positions, state.key_positions, state.key_is_real, self.cfg.sliding_window
+                ),
             )
-            if past_kv_cache is not None:
-                past_kv_cache.key_values[layer] = key_value
-                past_kv_cache.key_positions[layer] = key_positions
-                past_kv_cache.key_is_real[layer] = key_is_real
-        return resid, positions
+        rotary = rows.memo(
+            "rotary", (rows.rotary_ids,), lambda: self.rotary(rows.rotary_ids, rows.resid.dtype)
+        )
+        rows.resid, (keys, values) = block(
+            rows.resid,
+            rotary=rotary,
+            mask=mask,
+            is_causal=True,
+            past_key_value=None if past is None else (past.keys, past.values),
+        )
+        return LayerKV(keys, values, rows.positions, rows.is_real)
+
+    # ------------------------------------------------------------------ prefix and suffix
+    def run_prefix(
+        self,
+        input: Any = None,
+        *,
+        logits: Literal["all", "last"] | None = "all",
+        **kwargs: Any,
+    ) -> PrefixState:
+        """Run `input` once and keep what later variants of it can reuse (`run_suffix`).
+
+        Hooks active on the model (`with model.hooks(...)`) apply, as in a forward pass. Keeps
+        every layer's entering residual stream, keys and values; `logits` says which logits
+        to compute ("all", "last" position only, or None).
+
+        Example:
+            >>> prefix = model.run_prefix(inp)
+            >>> prefix.logits.shape   # [batch, pos, d_vocab]
+        """
+        inputs = self.model_inputs(input, **kwargs)
+        input_ids = inputs.pop("input_ids")
+        attention_mask = inputs.pop("attention_mask", None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        resid = self.embed_input(input_ids, **{k: v for k, v in inputs.items() if v is not None})
+        cache = KVCache.empty(self.cfg.n_layers, input_ids.shape[0], input_ids.device)
+        record: list = []
+        resid, _ = self._run_decoder(resid, attention_mask, cache, record=record)
+        if logits == "last":
+            resid = resid[:, -1:]
+        return PrefixState(
+            logits=None if logits is None else self.unembed(self.ln_final(resid)),
+            resid_pre=tuple(entering for entering, _ in record),
+            positions=tuple(positions for _, positions in record),
+            cache=cache,
+            attention_mask=attention_mask,
+            rotary_ids=rotary_position_ids(attention_mask),
+        )
+
+    def run_suffix(
+        self,
+        prefix: PrefixState,
+        start: int,
+        *,
+        n_variants: int = 1,
+        entry_layers: list[int] | None = None,
+        fwd_hooks: list | tuple = (),
+        only_last: bool = False,
+    ) -> Float[torch.Tensor, "variant_rows suffix_pos d_vocab"]:
+        """Logits of positions `start ..` for `n_variants` variants of every prefix item, each
+        recomputed from its entry layer on with `fwd_hooks`, reusing the prefix for the rest.
+
+        Exact for variants that change nothing before position `start` nor below their entry
+        layer (e.g. an attention knockout whose targets start at `start`, in a window that
+        starts at the entry layer): below, every variant equals the prefix run. A variant row
+        enters at its layer with the prefix's residual stream there; it attends to the prefix's
+        keys and values of positions < `start`, which are shared, never copied per variant.
+
+        Rows are item-major (rows ``i*n_variants .. (i+1)*n_variants - 1`` are the variants of
+        prefix item i, in the order given). Hooks see only the rows that have entered (the
+        batch grows from layer to layer); `hook.ctx["sequence"].variant` says which variant
+        each row is. Hooks already on the model apply too, as in the prefix run, and must not
+        let earlier positions depend on later ones (a causal model never does).
+
+        Args:
+            prefix: `run_prefix` of the input.
+            start: first recomputed position (original index).
+            entry_layers: per variant, its first recomputed layer (default: all 0).
+            only_last: return only the last position's logits, ``[rows, d_vocab]``.
+
+        Returns:
+            ``[batch * n_variants, kept_suffix_pos, d_vocab]`` logits (``[.., d_vocab]`` with
+            `only_last`).
+
+        Example:
+            >>> prefix = model.run_prefix(inp)
+            >>> last = inp.positions("last").item()
+            >>> hooks = attention_knockout(inp.positions("image"), [last], range(4, 9))
+            >>> model.run_suffix(prefix, last, entry_layers=[4], fwd_hooks=hooks, only_last=True)
+        """
+        entry = [0] * n_variants if entry_layers is None else [int(e) for e in entry_layers]
+        if len(entry) != n_variants or not all(0 <= e < self.cfg.n_layers for e in entry):
+            raise ValueError(
+                f"entry_layers must give one layer in 0..{self.cfg.n_layers - 1} per variant "
+                f"({n_variants}), got {entry_layers}"
+            )
+        if not 0 <= start < prefix.n_positions:
+            raise ValueError(
+                f"start {start} is not a position of the prefix (0..{prefix.n_positions - 1})"
+            )
+        order = sorted(range(n_variants), key=entry.__getitem__)
+        n_items = prefix.batch_size
+        rows: _Rows | None = None
+        with self.hooks(fwd_hooks=list(fwd_hooks)):
+            for layer in range(entry[order[0]], self.cfg.n_layers):
+                entering = [v for v in order if entry[v] == layer]
+                if entering:
+                    rows = self._enter(prefix, start, layer, rows, entering, n_items)
+                self._run_block(layer, rows, prefix.cache.layers[layer].before(start))
+            resid = rows.resid[:, -1:] if only_last else rows.resid
+            logits = self.unembed(self.ln_final(resid))
+        # Back to the caller's variant order, item-major.
+        logits = logits.unflatten(0, (n_items, n_variants))
+        back = torch.tensor(order, device=logits.device).argsort()
+        logits = logits[:, back].flatten(0, 1)
+        return logits[:, 0] if only_last else logits
+
+    def _enter(
+        self,
+        prefix: PrefixState,
+        start: int,
+        layer: int,
+        rows: _Rows | None,
+        variants: list[int],
+        n_items: int,
+    ) -> _Rows:
+        """`rows` with `variants` added, entering at `layer` with the prefix's residual
+        stream there (positions >= `start`), keeping the rows item-major."""
+        positions = prefix.positions[layer]
+        first = int((positions[0] < start).sum())
+        if bool(((positions < start).sum(1) != first).any()):
+            raise ValueError(
+                "batch items keep different numbers of positions before the suffix after "
+                "pruning; run these samples one at a time"
+            )
+        positions = positions[:, first:]
+        resid = prefix.resid_pre[layer][:, first:]
+        if rows is not None and not torch.equal(
+            rows.positions.unflatten(0, (n_items, -1))[:, 0], positions
+        ):
+            raise ValueError(
+                f"variants entering at layer {layer} would hold other positions than the rows "
+                "already running; a hook pruned differently in the prefix and the suffix run"
+            )
+        per_item = len(variants)
+
+        def repeat(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.repeat_interleave(per_item, dim=0)
+
+        new = _Rows(
+            repeat(resid),
+            repeat(positions),
+            repeat(prefix.attention_mask.gather(1, positions).bool()),
+            repeat(prefix.rotary_ids.gather(1, positions)),
+            variant=torch.tensor(variants, device=resid.device).repeat(n_items),
+        )
+        return new if rows is None else rows.joined(new, n_items)
 
     @staticmethod
     def next_token_loss(
@@ -731,3 +824,75 @@ class HookedTransformer(HookedRootModule):
                     break
             step_ids, step_mask = next_ids[:, None], torch.ones_like(next_ids[:, None])
         return torch.cat(generated, dim=1)
+
+
+class _Rows:
+    """The rows a decoder pass is computing and what they need, updated block by block:
+    residual stream, original positions, real-token flags, rotary positions, and (suffix runs)
+    which variant each row is. Masks and rotary tables are memoised until the positions change.
+    """
+
+    def __init__(
+        self,
+        resid: torch.Tensor,
+        positions: torch.Tensor,
+        is_real: torch.Tensor,
+        rotary_ids: torch.Tensor,
+        variant: torch.Tensor | None = None,
+    ):
+        self.resid, self.positions, self.is_real = resid, positions, is_real
+        self.rotary_ids, self.variant = rotary_ids, variant
+        self.plain_causal = False
+        self._memo: dict[str, tuple[tuple[torch.Tensor, ...], Any]] = {}
+
+    def memo(self, name: str, inputs: tuple[torch.Tensor, ...], make: Callable[[], Any]) -> Any:
+        """`make()`, reused while `inputs` are the same tensor objects as last time (layers
+        share their masks until a pruning point; the entry keeps `inputs` alive)."""
+        entry = self._memo.get(name)
+        if entry is None or any(a is not b for a, b in zip(entry[0], inputs, strict=True)):
+            entry = self._memo[name] = (inputs, make())
+        return entry[1]
+
+    def keep(self, index: Int[torch.Tensor, "batch kept"]) -> None:
+        """Keep the rows' positions at `index` (pruning)."""
+        self.resid = self.resid.gather(1, index[..., None].expand(-1, -1, self.resid.shape[-1]))
+        self.positions = self.positions.gather(1, index)
+        self.is_real = self.is_real.gather(1, index)
+        self.rotary_ids = self.rotary_ids.gather(1, index)
+
+    def state(self, layer: int, past: LayerKV | None) -> SequenceState:
+        if past is None:
+            keys = (self.positions, self.is_real)
+        else:
+            # Past items are shared by groups of rows (suffix variants): one copy per row of
+            # the (small) index tensors only.
+            share = self.positions.shape[0] // past.positions.shape[0]
+            keys = self.memo(
+                "keys",
+                (past.positions, self.positions),
+                lambda: (
+                    torch.cat((past.positions.repeat_interleave(share, 0), self.positions), 1),
+                    torch.cat((past.is_real.repeat_interleave(share, 0), self.is_real), 1),
+                ),
+            )
+        return SequenceState(layer, self.positions, *keys, self.variant)
+
+    def joined(self, other: _Rows, n_items: int) -> _Rows:
+        """These rows and `other`'s, item by item (both item-major over `n_items` items)."""
+
+        def join(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+            return torch.cat(
+                (mine.unflatten(0, (n_items, -1)), theirs.unflatten(0, (n_items, -1))), dim=1
+            ).flatten(0, 1)
+
+        return _Rows(
+            join(self.resid, other.resid),
+            join(self.positions, other.positions),
+            join(self.is_real, other.is_real),
+            join(self.rotary_ids, other.rotary_ids),
+            variant=join(self.variant, other.variant),
+        )
+
+
+def _entries(layer_kv: LayerKV) -> tuple[torch.Tensor, ...]:
+    return layer_kv.keys, layer_kv.values, layer_kv.positions, layer_kv.is_real

@@ -19,7 +19,7 @@ from mmlens.ablations import (
     zero_heads,
     zero_mlp,
 )
-from mmlens.hooked_transformer import KVCache
+from mmlens.sequence import KVCache
 from mmlens.testing import make_test_image
 
 N_LAYERS = 4
@@ -287,7 +287,7 @@ def test_drop_then_generate_equals_masked_generation_and_the_cache_shrinks(model
         masked = model.generate(inp, max_new_tokens=6, stop_at_eos=False)
     assert torch.equal(dropped, masked)
     n, n_dropped = inp.input_ids.shape[1], len(image) - round(0.25 * len(image))
-    assert [kv[0].shape[1] for kv in cache.key_values] == [n, n, n - n_dropped, n - n_dropped]
+    assert [entry.keys.shape[1] for entry in cache.layers] == [n, n, n - n_dropped, n - n_dropped]
 
 
 def test_padded_batch_pruning_matches_each_item_alone(model):

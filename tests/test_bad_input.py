@@ -238,22 +238,28 @@ def test_keeping_every_image_token_is_a_no_op(model, inp, clean, mode):
         assert (logits - clean).abs().max() < 1e-5
 
 
-def test_the_engine_refuses_active_hooks_and_naive_composes_with_them(model, inp):
+def test_the_sweep_composes_with_pruning_and_refuses_ranked_truncation(model, inp):
     image, last = inp.positions("image"), inp.positions("last")
-    with model.hooks(fwd_hooks=drop_tokens(image, 3)):
+    flows = {"Q→Last": ("question", "last"), "Image→Question": ("image", "question")}
+    with model.hooks(fwd_hooks=drop_tokens(image[::2], 3)):
+        engine = knockout_sweep(model, inp, flows, 3, progress=False)
+        naive = knockout_sweep(model, inp, flows, 3, method="naive", progress=False)
+    assert ((engine.p_new - naive.p_new).abs() / naive.p_new).max() < 1e-5
+    # The naive loop under the hook is the hand-made computation.
+    pruned = drop_tokens(image[::2], 3)
+    with torch.no_grad():
+        p_base = model.run_with_hooks(inp, fwd_hooks=pruned)[0, -1].softmax(-1)
+        answer = int(p_base.argmax())
+        knocked = attention_knockout(inp.positions("question"), last, window(1, 3, N_LAYERS))
+        p_new = model.run_with_hooks(inp, fwd_hooks=pruned + knocked)[0, -1].softmax(-1)[answer]
+    first = naive[(naive.flow == "Q→Last") & (naive.layer == 1)].iloc[0]
+    assert first.p_base == pytest.approx(float(p_base[answer]), abs=1e-6)
+    assert first.p_new == pytest.approx(float(p_new), abs=1e-6)
+
+    with model.hooks(fwd_hooks=fastv(2, 0.5, image_positions=image)):
         with pytest.raises(ValueError, match="method='naive'"):
-            knockout_sweep(model, inp, {"f": ("question", "last")}, 3, progress=False)
-        naive = knockout_sweep(
-            model, inp, {"f": ("question", "last")}, 3, centres=[1], method="naive", progress=False
-        )
-    pruned = drop_tokens(image, 3)
-    p_base = model.run_with_hooks(inp, fwd_hooks=pruned)[0, -1].detach().softmax(-1)
-    answer = int(p_base.argmax())
-    knocked = attention_knockout(inp.positions("question"), last, window(1, 3, N_LAYERS))
-    p_new = model.run_with_hooks(inp, fwd_hooks=pruned + knocked)[0, -1].detach().softmax(-1)
-    p_new = p_new[answer]
-    assert naive.p_base[0] == pytest.approx(float(p_base[answer]), abs=1e-6)
-    assert naive.p_new[0] == pytest.approx(float(p_new), abs=1e-6)
+            knockout_sweep(model, inp, flows, 3, progress=False)
+        knockout_sweep(model, inp, flows, 3, centres=[1], method="naive", progress=False)
 
 
 def test_lens_and_share_refuse_pruned_runs(model, inp):

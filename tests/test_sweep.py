@@ -114,9 +114,21 @@ def test_sweep_errors(model, samples):
         knockout_sweep(model, samples, {"R": ("related_patches", "question")}, progress=False)
     with pytest.raises(ValueError, match="no key|every key"):
         knockout_sweep(model, samples, {"all": (torch.arange(100), "question")}, progress=False)
-    batch = model.prepare([make_test_image(56, 56)] * 2, ["What colour is it?", "Is it red?"])
-    with pytest.raises(ValueError, match="batch-1"):
-        knockout_sweep(model, [batch], progress=False)
+
+
+@pytest.mark.parametrize("method", ["engine", "naive"])
+def test_a_padded_batch_of_samples_gives_the_rows_of_each_sample_alone(model, samples, method):
+    batch = model.prepare(
+        [make_test_image(88, 48, 0), make_test_image(40, 80, 1)],
+        ["What colour is the square on the left?", "Is the circle red?"],
+    )
+    assert not bool(batch.attention_mask.all()), "the test needs a padded batch"
+    together = knockout_sweep(model, batch, FLOWS, 3, boxes=BOXES, method=method, progress=False)
+    alone = knockout_sweep(model, samples, FLOWS, 3, boxes=BOXES, method=method, progress=False)
+    assert together[["sample", "flow", "layer", "answer_token"]].equals(
+        alone[["sample", "flow", "layer", "answer_token"]]
+    )
+    assert ((together.p_new - alone.p_new).abs() / alone.p_new).max() < 1e-5
 
 
 # ---------------------------------------------------------------------- module knockout, cliff

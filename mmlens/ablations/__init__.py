@@ -12,15 +12,20 @@ Example:
     >>> logits = model.run_with_hooks(inp, fwd_hooks=hooks)
 """
 
-from mmlens.ablations.knockout import attention_knockout, attention_knockout_post_softmax, window
-from mmlens.ablations.positions import PositionSet, SequenceView
+from mmlens.ablations.knockout import (
+    attention_knockout,
+    attention_knockout_post_softmax,
+    block_edges,
+    window,
+)
+from mmlens.ablations.positions import PositionSet
 from mmlens.ablations.pruning import drop_tokens, fastv, truncate_image_tokens
 from mmlens.ablations.zeroing import zero_attention, zero_heads, zero_mlp
 
 __all__ = [
     "PositionSet",
-    "SequenceView",
     "attention_knockout",
+    "block_edges",
     "attention_knockout_post_softmax",
     "drop_tokens",
     "fastv",

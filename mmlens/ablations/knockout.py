@@ -13,11 +13,10 @@ from mmlens.ablations.positions import (
     Hook,
     PositionSet,
     PositionsLike,
-    SequenceView,
     as_layers,
     check_in_range,
-    layer_of,
 )
+from mmlens.sequence import SequenceState, sequence_of
 
 
 def window(center: int, size: int, n_layers: int) -> range:
@@ -87,42 +86,61 @@ def _knockout_hooks(
     head_index = None if heads is None else as_layers(heads, "heads")
     if not post_softmax:
         check_rows_keep_a_key(source_set, target_set)
-    view = SequenceView()
 
     def knock_out(scores: Float[Tensor, "batch head q_pos k_pos"], hook: HookPoint) -> Tensor:
-        layer = layer_of(hook)
-        if head_index is not None and max(head_index) >= scores.shape[1]:
-            raise ValueError(
-                f"head {max(head_index)} does not exist: layer {layer} has {scores.shape[1]} heads"
-            )
-        queries, keys = view.queries[layer], view.keys[layer]
-        check_in_range(source_set, keys, "source")
-        check_in_range(target_set, keys, "target")
-        edges = target_set.mask(queries)[:, None, :, None] & source_set.mask(keys)[:, None, None, :]
-        if head_index is not None:
-            selected_heads = torch.zeros(scores.shape[1], dtype=torch.bool, device=scores.device)
-            selected_heads[head_index] = True
-            edges = edges & selected_heads[None, :, None, None]
-        if post_softmax:
-            return scores.masked_fill(edges, 0.0)
-        scores = scores.masked_fill(edges, float("-inf"))
-        empty_rows = (scores == float("-inf")).all(-1) & edges.any(-1)
-        if bool(empty_rows.any()):
-            item, head, row = (int(i) for i in empty_rows.nonzero()[0])
-            raise ValueError(
-                f"attention knockout leaves position {int(queries[item, row])} (batch item {item}, "
-                f"head {head}, layer {layer}) with no key to attend to; keep at least one visible "
-                "key per target (e.g. the BOS token) or drop that target"
-            )
-        return scores
+        state = sequence_of(hook)
+        check_in_range(source_set, state.key_positions, "source")
+        check_in_range(target_set, state.key_positions, "target")
+        return block_edges(scores, state, source_set, target_set, head_index, post_softmax)
 
     site = "attn.hook_pattern" if post_softmax else "attn.hook_attn_scores"
-    return view.hooks(layers) + [(f"blocks.{layer}.{site}", knock_out) for layer in layers]
+    return [(f"blocks.{layer}.{site}", knock_out) for layer in layers]
+
+
+def block_edges(
+    scores: Float[Tensor, "batch head q_pos k_pos"],
+    state: SequenceState,
+    source: PositionSet,
+    target: PositionSet,
+    heads: list[int] | None = None,
+    post_softmax: bool = False,
+) -> Float[Tensor, "batch head q_pos k_pos"]:
+    """Block every (target, source) edge of `scores` (or of a pattern, `post_softmax`).
+
+    The one place where knockout edges are built, from the block's `SequenceState`: used by
+    `attention_knockout` and by the batched sweep engine (one set per batch row). Scores get
+    -inf; a pattern gets 0. A score row left with no visible key is an error.
+    """
+    layer = state.layer
+    if heads is not None and max(heads) >= scores.shape[1]:
+        raise ValueError(
+            f"head {max(heads)} does not exist: layer {layer} has {scores.shape[1]} heads"
+        )
+    edges = (
+        target.mask(state.query_positions)[:, None, :, None]
+        & source.mask(state.key_positions)[:, None, None, :]
+    )
+    if heads is not None:
+        selected_heads = torch.zeros(scores.shape[1], dtype=torch.bool, device=scores.device)
+        selected_heads[heads] = True
+        edges = edges & selected_heads[None, :, None, None]
+    if post_softmax:
+        return scores.masked_fill(edges, 0.0)
+    scores = scores.masked_fill(edges, float("-inf"))
+    empty_rows = (scores == float("-inf")).all(-1) & edges.any(-1)
+    if bool(empty_rows.any()):
+        item, head, row = (int(i) for i in empty_rows.nonzero()[0])
+        raise ValueError(
+            f"attention knockout leaves position {int(state.query_positions[item, row])} (batch "
+            f"item {item}, head {head}, layer {layer}) with no key to attend to; keep at least "
+            "one visible key per target (e.g. the BOS token) or drop that target"
+        )
+    return scores
 
 
 def check_rows_keep_a_key(source: PositionSet, target: PositionSet) -> None:
     """A target t sees keys 0..t (causal); if the source holds all of them, t's row is empty."""
-    n_items = max(len(s.per_item) if s.per_item is not None else 1 for s in (source, target))
+    n_items = max(s.members.shape[0] for s in (source, target))
     for item, (source_item, target_item) in enumerate(
         zip(source.items(n_items), target.items(n_items), strict=True)
     ):

@@ -1,9 +1,9 @@
-"""Position sets in original sequence indices, and where they are in a (pruned) sequence.
+"""Position sets in original sequence indices, and the checks ablations share.
 
 Ablations name positions as indices into the full input (image tokens expanded). After tokens
 are pruned, or with a KV cache, the tensors a hook sees no longer line up with those indices;
-every decoder block therefore fires `hook_positions` (its queries' original indices) and
-`hook_key_positions` (its keys'), and `SequenceView` remembers them for the hooks that follow.
+each decoder block publishes which original positions it holds (`mmlens.sequence.SequenceState`
+on `hook.ctx["sequence"]`), and a `PositionSet` turns those into a mask.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
-from transformer_lens.hook_points import HookPoint
 
 PositionsLike = Tensor | Sequence[int] | Sequence[Tensor]
 Hook = tuple[str, object]
@@ -30,10 +29,12 @@ class PositionSet:
     `[inp.positions("image", item=i) for i in range(inp.batch_size)]`). Boolean masks are read
     as masks: a 1-D mask `[pos]` selects its True positions for every item, a `[batch, pos]`
     mask (e.g. ``inp.input_ids == image_token_id``) one set per item.
+
+    Held as a membership mask, ``members[item, position]`` (one row: shared by every item), so
+    that `mask` is one lookup whatever the number of items.
     """
 
-    shared: Int[Tensor, "n"] | None
-    per_item: tuple[Int[Tensor, "n"], ...] | None = None
+    members: Bool[Tensor, "item n"]
 
     @classmethod
     def of(cls, positions: PositionsLike | PositionSet, name: str = "positions") -> PositionSet:
@@ -49,43 +50,64 @@ class PositionSet:
         if isinstance(positions, Tensor) and positions.dtype == torch.bool and positions.ndim == 2:
             positions = list(positions)  # a [batch, pos] mask: one set per item
         if isinstance(positions, (list, tuple)) and positions and isinstance(positions[0], Tensor):
-            per_item = tuple(
+            per_item = [
                 _checked(torch.as_tensor(p), f"{name}[{i}]", allow_empty=True)
                 for i, p in enumerate(positions)
-            )
+            ]
             if not any(p.numel() for p in per_item):
                 raise ValueError(f"{name} is empty in every batch item")
-            return cls(shared=None, per_item=per_item)
-        return cls(shared=_checked(torch.as_tensor(positions), name))
+            return cls.from_items(per_item)
+        return cls.from_items([_checked(torch.as_tensor(positions), name)])
+
+    @classmethod
+    def from_items(cls, items: Sequence[Int[Tensor, "n"]]) -> PositionSet:
+        """One set per item (a single set: shared by every item); no checks."""
+        size = max((int(p.max()) + 1 for p in items if p.numel()), default=0)
+        device = items[0].device if items else None
+        members = torch.zeros(len(items), size, dtype=torch.bool, device=device)
+        for row, positions in zip(members, items, strict=True):
+            row[positions] = True
+        return cls(members)
 
     @classmethod
     def per_batch_item(cls, inp: object, segment: str) -> PositionSet:
         """The positions of `segment` in every batch item of a `MultimodalInput`."""
         return cls.of([inp.positions(segment, item=i) for i in range(inp.batch_size)], segment)
 
+    @property
+    def is_shared(self) -> bool:
+        return self.members.shape[0] == 1
+
     def mask(self, original: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
-        """Which entries of `original` (a block's original positions) are in the set."""
-        if self.shared is not None:
-            return torch.isin(original, self.shared.to(original.device))
-        if len(self.per_item) != original.shape[0]:
-            raise ValueError(
-                f"{len(self.per_item)} per-item position sets for a batch of {original.shape[0]}"
-            )
-        return torch.stack(
-            [
-                torch.isin(row, p.to(row.device))
-                for row, p in zip(original, self.per_item, strict=True)
-            ]
-        )
+        """Which entries of `original` (a block's original positions) are in the set.
+
+        A set with one row per prefix item also serves a batch with several rows per item
+        (item-major, as `run_suffix` lays out its variants).
+        """
+        members = self.members.to(original.device)
+        n_items, batch = members.shape[0], original.shape[0]
+        if n_items not in (1, batch):
+            if batch % n_items:
+                raise ValueError(f"{n_items} per-item position sets for a batch of {batch}")
+            members = members.repeat_interleave(batch // n_items, dim=0)
+        if members.shape[1] == 0:
+            return torch.zeros_like(original, dtype=torch.bool)
+        inside = original < members.shape[1]
+        found = members.expand(batch, -1).gather(1, original.clamp(max=members.shape[1] - 1))
+        return found & inside
 
     def max(self) -> int:
         """The largest position in any item's set (-1 when every set is empty)."""
-        sets = [self.shared] if self.shared is not None else self.per_item
-        return max((int(p.max()) for p in sets if p.numel()), default=-1)
+        present = self.members.any(0).nonzero()
+        return int(present.max()) if present.numel() else -1
+
+    def is_empty(self) -> bool:
+        return not bool(self.members.any())
 
     def items(self, batch: int) -> list[Int[Tensor, "n"]]:
         """The set of every batch item."""
-        return [self.shared] * batch if self.shared is not None else list(self.per_item)
+        rows = self.members.expand(batch, -1) if self.is_shared else self.members
+        return [row.nonzero()[:, 0] for row in rows]
 
 
 def as_positions(positions: PositionsLike, name: str = "positions") -> Int[Tensor, "n"]:
@@ -139,54 +161,6 @@ def is_layer_hook(name: str, site: str, first_layer: int) -> bool:
     """Whether `name` is `blocks.{layer}.{site}` for a decoder layer >= `first_layer`."""
     match = re.fullmatch(rf"blocks\.(\d+)\.{re.escape(site)}", name)
     return match is not None and int(match.group(1)) >= first_layer
-
-
-def layer_of(hook: HookPoint) -> int:
-    """The decoder layer of a hook point named `blocks.{layer}.…`."""
-    return int(re.match(r"blocks\.(\d+)\.", hook.name).group(1))
-
-
-class SequenceView:
-    """Remembers, per layer, the original positions of the queries and keys of the current
-    forward pass, from the position hooks that fire before each block.
-
-    Example:
-        >>> view = SequenceView()
-        >>> hooks = view.hooks([3, 4]) + [("blocks.3.attn.hook_attn_scores", uses_view)]
-    """
-
-    def __init__(self) -> None:
-        self.queries: dict[int, Int[Tensor, "batch q_pos"]] = {}
-        self.keys: dict[int, Int[Tensor, "batch k_pos"]] = {}
-
-    def hooks(self, layers: Iterable[int]) -> list[Hook]:
-        hooks: list[Hook] = []
-        for layer in layers:
-            hooks += [
-                (f"blocks.{layer}.hook_positions", self._save_queries),
-                (f"blocks.{layer}.hook_key_positions", self._save_keys),
-            ]
-        return hooks
-
-    def hooks_from(self, first_layer: int) -> list[Hook]:
-        """Readers for `first_layer` and every later layer (named explicitly for the first, so
-        that a layer the model does not have is reported)."""
-        return self.hooks([first_layer]) + [
-            (
-                lambda name: is_layer_hook(name, "hook_positions", first_layer + 1),
-                self._save_queries,
-            ),
-            (
-                lambda name: is_layer_hook(name, "hook_key_positions", first_layer + 1),
-                self._save_keys,
-            ),
-        ]
-
-    def _save_queries(self, positions: Tensor, hook: HookPoint) -> None:
-        self.queries[layer_of(hook)] = positions
-
-    def _save_keys(self, positions: Tensor, hook: HookPoint) -> None:
-        self.keys[layer_of(hook)] = positions
 
 
 def check_in_range(

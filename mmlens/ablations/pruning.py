@@ -15,12 +15,11 @@ from mmlens.ablations.positions import (
     Hook,
     PositionSet,
     PositionsLike,
-    SequenceView,
     as_layers,
     check_in_range,
     is_layer_hook,
-    layer_of,
 )
+from mmlens.sequence import sequence_of
 
 Mode = Literal["drop", "mask"]
 
@@ -106,11 +105,12 @@ def _truncation_hooks(
         raise ValueError("truncation ranks by the attention of layer - 1, so layer must be >= 1")
     if rank not in ("last", "mean"):
         raise ValueError(f"rank must be 'last' or 'mean', got {rank!r}")
-    images, view = PositionSet.of(image_positions, "image_positions"), SequenceView()
-    chosen: dict[str, PositionSet] = {}
+    images = PositionSet.of(image_positions, "image_positions")
+    chosen: dict[str, PositionSet | None] = {}
 
     def rank_images(pattern: Float[Tensor, "batch head q_pos k_pos"], hook: HookPoint) -> None:
-        queries, keys = view.queries[layer - 1], view.keys[layer - 1]
+        state = sequence_of(hook)
+        queries, keys = state.query_positions, state.key_positions
         if not bool(images.mask(queries).any()):
             return  # a generation step after the prompt: keep the prompt's choice
         check_in_range(images, keys, "image_positions")
@@ -126,9 +126,12 @@ def _truncation_hooks(
             )
         # Keeping every image token (fastv ratio 1.0, keep = all) drops nothing: a no-op.
         any_dropped = any(item_dropped.numel() for item_dropped in dropped)
-        chosen["dropped"] = PositionSet(None, tuple(dropped)) if any_dropped else None
+        chosen["dropped"] = PositionSet.from_items(dropped) if any_dropped else None
 
-    ranking = view.hooks([layer - 1]) + [(f"blocks.{layer - 1}.attn.hook_pattern", rank_images)]
+    # Its choice of positions for earlier rows depends on the last rows' attention: the sweep
+    # engine, which reuses a clean prefix, cannot run under this hook (docs/analyses.md).
+    rank_images.reads_later_rows = True
+    ranking = [(f"blocks.{layer - 1}.attn.hook_pattern", rank_images)]
     return ranking + _drop_hooks(lambda: chosen.get("dropped"), layer, mode)
 
 
@@ -159,18 +162,19 @@ def _drop_hooks(
         return [(f"blocks.{from_layer}.hook_prune", prune)]
     if mode != "mask":
         raise ValueError(f"mode must be 'drop' or 'mask', got {mode!r}")
-    view = SequenceView()
 
     def hide_keys(scores: Float[Tensor, "batch head q_pos k_pos"], hook: HookPoint) -> Tensor:
         drop_set = dropped()
         if drop_set is None:
             return scores
-        layer = layer_of(hook)
-        queries, keys = view.queries[layer], view.keys[layer]
+        state = sequence_of(hook)
+        queries, keys = state.query_positions, state.key_positions
         check_in_range(drop_set, keys, "dropped positions")
         not_self = queries[:, :, None] != keys[:, None, :]
         hidden = drop_set.mask(keys)[:, None, :] & not_self
         return scores.masked_fill(hidden[:, None], float("-inf"))
 
-    scores_from = (lambda name: is_layer_hook(name, "attn.hook_attn_scores", from_layer), hide_keys)
-    return view.hooks_from(from_layer) + [scores_from]
+    # The first layer by name, so that a layer the model does not have is reported.
+    first = (f"blocks.{from_layer}.attn.hook_attn_scores", hide_keys)
+    later = (lambda name: is_layer_hook(name, "attn.hook_attn_scores", from_layer + 1), hide_keys)
+    return [first, later]

@@ -13,11 +13,10 @@ from mmlens.ablations.positions import (
     Hook,
     PositionSet,
     PositionsLike,
-    SequenceView,
     as_layers,
     check_in_range,
-    layer_of,
 )
+from mmlens.sequence import sequence_of
 
 
 def zero_attention(
@@ -70,11 +69,11 @@ def _zero_output(
         return [
             (f"blocks.{layer}.{site}", lambda out, hook: torch.zeros_like(out)) for layer in layers
         ]
-    position_set, view = PositionSet.of(positions), SequenceView()
+    position_set = PositionSet.of(positions)
 
     def zero_at_positions(out: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
-        layer = layer_of(hook)
-        check_in_range(position_set, view.keys[layer], "positions")
-        return out.masked_fill(position_set.mask(view.queries[layer])[..., None], 0.0)
+        state = sequence_of(hook)
+        check_in_range(position_set, state.key_positions, "positions")
+        return out.masked_fill(position_set.mask(state.query_positions)[..., None], 0.0)
 
-    return view.hooks(layers) + [(f"blocks.{layer}.{site}", zero_at_positions) for layer in layers]
+    return [(f"blocks.{layer}.{site}", zero_at_positions) for layer in layers]

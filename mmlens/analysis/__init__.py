@@ -1,6 +1,7 @@
 """Measurements of both papers, each returning tidy results with a figure in `mmlens.plot`.
 
-Analyses call models only through their public API (forward, hooks, caches).
+Analyses call models only through their public API (forward, hooks, caches, `run_prefix` /
+`run_suffix`, `to_logits`).
 """
 
 from mmlens.analysis.cam import CamResult, llava_cam
@@ -19,7 +20,7 @@ from mmlens.analysis.probability import (
     relative_change,
 )
 from mmlens.analysis.semantics import module_knockout_jaccard
-from mmlens.analysis.sweep import PAPER_FLOWS, PrefixCache, SweepError, knockout_sweep
+from mmlens.analysis.sweep import PAPER_FLOWS, SweepError, knockout_sweep
 
 __all__ = [
     "PAPER_FLOWS",
@@ -27,7 +28,6 @@ __all__ = [
     "CamResult",
     "CliffResult",
     "HighNormPatches",
-    "PrefixCache",
     "SweepError",
     "answer_probability",
     "answer_token_ids",

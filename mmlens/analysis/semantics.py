@@ -7,13 +7,13 @@ from typing import Any, Literal
 
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookPoint
 
-from mmlens.ablations.positions import layer_of
-from mmlens.analysis.sweep import PositionSpec, PrefixCache, active_layers, resolve_positions
+from mmlens.analysis.sweep import PositionSpec, resolve_positions
+from mmlens.sequence import sequence_of
 
 
 def module_knockout_jaccard(
@@ -46,31 +46,35 @@ def module_knockout_jaccard(
         raise ValueError(f"module must be 'mlp' or 'attn', got {module!r}")
     if zero_at not in ("all", "positions"):
         raise ValueError(f"zero_at must be 'all' or 'positions', got {zero_at!r}")
+    if inp.batch_size != 1:
+        raise ValueError("module_knockout_jaccard takes one sample (a batch-1 input)")
     read = resolve_positions(positions, inp).to(inp.input_ids.device)
-    prefix = PrefixCache.run(model, inp)
+    with torch.no_grad():
+        prefix = model.run_prefix(inp)
     clean_words = _top_words(prefix.logits[0, read], k)
     n_layers, n_positions = model.cfg.n_layers, inp.input_ids.shape[1]
+    # Zeroing at every position changes every position from the window's first layer on;
+    # zeroing only at `positions` changes nothing before the first of them.
     start = int(read.min()) if zero_at == "positions" else 0
-    suffix_positions = torch.arange(start, n_positions, device=read.device)
-    zero_rows = (
-        torch.isin(suffix_positions, read)
-        if zero_at == "positions"
-        else torch.ones_like(suffix_positions, dtype=torch.bool)
-    )
-    read_rows = torch.isin(suffix_positions, read)
+    read_rows = torch.isin(torch.arange(start, n_positions, device=read.device), read)
 
-    starts = list(range(n_layers))
+    windows = [range(first, min(first + window, n_layers)) for first in range(n_layers)]
     chunk = batch_size or n_layers
     rows = []
     for first in tqdm(range(0, n_layers, chunk), desc=f"{module} knockout", disable=not progress):
-        windows = [range(s, min(s + window, n_layers)) for s in starts[first : first + chunk]]
-        active = active_layers(windows, n_layers, read.device)
-        hooks = [
-            (f"blocks.{layer}.hook_{module}_out", _zero_variants(active, zero_rows))
-            for layer in range(n_layers)
-        ]
-        logits = prefix.suffix_logits(model, start, len(windows), hooks)
-        for layers, variant_logits in zip(windows, logits, strict=True):
+        part = windows[first : first + chunk]
+        hook = _zero_variants(part, n_layers, read if zero_at == "positions" else None)
+        with torch.no_grad():
+            logits = model.run_suffix(
+                prefix,
+                start,
+                n_variants=len(part),
+                entry_layers=[layers.start for layers in part],
+                fwd_hooks=[
+                    (f"blocks.{layer}.hook_{module}_out", hook) for layer in range(n_layers)
+                ],
+            )
+        for layers, variant_logits in zip(part, logits, strict=True):
             words = _top_words(variant_logits[read_rows], k)
             jaccard = len(words & clean_words) / len(words | clean_words)
             rows.append(
@@ -93,10 +97,18 @@ def _top_words(logits: Float[Tensor, "pos vocab"], k: int) -> set[int]:
     return set(logits.topk(k, dim=-1).indices.flatten().tolist())
 
 
-def _zero_variants(active: Bool[Tensor, "layer variant"], rows: Bool[Tensor, "pos"]):
-    """A module-output hook: batch item i is zeroed at `rows` in the layers `active[:, i]`."""
+def _zero_variants(windows: list[range], n_layers: int, positions: Int[Tensor, "n"] | None):
+    """A module-output hook for `run_suffix`: variant v is zeroed in the layers `windows[v]`,
+    at `positions` (or everywhere)."""
+    active = torch.zeros(n_layers, len(windows), dtype=torch.bool)
+    for variant, layers in enumerate(windows):
+        active[layers.start : layers.stop, variant] = True
 
-    def zero(out: Float[Tensor, "variant pos d_model"], hook: HookPoint) -> Tensor:
-        return out.masked_fill(active[layer_of(hook)][:, None, None] & rows[None, :, None], 0.0)
+    def zero(out: Float[Tensor, "row pos d_model"], hook: HookPoint) -> Tensor:
+        state = sequence_of(hook)
+        rows = active[state.layer, state.variant.cpu()].to(out.device)[:, None]
+        if positions is not None:
+            rows = rows & torch.isin(state.query_positions, positions.to(out.device))
+        return out.masked_fill(rows[..., None], 0.0)
 
     return zero

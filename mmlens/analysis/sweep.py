@@ -1,17 +1,19 @@
 """Knockout sweeps over layer windows (Cross-modal Information Flow, Figures 3–5), fast enough
 for whole data sets.
 
-A knockout whose targets begin at position t cannot change anything before t. The engine runs
-the clean forward once, keeps every layer's keys and values, and recomputes only the suffix
-from t, with every (flow, window centre) pair of the flows starting at t stacked in one batch:
-each batch item blocks its flow's edges in its own window of layers. It gives the naive loop's numbers (one full forward
-per flow and centre, as the paper's code does) within float rounding; tests check 1e-5.
+A knockout whose targets begin at position t, in a window of layers starting at layer a,
+changes nothing before position t nor below layer a. The engine runs each input once
+(`model.run_prefix`), then, for every group of flows whose targets start at the same t, one
+`model.run_suffix` in which each (flow, window) variant enters at its window's first layer and
+recomputes only positions >= t, attending to the prefix's keys and values of the earlier
+positions (shared, never copied per variant). The samples of one padded batch share these runs.
+It gives the naive loop's numbers (one full forward per flow and window, as the paper's code)
+within float rounding; tests check 1e-5. See docs/analyses.md, "Knockout sweeps".
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -21,20 +23,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookPoint
 
-from mmlens.ablations import attention_knockout, window
+from mmlens.ablations import attention_knockout, block_edges, window
 from mmlens.ablations.knockout import check_rows_keep_a_key
-from mmlens.ablations.positions import (
-    PositionSet,
-    as_positions,
-    check_positions_exist,
-    layer_of,
-)
-from mmlens.analysis.probability import answer_probability, relative_change
-from mmlens.hooked_transformer import KVCache
-from mmlens.hooks import has_any_hooks
+from mmlens.ablations.positions import PositionSet, as_positions, check_positions_exist
+from mmlens.analysis.probability import relative_change
+from mmlens.sequence import sequence_of
 
 Box = tuple[int, int, int, int]
-PositionSpec = str | Callable[[Any], Tensor] | Tensor
+PositionSpec = str | Callable[[Any, int], Tensor] | Tensor
 PAPER_FLOWS: dict[str, tuple[PositionSpec, PositionSpec]] = {
     "Image→Last": ("image", "last"),
     "Question→Last": ("question", "last"),
@@ -45,38 +41,46 @@ PAPER_FLOWS: dict[str, tuple[PositionSpec, PositionSpec]] = {
 ("other_patches", "question"), which need each sample's boxes."""
 
 
-def resolve_positions(spec: PositionSpec, inp: Any, boxes: Sequence[Box] = ()) -> Int[Tensor, "n"]:
-    """Positions (item 0) that a flow's source or target names.
+def resolve_positions(
+    spec: PositionSpec, inp: Any, boxes: Sequence[Box] = (), item: int = 0
+) -> Int[Tensor, "n"]:
+    """Positions in batch item `item` that a flow's source or target names.
 
     A segment name (`"system"`, `"image"`, `"user"`, `"question"`, `"last"`), `"related_patches"`
     (image tokens whose patches overlap any of the sample's boxes), `"other_patches"` (the rest
-    of the image tokens), a function of the input, or a tensor of positions (or a boolean mask).
+    of the image tokens), a function `fn(inp, item)`, or a tensor of positions (or a boolean
+    mask).
     """
     if callable(spec):
-        return as_positions(spec(inp))
+        return as_positions(spec(inp, item))
     if isinstance(spec, Tensor):
         return as_positions(spec)
     if spec in ("related_patches", "other_patches"):
         if not boxes:
             raise ValueError(f"flow position set {spec!r} needs the sample's boxes (boxes=...)")
-        related = torch.cat([inp.patches_in_box(box) for box in boxes]).unique()
+        images = [index for index, owner in enumerate(inp.image_items) if owner == item]
+        if len(images) != 1:
+            raise ValueError(f"{spec!r} needs exactly one image in the sample, not {len(images)}")
+        related = torch.cat([inp.patches_in_box(box, image=images[0]) for box in boxes]).unique()
         if spec == "related_patches":
             return related
-        image = inp.positions("image")
+        image = inp.positions("image", item)
         return image[~torch.isin(image, related)]
-    return inp.positions(spec)
+    return inp.positions(spec, item)
 
 
-def check_no_hooks_on(model: Any) -> None:
-    """The engine reuses a clean prefix; hooks already on the model would change it in ways the
-    engine cannot follow (docs/analyses.md, "Knockout sweeps")."""
-    if has_any_hooks(model.hook_points()):
-        raise ValueError(
-            "the sweep engine reuses a clean prefix, which hooks already on the model (an "
-            "ablation in `with model.hooks(...)`, add_hook) would change in ways it cannot "
-            "follow (pruning, attention-ranked truncation); use method='naive', which runs "
-            "every variant in full under those hooks, or model.reset_hooks() first"
-        )
+def check_prefix_local(model: Any) -> None:
+    """The engine reuses a prefix: hooks already on the model must not let earlier positions
+    depend on later ones. Attention-ranked truncation (`fastv`, `truncate_image_tokens`) does:
+    what the whole sequence keeps is chosen from the last rows' attention."""
+    for name, point in model.hook_dict.items():
+        for handle in point.fwd_hooks:
+            if getattr(handle.user_hook, "reads_later_rows", False):
+                raise ValueError(
+                    f"a hook on {name} chooses what earlier positions keep from the attention of "
+                    "later rows (attention-ranked truncation), which the sweep engine's reused "
+                    "prefix cannot follow; use method='naive' for sweeps under it"
+                )
 
 
 class SweepError(ValueError):
@@ -87,59 +91,6 @@ class SweepError(ValueError):
     def __init__(self, message: str, partial_result: pd.DataFrame):
         super().__init__(message)
         self.partial_result = partial_result
-
-
-@dataclass
-class PrefixCache:
-    """A clean forward's input embeddings and per-layer keys/values, so that variants that
-    change nothing before some position only recompute the suffix after it."""
-
-    embeddings: Float[Tensor, "1 pos d_model"]
-    kv_cache: KVCache
-    logits: Float[Tensor, "1 pos d_vocab"]
-
-    @classmethod
-    @torch.no_grad()
-    def run(cls, model: Any, inp: Any) -> PrefixCache:
-        if inp.batch_size != 1 or not bool(inp.attention_mask.all()):
-            raise ValueError("the sweep engine takes samples one at a time: pass batch-1 inputs")
-        check_no_hooks_on(model)
-        cache = KVCache.empty(model.cfg.n_layers, 1, inp.input_ids.device)
-        stored: dict[str, Tensor] = {}
-
-        def keep_embeddings(resid: Tensor, hook: HookPoint) -> None:
-            stored["embeddings"] = resid
-
-        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", keep_embeddings)]):
-            logits = model(inp, past_kv_cache=cache)
-        return cls(stored["embeddings"], cache, logits)
-
-    @torch.no_grad()
-    def suffix_logits(
-        self, model: Any, start: int, n_variants: int, fwd_hooks: list
-    ) -> Float[Tensor, "variant suffix_pos d_vocab"]:
-        """Logits of positions `start..` for `n_variants` copies run with `fwd_hooks` (which see
-        a batch of `n_variants`), reusing the clean keys and values of positions `< start`."""
-        n_layers, n_suffix = model.cfg.n_layers, self.embeddings.shape[1] - start
-        past_positions = torch.arange(start, device=self.embeddings.device).expand(n_variants, -1)
-        past_is_real = torch.ones_like(past_positions, dtype=torch.bool)
-        past = KVCache(
-            key_values=[
-                (
-                    k[:, :start].expand(n_variants, -1, -1, -1),
-                    v[:, :start].expand(n_variants, -1, -1, -1),
-                )
-                for k, v in self.kv_cache.key_values
-            ],
-            key_positions=[past_positions] * n_layers,  # one object: one mask for every layer
-            key_is_real=[past_is_real] * n_layers,
-            attention_mask=past_is_real.long(),
-        )
-        suffix = self.embeddings[:, start:].expand(n_variants, -1, -1)
-        suffix_mask = torch.ones(n_variants, n_suffix, dtype=torch.long, device=suffix.device)
-        with model.hooks(fwd_hooks=fwd_hooks):
-            resid, _ = model.run_blocks(suffix, suffix_mask, past)
-            return model.unembed(model.ln_final(resid))
 
 
 def knockout_sweep(
@@ -159,17 +110,18 @@ def knockout_sweep(
 
     Args:
         model: a HookedLlava (or any HookedTransformer).
-        inputs: one batch-1 `MultimodalInput` or a list of them (the samples).
+        inputs: a `MultimodalInput` or a list of them; every batch item is a sample (a padded
+            batch of several samples runs through the engine together).
         flows: name -> (source, target); each a segment name, "related_patches" /
-            "other_patches" (need `boxes`), a function of the input or positions.
+            "other_patches" (need `boxes`), a function `fn(inp, item)` or positions.
             Default: `PAPER_FLOWS`.
         window_size: layers per window (the paper: 9), centred and clipped (`ablations.window`).
         boxes: per sample, the boxes of the objects the question is about (original pixels).
         centres: window centres (default: every layer).
-        batch_size: (flow, centre) pairs per batched forward (default: all at once; lower it
-            to bound memory on large models).
-        method: "engine" (suffix recomputation, batched centres) or "naive" (one full forward
-            per flow and centre, as the paper's code).
+        batch_size: (flow, centre) variants per suffix run (default: all of a target start at
+            once; lower it to bound memory on large models).
+        method: "engine" (prefix reuse, batched variants) or "naive" (one full forward per
+            flow and centre, as the paper's code).
 
     Returns a DataFrame with one row per (sample, flow, centre): `sample`, `flow`, `layer` (the
     centre), `window_start`, `window_end` (exclusive), `answer_token`, `p_base`, `p_new`,
@@ -179,28 +131,30 @@ def knockout_sweep(
     Raises:
         SweepError: a sample cannot be measured (a flow's positions are empty, outside the
             input, or leave a target without keys; no boxes for a patch flow). The message
-            names the sample and the flow; `error.partial_result` holds the earlier samples'
-            rows. Both methods check the same way, before running the sample.
-        ValueError: `method="engine"` while hooks are on the model (use "naive").
+            names the sample and the flow; `error.partial_result` holds the rows of the
+            batches measured before it. Both methods check the same way, before running.
+        ValueError: `method="engine"` under attention-ranked truncation (use "naive").
 
     Example:
         >>> result = knockout_sweep(model, samples, window_size=9)
         >>> mmlens.plot.knockout_sweep(result).show()
     """
-    samples = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    batches = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    n_samples = sum(inp.batch_size for inp in batches)
     flows = dict(PAPER_FLOWS if flows is None else flows)
     n_layers = model.cfg.n_layers
     centres = list(range(n_layers) if centres is None else centres)
     windows = [window(centre, window_size, n_layers) for centre in centres]
     if method not in ("engine", "naive"):
         raise ValueError(f"method must be 'engine' or 'naive', got {method!r}")
-    if boxes is not None and len(boxes) != len(samples):
-        raise ValueError(f"{len(boxes)} box lists for {len(samples)} samples")
+    if boxes is not None and len(boxes) != n_samples:
+        raise ValueError(f"{len(boxes)} box lists for {n_samples} samples")
     if method == "engine":
-        check_no_hooks_on(model)
+        check_prefix_local(model)
 
-    def attrs() -> dict[str, Any]:
-        return dict(
+    def frame(rows: list[dict]) -> pd.DataFrame:
+        result = pd.DataFrame(rows)
+        result.attrs.update(
             analysis="knockout_sweep",
             model=model.cfg.model_name,
             n_layers=n_layers,
@@ -208,156 +162,195 @@ def knockout_sweep(
             flows={name: tuple(_describe(spec) for spec in pair) for name, pair in flows.items()},
             method=method,
         )
+        return result
 
-    rows = []
-    for index, inp in enumerate(tqdm(samples, desc="knockout sweep", disable=not progress)):
+    rows: list[dict] = []
+    first_sample = 0
+    for inp in tqdm(batches, desc="knockout sweep", disable=not progress):
+        samples = range(first_sample, first_sample + inp.batch_size)
         try:
-            positions = _flow_positions(flows, inp, boxes[index] if boxes is not None else ())
-            if method == "engine":
-                p_base, answer, p_new = _engine(model, inp, positions, windows, batch_size)
-            else:
-                p_base, answer, p_new = _naive(model, inp, positions, windows)
+            positions = [
+                _flow_positions(flows, inp, boxes[sample] if boxes is not None else (), item)
+                for item, sample in enumerate(samples)
+            ]
+            run = _engine if method == "engine" else _naive
+            with torch.no_grad():
+                p_base, answers, p_new = run(model, inp, positions, windows, batch_size)
         except ValueError as error:
-            partial = pd.DataFrame(rows)
-            partial.attrs.update(attrs())
+            # `_flow_positions` names the batch item; the message names the sample.
+            where = f"sample {samples.start}" if len(samples) == 1 else f"samples {samples}"
+            message = str(error)
+            if message.startswith("item "):
+                item, _, message = message.partition(": ")
+                where = f"sample {samples.start + int(item.split()[1])}"
             raise SweepError(
-                f"sample {index}: {error} (the {len(set(partial.get('sample', [])))} samples "
-                "before it are in this error's partial_result)",
-                partial,
+                f"{where}: {message} (the {first_sample} samples before are in this error's "
+                "partial_result)",
+                frame(rows),
             ) from error
-        for name in flows:
-            for centre, layers, probability in zip(centres, windows, p_new[name], strict=True):
-                rows.append(
-                    dict(
-                        sample=index,
-                        flow=name,
-                        layer=centre,
-                        window_start=layers.start,
-                        window_end=layers.stop,
-                        answer_token=answer,
-                        p_base=p_base,
-                        p_new=float(probability),
-                        relative_change=float(relative_change(probability, p_base)),
+        for item, sample in enumerate(samples):
+            for flow_index, name in enumerate(flows):
+                for window_index, (centre, layers) in enumerate(zip(centres, windows, strict=True)):
+                    probability = float(p_new[item, flow_index, window_index])
+                    base = float(p_base[item])
+                    rows.append(
+                        dict(
+                            sample=sample,
+                            flow=name,
+                            layer=centre,
+                            window_start=layers.start,
+                            window_end=layers.stop,
+                            answer_token=int(answers[item]),
+                            p_base=base,
+                            p_new=probability,
+                            relative_change=float(relative_change(probability, base)),
+                        )
                     )
-                )
-    result = pd.DataFrame(rows)
-    result.attrs.update(attrs())
-    return result
+        first_sample += inp.batch_size
+    return frame(rows)
 
 
 def _flow_positions(
-    flows: dict[str, tuple[PositionSpec, PositionSpec]], inp: Any, boxes: Sequence[Box]
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """Each flow's (source, target) positions in `inp`, checked the same way for both methods:
-    inside the input, and no target row left without a key."""
+    flows: dict[str, tuple[PositionSpec, PositionSpec]],
+    inp: Any,
+    boxes: Sequence[Box],
+    item: int,
+) -> list[tuple[Tensor, Tensor]]:
+    """Each flow's (source, target) positions in item `item`, checked the same way for both
+    methods: inside the input, and no target row left without a key."""
     n_positions = inp.input_ids.shape[1]
-    positions = {}
+    positions = []
     for name, pair in flows.items():
         try:
-            source, target = (resolve_positions(spec, inp, boxes) for spec in pair)
+            source, target = (resolve_positions(spec, inp, boxes, item) for spec in pair)
             source_set = PositionSet.of(source, "source")
             target_set = PositionSet.of(target, "target")
             check_rows_keep_a_key(source_set, target_set)
             check_positions_exist(source_set, n_positions, "source")
             check_positions_exist(target_set, n_positions, "target")
         except (ValueError, TypeError) as error:
-            raise ValueError(f"flow {name!r}: {error}") from error
-        positions[name] = (source, target)
+            raise ValueError(f"item {item}: flow {name!r}: {error}") from error
+        positions.append((source, target))
     return positions
 
 
 def _engine(
     model: Any,
     inp: Any,
-    positions: dict[str, tuple[Tensor, Tensor]],
+    positions: list[list[tuple[Tensor, Tensor]]],
     windows: list[range],
     batch_size: int | None,
-) -> tuple[float, int, dict[str, list[float]]]:
-    """Flows whose targets start at the same position share one batched suffix run, with one
-    batch item per (flow, window): e.g. one clean forward, one run of the last position for the
-    three ...→Last flows and one run from the question for Image→Question."""
-    prefix = PrefixCache.run(model, inp)
-    probabilities = prefix.logits[0, -1].float().softmax(-1)
-    answer = int(probabilities.argmax())
-    n_positions, n_layers = prefix.embeddings.shape[1], model.cfg.n_layers
-    device = prefix.embeddings.device
-    starts = {name: int(target.min()) for name, (_, target) in positions.items()}
-    p_new: dict[str, list[float]] = {}
-    for start in sorted(set(starts.values())):
-        names = [name for name in positions if starts[name] == start]
-        queries, keys = (
-            torch.arange(start, n_positions, device=device),
-            torch.arange(n_positions, device=device),
-        )
-        flow_edges = torch.stack(
-            [
-                torch.isin(queries, positions[name][1].to(device))[:, None]
-                & torch.isin(keys, positions[name][0].to(device))
-                for name in names
-            ]
-        )  # [flow, q_pos, k_pos]
-        variants = [(flow, layers) for flow in range(len(names)) for layers in windows]
-        chunk = batch_size or len(variants)
-        group_p: list[float] = []
-        for first in range(0, len(variants), chunk):
-            flows, chunk_windows = zip(*variants[first : first + chunk], strict=True)
-            active = active_layers(list(chunk_windows), n_layers, device)
-            knock_out = _batched_knockout(flow_edges[list(flows)], active)
-            logits = prefix.suffix_logits(
-                model, start, len(flows), [(_is_decoder_scores, knock_out)]
-            )
-            group_p += logits[:, -1].float().softmax(-1)[:, answer].tolist()
-        for index, name in enumerate(names):
-            p_new[name] = group_p[index * len(windows) : (index + 1) * len(windows)]
-    return float(probabilities[answer]), answer, {name: p_new[name] for name in positions}
-
-
-@torch.no_grad()
-def _naive(
-    model: Any, inp: Any, positions: dict[str, tuple[Tensor, Tensor]], windows: list[range]
-) -> tuple[float, int, dict[str, list[float]]]:
-    base = answer_probability(model, inp)
-    answer = int(base.token_ids[0])
-    p_new = {
-        name: [
-            float(
-                model.run_with_hooks(inp, fwd_hooks=attention_knockout(source, target, layers))[
-                    0, -1
-                ]
-                .float()
-                .softmax(-1)[answer]
-            )
-            for layers in windows
+) -> tuple[Float[Tensor, "item"], Int[Tensor, "item"], Float[Tensor, "item flow window"]]:
+    """One prefix run of the batch, then per target start one suffix run (or `batch_size`
+    chunks) of every (flow, window) variant of the flows starting there: for the paper's flows,
+    one run of the last position (the three …→Last flows) and one from the question."""
+    prefix = model.run_prefix(inp, logits="last")
+    probabilities = prefix.logits[:, 0].float().softmax(-1)
+    answers = probabilities.argmax(-1)
+    p_base = probabilities.gather(1, answers[:, None])[:, 0]
+    n_items, n_flows, n_positions = inp.batch_size, len(positions[0]), inp.input_ids.shape[1]
+    members = {
+        side: _members([[pair[index] for pair in item] for item in positions], n_positions)
+        for index, side in enumerate(("source", "target"))
+    }  # [item, flow, pos]
+    # Targets begin at the same column for every item (left padding aligns the ends).
+    starts = [
+        min(int(positions[item][flow][1].min()) for item in range(n_items))
+        for flow in range(n_flows)
+    ]
+    p_new = torch.empty(n_items, n_flows, len(windows))
+    for start in sorted(set(starts)):
+        variants = [
+            (flow, index)
+            for flow in range(n_flows)
+            if starts[flow] == start
+            for index in range(len(windows))
         ]
-        for name, (source, target) in positions.items()
-    }
-    return float(base.probabilities[0]), answer, p_new
+        chunk = batch_size or len(variants)
+        for first in range(0, len(variants), chunk):
+            part = variants[first : first + chunk]
+            part_windows = [windows[index] for _, index in part]
+            hooks = _batched_knockout(
+                [flow for flow, _ in part], part_windows, members, model.cfg.n_layers
+            )
+            logits = model.run_suffix(
+                prefix,
+                start,
+                n_variants=len(part),
+                entry_layers=[layers.start for layers in part_windows],
+                fwd_hooks=hooks,
+                only_last=True,
+            )
+            chosen = logits.float().softmax(-1).unflatten(0, (n_items, len(part)))
+            chosen = chosen.gather(2, answers[:, None, None].expand(-1, len(part), 1))[..., 0]
+            for column, (flow, index) in enumerate(part):
+                p_new[:, flow, index] = chosen[:, column].cpu()
+    return p_base.cpu(), answers.cpu(), p_new
 
 
-def active_layers(
-    windows: list[range], n_layers: int, device: torch.device
-) -> Bool[Tensor, "layer variant"]:
-    """`[layer, variant]`: whether variant i's window contains the layer."""
-    active = torch.zeros(n_layers, len(windows), dtype=torch.bool, device=device)
-    for variant, layers in enumerate(windows):
-        active[layers.start : layers.stop, variant] = True
-    return active
+def _members(per_item: list[list[Tensor]], n_positions: int) -> Bool[Tensor, "item flow pos"]:
+    """Membership masks of every item's position set of every flow."""
+    members = torch.zeros(len(per_item), len(per_item[0]), n_positions, dtype=torch.bool)
+    for item, sets in enumerate(per_item):
+        for flow, positions in enumerate(sets):
+            members[item, flow, positions.cpu()] = True
+    return members
 
 
 def _batched_knockout(
-    edges: Bool[Tensor, "variant q k"], active: Bool[Tensor, "layer variant"]
-) -> Callable:
-    """A scores hook where batch item i blocks `edges[i]` in the layers `active[:, i]`."""
+    flows: list[int],
+    windows: list[range],
+    members: dict[str, Bool[Tensor, "item flow pos"]],
+    n_layers: int,
+) -> list[tuple[str, Callable]]:
+    """Scores hooks for a suffix run where variant v blocks flow `flows[v]`'s edges in the
+    layers `windows[v]`, for every item (rows item-major, as `run_suffix` lays them out)."""
+    active = torch.zeros(n_layers, len(flows), dtype=torch.bool)
+    for variant, layers in enumerate(windows):
+        active[layers.start : layers.stop, variant] = True
+    flow_of = torch.tensor(flows)
 
-    def knock_out(scores: Float[Tensor, "variant head q k"], hook: HookPoint) -> Tensor:
-        blocked = active[layer_of(hook)][:, None, None, None] & edges[:, None]
-        return scores.masked_fill(blocked, float("-inf"))
+    def knock_out(scores: Float[Tensor, "row head q k"], hook: HookPoint) -> Tensor | None:
+        state = sequence_of(hook)
+        variants = state.variant.cpu()
+        is_active = active[state.layer, variants]
+        if not bool(is_active.any()):
+            return None
+        n_rows, n_items = len(variants), members["source"].shape[0]
+        items = torch.arange(n_rows) // (n_rows // n_items)
+        rows_flow = flow_of[variants]
+        device = scores.device
+        source = members["source"][items, rows_flow] & is_active[:, None]
+        target = members["target"][items, rows_flow]
+        return block_edges(
+            scores, state, PositionSet(source.to(device)), PositionSet(target.to(device))
+        )
 
-    return knock_out
+    layers = sorted({layer for layers in windows for layer in layers})
+    return [(f"blocks.{layer}.attn.hook_attn_scores", knock_out) for layer in layers]
 
 
-def _is_decoder_scores(name: str) -> bool:
-    return name.startswith("blocks.") and name.endswith("attn.hook_attn_scores")
+def _naive(
+    model: Any,
+    inp: Any,
+    positions: list[list[tuple[Tensor, Tensor]]],
+    windows: list[range],
+    batch_size: int | None,
+) -> tuple[Float[Tensor, "item"], Int[Tensor, "item"], Float[Tensor, "item flow window"]]:
+    """One full forward of the batch per flow and window, as the paper's code."""
+    probabilities = model(inp)[:, -1].float().softmax(-1)
+    answers = probabilities.argmax(-1)
+    p_base = probabilities.gather(1, answers[:, None])[:, 0]
+    n_flows = len(positions[0])
+    p_new = torch.empty(inp.batch_size, n_flows, len(windows))
+    for flow in range(n_flows):
+        sources = [item[flow][0] for item in positions]
+        targets = [item[flow][1] for item in positions]
+        for index, layers in enumerate(windows):
+            hooks = attention_knockout(sources, targets, layers)
+            knocked = model.run_with_hooks(inp, fwd_hooks=hooks)[:, -1].float().softmax(-1)
+            p_new[:, flow, index] = knocked.gather(1, answers[:, None])[:, 0].cpu()
+    return p_base.cpu(), answers.cpu(), p_new
 
 
 def _describe(spec: PositionSpec) -> str:

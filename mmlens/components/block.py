@@ -17,7 +17,9 @@ class TransformerBlock(nn.Module):
     model fires before the block runs, each holding original sequence indices `[batch, pos]`:
     `hook_prune` (a hook may return a subset: the other positions are removed from the
     sequence from this block on), `hook_positions` (this block's queries, after pruning) and
-    `hook_key_positions` (its keys: cached positions followed by the queries).
+    `hook_key_positions` (its keys: cached positions followed by the queries). The model also
+    `publish`es the block's `SequenceState` on every hook point's context, so that a hook
+    reads its layer and positions from `hook.ctx["sequence"]`.
     """
 
     def __init__(
@@ -39,6 +41,14 @@ class TransformerBlock(nn.Module):
         self.hook_resid_mid = HookPoint()
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
+        # A plain list: these modules are registered once, as the submodules above.
+        self._hook_points = [m for m in self.modules() if isinstance(m, HookPoint)]
+
+    def publish(self, state: object) -> None:
+        """Put `state` (a `mmlens.sequence.SequenceState`) on the context of every hook point of
+        this block, where hooks find it as `hook.ctx["sequence"]`."""
+        for point in self._hook_points:
+            point.ctx["sequence"] = state
 
     def forward(
         self, resid: Float[torch.Tensor, "batch pos d_model"], **attn_kwargs

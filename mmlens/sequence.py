@@ -1,0 +1,181 @@
+"""Sequence bookkeeping of the decoder: which original positions each layer holds, the keys and
+values kept between passes, and the state each block publishes to its hooks.
+
+Every position is an index into the full input (image tokens expanded). Pruning removes rows
+mid-model and a KV cache or a prefix holds earlier positions, so the tensors a hook sees need
+not line up with those indices: each decoder block publishes a `SequenceState` on the context
+of its hook points (`hook.ctx["sequence"]`, docs/ablations.md), and ablations read it there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+SEQUENCE = "sequence"
+"""Key of the `SequenceState` in the context (`hook.ctx`) of every decoder-block hook point."""
+
+
+@dataclass(frozen=True)
+class SequenceState:
+    """What one decoder block is computing, as its hooks see it.
+
+    Attributes:
+        layer: the block's index.
+        query_positions: ``[batch, q_pos]`` original position of each row of the block's
+            residual stream (its queries), after this block's pruning.
+        key_positions: ``[batch, k_pos]`` original position of each key (earlier positions held
+            from a KV cache or a prefix, then the queries).
+        key_is_real: ``[batch, k_pos]`` whether each key is a real token (not padding).
+        variant: ``[batch]`` for `run_suffix` runs, which variant each batch row is (rows enter
+            at their own layer, so the batch can grow from layer to layer); None otherwise.
+
+    Example:
+        >>> def zero_last_row(out, hook):
+        ...     state = hook.ctx["sequence"]
+        ...     return out.masked_fill((state.query_positions == 40)[..., None], 0.0)
+    """
+
+    layer: int
+    query_positions: Int[Tensor, "batch q_pos"]
+    key_positions: Int[Tensor, "batch k_pos"]
+    key_is_real: Bool[Tensor, "batch k_pos"]
+    variant: Int[Tensor, "batch"] | None = None
+
+
+def sequence_of(hook: HookPoint) -> SequenceState:
+    """The `SequenceState` a decoder block published for this forward pass on `hook`."""
+    state = hook.ctx.get(SEQUENCE)
+    if state is None:
+        raise ValueError(
+            f"{hook.name!r} carries no sequence state: only the hook points of decoder blocks "
+            "(blocks.{l}.…) know which positions they hold"
+        )
+    return state
+
+
+@dataclass
+class LayerKV:
+    """One layer's rotated keys and values and the original positions they belong to."""
+
+    keys: Float[Tensor, "batch k_pos kv_head d_head"]
+    values: Float[Tensor, "batch k_pos kv_head d_head"]
+    positions: Int[Tensor, "batch k_pos"]
+    is_real: Bool[Tensor, "batch k_pos"]
+
+    def extended(self, keys: Tensor, values: Tensor, positions: Tensor, is_real: Tensor) -> LayerKV:
+        """These entries followed by new ones (the next generation step's)."""
+        return LayerKV(
+            torch.cat((self.keys, keys), dim=1),
+            torch.cat((self.values, values), dim=1),
+            torch.cat((self.positions, positions), dim=1),
+            torch.cat((self.is_real, is_real), dim=1),
+        )
+
+    def before(self, start: int) -> LayerKV:
+        """The entries of positions < `start` (a leading slice: positions are increasing)."""
+        counts = (self.positions < start).sum(1)
+        if bool((counts != counts[0]).any()):
+            raise ValueError(
+                f"batch items keep different numbers of positions before {start} "
+                f"({counts.tolist()}) after pruning; run these samples one at a time"
+            )
+        n = int(counts[0])
+        return LayerKV(
+            self.keys[:, :n], self.values[:, :n], self.positions[:, :n], self.is_real[:, :n]
+        )
+
+
+@dataclass
+class KVCache:
+    """What later passes need of the positions seen so far: one `LayerKV` per layer (layers
+    after a pruning point hold fewer keys) and the attention mask of every original position
+    seen, which numbers the rotary positions of new tokens. `generate` creates one and each
+    forward pass extends it in place."""
+
+    layers: list[LayerKV | None]
+    attention_mask: Int[Tensor, "batch seen_pos"]
+
+    @classmethod
+    def empty(cls, n_layers: int, batch: int, device: torch.device | str) -> KVCache:
+        return cls([None] * n_layers, torch.zeros(batch, 0, dtype=torch.long, device=device))
+
+
+@dataclass(frozen=True)
+class PrefixState:
+    """A pass over an input kept so that variants that change nothing before some position and
+    some layer recompute only the rest (`HookedTransformer.run_prefix` / `run_suffix`).
+
+    Attributes:
+        logits: ``[batch, pos, d_vocab]``, or ``[batch, 1, d_vocab]`` (last position only), or
+            None, as asked.
+        resid_pre: per layer, the residual stream entering the block, ``[batch, kept, d_model]``.
+        positions: per layer, the original positions of those rows.
+        cache: per layer, the keys and values.
+        attention_mask: ``[batch, pos]`` of the input.
+        rotary_ids: ``[batch, pos]`` rotary position of every original position.
+    """
+
+    logits: Float[Tensor, "batch logit_pos d_vocab"] | None
+    resid_pre: tuple[Float[Tensor, "batch kept d_model"], ...]
+    positions: tuple[Int[Tensor, "batch kept"], ...]
+    cache: KVCache
+    attention_mask: Int[Tensor, "batch pos"]
+    rotary_ids: Int[Tensor, "batch pos"]
+
+    @property
+    def batch_size(self) -> int:
+        return self.attention_mask.shape[0]
+
+    @property
+    def n_positions(self) -> int:
+        return self.attention_mask.shape[1]
+
+
+def causal_padding_mask(
+    query_positions: Int[Tensor, "batch q_pos"],
+    key_positions: Int[Tensor, "batch k_pos"],
+    key_is_real: Bool[Tensor, "batch k_pos"],
+    sliding_window: int | None = None,
+) -> Bool[Tensor, "batch 1 q_pos k_pos"]:
+    """Which keys each query may attend to, from original sequence positions.
+
+    Causal (a key at or before the query), padding keys hidden, and a query always sees itself:
+    pad queries then attend to themselves only, which keeps their unused activations finite.
+    `sliding_window` (Mistral v0.1) limits each query to the last `sliding_window` positions.
+    """
+    query, key = query_positions[:, :, None], key_positions[:, None, :]
+    allowed = (key <= query) & key_is_real[:, None, :]
+    if sliding_window is not None:
+        allowed &= query - key < sliding_window
+    return (allowed | (key == query))[:, None]
+
+
+def rotary_position_ids(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+    """Rotary positions counted from each item's first real token (as HF `generate` does), so a
+    left-padded item gives the same logits as the item alone."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def survivor_index(
+    positions: Int[Tensor, "batch pos"], kept: Int[Tensor, "batch kept_pos"], layer: int
+) -> Int[Tensor, "batch kept_pos"]:
+    """Indices into the current sequence of the positions a `hook_prune` hook kept."""
+    if kept.ndim != 2 or kept.shape[0] != positions.shape[0]:
+        raise ValueError(
+            f"blocks.{layer}.hook_prune must return [batch, kept_pos] positions, got shape "
+            f"{tuple(kept.shape)} for a batch of {positions.shape[0]}; keep the same number "
+            "of positions in every batch item"
+        )
+    index = torch.searchsorted(positions.contiguous(), kept.contiguous())
+    found = positions.gather(1, index.clamp(max=positions.shape[1] - 1)) == kept
+    if not bool(found.all()) or bool((kept[:, 1:] <= kept[:, :-1]).any()):
+        raise ValueError(
+            f"blocks.{layer}.hook_prune must return an increasing subset of the positions it "
+            "was given (original sequence indices)"
+        )
+    return index
