@@ -520,7 +520,7 @@ class HookedTransformer(HookedRootModule):
 
         if return_type is None:
             return None
-        logits = self.unembed(self.ln_final(resid))
+        logits = self.to_logits(resid)
         if return_type == "logits":
             return logits
         if positions.shape[1] != input_ids.shape[1]:
@@ -606,6 +606,18 @@ class HookedTransformer(HookedRootModule):
         )
         return LayerKV(keys, values, rows.positions, rows.is_real)
 
+    def to_logits(
+        self, resid: Float[torch.Tensor, "... d_model"], final_norm: bool = True
+    ) -> Float[torch.Tensor, "... d_vocab"]:
+        """Logits of residual-stream vectors: the final norm (unless `final_norm=False`), then
+        the unembedding. The logit lens reads every layer this way.
+
+        Example:
+            >>> _, cache = model.run_with_cache(inp, names_filter="blocks.3.hook_resid_post")
+            >>> model.to_logits(cache["blocks.3.hook_resid_post"][0, -1]).argmax()
+        """
+        return self.unembed(self.ln_final(resid) if final_norm else resid)
+
     # ------------------------------------------------------------------ prefix and suffix
     def run_prefix(
         self,
@@ -636,7 +648,7 @@ class HookedTransformer(HookedRootModule):
         if logits == "last":
             resid = resid[:, -1:]
         return PrefixState(
-            logits=None if logits is None else self.unembed(self.ln_final(resid)),
+            logits=None if logits is None else self.to_logits(resid),
             resid_pre=tuple(entering for entering, _ in record),
             positions=tuple(positions for _, positions in record),
             cache=cache,
@@ -705,7 +717,7 @@ class HookedTransformer(HookedRootModule):
                     rows = self._enter(prefix, start, layer, rows, entering, n_items)
                 self._run_block(layer, rows, prefix.cache.layers[layer].before(start))
             resid = rows.resid[:, -1:] if only_last else rows.resid
-            logits = self.unembed(self.ln_final(resid))
+            logits = self.to_logits(resid)
         # Back to the caller's variant order, item-major.
         logits = logits.unflatten(0, (n_items, n_variants))
         back = torch.tensor(order, device=logits.device).argsort()

@@ -26,6 +26,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from mmlens.analysis.probability import answer_token_ids, append_tokens, item_kwargs
+from mmlens.sequence import KVCache
 
 MAD_TO_STD = 1.4826
 """Median absolute deviation -> standard deviation of a normal distribution."""
@@ -91,9 +92,8 @@ def logit_lens(
     pos = int(inp.positions("last", item)) if position == "last" else int(position)
     resid = torch.stack([cache[name][item, pos] for name in names])  # [layer, d_model]
     with torch.no_grad():
-        if apply_final_norm:
-            resid = model.ln_final(resid[None])[0]
-        probabilities = (resid @ model.W_U).float().softmax(-1)[:, token_ids]  # [layer, token]
+        logits = model.to_logits(resid, final_norm=apply_final_norm)
+        probabilities = logits.float().softmax(-1)[:, token_ids]  # [layer, token]
     token_strs = model.tokenizer.convert_ids_to_tokens(token_ids)
     result = pd.DataFrame(
         [
@@ -310,16 +310,40 @@ def _pattern_rows(
         for name, pattern in zip(names, patterns, strict=True):
             _check_unpruned(name, n_positions, *pattern.shape[-2:])
         return torch.stack([pattern[:, rows.to(pattern.device)] for pattern in patterns]).float()
+    # Only the query rows are computed with explicit attention: every earlier position runs once
+    # through SDPA into a KV cache (no [head, pos, pos] pattern anywhere), then the rows run
+    # on it with the pattern hooks. Peak memory stays near a plain forward's (docs/performance.md).
+    kwargs = dict(model_input) if isinstance(model_input, dict) else item_kwargs(model_input, item)
+    first = int(rows.min())
+    rows_from_first = (rows - first).to(kwargs["input_ids"].device)
+    image_token_id = model_or_cache.cfg.image_token_id
+    if image_token_id is not None and bool(
+        (kwargs["input_ids"][:, first:] == image_token_id).any()
+    ):
+        raise ValueError(
+            "attention_share reads query rows after the image; these include image tokens"
+        )
     kept: dict[str, Tensor] = {}
 
     def keep_rows(pattern: Tensor, hook: Any) -> None:
-        _check_unpruned(hook.name, n_positions, *pattern.shape[-2:])
-        kept[hook.name] = pattern[item, :, rows.to(pattern.device)].float()
+        _check_unpruned(hook.name, n_positions, pattern.shape[-1])
+        kept[hook.name] = pattern[0, :, rows_from_first].float()
 
-    inputs = model_input if isinstance(model_input, dict) else {"input": model_input}
+    cache = KVCache.empty(model_or_cache.cfg.n_layers, 1, kwargs["input_ids"].device)
+    earlier = {
+        name: value[:, :first]
+        for name, value in kwargs.items()
+        if name in ("input_ids", "attention_mask")
+    }
+    images = {name: value for name, value in kwargs.items() if name not in earlier}
     with torch.no_grad():
+        model_or_cache(**earlier, **images, past_kv_cache=cache, return_type=None)
         model_or_cache.run_with_hooks(
-            **inputs, return_type=None, fwd_hooks=[(name, keep_rows) for name in names]
+            input_ids=kwargs["input_ids"][:, first:],
+            attention_mask=kwargs["attention_mask"][:, first:],
+            past_kv_cache=cache,
+            return_type=None,
+            fwd_hooks=[(name, keep_rows) for name in names],
         )
     return torch.stack([kept[name] for name in names])
 
