@@ -11,12 +11,16 @@ training); prints medians and the ratio against `repeat_interleave`.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from timing import measure, report
 
-from mmlens.zoo import train_shapes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train/ is not installed
+
 from mmlens.zoo.shapes import conversation, generate
+from train import train_shapes
 
 
 def main() -> None:

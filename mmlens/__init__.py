@@ -1,9 +1,15 @@
-"""mmlens: TransformerLens-style interpretability for LLaVA-family vision-language models."""
+"""mmlens: TransformerLens-style interpretability for LLaVA-family vision-language models.
 
+The subpackages are the rooms of the house (docs/architecture.md): `models` (decoder, vision
+tower, projector, LLaVA, LLaVA-NeXT), `inputs` (`MultimodalInput` and what it is made of),
+`ablations` (hook lists), `analysis` (the papers' measurements), `plot`, `report`, `zoo` (the
+shipped organisms).
+"""
+
+from mmlens import ablations, analysis, inputs, models, plot, report, zoo
 from mmlens.config import MMConfig, VisionConfig
-from mmlens.hooked_transformer import HookedTransformer
-from mmlens.loading import from_pretrained
-from mmlens.models import HookedLlava, HookedLlavaNext
+from mmlens.inputs import MultimodalInput
+from mmlens.models import HookedLlava, HookedLlavaNext, HookedTransformer, from_pretrained
 from mmlens.sequence import KVCache, PrefixState, SequenceState
 from mmlens.zoo import load
 
@@ -13,10 +19,18 @@ __all__ = [
     "HookedTransformer",
     "KVCache",
     "MMConfig",
+    "MultimodalInput",
     "PrefixState",
     "SequenceState",
     "VisionConfig",
+    "ablations",
+    "analysis",
     "from_pretrained",
+    "inputs",
     "load",
+    "models",
+    "plot",
+    "report",
+    "zoo",
 ]
 __version__ = "0.1.0"

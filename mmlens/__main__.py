@@ -18,10 +18,7 @@ def demo(out: Path, n_samples: int, seed: int) -> None:
 
     torch.set_num_threads(1)  # a tiny model is bound by per-op overhead: one thread is faster
     start = time.perf_counter()
-    try:
-        model = mmlens.load("tiny-shapes")
-    except FileNotFoundError as missing:
-        model = _untrained_stand_in(missing)
+    model = mmlens.load("tiny-shapes")
     cfg = model.cfg
     print(
         f"loaded {cfg.model_name}: {type(model).__name__}, {cfg.n_layers} decoder layers, "
@@ -31,24 +28,6 @@ def demo(out: Path, n_samples: int, seed: int) -> None:
     print(f"{n_samples} synthetic VQA samples (seed {seed}); running the analyses ...")
     path = write_report(model, samples, out)
     print(f"wrote {path.resolve()} in {time.perf_counter() - start:.0f} s; open it in a browser")
-
-
-def _untrained_stand_in(missing: Exception):
-    """The untrained tiny-shapes model (its architecture, tokenizer and processor), for an
-    installation without the checkpoint."""
-    import tempfile
-
-    import mmlens
-    from mmlens.zoo.train_shapes import build_model, make_processor
-
-    print(
-        f"{missing}\nUsing an UNTRAINED model of the same architecture instead: the report shows "
-        "the tools, not mechanisms."
-    )
-    with tempfile.TemporaryDirectory() as folder:
-        build_model().save_pretrained(folder)
-        make_processor().save_pretrained(folder)
-        return mmlens.from_pretrained(folder)
 
 
 def main(argv: list[str] | None = None) -> None:

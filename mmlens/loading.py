@@ -129,9 +129,9 @@ def refuse_custom_code(folder: Path) -> None:
             raise ValueError(
                 f"{path} has an 'auto_map' ({sorted(content['auto_map'])}): the checkpoint asks to "
                 "run Python code from its folder, and mmlens never runs checkpoint code. Use a "
-                "checkpoint in the llava-hf layout (supported model types: "
-                f"{', '.join(sorted(MODEL_CLASSES))}), or delete 'auto_map' from {name} if the "
-                "folder's model_type is one of them"
+                "checkpoint in the llava-hf layout (docs/checkpoints.md lists the supported model "
+                f"types), or delete 'auto_map' from {name} if the folder's model_type is one of "
+                "them"
             )
 
 
@@ -180,48 +180,32 @@ def checkpoint_tensors(
     return tensors
 
 
-MODEL_CLASSES = {
-    "llava": "mmlens.models.llava.HookedLlava",
-    "llava_next": "mmlens.models.llava_next.HookedLlavaNext",
-    "llama": "mmlens.hooked_transformer.HookedTransformer",
-    "mistral": "mmlens.hooked_transformer.HookedTransformer",
-}
-"""HF `config.model_type` -> the mmlens class that loads it."""
+def read_checkpoint(path_or_id: str | os.PathLike) -> tuple[Path, Any]:
+    """The checkpoint's folder and HF config, refusing folders that ask to run their own code."""
+    from transformers import AutoConfig
 
-
-def model_class_for(model_type: str) -> type:
-    """The mmlens class for a HF `config.model_type`."""
-    import importlib
-
-    if model_type not in MODEL_CLASSES:
-        raise NotImplementedError(
-            f"model_type {model_type!r} is not supported yet; supported: {sorted(MODEL_CLASSES)}"
-        )
-    module, _, name = MODEL_CLASSES[model_type].rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-def load_pretrained(
-    path_or_id: str | os.PathLike,
-    *,
-    cls: type | None = None,
-    dtype: torch.dtype | str = torch.float32,
-    device: str | torch.device = "cpu",
-) -> Any:
-    """Build the mmlens model for a checkpoint and load its weights (see `mmlens.from_pretrained`)."""
-    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
-
-    dtype = as_dtype(dtype)
     folder = resolve_checkpoint(path_or_id)
     refuse_custom_code(folder)
-    hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    model_cls = model_class_for(hf_config.model_type)
-    if cls is not None and not issubclass(model_cls, cls):
-        raise TypeError(
-            f"{folder} holds a {hf_config.model_type!r} checkpoint, which loads as "
-            f"{model_cls.__name__}, not {cls.__name__}; use mmlens.from_pretrained to dispatch"
-        )
-    cfg = MMConfig.from_hf(hf_config, dtype=dtype, device=device, model_name=str(path_or_id))
+    return folder, AutoConfig.from_pretrained(folder, trust_remote_code=False)
+
+
+def load_weights(
+    model_cls: type,
+    folder: Path,
+    hf_config: Any,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    model_name: str | None = None,
+) -> Any:
+    """Build `model_cls` for the checkpoint on the meta device and assign its weights, renamed
+    and cast tensor by tensor (the class's `from_pretrained` calls this)."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    dtype = as_dtype(dtype)
+    cfg = MMConfig.from_hf(
+        hf_config, dtype=dtype, device=device, model_name=model_name or str(folder)
+    )
     if cfg.vision is not None:
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
         extra = {"tokenizer": processor.tokenizer, "processor": processor}
@@ -242,23 +226,3 @@ def load_pretrained(
         )
     model.load_state_dict(tensors, strict=True, assign=True)
     return model.to(device).eval()
-
-
-def from_pretrained(
-    path_or_id: str | os.PathLike,
-    *,
-    dtype: torch.dtype | str = torch.float32,
-    device: str | torch.device = "cpu",
-) -> Any:
-    """Load any supported checkpoint, dispatching on `config.model_type`.
-
-    Args:
-        path_or_id: a local folder written by `save_pretrained` (llava-hf layout), or a hub id
-            that is already in the local Hugging Face cache.
-        dtype: torch.float32, torch.bfloat16 or torch.float16, or its name ("bfloat16").
-        device: where the weights go.
-
-    Example:
-        >>> model = mmlens.from_pretrained("llava-hf/llava-1.5-7b-hf", dtype=torch.bfloat16)  # doctest: +SKIP
-    """
-    return load_pretrained(path_or_id, dtype=dtype, device=device)

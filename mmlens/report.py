@@ -23,10 +23,12 @@ from mmlens.analysis import (
     answer_token_variants,
     attention_share,
     cliff_layer,
+    correct_answers,
     knockout_sweep,
     llava_cam,
     logit_lens,
 )
+from mmlens.analysis.grounding import box_scores, last_row_attention_maps
 from mmlens.analysis.sweep import PAPER_FLOWS
 
 REPORT_FLOWS = {
@@ -41,39 +43,6 @@ class Section:
     title: str
     text: str
     figure: go.Figure | None = None
-
-
-def box_scores(
-    model: Any,
-    inp: Any,
-    boxes: Sequence[tuple[int, int, int, int]],
-    maps: torch.Tensor,
-    image: int = 0,
-) -> dict:
-    """How much of each map's mass lies on the patches of `boxes`, against their area share.
-
-    `maps`: `[layer, rows, cols]` on the patch grid of image `image` of `inp` (LLaVA-CAM maps or
-    attention to the image reshaped to the grid). Returns per-layer mass share, the area share,
-    and whether each layer's maximum (the pointing game) falls inside the boxes.
-    """
-    grid = inp.layout.patch_grid(image)
-    box_positions = torch.cat([inp.patches_in_box(box, image=image) for box in boxes])
-    in_box = torch.isin(grid, box_positions.to(grid.device)).cpu()
-    maps = maps.float().cpu()
-    total = maps.flatten(1).sum(1).clamp(min=1e-12)
-    mass = (maps * in_box).flatten(1).sum(1) / total
-    hits = in_box.flatten()[maps.flatten(1).argmax(1)]
-    return {"mass_in_box": mass, "area_share": in_box.float().mean().item(), "pointing_hit": hits}
-
-
-def last_row_attention_maps(model: Any, inp: Any) -> torch.Tensor:
-    """`[layer, rows, cols]`: the last position's attention to each image patch, mean over heads."""
-    grid = inp.layout.patch_grid(0)
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(inp, names_filter=names)
-    rows = torch.stack([cache[name][0, :, -1].mean(0) for name in names])  # [layer, k_pos]
-    return rows[:, grid.flatten()].reshape(len(names), *grid.shape)
 
 
 def write_report(
@@ -97,7 +66,7 @@ def write_report(
     correct = [
         i
         for i, (inp, answer) in enumerate(zip(inputs, answers, strict=True))
-        if _predicts(model, inp, answer)
+        if bool(correct_answers(model, inp, answer))
     ]
     # As the paper: analyse correctly answered samples, and those whose question names objects
     # in the image (the box-based flows and scores need their boxes).
@@ -145,17 +114,12 @@ def write_report(
     return path
 
 
-def _predicts(model: Any, inp: Any, answer: str) -> bool:
-    from mmlens.analysis import answer_token_ids
-
-    with torch.no_grad():
-        return int(model(inp)[0, -1].argmax()) == answer_token_ids(model, inp, answer)[0]
-
-
 def _accuracy_section(model: Any, samples: Sequence[Any], inputs: Sequence[Any]) -> Section:
     by_type: dict[str, list[bool]] = {}
     for sample, inp in zip(samples, inputs, strict=True):
-        by_type.setdefault(sample.question_type, []).append(_predicts(model, inp, sample.answer))
+        by_type.setdefault(sample.question_type, []).append(
+            bool(correct_answers(model, inp, sample.answer))
+        )
     rows = "".join(
         f"<tr><td>{html.escape(kind)}</td><td>{sum(hits)}/{len(hits)}</td></tr>"
         for kind, hits in by_type.items()

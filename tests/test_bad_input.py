@@ -23,7 +23,7 @@ from mmlens.analysis import (
     knockout_sweep,
     logit_lens,
 )
-from mmlens.images import as_image
+from mmlens.inputs.images import as_image
 from mmlens.testing import make_test_image
 
 N_LAYERS = 4

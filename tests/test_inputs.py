@@ -13,7 +13,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProc
 from transformers.image_utils import PILImageResampling
 
 from mmlens.inputs import CLS, PATCH, SEGMENTS, ImageGeometry, MultimodalInput
-from mmlens.templates import LLAVA_V1_SYSTEM_PROMPT, get_template, render
+from mmlens.inputs.templates import LLAVA_V1_SYSTEM_PROMPT, get_template, render
 from mmlens.testing import TEST_IMAGE_SIZES, make_image_processor, make_test_image
 
 QUESTION = "What colour is the door?"
@@ -333,7 +333,7 @@ def has_resampling_tie(source: int, target: int) -> bool:
 def box_oracle(
     image_processor, size: tuple[int, int], boxes: list, patch_size: int = 14
 ) -> np.ndarray:
-    """Which patches show each box: ``[n_boxes, rows, cols]`` booleans (DESIGN.md §4 oracle).
+    """Which patches show each box: ``[n_boxes, rows, cols]`` booleans (the oracle of docs/semantics.md, "Boxes").
 
     Each box is painted white into a black mask of the original size; the mask and an all-black
     image go through the image processor (same padding, resizing and cropping) with

@@ -340,7 +340,7 @@ def test_layout_helpers(vicuna):
         layout.patch_grid(0, tile=4)
 
 
-# --- patches_in_box against the mask-image oracle (DESIGN.md §4) ------------------------------
+# --- patches_in_box against the mask-image oracle (docs/semantics.md) --------------------------
 
 
 def anyres_box_oracle(hf, processor, size: tuple[int, int], boxes: list) -> list[torch.Tensor]:

@@ -36,7 +36,7 @@ def _third_party_imports(folders: list[str]) -> set[str]:
                     modules |= {alias.name.split(".")[0] for alias in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     modules.add(node.module.split(".")[0])
-    local = {"mmlens", "timing"} | {path.stem for path in (ROOT / "tests").glob("*.py")}
+    local = {"mmlens", "timing", "train"} | {path.stem for path in (ROOT / "tests").glob("*.py")}
     return modules - set(sys.stdlib_module_names) - local
 
 
@@ -48,7 +48,7 @@ def test_every_package_the_code_imports_is_declared():
     declared = _declared()
     undeclared = {
         module: sorted(_distributions(module))
-        for module in _third_party_imports(["mmlens", "bench"])
+        for module in _third_party_imports(["mmlens", "bench", "train"])
         if not _distributions(module) & declared
     }
     assert not undeclared, f"imported but not in pyproject's dependencies: {undeclared}"

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoProcessor, AutoTokenizer
 
 from mmlens.inputs import MultimodalInput
-from mmlens.templates import (
+from mmlens.inputs.templates import (
     LLAVA_NEXT_34B_SYSTEM_PROMPT,
     LLAVA_V1_SYSTEM_PROMPT,
     TEMPLATES,

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-from mmlens.templates import LLAVA_V1_SYSTEM_PROMPT
+from mmlens.inputs.templates import LLAVA_V1_SYSTEM_PROMPT
 from mmlens.testing import build_tiny_llava, make_image_processor, make_tokenizer
 
 TEXTS = [

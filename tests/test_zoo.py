@@ -25,7 +25,6 @@ import mmlens
 from mmlens.inputs import MultimodalInput
 from mmlens.testing import hf_position_ids
 from mmlens.zoo import MODELS, checkpoint_path
-from mmlens.zoo.evaluate import cam_box_scores, evaluate
 from mmlens.zoo.shapes import (
     BACKGROUND,
     COLORS,
@@ -40,6 +39,7 @@ from mmlens.zoo.shapes import (
     generate,
     vocabulary,
 )
+from train.evaluate import cam_box_scores, evaluate
 
 TEST_SEED = 31337
 """Dataset seed of the accuracy test: not the training (1000), training-eval (2000) or docs (7) seed."""
@@ -273,7 +273,7 @@ def test_shared_prefix_loss_equals_separate_prompts(n_objects, n_questions, coun
     """The training loss (prefix run once per image, questions on its repeated cache) is the loss
     of the full single-turn prompts that `model.prepare` renders, gradients included, whether
     every image gets the same number of questions or not."""
-    from mmlens.zoo import train_shapes
+    from train import train_shapes
 
     torch.set_num_threads(2)
     processor = train_shapes.make_processor()
@@ -306,7 +306,7 @@ def test_question_weight_adds_the_language_modelling_loss_of_the_questions():
     """`shared_prefix_loss(..., question_weight=w)` adds w times the mean next-token loss of the
     prompt text between the image and the answer (from its second token on), measured here on
     the full separate prompts."""
-    from mmlens.zoo import train_shapes
+    from train import train_shapes
 
     torch.set_num_threads(2)
     processor = train_shapes.make_processor()
@@ -338,7 +338,7 @@ def test_question_weight_adds_the_language_modelling_loss_of_the_questions():
 def test_a_warm_restart_continues_the_saved_weights(tmp_path):
     """`train(resume_from=...)` starts from the saved folder (not a fresh init) and numbers its
     steps from `first_step`, so the curriculum and the image stream go on where they stopped."""
-    from mmlens.zoo import train_shapes
+    from train import train_shapes
 
     lines = []
     kwargs = dict(batch_size=1, n_questions=2, eval_per_type=1, threads=2, log=lines.append)
@@ -358,8 +358,8 @@ def test_a_warm_restart_continues_the_saved_weights(tmp_path):
 def test_patch_targets_label_every_patch_of_each_objects_cell():
     """`pretrain_vision`'s labels: the patches of an object's cell (footprint plus `MARGIN`) carry
     its shape, colour, size and centre; every other patch is background (0)."""
-    from mmlens.zoo import train_shapes
     from mmlens.zoo.shapes import COLORS, MARGIN, PATCH, SHAPES, SIZES
+    from train import train_shapes
 
     samples = generate(6, seed=11)
     target = train_shapes.patch_targets(samples)
@@ -386,7 +386,7 @@ def test_patch_targets_label_every_patch_of_each_objects_cell():
 def test_vision_pretraining_changes_only_the_tower_and_freezing_keeps_it(tmp_path):
     """`pretrain_vision` trains the vision tower alone (its heads are dropped); `train` with
     `freeze_vision` then leaves the tower's weights as they were while the rest trains."""
-    from mmlens.zoo import train_shapes
+    from train import train_shapes
 
     torch.set_num_threads(2)
     fresh = train_shapes.build_model(seed=0)
@@ -448,7 +448,7 @@ def test_checkpoint_ships_as_package_data_and_loads_through_from_pretrained(mode
 def architecture(tmp_path_factory):
     """An untrained model of tiny-shapes' architecture, tokenizer and processor, saved and loaded
     as the shipped one is (so these checks run whether or not a trained checkpoint ships)."""
-    from mmlens.zoo import train_shapes
+    from train import train_shapes
 
     folder = tmp_path_factory.mktemp("tiny-shapes-untrained")
     train_shapes.build_model(seed=0).eval().save_pretrained(folder)

@@ -127,7 +127,7 @@ def block_edges(
     if post_softmax:
         return scores.masked_fill(edges, 0.0)
     scores = scores.masked_fill(edges, float("-inf"))
-    empty_rows = (scores == float("-inf")).all(-1) & edges.any(-1)
+    empty_rows = torch.isneginf(scores.amax(-1)) & edges.any(-1)
     if bool(empty_rows.any()):
         item, head, row = (int(i) for i in empty_rows.nonzero()[0])
         raise ValueError(

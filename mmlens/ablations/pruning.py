@@ -82,7 +82,7 @@ def fastv(
     """FastV: from layer `k` on, keep the fraction `ratio` of image tokens that layer `k - 1`'s
     last query row attends to most (`round(ratio * n_image_tokens)` tokens per item).
 
-    `ratio` is the *kept* fraction (DESIGN.md); FastV's paper states its R as the pruned
+    `ratio` is the *kept* fraction (docs/ablations.md); FastV's paper states its R as the pruned
     fraction, so R = 50% is `ratio=0.5` either way.
 
     Example:

@@ -6,6 +6,7 @@ Analyses call models only through their public API (forward, hooks, caches, `run
 
 from mmlens.analysis.cam import CamResult, llava_cam
 from mmlens.analysis.cliff import CliffResult, cliff_layer
+from mmlens.analysis.grounding import box_scores, last_row_attention_maps
 from mmlens.analysis.lens import (
     HighNormPatches,
     answer_token_variants,
@@ -17,6 +18,7 @@ from mmlens.analysis.probability import (
     AnswerProbability,
     answer_probability,
     answer_token_ids,
+    correct_answers,
     relative_change,
 )
 from mmlens.analysis.semantics import module_knockout_jaccard
@@ -32,6 +34,9 @@ __all__ = [
     "answer_probability",
     "answer_token_ids",
     "answer_token_variants",
+    "box_scores",
+    "correct_answers",
+    "last_row_attention_maps",
     "attention_share",
     "cliff_layer",
     "high_norm_patches",

@@ -1,7 +1,6 @@
 """LLaVA-CAM: Grad-CAM maps of an answer over the image patches, for decoder and vision layers.
 
-From Redundancy to Relevance (section 3.1, appendix A.1); semantics in DESIGN.md §4 and
-docs/analyses.md. All requested layers come from one backward pass per noise sample.
+From Redundancy to Relevance (section 3.1, appendix A.1); semantics in docs/analyses.md. All requested layers come from one backward pass per noise sample.
 
 Example:
     >>> cam = llava_cam(model, inp, "red", layers=[0, 4, 8, "vision.blocks.20"], n_samples=8)
@@ -21,7 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmlens.analysis.probability import answer_token_ids, append_tokens
+from mmlens.analysis.probability import answer_token_ids
 
 SITES = {
     "ln2": "ln2.hook_normalized",
@@ -119,8 +118,7 @@ def llava_cam(
     image_std = torch.tensor(model.processor.image_processor.image_std)
     image_mean = torch.tensor(model.processor.image_processor.image_mean)
 
-    answer_tensor = torch.tensor([ids], device=inp.device)
-    run = append_tokens(inp.model_kwargs(), answer_tensor)
+    run = inp.with_tokens(ids).model_kwargs()
     predicting = torch.arange(len(ids), device=inp.device) + inp.input_ids.shape[1] - 1
     noise_scale = noise_std / image_std.to(inp.pixel_values)[:, None, None]
     generator = torch.Generator(device=inp.pixel_values.device).manual_seed(seed)
@@ -131,7 +129,14 @@ def llava_cam(
         noise = torch.randn(inp.pixel_values.shape, generator=generator, device=inp.device)
         run["pixel_values"] = inp.pixel_values + noise.to(inp.pixel_values) * noise_scale
         total += _raw_maps(
-            model, run, hook_names, answer_tensor[0], predicting, grid, image, relu_gradients
+            model,
+            run,
+            hook_names,
+            torch.tensor(ids, device=inp.device),
+            predicting,
+            grid,
+            image,
+            relu_gradients,
         )
     maps = total / n_runs
     maps = maps / maps.amax((1, 2), keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)

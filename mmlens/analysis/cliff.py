@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from mmlens.ablations import drop_tokens
 from mmlens.ablations.positions import PositionSet
-from mmlens.analysis.probability import answer_token_ids
+from mmlens.analysis.probability import correct_answers
 
 
 @dataclass
@@ -40,9 +40,8 @@ def cliff_layer(
 
     Args:
         inputs: `MultimodalInput`s (batches are fine: each item's image tokens are dropped).
-        answers: per input, the answer of every batch item (a single string for batch-1 inputs).
-            A prediction is correct when the greedy first token at the last prompt position is
-            the answer's first sub-word.
+        answers: per input, the answer of every batch item (a single string for batch-1 inputs);
+            correct as `correct_answers` defines it.
         tolerance: accuracy drop (absolute, as a fraction) still counted as "no drop".
         mode: "drop" (really remove the tokens; fast) or "mask" (hide them as keys).
 
@@ -58,15 +57,12 @@ def cliff_layer(
     n_items = 0
     for inp, answer in zip(tqdm(inputs, desc="cliff", disable=not progress), answers, strict=True):
         item_answers = [answer] if isinstance(answer, str) else list(answer)
-        expected = torch.tensor(
-            [answer_token_ids(model, inp, a, i)[0] for i, a in enumerate(item_answers)]
-        )
         images = PositionSet.per_batch_item(inp, "image")
         with torch.no_grad():
             for layer in range(n_layers + 1):
                 hooks = drop_tokens(images, layer, mode) if layer < n_layers else []
-                predicted = model.run_with_hooks(inp, fwd_hooks=hooks)[:, -1].argmax(-1).cpu()
-                correct[layer] += (predicted == expected).sum()
+                last_logits = model.run_with_hooks(inp, fwd_hooks=hooks)[:, -1]
+                correct[layer] += correct_answers(model, inp, item_answers, last_logits).sum()
         n_items += len(item_answers)
     accuracy = (correct / n_items).tolist()
     baseline = accuracy[-1]

@@ -1,5 +1,5 @@
 """Reading the residual stream and the attention pattern: logit lens, attention share, high-norm
-image patches (semantics in DESIGN.md §4 and docs/analyses.md).
+image patches (semantics in docs/analyses.md).
 
 Each analysis takes a model (and runs it, caching only what it needs) or an `ActivationCache`
 of a run on the same input (`cache.model` is the model), and returns tidy results that carry the
@@ -25,7 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
-from mmlens.analysis.probability import answer_token_ids, append_tokens, item_kwargs
+from mmlens.analysis.probability import answer_token_ids
 from mmlens.sequence import KVCache
 
 MAD_TO_STD = 1.4826
@@ -154,22 +154,26 @@ def attention_share(
         raise ValueError(f"heads={heads!r}: use 'mean' or 'max'")
     model = _model_of(model_or_cache)
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
-    segments = {name: inp.positions(name, item) for name in SEGMENTS}
-    last = int(inp.positions("last", item))
+    sample = inp.item(item)  # positions below are the sample's own, without padding
+    segments = {name: sample.positions(name) for name in SEGMENTS}
+    last = int(sample.positions("last"))
     attrs: dict[str, Any] = {}
     if query == "last":
         rows = torch.tensor([last])
-        patterns = _pattern_rows(model_or_cache, inp, names, rows, item)
+        if isinstance(model_or_cache, ActivationCache):
+            pad = int((inp.attention_mask[item] == 0).sum())
+            patterns = _cached_pattern_rows(model_or_cache, inp, names, rows + pad, item)
+            segments = {name: positions + pad for name, positions in segments.items()}
+        else:
+            patterns = _pattern_rows(model, sample, names, rows)
     elif query == "generated":
         if isinstance(model_or_cache, ActivationCache):
             raise ValueError("query='generated' needs the model (it generates), not a cache")
-        prompt = item_kwargs(inp, item)
-        generated = model.generate(**prompt, max_new_tokens=max_new_tokens)[:, last + 1 :]
+        generated = model.generate(sample, max_new_tokens=max_new_tokens)[:, last + 1 :]
         rows = torch.arange(last, last + generated.shape[1])
         segments["generated"] = rows[1:]
         # The final generated token predicts nothing measured: it is not run.
-        run = append_tokens(prompt, generated[:, :-1])
-        patterns = _pattern_rows(model, run, names, rows, 0)
+        patterns = _pattern_rows(model, sample.with_tokens(generated[:, :-1]), names, rows)
         attrs["generated_ids"] = generated[0].tolist()
     else:
         raise ValueError(f"query={query!r}: use 'last' or 'generated'")
@@ -298,47 +302,44 @@ def _check_cached(cache: ActivationCache, names: list[str]) -> None:
         )
 
 
-def _pattern_rows(
-    model_or_cache: Any, model_input: Any, names: list[str], rows: Int[Tensor, "row"], item: int
+def _cached_pattern_rows(
+    cache: ActivationCache, inp: Any, names: list[str], rows: Int[Tensor, "row"], item: int
 ) -> Float[Tensor, "layer head row k_pos"]:
-    """Rows `rows` of every named attention pattern, from the cache or from a run that keeps
-    only those rows (a full pattern cache of a 7B model is ~1 GB)."""
-    n_positions = _n_positions(model_input)
-    if isinstance(model_or_cache, ActivationCache):
-        _check_cached(model_or_cache, names)
-        patterns = [model_or_cache[name][item] for name in names]
-        for name, pattern in zip(names, patterns, strict=True):
-            _check_unpruned(name, n_positions, *pattern.shape[-2:])
-        return torch.stack([pattern[:, rows.to(pattern.device)] for pattern in patterns]).float()
-    # Only the query rows are computed with explicit attention: every earlier position runs once
-    # through SDPA into a KV cache (no [head, pos, pos] pattern anywhere), then the rows run
-    # on it with the pattern hooks. Peak memory stays near a plain forward's (docs/performance.md).
-    kwargs = dict(model_input) if isinstance(model_input, dict) else item_kwargs(model_input, item)
+    """Rows `rows` of every named attention pattern of a cache of a run on `inp`."""
+    _check_cached(cache, names)
+    patterns = [cache[name][item] for name in names]
+    for name, pattern in zip(names, patterns, strict=True):
+        _check_unpruned(name, _n_positions(inp), *pattern.shape[-2:])
+    return torch.stack([pattern[:, rows.to(pattern.device)] for pattern in patterns]).float()
+
+
+def _pattern_rows(
+    model: Any, sample: Any, names: list[str], rows: Int[Tensor, "row"]
+) -> Float[Tensor, "layer head row k_pos"]:
+    """Rows `rows` of every named attention pattern of a run of `sample` (batch 1).
+
+    Only those rows run with explicit attention: every earlier position runs once through SDPA
+    into a KV cache (no `[head, pos, pos]` pattern anywhere), then the rows run on it with the
+    pattern hooks. Peak memory stays near a plain forward's (docs/performance.md).
+    """
     first = int(rows.min())
-    rows_from_first = (rows - first).to(kwargs["input_ids"].device)
-    image_token_id = model_or_cache.cfg.image_token_id
-    if image_token_id is not None and bool(
-        (kwargs["input_ids"][:, first:] == image_token_id).any()
-    ):
-        raise ValueError(
-            "attention_share reads query rows after the image; these include image tokens"
-        )
+    if bool((sample.input_ids[:, first:] == sample.image_token_id).any()):
+        raise ValueError("the query rows must come after the image tokens")
+    n_positions = _n_positions(sample)
+    rows_from_first = (rows - first).to(sample.device)
     kept: dict[str, Tensor] = {}
 
     def keep_rows(pattern: Tensor, hook: Any) -> None:
         _check_unpruned(hook.name, n_positions, pattern.shape[-1])
         kept[hook.name] = pattern[0, :, rows_from_first].float()
 
-    cache = KVCache.empty(model_or_cache.cfg.n_layers, 1, kwargs["input_ids"].device)
-    earlier = {
-        name: value[:, :first]
-        for name, value in kwargs.items()
-        if name in ("input_ids", "attention_mask")
-    }
+    kwargs = sample.model_kwargs()
+    earlier = {name: kwargs[name][:, :first] for name in ("input_ids", "attention_mask")}
     images = {name: value for name, value in kwargs.items() if name not in earlier}
+    cache = KVCache.empty(model.cfg.n_layers, 1, sample.device)
     with torch.no_grad():
-        model_or_cache(**earlier, **images, past_kv_cache=cache, return_type=None)
-        model_or_cache.run_with_hooks(
+        model(**earlier, **images, past_kv_cache=cache, return_type=None)
+        model.run_with_hooks(
             input_ids=kwargs["input_ids"][:, first:],
             attention_mask=kwargs["attention_mask"][:, first:],
             past_kv_cache=cache,
@@ -348,10 +349,9 @@ def _pattern_rows(
     return torch.stack([kept[name] for name in names])
 
 
-def _n_positions(model_input: Any) -> int:
-    """Sequence length of a `MultimodalInput` or of HF-style kwargs."""
-    ids = model_input["input_ids"] if isinstance(model_input, dict) else model_input.input_ids
-    return ids.shape[1]
+def _n_positions(inp: Any) -> int:
+    """Sequence length of a `MultimodalInput`."""
+    return inp.input_ids.shape[1]
 
 
 def _check_unpruned(name: str, n_positions: int, *sizes: int) -> None:

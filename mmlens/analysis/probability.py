@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 
@@ -66,32 +67,37 @@ def answer_probability(
         for item, item_answer in enumerate(answers):
             ids = answer_token_ids(model, inp, item_answer, item)
             scored = ids[0] if subword == "first" else ids[-1]
-            forced = torch.tensor([ids[:-1] if subword == "final" else []], dtype=torch.long)
-            logits = model(**append_tokens(item_kwargs(inp, item), forced))
+            forced = ids[:-1] if subword == "final" else []
+            logits = model(inp.item(item).with_tokens(forced))
             token_ids.append(scored)
             probabilities.append(logits[0, -1].float().softmax(-1)[scored])
     return AnswerProbability(torch.tensor(token_ids), torch.stack(probabilities))
 
 
-def item_kwargs(inp: Any, item: int) -> dict[str, Tensor]:
-    """HF-style kwargs of one batch item of a `MultimodalInput` (its own images only)."""
-    kwargs = dict(inp.model_kwargs())
-    for name in ("input_ids", "attention_mask"):
-        kwargs[name] = kwargs[name][item : item + 1]
-    images = [index for index, owner in enumerate(inp.image_items) if owner == item]
-    for name in ("pixel_values", "image_sizes"):
-        if kwargs.get(name) is not None:
-            kwargs[name] = kwargs[name][images] if images else None
-    return {name: value for name, value in kwargs.items() if value is not None}
+def correct_answers(
+    model: Any,
+    inp: Any,
+    answers: str | Sequence[str],
+    last_logits: Float[Tensor, "batch d_vocab"] | None = None,
+) -> Bool[Tensor, "batch"]:
+    """Whether each item's answer is right: the greedy token at its last prompt position is the
+    first sub-word of the answer as the model would write it (`answer_token_ids`).
 
+    The one definition of a correct answer in mmlens (accuracy tables, the information-flow
+    cliff, the report). `last_logits` (the last position's logits of a run the caller already
+    made, e.g. under an ablation) saves the forward pass.
 
-def append_tokens(kwargs: dict[str, Tensor], tokens: Int[Tensor, "1 n"]) -> dict[str, Tensor]:
-    """Batch-1 HF-style kwargs with `tokens` appended after the prompt."""
-    kwargs = dict(kwargs)
-    tokens = tokens.to(kwargs["input_ids"].device)
-    kwargs["input_ids"] = torch.cat((kwargs["input_ids"], tokens), dim=1)
-    kwargs["attention_mask"] = torch.cat((kwargs["attention_mask"], torch.ones_like(tokens)), dim=1)
-    return kwargs
+    Example:
+        >>> correct_answers(model, inp, "red")   # tensor([True])
+    """
+    items = [answers] * inp.batch_size if isinstance(answers, str) else list(answers)
+    if len(items) != inp.batch_size:
+        raise ValueError(f"{len(items)} answers for a batch of {inp.batch_size}")
+    if last_logits is None:
+        with torch.no_grad():
+            last_logits = model(inp)[:, -1]
+    expected = torch.tensor([answer_token_ids(model, inp, a, i)[0] for i, a in enumerate(items)])
+    return last_logits.argmax(-1).cpu() == expected
 
 
 def relative_change(p_new: Tensor | float, p_base: Tensor | float) -> Tensor | float:

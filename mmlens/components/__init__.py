@@ -5,7 +5,6 @@ from mmlens.components.block import TransformerBlock
 from mmlens.components.embed import Embed, Unembed
 from mmlens.components.mlp import MLP, GatedMLP
 from mmlens.components.norms import LayerNorm, RMSNorm
-from mmlens.components.projector import Projector
 from mmlens.components.rotary import RotaryEmbedding
 
 __all__ = [
@@ -14,7 +13,6 @@ __all__ = [
     "Embed",
     "GatedMLP",
     "LayerNorm",
-    "Projector",
     "RMSNorm",
     "RotaryEmbedding",
     "TransformerBlock",

@@ -1,4 +1,45 @@
+"""Every model mmlens builds: the decoder (`HookedTransformer`), the vision tower, the projector,
+LLaVA-1.5 and LLaVA-NeXT. Each class registers the HF `config.model_type`s it loads
+(`mmlens.models.registry`), so `from_pretrained` dispatches without a list of models."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mmlens.models.decoder import HookedTransformer
 from mmlens.models.llava import HookedLlava
 from mmlens.models.llava_next import HookedLlavaNext
+from mmlens.models.registry import MODEL_TYPES, model_class_for, register
 
-__all__ = ["HookedLlava", "HookedLlavaNext"]
+
+def from_pretrained(
+    path_or_id: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+) -> HookedLlava | HookedLlavaNext | HookedTransformer:
+    """Load any supported checkpoint as the class registered for its `config.model_type`.
+
+    Args:
+        path_or_id: a local folder written by `save_pretrained` (llava-hf layout), or a hub id
+            that is already in the local Hugging Face cache.
+        dtype: torch.float32, torch.bfloat16 or torch.float16, or its name ("bfloat16").
+        device: where the weights go.
+
+    Example:
+        >>> model = mmlens.from_pretrained("llava-hf/llava-1.5-7b-hf", dtype="bfloat16")  # doctest: +SKIP
+    """
+    return HookedTransformer.from_pretrained(path_or_id, dtype=dtype, device=device)
+
+
+__all__ = [
+    "MODEL_TYPES",
+    "HookedLlava",
+    "HookedLlavaNext",
+    "HookedTransformer",
+    "from_pretrained",
+    "model_class_for",
+    "register",
+]

@@ -8,12 +8,14 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens.hook_points import HookPoint
 
-from mmlens.components import Projector
 from mmlens.config import MMConfig
-from mmlens.hooked_transformer import HookedTransformer
-from mmlens.vision import HookedVisionTower
+from mmlens.models.decoder import HookedTransformer
+from mmlens.models.projector import Projector
+from mmlens.models.registry import register
+from mmlens.models.vision import HookedVisionTower
 
 
+@register("llava")
 class HookedLlava(HookedTransformer):
     """LLaVA with hooks in the decoder, the vision tower (`vision.`) and the projector.
 

@@ -20,10 +20,12 @@ from torch import nn
 
 from mmlens.config import MMConfig
 from mmlens.inputs import AnyresGrid
+from mmlens.inputs.templates import default_template
 from mmlens.models.llava import HookedLlava
-from mmlens.templates import default_template
+from mmlens.models.registry import register
 
 
+@register("llava_next")
 class HookedLlavaNext(HookedLlava):
     """LLaVA-NeXT with the hooks of `HookedLlava`.
 

@@ -2,7 +2,7 @@
 
 - ``"tiny-shapes"``: a LLaVA-1.5-style model (CLIP ViT, GELU projector, 6-layer Llama decoder,
   word-level tokenizer) trained from scratch on `mmlens.zoo.shapes` by
-  `python -m mmlens.zoo.train_shapes`; see docs/zoo.md for its accuracy and ground-truth numbers.
+  `python -m train.train_shapes` (in the repository, not installed); see docs/zoo.md for its accuracy and ground-truth numbers.
 
 `load(name)` resolves the name to the checkpoint folder inside the installed package and loads it
 through `mmlens.from_pretrained`, the same path as any llava-hf checkpoint folder.
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from mmlens.models import HookedLlava, HookedLlavaNext, from_pretrained
 
 MODELS = {
     "tiny-shapes": "LLaVA-1.5-style model trained on mmlens.zoo.shapes (112 px, 64 image tokens)",
@@ -39,17 +41,15 @@ def checkpoint_path(name: str) -> Path:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"{folder} holds no checkpoint: this installation of mmlens lacks the package data "
-            f"of {name!r} (reinstall mmlens, or train it with `python -m mmlens.zoo.train_shapes`)"
+            f"of {name!r} (reinstall mmlens, or train it with `python -m train.train_shapes` (in the repository, not installed))"
         )
     return folder
 
 
-def load(name: str = "tiny-shapes", **kwargs: Any) -> Any:
+def load(name: str = "tiny-shapes", **kwargs: Any) -> HookedLlava | HookedLlavaNext:
     """Load a shipped model through `mmlens.from_pretrained` (`kwargs`: ``dtype``, ``device``).
 
     Example:
         >>> model = mmlens.load("tiny-shapes", dtype=torch.float32, device="cpu")
     """
-    from mmlens.loading import from_pretrained
-
     return from_pretrained(checkpoint_path(name), **kwargs)

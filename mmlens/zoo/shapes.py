@@ -297,7 +297,7 @@ def vocabulary() -> list[str]:
 
     Words as the tiny-shapes tokenizer splits them (``\\w+`` runs and punctuation runs).
     """
-    from mmlens.templates import LLAVA_V1_SYSTEM_PROMPT
+    from mmlens.inputs.templates import LLAVA_V1_SYSTEM_PROMPT
 
     texts = [LLAVA_V1_SYSTEM_PROMPT, "USER: ASSISTANT:", *COLORS, *SHAPES, *SIZES]
     for templates in TEMPLATES.values():

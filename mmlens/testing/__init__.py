@@ -51,7 +51,7 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
-from mmlens.templates import IMAGE_PLACEHOLDER, LLAVA_V1_SYSTEM_PROMPT
+from mmlens.inputs.templates import IMAGE_PLACEHOLDER, LLAVA_V1_SYSTEM_PROMPT
 
 TEST_IMAGE_SIZES = {"square": (56, 56), "wide": (88, 48), "tall": (40, 80)}
 """(width, height) of the standard test images. Padded to a square of side 56, 88 or 80 and

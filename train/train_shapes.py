@@ -1,7 +1,7 @@
 """Train the shipped ``tiny-shapes`` LLaVA from scratch on `mmlens.zoo.shapes`.
 
-    python -m mmlens.zoo.train_shapes                       # writes mmlens/zoo/tiny-shapes/
-    python -m mmlens.zoo.train_shapes --out /tmp/ts --steps 200   # a quick try elsewhere
+    python -m train.train_shapes                       # writes mmlens/zoo/tiny-shapes/
+    python -m train.train_shapes --out /tmp/ts --steps 200   # a quick try elsewhere
 
 The model is a llava-hf `LlavaForConditionalGeneration`: a CLIP vision tower (112 px images,
 14 px patches -> 8 x 8 = 64 image tokens), llava-1.5's two-layer GELU projector and a 6-layer
@@ -30,7 +30,7 @@ the second (third) cycle from a saved folder. About 37 minutes with the default 
 Training images are drawn fresh from the generator (dataset seed ``seed + 1000``, never an
 evaluation seed): no epochs, no fixed training set. Everything is seeded: the same command with
 the same thread count on the same torch build and CPU type gives the same weights. At the end the
-script prints the accuracy table of `mmlens.zoo.evaluate` on held-out samples (dataset seed 7),
+script prints the accuracy table of `train/evaluate.py` on held-out samples (dataset seed 7),
 loading the saved folder through `mmlens.from_pretrained`.
 """
 
@@ -56,7 +56,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from mmlens.templates import IMAGE_PLACEHOLDER, render
+import mmlens.zoo
+from mmlens.inputs.templates import IMAGE_PLACEHOLDER, render
 from mmlens.testing import make_image_processor
 from mmlens.zoo.shapes import (
     COLORS,
@@ -73,7 +74,7 @@ from mmlens.zoo.shapes import (
     vocabulary,
 )
 
-DEFAULT_OUT = Path(__file__).parent / "tiny-shapes"
+DEFAULT_OUT = Path(mmlens.zoo.__file__).parent / "tiny-shapes"
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 """Ids 0, 1, 2 as in Llama; ``<image>`` and ``<pad>`` come after the words."""
@@ -670,7 +671,7 @@ def _save(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out: 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m mmlens.zoo.train_shapes",
+        prog="python -m train.train_shapes",
         description="Train the tiny-shapes LLaVA from scratch (see the module docstring).",
     )
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="checkpoint folder to write")
@@ -757,7 +758,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"trained in {seconds / 60:.1f} min ({args.threads} thread(s)); saved to {args.out}")
 
     import mmlens
-    from mmlens.zoo.evaluate import evaluate
+    from train.evaluate import evaluate
 
     model = mmlens.from_pretrained(args.out)
     samples = generate(args.eval_per_type * len(QUESTION_TYPES), seed=7)

@@ -1,7 +1,7 @@
 """Score a model on `mmlens.zoo.shapes` samples: accuracy per question type, and where the last
 position's attention over the image lands relative to the question's ground-truth boxes.
 
-Both numbers in docs/zoo.md come from `evaluate` (``python -m mmlens.zoo.evaluate`` prints them).
+Both numbers in docs/zoo.md come from `evaluate` (``python -m train.evaluate`` prints them).
 
 Attention in the box, per decoder layer ``l`` and sample: the attention row of the last prompt
 position (the ':' of "ASSISTANT:", where the answer is predicted) in
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mmlens.report import box_scores
+from mmlens.analysis import box_scores, correct_answers
 from mmlens.zoo.shapes import QUESTION_TYPES, ShapesSample, generate
 
 
@@ -92,11 +92,11 @@ def evaluate(model: Any, samples: list[ShapesSample], batch_size: int = 48) -> E
         inp = model.prepare([s.image for s in chunk], [s.question for s in chunk])
         with torch.no_grad():
             logits, cache = model.run_with_cache(inp, names_filter=lambda name: name in names)
-        predicted = logits[:, -1].argmax(-1).tolist()
+        is_correct = correct_answers(model, inp, [s.answer for s in chunk], logits[:, -1])
         # [batch, layer, key]: last query row, mean over heads
         rows = torch.stack([cache[name][:, :, -1, :].mean(1) for name in names], dim=1)
         for item, sample in enumerate(chunk):
-            correct.append(model.tokenizer.convert_ids_to_tokens(predicted[item]) == sample.answer)
+            correct.append(bool(is_correct[item]))
             has_box.append(bool(sample.boxes))
             if not sample.boxes:
                 continue
@@ -183,7 +183,7 @@ def cam_box_scores(model: Any, samples: list[ShapesSample]) -> BoxScores:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m mmlens.zoo.evaluate",
+        prog="python -m train.evaluate",
         description="Accuracy per question type and attention-in-box numbers of a zoo model.",
     )
     parser.add_argument("--model", default="tiny-shapes", help="zoo name or checkpoint folder")

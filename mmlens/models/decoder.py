@@ -8,6 +8,7 @@ Read top to bottom: embed -> blocks (RMSNorm, rotary GQA attention, gated MLP) -
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,6 +33,8 @@ from mmlens.components import (
 )
 from mmlens.config import MMConfig
 from mmlens.hooks import checked_hook, next_hook_id, remove_hooks
+from mmlens.loading import load_weights, read_checkpoint
+from mmlens.models.registry import model_class_for, register
 from mmlens.perf import enable_for_cpu_caching
 from mmlens.sequence import (
     KVCache,
@@ -44,8 +47,9 @@ from mmlens.sequence import (
 )
 
 
+@register("llama", "mistral")
 class HookedTransformer(HookedRootModule):
-    """Decoder-only LM with TransformerLens hook names (see DESIGN.md §3).
+    """Decoder-only LM with TransformerLens hook names (docs/hooks.md).
 
     Example:
         >>> model = mmlens.HookedTransformer.from_pretrained("path/to/llama")  # doctest: +SKIP
@@ -85,18 +89,32 @@ class HookedTransformer(HookedRootModule):
     @classmethod
     def from_pretrained(
         cls,
-        path_or_id: str,
+        path_or_id: str | os.PathLike,
         *,
         dtype: torch.dtype | str = torch.float32,
         device: str | torch.device = "cpu",
     ) -> HookedTransformer:
-        """Load a Hugging Face checkpoint folder (or a hub id already in the local cache).
+        """Load a Hugging Face checkpoint folder (or a hub id already in the local cache) as
+        the class registered for its `config.model_type`, which must be `cls` or a subclass:
+        `HookedTransformer.from_pretrained` (and `mmlens.from_pretrained`) load any supported
+        checkpoint.
 
-        Weights are converted tensor by tensor from safetensors; the HF model is never built.
+        Weights are converted tensor by tensor from safetensors; the HF model is never built
+        and no code from the folder runs (docs/checkpoints.md).
+
+        Example:
+            >>> model = mmlens.HookedLlava.from_pretrained("path/to/llava-1.5-7b-hf")  # doctest: +SKIP
         """
-        from mmlens.loading import load_pretrained
-
-        return load_pretrained(path_or_id, cls=cls, dtype=dtype, device=device)
+        folder, hf_config = read_checkpoint(path_or_id)
+        model_cls = model_class_for(hf_config.model_type)
+        if not issubclass(model_cls, cls):
+            raise TypeError(
+                f"{folder} holds a {hf_config.model_type!r} checkpoint, which loads as "
+                f"{model_cls.__name__}, not {cls.__name__}; use mmlens.from_pretrained to dispatch"
+            )
+        return load_weights(
+            model_cls, folder, hf_config, dtype=dtype, device=device, model_name=str(path_or_id)
+        )
 
     # ------------------------------------------------------------------ TL-style weights
     @property

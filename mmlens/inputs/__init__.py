@@ -1,0 +1,57 @@
+"""`MultimodalInput`: token ids and pixels that know where every segment and image patch is.
+
+Built by `MultimodalInput.from_processor` (what `HookedLlava.prepare` calls): the prompt is
+rendered with a conversation template (`mmlens.inputs.templates`), the checkpoint's own HF processor
+produces the tensors (so the ids are exactly HF's), and the fast tokenizer's character offsets of
+the same text give the segments. Semantics (docs/semantics.md):
+
+- Positions index the full padded sequence of one batch item, image tokens expanded. Batches are
+  left-padded; pad positions belong to no segment.
+- Segments: ``system`` = every real position before the first image token; ``image`` = the image
+  tokens; ``user`` = from the first position after the image block to the last prompt position;
+  ``question`` = the tokens overlapping the question's characters; ``last`` = the last prompt
+  position. Text-only prompts have no image block: ``system`` ends, and ``user`` starts, at the
+  first token that reaches into the user's content.
+  For LLaVA-NeXT, ``image`` holds the base grid, the tiles and the newline tokens, in model order.
+- Image-token layout (`ImageTokenLayout`): for every image token its batch item, image, tile
+  (0 = the base image, 1.. = LLaVA-NeXT's tiles, -1 = a newline token), patch row and column, and
+  kind (patch, CLS, newline).
+- `MultimodalInput.patches_in_box` maps a box in original-image pixels through the processor's
+  geometry (`ImageGeometry`; `AnyresGeometry` for LLaVA-NeXT's tiles) to the image tokens whose
+  patches it touches.
+
+Example:
+    >>> inp = MultimodalInput.from_processor(processor, image, "What colour is the door?")
+    >>> inp.positions("image")        # 576 positions for llava-1.5-7b
+    >>> inp.find("door")              # the token(s) of "door"
+    >>> inp.patches_in_box((0, 0, 100, 50))   # image tokens showing the top-left 100x50 pixels
+    >>> logits = model(**inp.model_kwargs())  # any HF-style model call
+"""
+
+from mmlens.inputs.geometry import AnyresGeometry, AnyresGrid, ImageGeometry, processor_geometry
+from mmlens.inputs.images import as_image
+from mmlens.inputs.layout import CLS, NEWLINE, PATCH, TOKEN_KINDS, Box, ImageTokenLayout
+from mmlens.inputs.multimodal import MultimodalInput, processor_fingerprint
+from mmlens.inputs.segments import SEGMENTS
+from mmlens.inputs.templates import ConversationTemplate, get_template, register_template, render
+
+__all__ = [
+    "CLS",
+    "NEWLINE",
+    "PATCH",
+    "SEGMENTS",
+    "TOKEN_KINDS",
+    "AnyresGeometry",
+    "AnyresGrid",
+    "Box",
+    "ConversationTemplate",
+    "ImageGeometry",
+    "ImageTokenLayout",
+    "MultimodalInput",
+    "as_image",
+    "get_template",
+    "processor_fingerprint",
+    "processor_geometry",
+    "register_template",
+    "render",
+]

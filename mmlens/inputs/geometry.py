@@ -1,0 +1,432 @@
+"""Pixel geometry: how the HF image processors map an original image's pixels to patches
+(pad to square, resize, centre crop; LLaVA-NeXT's anyres tiling and unpadding), so that a box
+in original-image pixels becomes the image tokens it touches."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from jaxtyping import Int
+from PIL import Image
+from torch import Tensor
+from transformers.image_processing_utils import select_best_resolution
+from transformers.image_utils import get_image_size, to_numpy_array
+
+from mmlens.inputs.layout import Box, ImageTokenLayout
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Where the pixels of one original image end up in the vision tower's input.
+
+    The image processor pads the image to a square (if `do_pad`; image centred, mean colour),
+    resizes it, and centre-crops it (zero-padding where the crop is larger). Sizes are
+    ``(height, width)``, offsets ``(top, left)``:
+
+    Attributes:
+        original_size: the image as given.
+        pad_offset: where the original image sits in the padded canvas.
+        padded_size: the canvas after padding (= `original_size` without padding).
+        resized_size: after resizing.
+        crop_offset: top-left of the crop window in the resized image (negative where the
+            crop is larger than the image).
+        processed_size: the pixel values the vision tower sees.
+        patch_size: side of a patch in processed pixels.
+
+    Example:
+        >>> geometry = ImageGeometry.from_image_processor(processor.image_processor, (50, 90), 14)
+        >>> geometry.pad_offset, geometry.grid_size
+        ((20, 0), (4, 4))
+    """
+
+    original_size: tuple[int, int]
+    pad_offset: tuple[int, int]
+    padded_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    crop_offset: tuple[int, int]
+    processed_size: tuple[int, int]
+    patch_size: int
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch rows and columns (trailing pixels that fill no whole patch are not seen)."""
+        return self.processed_size[0] // self.patch_size, self.processed_size[1] // self.patch_size
+
+    @classmethod
+    def from_image_processor(
+        cls, image_processor: Any, original_size: tuple[int, int], patch_size: int
+    ) -> ImageGeometry:
+        """The geometry that `image_processor` (a llava-hf or CLIP image processor) applies.
+
+        Supports padding to a square (llava image processors' `do_pad`), resizing to
+        ``shortest_edge`` (HF's rounding: the long side becomes ``int(edge * long / short)``) or to
+        ``height``/``width``, and centre cropping.
+
+        Raises:
+            ValueError: a setting this geometry does not model (e.g. `longest_edge` resizing).
+        """
+        height, width = original_size
+        pad_top = pad_left = 0
+        if getattr(image_processor, "do_pad", False):
+            if "LlavaImageProcessor" not in type(image_processor).__name__:
+                raise ValueError(
+                    f"do_pad=True of {type(image_processor).__name__} is not modelled; only llava "
+                    "image processors (pad to square) are supported"
+                )
+            side = max(height, width)
+            pad_top, pad_left = (side - height) // 2, (side - width) // 2
+            height = width = side
+        padded_size = (height, width)
+
+        if getattr(image_processor, "do_resize", True):
+            size = image_processor.size
+            shortest_edge = _size_field(size, "shortest_edge")
+            unsupported = [key for key in ("longest_edge", "max_height", "max_width")
+                           if _size_field(size, key)]  # fmt: skip
+            if shortest_edge and not unsupported:
+                short, long = (width, height) if width <= height else (height, width)
+                new_long = int(shortest_edge * long / short)  # HF's get_resize_output_image_size
+                height, width = (
+                    (new_long, shortest_edge) if width <= height else (shortest_edge, new_long)
+                )
+            elif _size_field(size, "height") and _size_field(size, "width") and not unsupported:
+                height, width = _size_field(size, "height"), _size_field(size, "width")
+            else:
+                raise ValueError(f"resizing to {size} is not modelled by ImageGeometry")
+        resized_size = (height, width)
+
+        crop_top = crop_left = 0
+        if getattr(image_processor, "do_center_crop", False):
+            crop = image_processor.crop_size
+            crop_height, crop_width = _size_field(crop, "height"), _size_field(crop, "width")
+            crop_top, crop_left = (height - crop_height) // 2, (width - crop_width) // 2
+            height, width = crop_height, crop_width
+        return cls(
+            original_size=tuple(original_size),
+            pad_offset=(pad_top, pad_left),
+            padded_size=padded_size,
+            resized_size=resized_size,
+            crop_offset=(crop_top, crop_left),
+            processed_size=(height, width),
+            patch_size=patch_size,
+        )
+
+    def n_image_tokens(self, has_cls: bool) -> int:
+        """Image tokens of this image: one per patch, plus the CLS token if `has_cls`."""
+        return self.grid_size[0] * self.grid_size[1] + has_cls
+
+    def token_layout(
+        self, *, item: int, image: int, positions: Int[Tensor, "n_image_tokens"], has_cls: bool
+    ) -> ImageTokenLayout:
+        """The layout of this image's tokens at `positions` of batch item `item`."""
+        return ImageTokenLayout.for_image(
+            item=item, image=image, positions=positions, grid_size=self.grid_size, has_cls=has_cls
+        )
+
+    def patch_ranges_per_grid(self, box: Box) -> dict[str, tuple[range, range]]:
+        """``{"base": patch_ranges(box)}``: the one grid of a LLaVA-1.5 image (see `AnyresGeometry`)."""
+        return {"base": self.patch_ranges(box)}
+
+    def patch_ranges(self, box: Box) -> tuple[range, range]:
+        """Patch rows and columns that the pixels of `box` land in.
+
+        `box` is ``(x0, y0, x1, y1)`` in original-image pixels, x1 and y1 exclusive (as PIL's
+        crop boxes): it holds the pixels ``x0 <= x < x1``, ``y0 <= y < y1``.
+
+        A pixel lands where the processor's resampling puts it, axis by axis: in every processed
+        pixel whose centre lies in the pixel's scaled extent (enlarging), and in the processed
+        pixel that contains the pixel's scaled centre (always; this is where a pixel goes when
+        shrinking). At exact ties a centre belongs to the pixel starting there. This is how a box
+        filter resamples; bicubic resampling (llava's) also bleeds each pixel into ~2 neighbours
+        on each side, which is ignored here. Pixels cropped away land nowhere.
+
+        Returns:
+            ``(rows, cols)``: the patches with ``row in rows and col in cols`` are hit (both
+            ranges are empty when the whole box is cropped away).
+
+        Raises:
+            ValueError: the box is empty, not integral, or not inside the original image.
+        """
+        height, width = self.original_size
+        if len(box) != 4 or any(int(value) != value for value in box):
+            raise ValueError(f"box must be four integers (x0, y0, x1, y1), got {box!r}")
+        x0, y0, x1, y1 = (int(value) for value in box)
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise ValueError(
+                f"box {box!r} must satisfy 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height for "
+                f"this image of width {width} and height {height} (x1, y1 exclusive)"
+            )
+        rows = self._axis_patches(y0, y1, axis=0)
+        cols = self._axis_patches(x0, x1, axis=1)
+        if not rows or not cols:
+            return range(0), range(0)
+        return rows, cols
+
+    def _axis_patches(self, start: int, stop: int, axis: int) -> range:
+        """Patch indices along `axis` hit by original pixels ``start <= i < stop``."""
+        source, target = self.padded_size[axis], self.resized_size[axis]
+        a, b = start + self.pad_offset[axis], stop + self.pad_offset[axis]
+        # Resized pixels whose centre j + 1/2 lies in the box's scaled extent [a, b) * target / source
+        covered_first = _ceil_div(2 * a * target - source, 2 * source)
+        covered_end = _ceil_div(2 * b * target - source, 2 * source)
+        # Resized pixels holding the scaled centre (i + 1/2) * target / source of a box pixel i
+        centre_first = (2 * a + 1) * target // (2 * source)
+        centre_end = (2 * b - 1) * target // (2 * source) + 1
+        first = max(min(covered_first, centre_first), 0) - self.crop_offset[axis]
+        end = min(max(covered_end, centre_end), target) - self.crop_offset[axis]
+        n_patches = self.grid_size[axis]
+        first, end = max(first, 0), min(end, n_patches * self.patch_size)
+        if first >= end:
+            return range(0)
+        return range(first // self.patch_size, (end - 1) // self.patch_size + 1)
+
+
+@dataclass(frozen=True)
+class AnyresGrid:
+    """How LLaVA-NeXT lays out the tile features of one image (HF's `pack_image_features`).
+
+    The best canvas for the image (`select_best_resolution` over the grid pinpoints) is cut into
+    ``tiles = (rows, cols)`` tiles of ``patches_per_tile`` x ``patches_per_tile`` patches. Their
+    features, side by side, form the canvas grid of ``rows * patches_per_tile`` by
+    ``cols * patches_per_tile`` patches, of which unpadding keeps `kept_rows` x `kept_cols`: the
+    rows (or columns) that show the centred image, computed in patch units with HF's
+    `unpad_image` arithmetic. The model reads the kept grid row by row, each row followed by one
+    newline token. The model (`HookedLlavaNext`) and the inputs (`AnyresGeometry`) both use this
+    class, so they cannot disagree.
+
+    Example:
+        >>> grid = AnyresGrid.for_image((480, 640), [[336, 672], [672, 336], [672, 672]], 336, 14)
+        >>> grid.tiles, grid.kept_rows, grid.kept_cols
+        ((2, 2), range(6, 42), range(0, 48))
+        >>> grid.unpadded_size, grid.n_tokens
+        ((36, 48), 1764)
+    """
+
+    tiles: tuple[int, int]
+    patches_per_tile: int
+    kept_rows: range
+    kept_cols: range
+
+    @classmethod
+    def for_image(
+        cls,
+        image_size: tuple[int, int],
+        grid_pinpoints: Sequence[Sequence[int]],
+        tile_size: int,
+        patch_size: int,
+    ) -> AnyresGrid:
+        """The grid for an image of ``(height, width)`` `image_size`.
+
+        Args:
+            image_size: the original image's (height, width).
+            grid_pinpoints: candidate canvas sizes ``[height, width]``, multiples of `tile_size`.
+            tile_size: side of a tile in pixels (the vision tower's input size).
+            patch_size: side of a vision patch in pixels.
+        """
+        height, width = (int(side) for side in image_size)
+        best_height, best_width = select_best_resolution((height, width), list(grid_pinpoints))
+        tiles = (best_height // tile_size, best_width // tile_size)
+        per_tile = tile_size // patch_size
+        rows, cols = tiles[0] * per_tile, tiles[1] * per_tile
+        kept_rows, kept_cols = range(rows), range(cols)
+        # HF's unpad_image, in patch units and with its float arithmetic (round to 7 digits).
+        if width / height > cols / rows:
+            padding = (rows - int(round(height * (cols / width), 7))) // 2
+            kept_rows = range(padding, rows - padding)
+        else:
+            padding = (cols - int(round(width * (rows / height), 7))) // 2
+            kept_cols = range(padding, cols - padding)
+        return cls(tiles, per_tile, kept_rows, kept_cols)
+
+    @property
+    def n_tiles(self) -> int:
+        return self.tiles[0] * self.tiles[1]
+
+    @property
+    def unpadded_size(self) -> tuple[int, int]:
+        """Rows and columns of the unpadded grid."""
+        return len(self.kept_rows), len(self.kept_cols)
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens of the tile part: every kept patch plus one newline per kept row."""
+        rows, cols = self.unpadded_size
+        return rows * (cols + 1)
+
+    def tile_of(self, row: Int[Tensor, "n"], col: Int[Tensor, "n"]) -> Int[Tensor, "n"]:
+        """The tile (1, 2, ... row-major) holding unpadded-grid patch (`row`, `col`)."""
+        tile_row = (row + self.kept_rows.start) // self.patches_per_tile
+        tile_col = (col + self.kept_cols.start) // self.patches_per_tile
+        return 1 + tile_row * self.tiles[1] + tile_col
+
+
+@dataclass(frozen=True)
+class AnyresGeometry:
+    """Where the pixels of one image end up in LLaVA-NeXT's base crop and tiles.
+
+    The LLaVA-NeXT image processor makes two views of the image: the base crop, the whole image
+    resized (squashed, aspect ratio not kept) to the vision input size; and the canvas, the image
+    resized to fit the best resolution keeping its aspect ratio (HF's `get_patch_output_size`),
+    centred on a black canvas of that size, cut into tiles. The model then drops the canvas rows
+    or columns that unpadding removes (`AnyresGrid`).
+
+    Attributes:
+        base: geometry of the base crop.
+        canvas: geometry of the canvas: `processed_size` is the canvas, `crop_offset` is minus
+            the image's offset in it, the patch grid is the canvas grid of all tiles.
+        grid: tiles and unpadding.
+
+    Example:
+        >>> geometry = AnyresGeometry.from_image_processor(processor.image_processor, (40, 90), 7)
+        >>> geometry.grid.tiles, geometry.canvas.resized_size
+        ((1, 3), (28, 63))
+    """
+
+    base: ImageGeometry
+    canvas: ImageGeometry
+    grid: AnyresGrid
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        return self.base.original_size
+
+    @property
+    def processed_size(self) -> tuple[int, int]:
+        """Size of each crop the vision tower sees (the base crop and every tile)."""
+        return self.base.processed_size
+
+    @classmethod
+    def from_image_processor(
+        cls, image_processor: Any, original_size: tuple[int, int], patch_size: int
+    ) -> AnyresGeometry:
+        """The geometry that a llava-hf LLaVA-NeXT image processor applies.
+
+        Supports the llava-v1.6 settings: the crop size (``size`` as ``shortest_edge`` or a
+        square ``height``/``width``, and ``crop_size`` if centre cropping) is one square side,
+        so the per-crop resize and crop change nothing.
+
+        Raises:
+            ValueError: settings this geometry does not model.
+        """
+        side = _size_field(image_processor.size, "shortest_edge")
+        height, width = (_size_field(image_processor.size, key) for key in ("height", "width"))
+        if not side and height == width:
+            side = height
+        crop = (
+            image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else None
+        )
+        crop_sides = {_size_field(crop, "height"), _size_field(crop, "width")} if crop else {side}
+        if not side or crop_sides != {side}:
+            raise ValueError(
+                f"LLaVA-NeXT image processor with size={image_processor.size} and "
+                f"crop_size={crop}: only one square crop side (size == crop_size, as in "
+                "llava-v1.6) is modelled"
+            )
+        grid = AnyresGrid.for_image(
+            original_size, image_processor.image_grid_pinpoints, side, patch_size
+        )
+        canvas_size = (grid.tiles[0] * side, grid.tiles[1] * side)
+        resized = _fit_keeping_aspect_ratio(original_size, canvas_size)
+        paste = ((canvas_size[0] - resized[0]) // 2, (canvas_size[1] - resized[1]) // 2)
+        original_size = tuple(original_size)
+        return cls(
+            base=ImageGeometry(
+                original_size=original_size,
+                pad_offset=(0, 0),
+                padded_size=original_size,
+                resized_size=(side, side),
+                crop_offset=(0, 0),
+                processed_size=(side, side),
+                patch_size=patch_size,
+            ),
+            canvas=ImageGeometry(
+                original_size=original_size,
+                pad_offset=(0, 0),
+                padded_size=original_size,
+                resized_size=resized,
+                crop_offset=(-paste[0], -paste[1]),
+                processed_size=canvas_size,
+                patch_size=patch_size,
+            ),
+            grid=grid,
+        )
+
+    def n_image_tokens(self, has_cls: bool) -> int:
+        """Base patches + kept tile patches + one newline per kept row."""
+        if has_cls:
+            raise ValueError(
+                "vision_feature_select_strategy='full' (CLS tokens kept) is not supported for "
+                "LLaVA-NeXT images: HF's LlavaNext cannot pack tiles with a CLS token either; "
+                "use 'default'"
+            )
+        rows, cols = self.base.grid_size
+        return rows * cols + self.grid.n_tokens
+
+    def token_layout(
+        self, *, item: int, image: int, positions: Int[Tensor, "n_image_tokens"], has_cls: bool
+    ) -> ImageTokenLayout:
+        """The layout of this image's tokens at `positions` of batch item `item`."""
+        self.n_image_tokens(has_cls)  # raises for CLS tokens
+        return ImageTokenLayout.for_anyres_image(
+            item=item,
+            image=image,
+            positions=positions,
+            base_grid_size=self.base.grid_size,
+            grid=self.grid,
+        )
+
+    def patch_ranges_per_grid(self, box: Box) -> dict[str, tuple[range, range]]:
+        """Patch ranges that `box` hits: ``"base"`` in the base grid, ``"tiles"`` in the
+        unpadded grid (empty where the box only reaches canvas rows or columns that unpadding
+        removed). Pixel rule as in `ImageGeometry.patch_ranges`."""
+        rows, cols = self.canvas.patch_ranges(box)
+        kept_rows = _shifted_intersection(rows, self.grid.kept_rows)
+        kept_cols = _shifted_intersection(cols, self.grid.kept_cols)
+        if not kept_rows or not kept_cols:
+            kept_rows = kept_cols = range(0)
+        return {"base": self.base.patch_ranges(box), "tiles": (kept_rows, kept_cols)}
+
+
+def processor_geometry(
+    image_processor: Any, original_size: tuple[int, int], patch_size: int
+) -> ImageGeometry | AnyresGeometry:
+    """The geometry of `image_processor`: `AnyresGeometry` if it tiles (``image_grid_pinpoints``,
+    LLaVA-NeXT), else `ImageGeometry`."""
+    if getattr(image_processor, "image_grid_pinpoints", None):
+        return AnyresGeometry.from_image_processor(image_processor, original_size, patch_size)
+    return ImageGeometry.from_image_processor(image_processor, original_size, patch_size)
+
+
+def _fit_keeping_aspect_ratio(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """The size that `size` (height, width) is resized to inside `target`, aspect ratio kept
+    (HF's `get_patch_output_size`: the tighter side fills the target, the other rounds up)."""
+    (height, width), (target_height, target_width) = size, target
+    scale_width, scale_height = target_width / width, target_height / height
+    if scale_width < scale_height:
+        return min(math.ceil(height * scale_width), target_height), target_width
+    return target_height, min(math.ceil(width * scale_height), target_width)
+
+
+def _shifted_intersection(hit: range, kept: range) -> range:
+    """`hit` ∩ `kept`, renumbered so that `kept.start` becomes 0."""
+    start, stop = max(hit.start, kept.start), min(hit.stop, kept.stop)
+    return range(start - kept.start, stop - kept.start) if start < stop else range(0)
+
+
+def _size_field(size: Any, key: str) -> int | None:
+    """`size[key]` of an HF size (a dict or a `SizeDict`), None when absent."""
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def _image_size(image: Any) -> tuple[int, int]:
+    """(height, width) of a PIL image or of an array/tensor the processor accepts."""
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    return tuple(int(side) for side in get_image_size(to_numpy_array(image)))

@@ -1,0 +1,459 @@
+"""`MultimodalInput`: token ids and pixels that know where every segment and image patch is."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mmlens.inputs.geometry import (
+    AnyresGeometry,
+    ImageGeometry,
+    _image_size,
+    processor_geometry,
+)
+from mmlens.inputs.images import as_image
+from mmlens.inputs.layout import PATCH, Box, ImageTokenLayout, _item_layouts
+from mmlens.inputs.segments import SEGMENTS, _segments, _token_spans
+from mmlens.inputs.templates import IMAGE_PLACEHOLDER, ConversationTemplate, render
+
+
+@dataclass(frozen=True)
+class MultimodalInput:
+    """A batch of prompts (with or without an image each), ready for any model call.
+
+    Attributes:
+        input_ids: ``[batch, pos]`` token ids, image tokens expanded, left-padded.
+        attention_mask: ``[batch, pos]`` 1 for real tokens, 0 for padding.
+        pixel_values: ``[n_images, channel, height, width]`` processed images in batch order, or
+            None for a text-only batch.
+        image_sizes: ``[n_images, 2]`` (height, width) of the original images, or None.
+        prompts: the rendered prompt of each item, one placeholder per image (`find` searches it).
+        image_token_id: id of the image placeholder token.
+        segments: per item, segment name -> sorted positions (see `positions`).
+        layout: the image-token layout of the whole batch.
+        image_geometry: per image, how the processor maps its pixels (see `patches_in_box`):
+            `AnyresGeometry` for LLaVA-NeXT, else `ImageGeometry`.
+        image_items: per image, the batch item that holds it.
+        token_spans: per item, ``[pos, 2]`` character span (start, end) of each token in
+            `prompts[item]` (image tokens: their placeholder's span; specials, padding: (0, 0)).
+        template: name of the conversation template used.
+        image_sizes_for_model: whether `model_kwargs` passes `image_sizes` (when the processor
+            returns them, as LLaVA-NeXT's does; LLaVA-1.5's does not, and its vision tower would
+            not accept them).
+        processor_fingerprint: `processor_fingerprint` of the processor that made the input; a
+            model refuses an input made by a different processor (None: not checked).
+
+    Example:
+        >>> inp = MultimodalInput.from_processor(processor, [image, None], ["What is it?", "Hi"])
+        >>> inp.positions("question", item=1), inp.patches_in_box((0, 0, 10, 10), image=0)
+    """
+
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    pixel_values: Float[Tensor, "n_images channel height width"] | None
+    image_sizes: Int[Tensor, "n_images 2"] | None
+    prompts: list[str]
+    image_token_id: int
+    segments: list[dict[str, Int[Tensor, "n_positions"]]]
+    layout: ImageTokenLayout
+    image_geometry: list[ImageGeometry | AnyresGeometry]
+    image_items: list[int]
+    token_spans: list[Int[Tensor, "pos 2"]]
+    template: str
+    image_sizes_for_model: bool = False
+    processor_fingerprint: str | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def n_images(self) -> int:
+        return len(self.image_items)
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    def positions(self, name: str, item: int = 0) -> Int[Tensor, "n_positions"]:
+        """Sorted sequence positions of segment `name` in batch item `item`.
+
+        Args:
+            name: one of "system", "image", "user", "question", "last" (see the module doc).
+            item: batch item.
+
+        Returns:
+            1-D LongTensor of indices into ``input_ids[item]`` (padding included in the count).
+
+        Example:
+            >>> inp.positions("last")  # tensor([n_pos - 1]) for a single prompt
+        """
+        self._check_item(item)
+        if name not in SEGMENTS:
+            raise ValueError(f"unknown segment {name!r}; valid names: {', '.join(SEGMENTS)}")
+        return self.segments[item][name]
+
+    def find(self, substring: str, item: int = 0) -> Int[Tensor, "n_positions"]:
+        """Positions of the tokens overlapping the first occurrence of `substring` in the prompt.
+
+        Character offsets from the fast tokenizer decide the overlap (a token "▁door" covers
+        " door", so `find("door")` returns it). The placeholder ``<image>`` stands for all of its
+        image tokens.
+
+        Example:
+            >>> inp.find("door")  # e.g. tensor([612]): the token "▁door"
+        """
+        self._check_item(item)
+        prompt = self.prompts[item]
+        start = prompt.find(substring) if substring else -1
+        if start < 0:
+            raise ValueError(
+                f"{substring!r} does not occur in the prompt of item {item}: {prompt!r}"
+            )
+        spans = self.token_spans[item]
+        overlapping = (spans[:, 0] < start + len(substring)) & (spans[:, 1] > start)
+        return overlapping.nonzero().flatten().to(self.device)
+
+    def patches_in_box(self, box: Box, image: int = 0) -> Int[Tensor, "n_positions"]:
+        """Sequence positions (in the item holding `image`) of the patches the box's pixels land in.
+
+        Args:
+            box: ``(x0, y0, x1, y1)`` in pixels of the original image, x1 and y1 exclusive (a
+                PIL crop box); ``(0, 0, width, height)`` is the whole image.
+            image: index of the image in the batch (batch order, text-only items skipped).
+
+        Returns:
+            sorted 1-D LongTensor of positions in ``input_ids[inp.image_items[image]]``; the CLS
+            token and LLaVA-NeXT's newline tokens are never included; empty if the box lies
+            entirely in a cropped-away margin.
+
+        The mapping follows the processor (pad to square, resize, centre crop); a patch counts if
+        any pixel of the box lands in it (precise rule: `ImageGeometry.patch_ranges`). For
+        LLaVA-NeXT both views count: the base-grid patches the box lands in (whole image squashed
+        to one crop) and the tile patches it lands in (image fitted into the tile canvas), minus
+        tile rows or columns that unpadding removed.
+
+        Raises:
+            ValueError: unknown image, or an empty box / a box not inside the image.
+
+        Example:
+            >>> width, height = image.size
+            >>> inp.patches_in_box((0, 0, width // 2, height))  # the left half of the image
+        """
+        if not 0 <= image < self.n_images:
+            raise ValueError(
+                f"image {image} does not exist; this input has {self.n_images} image(s)"
+            )
+        layout = self.layout
+        in_grid = {"base": layout.tile == 0, "tiles": layout.tile >= 1}
+        in_box = torch.zeros_like(layout.kind, dtype=torch.bool)
+        for grid, (rows, cols) in self.image_geometry[image].patch_ranges_per_grid(box).items():
+            in_box |= (
+                in_grid[grid]
+                & (layout.row >= rows.start)
+                & (layout.row < rows.stop)
+                & (layout.col >= cols.start)
+                & (layout.col < cols.stop)
+            )
+        return layout.position[in_box & (layout.image == image) & (layout.kind == PATCH)]
+
+    def item(self, index: int) -> MultimodalInput:
+        """Batch item `index` alone: a batch-1 input without its padding, positions renumbered
+        (so `inp.item(i).positions("image")` is `inp.positions("image", item=i)` minus the
+        item's padding).
+
+        Example:
+            >>> sample = batch.item(1)
+            >>> model(sample)[0, -1]  # the same logits as the item inside the padded batch
+        """
+        self._check_item(index)
+        real = self.attention_mask[index].bool()
+        pad = int((~real).sum())
+        images = [image for image, owner in enumerate(self.image_items) if owner == index]
+        layout = self.layout
+        entries = layout.item == index
+        picked = {
+            field.name: getattr(layout, field.name)[entries] for field in dataclasses.fields(layout)
+        }
+        renumber = torch.full((max(self.n_images, 1),), -1, dtype=torch.long)
+        renumber[images] = torch.arange(len(images))
+        picked.update(
+            item=torch.zeros_like(picked["item"]),
+            position=picked["position"] - pad,
+            image=renumber.to(picked["image"].device)[picked["image"]],
+        )
+
+        def select(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None or not images else tensor[images]
+
+        return dataclasses.replace(
+            self,
+            input_ids=self.input_ids[index : index + 1, pad:],
+            attention_mask=self.attention_mask[index : index + 1, pad:],
+            pixel_values=select(self.pixel_values),
+            image_sizes=select(self.image_sizes),
+            prompts=[self.prompts[index]],
+            segments=[{name: pos - pad for name, pos in self.segments[index].items()}],
+            layout=ImageTokenLayout(**picked),
+            image_geometry=[self.image_geometry[image] for image in images],
+            image_items=[0] * len(images),
+            token_spans=[self.token_spans[index][pad:]],
+        )
+
+    def with_tokens(self, tokens: Int[Tensor, "batch n"] | Sequence[int]) -> MultimodalInput:
+        """This input with `tokens` appended after every item's prompt (e.g. a teacher-forced
+        answer, or generated tokens). Segments, layout and images are unchanged: the new
+        positions belong to no segment, and `positions("last")` stays the last prompt position.
+
+        Example:
+            >>> forced = inp.with_tokens(answer_ids)        # [1, n] or a list of ids
+            >>> model(forced)[0, inp.input_ids.shape[1] - 1:]  # the positions that predict them
+        """
+        tokens = torch.as_tensor(tokens, device=self.device).long()
+        tokens = tokens.expand(self.batch_size, -1) if tokens.ndim == 1 else tokens
+        if tokens.shape[0] != self.batch_size:
+            raise ValueError(f"{tokens.shape[0]} rows of tokens for a batch of {self.batch_size}")
+        no_span = torch.zeros(tokens.shape[1], 2, dtype=torch.long)
+        return dataclasses.replace(
+            self,
+            input_ids=torch.cat((self.input_ids, tokens), dim=1),
+            attention_mask=torch.cat((self.attention_mask, torch.ones_like(tokens)), dim=1),
+            token_spans=[
+                torch.cat((spans, no_span.to(spans.device))) for spans in self.token_spans
+            ],
+        )
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> MultimodalInput:
+        """A copy with its tensors on `device` (and `pixel_values` cast to `dtype` if given)."""
+        pixel_values = self.pixel_values
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(device=device, dtype=dtype or pixel_values.dtype)
+        return dataclasses.replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            pixel_values=pixel_values,
+            image_sizes=None if self.image_sizes is None else self.image_sizes.to(device),
+            segments=[{name: pos.to(device) for name, pos in seg.items()} for seg in self.segments],
+            layout=self.layout.to(device),
+        )
+
+    def model_kwargs(self) -> dict[str, Tensor]:
+        """The HF-style keyword tensors: ``model(**inp.model_kwargs())``.
+
+        `input_ids` and `attention_mask`; `pixel_values` when there are images; `image_sizes`
+        only for models that take them (`image_sizes_for_model`).
+        """
+        kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.pixel_values is not None:
+            kwargs["pixel_values"] = self.pixel_values
+        if self.image_sizes_for_model and self.image_sizes is not None:
+            kwargs["image_sizes"] = self.image_sizes
+        return kwargs
+
+    def _check_item(self, item: int) -> None:
+        if not 0 <= item < self.batch_size:
+            raise ValueError(f"item {item} does not exist; the batch has {self.batch_size} item(s)")
+
+    @classmethod
+    def from_processor(
+        cls,
+        processor: Any,
+        images: Any,
+        prompts: str | Sequence[str],
+        *,
+        system: str | None = None,
+        template: str | ConversationTemplate = "llava_v1",
+        vision_feature_select_strategy: str | None = None,
+        patch_size: int | None = None,
+    ) -> MultimodalInput:
+        """Render the prompts, run the HF processor, and locate segments and image tokens.
+
+        Args:
+            processor: the checkpoint's HF processor (`LlavaProcessor`, `LlavaNextProcessor`) with
+                a fast tokenizer.
+            images: one image (PIL image, local path, uint8 array or float array in [0, 1]; see
+                `mmlens.inputs.images.as_image`) or None for a single prompt; for a batch, a list with
+                one image or None (text-only) per prompt.
+            prompts: a question, or a list of questions (a batch, left-padded). With
+                ``template="plain"`` the full prompt text, ``<image>`` placeholders included.
+            system: replaces the template's system text.
+            template: a name registered in `mmlens.inputs.templates` or a `ConversationTemplate`
+                (`HookedLlavaNext.prepare` passes its checkpoint's template).
+            vision_feature_select_strategy: "default" (patch tokens only) or "full" (CLS first;
+                LLaVA-1.5 only); default: the processor's.
+            patch_size: the vision tower's patch size; default: the processor's.
+
+        Returns:
+            a `MultimodalInput` whose ids, mask and pixels are exactly what the processor produced
+            for the rendered prompts (``padding=True``, left padding).
+
+        Raises:
+            ValueError: images and prompts do not match (a placeholder without an image, an image
+                without a placeholder, more images than slots), or the image tokens do not match
+                the patch grid.
+
+        Example:
+            >>> inp = MultimodalInput.from_processor(processor, [img_a, None], ["Q1?", "Hi!"])
+            >>> inp.pixel_values.shape  # llava-1.5: torch.Size([1, 3, 336, 336])
+            >>> # llava-v1.6: [n_images, max_crops, 3, 336, 336], base crop then tiles
+            >>> inp.positions("image", item=1)  # tensor([], dtype=torch.int64): text-only
+        """
+        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+        image_list = list(images) if isinstance(images, (list, tuple)) else [images]
+        image_list = [None if image is None else as_image(image) for image in image_list]
+        if len(image_list) > len(prompt_list):
+            raise ValueError(
+                f"{len(image_list)} images for {len(prompt_list)} prompt(s): more images than "
+                "prompts (<image> slots); pass one image (or None) per prompt"
+            )
+        if len(image_list) < len(prompt_list):
+            raise ValueError(
+                f"{len(image_list)} image(s) for {len(prompt_list)} prompts: fewer images than "
+                "prompts; pass one image per prompt, None for a text-only prompt, or [image] * n "
+                "to ask several questions about one image"
+            )
+        strategy = vision_feature_select_strategy or getattr(
+            processor, "vision_feature_select_strategy", None
+        )
+        patch_size = patch_size or getattr(processor, "patch_size", None)
+        if strategy not in ("default", "full") or not patch_size:
+            raise ValueError(
+                f"need vision_feature_select_strategy ('default' or 'full', got {strategy!r}) and "
+                f"patch_size (got {patch_size!r}); pass them (from the model config) or use a "
+                "processor that has them"
+            )
+        image_token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
+        image_token_id = processor.tokenizer.convert_tokens_to_ids(image_token)
+        rendered = [
+            render(
+                template,
+                prompt,
+                n_images=int(image is not None),
+                system=system,
+                image_token=image_token,
+            )
+            for prompt, image in zip(prompt_list, image_list, strict=True)
+        ]
+        given_images = [image for image in image_list if image is not None]
+        encoded = processor(
+            images=given_images or None,
+            text=[prompt.text for prompt in rendered],
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+        )
+        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        pixel_values = encoded.get("pixel_values")
+
+        image_items = [item for item, image in enumerate(image_list) if image is not None]
+        original_sizes = [_image_size(image) for image in given_images]
+        geometry = [
+            processor_geometry(processor.image_processor, size, patch_size)
+            for size in original_sizes
+        ]
+        for image_index, image_geometry in enumerate(geometry):
+            if image_geometry.processed_size != tuple(pixel_values.shape[-2:]):
+                raise ValueError(
+                    f"image {image_index}: the processor produced {tuple(pixel_values.shape[-2:])} "
+                    f"pixels but its settings predict {image_geometry.processed_size}"
+                )
+
+        has_cls = strategy == "full"
+        is_image = (input_ids == image_token_id) & attention_mask.bool()
+        item_images = [
+            [index for index, owner in enumerate(image_items) if owner == item]
+            for item in range(len(rendered))
+        ]
+        image_token_counts = [
+            [geometry[index].n_image_tokens(has_cls) for index in indices]
+            for indices in item_images
+        ]
+        for item, counts in enumerate(image_token_counts):
+            if int(is_image[item].sum()) != sum(counts):
+                raise ValueError(
+                    f"batch item {item} has {int(is_image[item].sum())} image tokens, but its "
+                    f"{len(counts)} image(s) need {sum(counts)} with vision_feature_select_strategy="
+                    f"{strategy!r}; check patch_size, the strategy and the processor's "
+                    "num_additional_image_tokens against the model config"
+                )
+        token_spans = _token_spans(
+            processor.tokenizer, rendered, input_ids, attention_mask, image_token_counts
+        )
+
+        segments, layouts = [], []
+        for item, prompt in enumerate(rendered):
+            image_positions = is_image[item].nonzero().flatten()
+            layouts += _item_layouts(item, item_images[item], image_positions, geometry, has_cls)
+            segments.append(
+                _segments(prompt, attention_mask[item], is_image[item], token_spans[item])
+            )
+
+        image_sizes = torch.tensor(original_sizes, dtype=torch.long) if original_sizes else None
+        image_sizes_for_model = "image_sizes" in encoded  # LLaVA-NeXT's processor returns them
+        if image_sizes_for_model and not torch.equal(encoded["image_sizes"].cpu(), image_sizes):
+            raise ValueError(
+                f"the processor reports image sizes {encoded['image_sizes'].tolist()}, but the "
+                f"images are {image_sizes.tolist()} (height, width)"
+            )
+        return cls(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            prompts=[prompt.text for prompt in rendered],
+            image_token_id=image_token_id,
+            segments=segments,
+            layout=ImageTokenLayout.concatenate(layouts),
+            image_geometry=geometry,
+            image_items=image_items,
+            token_spans=token_spans,
+            template=template if isinstance(template, str) else template.name,
+            image_sizes_for_model=image_sizes_for_model,
+            processor_fingerprint=processor_fingerprint(processor),
+        )
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def processor_fingerprint(processor: Any) -> str:
+    """A short hash of what decides a `MultimodalInput`: the tokenizer's vocabulary (added
+    tokens included), the image token and the image processor's settings.
+
+    Two processors loaded from the same checkpoint give the same fingerprint. Computed once
+    per processor object.
+
+    Example:
+        >>> processor_fingerprint(model.processor)  # doctest: +SKIP
+        '3f1c9a0d5e2b7c41'
+    """
+    try:
+        return _FINGERPRINTS[processor]
+    except (KeyError, TypeError):
+        pass
+    tokenizer = processor.tokenizer
+    parts = {
+        "tokenizer": type(tokenizer).__name__,
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "image_token": getattr(processor, "image_token", None),
+        "image_processor": processor.image_processor.to_dict(),
+        "patch_size": getattr(processor, "patch_size", None),
+        "strategy": getattr(processor, "vision_feature_select_strategy", None),
+    }
+    encoded = json.dumps(parts, sort_keys=True, default=str).encode()
+    fingerprint = hashlib.sha256(encoded).hexdigest()[:16]
+    try:
+        _FINGERPRINTS[processor] = fingerprint
+    except TypeError:  # an object that cannot be weakly referenced: recomputed each time
+        pass
+    return fingerprint

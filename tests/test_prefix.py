@@ -1,0 +1,206 @@
+"""The model's public prefix/suffix API, the sequence state on the hook context, the input
+object's item and token methods, the model registry and the front door."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmlens
+from mmlens.ablations import attention_knockout, drop_tokens, zero_mlp
+from mmlens.analysis import answer_token_ids, correct_answers
+from mmlens.models import MODEL_TYPES
+from mmlens.testing import make_test_image
+
+N_LAYERS = 4
+TOLERANCE = 1e-5
+PROMPTS = ["What colour is the square on the left?", "Is the circle red?"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return mmlens.from_pretrained(tiny_checkpoint(n_layers=N_LAYERS, n_kv_heads=2))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [make_test_image(88, 48, 0), make_test_image(40, 80, 1)]
+
+
+@pytest.fixture(scope="module")
+def inp(model, images):
+    return model.prepare(images[0], PROMPTS[0])
+
+
+@pytest.fixture(scope="module")
+def batch(model, images):
+    batch = model.prepare(images, PROMPTS)
+    assert not bool(batch.attention_mask.all()), "the tests need a padded batch"
+    return batch
+
+
+def test_a_suffix_without_hooks_is_the_forward(model, inp):
+    with torch.no_grad():
+        full = model(inp)
+        prefix = model.run_prefix(inp)
+        start = int(inp.positions("question").min())
+        suffix = model.run_suffix(prefix, start, n_variants=3, entry_layers=[0, 2, 3])
+    assert torch.equal(prefix.logits, full)
+    assert suffix.shape == (3, full.shape[1] - start, full.shape[2])
+    assert (suffix - full[:, start:]).abs().max() < TOLERANCE
+
+
+def test_variants_entering_at_their_layer_equal_full_runs(model, inp):
+    """Each variant's hooks act from its entry layer on and only on positions >= start: its
+    suffix equals a full run with those hooks."""
+    start = int(inp.positions("last"))
+    image, last = inp.positions("image"), inp.positions("last")
+    variant_hooks = [
+        zero_mlp(range(2, 4), positions=last),
+        attention_knockout(image, last, [1, 2]),
+        [],
+    ]
+    entry = [2, 1, 3]
+
+    def only_variant(index):
+        def select(hook_fn):
+            def run(tensor, hook):
+                rows = hook.ctx["sequence"].variant == index
+                edited = hook_fn(tensor, hook)
+                if edited is None:
+                    return None
+                shape = (-1,) + (1,) * (tensor.ndim - 1)
+                return torch.where(rows.view(shape).to(tensor.device), edited, tensor)
+
+            return run
+
+        return [(name, select(fn)) for name, fn in variant_hooks[index]]
+
+    hooks = [hook for index in range(3) for hook in only_variant(index)]
+    with torch.no_grad():
+        prefix = model.run_prefix(inp)
+        suffix = model.run_suffix(
+            prefix, start, n_variants=3, entry_layers=entry, fwd_hooks=hooks, only_last=True
+        )
+        for index, fwd_hooks in enumerate(variant_hooks):
+            expected = model.run_with_hooks(inp, fwd_hooks=fwd_hooks)[0, -1]
+            assert (suffix[index] - expected).abs().max() < TOLERANCE, f"variant {index}"
+
+
+def test_suffix_rows_of_a_padded_batch_are_item_major(model, batch):
+    start = batch.input_ids.shape[1] - 3
+    with torch.no_grad():
+        prefix = model.run_prefix(batch)
+        suffix = model.run_suffix(prefix, start, n_variants=2, entry_layers=[1, 0])
+        full = model(batch)
+    for row in range(4):
+        assert (suffix[row] - full[row // 2, start:]).abs().max() < TOLERANCE
+
+
+def test_a_prefix_run_under_pruning_reuses_the_pruned_keys(model, inp):
+    pruned = drop_tokens(inp.positions("image")[::2], 2)
+    start = int(inp.positions("question").min())
+    with torch.no_grad(), model.hooks(fwd_hooks=pruned):
+        prefix = model.run_prefix(inp)
+        suffix = model.run_suffix(prefix, start, entry_layers=[1])
+        full = model(inp)
+    n_suffix = inp.input_ids.shape[1] - start
+    assert (suffix[0] - full[0, -n_suffix:]).abs().max() < TOLERANCE
+    assert prefix.positions[3].shape[1] < inp.input_ids.shape[1]
+
+
+def test_run_suffix_checks_its_arguments(model, inp):
+    prefix = model.run_prefix(inp, logits=None)
+    with pytest.raises(ValueError, match="entry_layers must give one layer"):
+        model.run_suffix(prefix, 5, n_variants=2, entry_layers=[0])
+    with pytest.raises(ValueError, match="entry_layers must give one layer"):
+        model.run_suffix(prefix, 5, entry_layers=[N_LAYERS])
+    with pytest.raises(ValueError, match="start 999 is not a position"):
+        model.run_suffix(prefix, 999)
+
+
+def test_blocks_publish_their_sequence_state_on_the_hook_context(model, inp):
+    seen = {}
+
+    def read(tensor, hook):
+        state = hook.ctx["sequence"]
+        seen[state.layer] = (state.query_positions.clone(), state.key_positions.clone())
+
+    image = inp.positions("image")
+    hooks = drop_tokens(image, 2) + [
+        (f"blocks.{layer}.hook_mlp_out", read) for layer in range(N_LAYERS)
+    ]
+    names = [f"blocks.{layer}.hook_positions" for layer in range(N_LAYERS)]
+    with model.hooks(fwd_hooks=hooks):
+        _, cache = model.run_with_cache(inp, names_filter=names)
+    for layer in range(N_LAYERS):
+        queries, keys = seen[layer]
+        assert torch.equal(queries, cache[f"blocks.{layer}.hook_positions"])
+        assert torch.equal(keys, queries)  # no cache: the keys are the queries
+    assert not bool(torch.isin(seen[3][0], image).any())
+    with pytest.raises(ValueError, match="carries no sequence state"):
+        model.run_with_hooks(
+            inp,
+            fwd_hooks=[("hook_embed", lambda t, hook: mmlens.sequence.sequence_of(hook) and None)],
+        )
+
+
+# ------------------------------------------------------------------------------ inputs
+def test_item_is_the_sample_prepared_alone(model, batch, images):
+    for index in range(2):
+        alone = model.prepare(images[index], PROMPTS[index])
+        item = batch.item(index)
+        assert torch.equal(item.input_ids, alone.input_ids)
+        assert torch.equal(item.pixel_values, alone.pixel_values)
+        for name in ("system", "image", "user", "question", "last"):
+            assert torch.equal(item.positions(name), alone.positions(name)), name
+        assert torch.equal(item.layout.position, alone.layout.position)
+        assert torch.equal(
+            item.patches_in_box((0, 0, 20, 20)), alone.patches_in_box((0, 0, 20, 20))
+        )
+        with torch.no_grad():
+            assert (model(item)[0, -1] - model(alone)[0, -1]).abs().max() < TOLERANCE
+
+
+def test_with_tokens_appends_after_the_prompt(model, inp):
+    ids = answer_token_ids(model, inp, "red")
+    forced = inp.with_tokens(ids)
+    assert forced.input_ids.shape[1] == inp.input_ids.shape[1] + len(ids)
+    assert torch.equal(forced.positions("last"), inp.positions("last"))
+    expected = torch.cat((inp.input_ids, torch.tensor([ids])), dim=1)
+    with torch.no_grad():
+        logits = model(forced)
+        direct = model(input_ids=expected, pixel_values=inp.pixel_values)
+    assert torch.equal(logits, direct)
+
+
+def test_correct_answers_is_the_greedy_first_subword(model, batch):
+    with torch.no_grad():
+        predicted = model(batch)[:, -1].argmax(-1)
+    words = [model.tokenizer.decode([int(token)]).strip() or "x" for token in predicted]
+    first_ids = [answer_token_ids(model, batch, word, item)[0] for item, word in enumerate(words)]
+    expected = predicted == torch.tensor(first_ids)
+    assert torch.equal(correct_answers(model, batch, words), expected)
+    assert not bool(correct_answers(model, batch, ["zanzibarish", "zanzibarish"]).any())
+
+
+# ----------------------------------------------------------------------- front door, registry
+def test_the_registry_knows_every_model_type():
+    assert MODEL_TYPES == {
+        "llama": mmlens.HookedTransformer,
+        "mistral": mmlens.HookedTransformer,
+        "llava": mmlens.HookedLlava,
+        "llava_next": mmlens.HookedLlavaNext,
+    }
+
+
+def test_a_base_class_loads_the_registered_subclass(tiny_next_checkpoint):
+    folder = tiny_next_checkpoint()
+    assert type(mmlens.HookedLlava.from_pretrained(folder)) is mmlens.HookedLlavaNext
+    assert type(mmlens.HookedTransformer.from_pretrained(folder)) is mmlens.HookedLlavaNext
+
+
+def test_import_mmlens_exposes_its_subpackages():
+    for name in ("ablations", "analysis", "inputs", "models", "plot", "report", "zoo"):
+        assert hasattr(mmlens, name), name
+    assert mmlens.analysis.knockout_sweep is not None and mmlens.ablations.window is not None
