@@ -31,8 +31,10 @@ class SequenceState:
         key_positions: ``[batch, k_pos]`` original position of each key (earlier positions held
             from a KV cache or a prefix, then the queries).
         key_is_real: ``[batch, k_pos]`` whether each key is a real token (not padding).
-        variant: ``[batch]`` for `run_suffix` runs, which variant each batch row is (rows enter
-            at their own layer, so the batch can grow from layer to layer); None otherwise.
+        variant: for `run_suffix` runs, ``[batch, q_pos]``: which variant each row belongs to
+            (each variant holds its own copy of the suffix positions, one after the other along
+            the position axis, and enters at its own layer, so the rows grow from layer to
+            layer); None otherwise.
 
     Example:
         >>> def zero_last_row(out, hook):
@@ -44,7 +46,7 @@ class SequenceState:
     query_positions: Int[Tensor, "batch q_pos"]
     key_positions: Int[Tensor, "batch k_pos"]
     key_is_real: Bool[Tensor, "batch k_pos"]
-    variant: Int[Tensor, "batch"] | None = None
+    variant: Int[Tensor, "batch q_pos"] | None = None
 
 
 def sequence_of(hook: HookPoint) -> SequenceState:
@@ -155,6 +157,31 @@ def causal_padding_mask(
     return (allowed | (key == query))[:, None]
 
 
+def suffix_mask(
+    query_positions: Int[Tensor, "batch q_pos"],
+    query_variant: Int[Tensor, "batch q_pos"],
+    key_positions: Int[Tensor, "batch k_pos"],
+    key_variant: Int[Tensor, "batch k_pos"],
+    key_is_real: Bool[Tensor, "batch k_pos"],
+    variant_start: Int[Tensor, "variant"],
+    sliding_window: int | None = None,
+) -> Bool[Tensor, "batch 1 q_pos k_pos"]:
+    """Which keys each row of a `run_suffix` run may attend to.
+
+    Prefix keys (`key_variant == -1`) before the row's variant's start, and the keys of the row's
+    own variant up to its position: as in the full sequence, with every other variant's rows
+    invisible. Padding keys are hidden and a row always sees itself.
+    """
+    query, key = query_positions[:, :, None], key_positions[:, None, :]
+    start = variant_start[query_variant][:, :, None]
+    from_prefix = (key_variant[:, None, :] == -1) & (key < start)
+    own = (key_variant[:, None, :] == query_variant[:, :, None]) & (key <= query)
+    allowed = (from_prefix | own) & key_is_real[:, None, :]
+    if sliding_window is not None:
+        allowed &= query - key < sliding_window
+    return (allowed | (own & (key == query)))[:, None]
+
+
 def rotary_position_ids(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
     """Rotary positions counted from each item's first real token (as HF `generate` does), so a
     left-padded item gives the same logits as the item alone."""
@@ -162,15 +189,31 @@ def rotary_position_ids(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor,
 
 
 def survivor_index(
-    positions: Int[Tensor, "batch pos"], kept: Int[Tensor, "batch kept_pos"], layer: int
+    positions: Int[Tensor, "batch pos"],
+    kept: Int[Tensor, "batch kept_pos"],
+    layer: int,
+    variants: bool = False,
 ) -> Int[Tensor, "batch kept_pos"]:
-    """Indices into the current sequence of the positions a `hook_prune` hook kept."""
+    """Indices into the current sequence of the positions a `hook_prune` hook kept.
+
+    With `variants` (a `run_suffix` run, where every variant holds its own copy of the suffix
+    positions), `kept` names positions to keep in every variant: rows whose position is in it.
+    """
     if kept.ndim != 2 or kept.shape[0] != positions.shape[0]:
         raise ValueError(
             f"blocks.{layer}.hook_prune must return [batch, kept_pos] positions, got shape "
             f"{tuple(kept.shape)} for a batch of {positions.shape[0]}; keep the same number "
             "of positions in every batch item"
         )
+    if variants:
+        keep = torch.stack([torch.isin(row, k) for row, k in zip(positions, kept, strict=True)])
+        counts = keep.sum(1)
+        if bool((counts != counts[0]).any()):
+            raise ValueError(
+                f"blocks.{layer}.hook_prune would keep different numbers of rows per batch item "
+                f"({counts.tolist()})"
+            )
+        return keep.nonzero()[:, 1].view(positions.shape[0], -1)
     index = torch.searchsorted(positions.contiguous(), kept.contiguous())
     found = positions.gather(1, index.clamp(max=positions.shape[1] - 1)) == kept
     if not bool(found.all()) or bool((kept[:, 1:] <= kept[:, :-1]).any()):

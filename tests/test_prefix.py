@@ -51,40 +51,45 @@ def test_a_suffix_without_hooks_is_the_forward(model, inp):
 
 
 def test_variants_entering_at_their_layer_equal_full_runs(model, inp):
-    """Each variant's hooks act from its entry layer on and only on positions >= start: its
-    suffix equals a full run with those hooks."""
-    start = int(inp.positions("last"))
+    """A variant's hooks act from its entry layer on and only on positions >= its start: its
+    suffix equals a full run with those hooks. Variants may start at different positions."""
     image, last = inp.positions("image"), inp.positions("last")
-    variant_hooks = [
-        zero_mlp(range(2, 4), positions=last),
-        attention_knockout(image, last, [1, 2]),
-        [],
-    ]
-    entry = [2, 1, 3]
+    question_start = int(inp.positions("question").min())
+    hooks = attention_knockout(image, last, [2, 3]) + zero_mlp(3, positions=last)
+    with torch.no_grad():
+        expected = model.run_with_hooks(inp, fwd_hooks=hooks)[0, -1]
+        clean = model(inp)[0, -1]
+        prefix = model.run_prefix(inp)
+        starts = [int(last), question_start, int(last), question_start]
+        suffix = model.run_suffix(
+            prefix, starts, n_variants=4, entry_layers=[2, 0, 1, 2], fwd_hooks=hooks, only_last=True
+        )
+        late = model.run_suffix(
+            prefix, int(last), entry_layers=[3], fwd_hooks=hooks, only_last=True
+        )
+    for variant in range(4):
+        assert (suffix[variant] - expected).abs().max() < TOLERANCE, f"variant {variant}"
+    # Entering after the knockout's first layer misses it: not the full run, nor the clean one.
+    assert (late[0] - expected).abs().max() > 1e-3 and (late[0] - clean).abs().max() > 1e-3
 
-    def only_variant(index):
-        def select(hook_fn):
-            def run(tensor, hook):
-                rows = hook.ctx["sequence"].variant == index
-                edited = hook_fn(tensor, hook)
-                if edited is None:
-                    return None
-                shape = (-1,) + (1,) * (tensor.ndim - 1)
-                return torch.where(rows.view(shape).to(tensor.device), edited, tensor)
 
-            return run
+def test_each_variant_sees_only_its_own_rows(model, inp):
+    """Variants side by side in one sequence never attend to each other: a variant whose
+    hooks change its rows leaves the other variants' logits equal to their runs alone."""
+    start = int(inp.positions("question").min())
 
-        return [(name, select(fn)) for name, fn in variant_hooks[index]]
+    def scramble_first_variant(resid, hook):
+        state = hook.ctx["sequence"]
+        return resid + 5.0 * (state.variant == 0)[..., None]
 
-    hooks = [hook for index in range(3) for hook in only_variant(index)]
+    hooks = [("blocks.1.hook_resid_pre", scramble_first_variant)]
     with torch.no_grad():
         prefix = model.run_prefix(inp)
-        suffix = model.run_suffix(
-            prefix, start, n_variants=3, entry_layers=entry, fwd_hooks=hooks, only_last=True
-        )
-        for index, fwd_hooks in enumerate(variant_hooks):
-            expected = model.run_with_hooks(inp, fwd_hooks=fwd_hooks)[0, -1]
-            assert (suffix[index] - expected).abs().max() < TOLERANCE, f"variant {index}"
+        together = model.run_suffix(prefix, start, n_variants=3, fwd_hooks=hooks)
+        alone = model.run_suffix(prefix, start)
+    assert (together[0] - alone[0]).abs().max() > 1e-2
+    for variant in (1, 2):
+        assert (together[variant] - alone[0]).abs().max() < TOLERANCE
 
 
 def test_suffix_rows_of_a_padded_batch_are_item_major(model, batch):
@@ -117,6 +122,8 @@ def test_run_suffix_checks_its_arguments(model, inp):
         model.run_suffix(prefix, 5, entry_layers=[N_LAYERS])
     with pytest.raises(ValueError, match="start 999 is not a position"):
         model.run_suffix(prefix, 999)
+    with pytest.raises(ValueError, match="different starts can only return only_last"):
+        model.run_suffix(prefix, [3, 5], n_variants=2)
 
 
 def test_blocks_publish_their_sequence_state_on_the_hook_context(model, inp):

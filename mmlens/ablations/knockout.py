@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
@@ -91,7 +91,9 @@ def _knockout_hooks(
         state = sequence_of(hook)
         check_in_range(source_set, state.key_positions, "source")
         check_in_range(target_set, state.key_positions, "target")
-        return block_edges(scores, state, source_set, target_set, head_index, post_softmax)
+        targets = target_set.mask(state.query_positions)[:, :, None]
+        sources = source_set.mask(state.key_positions)[:, None, :]
+        return block_edges(scores, state, targets & sources, head_index, post_softmax)
 
     site = "attn.hook_pattern" if post_softmax else "attn.hook_attn_scores"
     return [(f"blocks.{layer}.{site}", knock_out) for layer in layers]
@@ -100,26 +102,23 @@ def _knockout_hooks(
 def block_edges(
     scores: Float[Tensor, "batch head q_pos k_pos"],
     state: SequenceState,
-    source: PositionSet,
-    target: PositionSet,
+    edges: Bool[Tensor, "batch q_pos k_pos"],
     heads: list[int] | None = None,
     post_softmax: bool = False,
 ) -> Float[Tensor, "batch head q_pos k_pos"]:
-    """Block every (target, source) edge of `scores` (or of a pattern, `post_softmax`).
+    """Block the (query row, key) `edges` of `scores` (or of a pattern, `post_softmax`).
 
-    The one place where knockout edges are built, from the block's `SequenceState`: used by
-    `attention_knockout` and by the batched sweep engine (one set per batch row). Scores get
-    -inf; a pattern gets 0. A score row left with no visible key is an error.
+    The one place where knockout edges are applied: by `attention_knockout` (edges from a
+    target and a source set) and by the sweep engine (each variant's own edges). Scores get
+    -inf in the given heads (default: all); a pattern gets 0. A score row left with no visible
+    key is an error that names the position, item, head and layer.
     """
     layer = state.layer
     if heads is not None and max(heads) >= scores.shape[1]:
         raise ValueError(
             f"head {max(heads)} does not exist: layer {layer} has {scores.shape[1]} heads"
         )
-    edges = (
-        target.mask(state.query_positions)[:, None, :, None]
-        & source.mask(state.key_positions)[:, None, None, :]
-    )
+    edges = edges[:, None]
     if heads is not None:
         selected_heads = torch.zeros(scores.shape[1], dtype=torch.bool, device=scores.device)
         selected_heads[heads] = True

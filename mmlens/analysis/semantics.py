@@ -104,9 +104,9 @@ def _zero_variants(windows: list[range], n_layers: int, positions: Int[Tensor, "
     for variant, layers in enumerate(windows):
         active[layers.start : layers.stop, variant] = True
 
-    def zero(out: Float[Tensor, "row pos d_model"], hook: HookPoint) -> Tensor:
+    def zero(out: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
         state = sequence_of(hook)
-        rows = active[state.layer, state.variant.cpu()].to(out.device)[:, None]
+        rows = active.to(out.device)[state.layer][state.variant]  # [batch, pos]
         if positions is not None:
             rows = rows & torch.isin(state.query_positions, positions.to(out.device))
         return out.masked_fill(rows[..., None], 0.0)

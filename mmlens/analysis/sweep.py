@@ -3,10 +3,11 @@ for whole data sets.
 
 A knockout whose targets begin at position t, in a window of layers starting at layer a,
 changes nothing before position t nor below layer a. The engine runs each input once
-(`model.run_prefix`), then, for every group of flows whose targets start at the same t, one
-`model.run_suffix` in which each (flow, window) variant enters at its window's first layer and
-recomputes only positions >= t, attending to the prefix's keys and values of the earlier
-positions (shared, never copied per variant). The samples of one padded batch share these runs.
+(`model.run_prefix`), then one `model.run_suffix` in which every (flow, window) variant enters
+at its window's first layer and recomputes only positions >= its flow's t, attending to the
+prefix's keys and values of the earlier positions; all variants of a sample lie side by side in
+one sequence, so one matrix product per layer serves them all. The samples of one padded batch
+share these runs.
 It gives the naive loop's numbers (one full forward per flow and window, as the paper's code)
 within float rounding; tests check 1e-5. See docs/analyses.md, "Knockout sweeps".
 """
@@ -241,9 +242,9 @@ def _engine(
     windows: list[range],
     batch_size: int | None,
 ) -> tuple[Float[Tensor, "item"], Int[Tensor, "item"], Float[Tensor, "item flow window"]]:
-    """One prefix run of the batch, then per target start one suffix run (or `batch_size`
-    chunks) of every (flow, window) variant of the flows starting there: for the paper's flows,
-    one run of the last position (the three …→Last flows) and one from the question."""
+    """One prefix run of the batch, then one suffix run (or `batch_size` chunks) of every
+    (flow, window) variant: each recomputes from its flow's first target position and its
+    window's first layer, all of them side by side in one sequence per sample."""
     prefix = model.run_prefix(inp, logits="last")
     probabilities = prefix.logits[:, 0].float().softmax(-1)
     answers = probabilities.argmax(-1)
@@ -258,33 +259,27 @@ def _engine(
         min(int(positions[item][flow][1].min()) for item in range(n_items))
         for flow in range(n_flows)
     ]
+    variants = [(flow, index) for flow in range(n_flows) for index in range(len(windows))]
+    chunk = batch_size or len(variants)
     p_new = torch.empty(n_items, n_flows, len(windows))
-    for start in sorted(set(starts)):
-        variants = [
-            (flow, index)
-            for flow in range(n_flows)
-            if starts[flow] == start
-            for index in range(len(windows))
-        ]
-        chunk = batch_size or len(variants)
-        for first in range(0, len(variants), chunk):
-            part = variants[first : first + chunk]
-            part_windows = [windows[index] for _, index in part]
-            hooks = _batched_knockout(
-                [flow for flow, _ in part], part_windows, members, model.cfg.n_layers
-            )
-            logits = model.run_suffix(
-                prefix,
-                start,
-                n_variants=len(part),
-                entry_layers=[layers.start for layers in part_windows],
-                fwd_hooks=hooks,
-                only_last=True,
-            )
-            chosen = logits.float().softmax(-1).unflatten(0, (n_items, len(part)))
-            chosen = chosen.gather(2, answers[:, None, None].expand(-1, len(part), 1))[..., 0]
-            for column, (flow, index) in enumerate(part):
-                p_new[:, flow, index] = chosen[:, column].cpu()
+    for first in range(0, len(variants), chunk):
+        part = variants[first : first + chunk]
+        part_windows = [windows[index] for _, index in part]
+        hooks = _batched_knockout(
+            [flow for flow, _ in part], part_windows, members, model.cfg.n_layers
+        )
+        logits = model.run_suffix(
+            prefix,
+            [starts[flow] for flow, _ in part],
+            n_variants=len(part),
+            entry_layers=[layers.start for layers in part_windows],
+            fwd_hooks=hooks,
+            only_last=True,
+        )
+        chosen = logits.float().softmax(-1).unflatten(0, (n_items, len(part)))
+        chosen = chosen.gather(2, answers[:, None, None].expand(-1, len(part), 1))[..., 0]
+        for column, (flow, index) in enumerate(part):
+            p_new[:, flow, index] = chosen[:, column].cpu()
     return p_base.cpu(), answers.cpu(), p_new
 
 
@@ -304,27 +299,26 @@ def _batched_knockout(
     n_layers: int,
 ) -> list[tuple[str, Callable]]:
     """Scores hooks for a suffix run where variant v blocks flow `flows[v]`'s edges in the
-    layers `windows[v]`, for every item (rows item-major, as `run_suffix` lays them out)."""
+    layers `windows[v]`, in every item (`members`: ``[item, flow, position]``)."""
     active = torch.zeros(n_layers, len(flows), dtype=torch.bool)
     for variant, layers in enumerate(windows):
         active[layers.start : layers.stop, variant] = True
     flow_of = torch.tensor(flows)
 
-    def knock_out(scores: Float[Tensor, "row head q k"], hook: HookPoint) -> Tensor | None:
+    def knock_out(scores: Float[Tensor, "batch head q k"], hook: HookPoint) -> Tensor | None:
         state = sequence_of(hook)
-        variants = state.variant.cpu()
-        is_active = active[state.layer, variants]
+        variants = state.variant  # [batch, q]: the variant of every row
+        device = scores.device
+        is_active = active.to(device)[state.layer][variants]
         if not bool(is_active.any()):
             return None
-        n_rows, n_items = len(variants), members["source"].shape[0]
-        items = torch.arange(n_rows) // (n_rows // n_items)
-        rows_flow = flow_of[variants]
-        device = scores.device
-        source = members["source"][items, rows_flow] & is_active[:, None]
-        target = members["target"][items, rows_flow]
-        return block_edges(
-            scores, state, PositionSet(source.to(device)), PositionSet(target.to(device))
-        )
+        flows = flow_of.to(device)[variants]
+        items = torch.arange(len(variants), device=device)[:, None].expand_as(variants)
+        targets = members["target"].to(device)[items, flows, state.query_positions] & is_active
+        sources = members["source"].to(device)[
+            items[..., None], flows[..., None], state.key_positions[:, None, :]
+        ]  # [batch, q, k]: each row's own flow's sources
+        return block_edges(scores, state, targets[..., None] & sources)
 
     layers = sorted({layer for layers in windows for layer in layers})
     return [(f"blocks.{layer}.attn.hook_attn_scores", knock_out) for layer in layers]

@@ -104,9 +104,7 @@ class Attention(nn.Module):
 
         `mask` is True where a query may attend to a key; with `mask=None`, `is_causal` selects
         plain causal attention (no padding, no past) or full attention (vision tower). The keys
-        are `past_key_value` followed by the new ones. A past with fewer batch items than `x` is
-        a prefix shared by groups of rows: past item i serves rows ``i*m .. (i+1)*m - 1``
-        (``m = batch // past batch``), without copying its keys and values per row.
+        are `past_key_value` followed by the new ones.
         """
         q = self.hook_q(self._split_heads(self.q_proj(x), self.n_heads))
         k = self.hook_k(self._split_heads(self.k_proj(x), self.n_key_value_heads))
@@ -114,26 +112,22 @@ class Attention(nn.Module):
         if rotary is not None:
             q = self.hook_rot_q(apply_rotary(q, *rotary))
             k = self.hook_rot_k(apply_rotary(k, *rotary))
-        q_heads = q.transpose(1, 2)
-        if past_key_value is not None and past_key_value[0].shape[0] != x.shape[0]:
-            z_heads = self._attend_with_shared_prefix(q_heads, past_key_value, k, v, mask)
+        keys, values = k, v
+        if past_key_value is not None:
+            keys = torch.cat((past_key_value[0], k), dim=1)
+            values = torch.cat((past_key_value[1], v), dim=1)
+        q_heads, k_heads, v_heads = (t.transpose(1, 2) for t in (q, keys, values))
+        if self._scores_hooked():
+            z_heads = self._attend_explicitly(q_heads, k_heads, v_heads, mask, is_causal)
         else:
-            keys, values = k, v
-            if past_key_value is not None:
-                keys = torch.cat((past_key_value[0], k), dim=1)
-                values = torch.cat((past_key_value[1], v), dim=1)
-            k_heads, v_heads = keys.transpose(1, 2), values.transpose(1, 2)
-            if self._scores_hooked():
-                z_heads = self._attend_explicitly(q_heads, k_heads, v_heads, mask, is_causal)
-            else:
-                z_heads = F.scaled_dot_product_attention(
-                    q_heads,
-                    k_heads,
-                    v_heads,
-                    attn_mask=mask,
-                    is_causal=is_causal and mask is None,
-                    enable_gqa=self.n_key_value_heads != self.n_heads,
-                )
+            z_heads = F.scaled_dot_product_attention(
+                q_heads,
+                k_heads,
+                v_heads,
+                attn_mask=mask,
+                is_causal=is_causal and mask is None,
+                enable_gqa=self.n_key_value_heads != self.n_heads,
+            )
         z = self.hook_z(z_heads.transpose(1, 2))
         return self.o_proj(z.reshape(*z.shape[:2], -1)), (k, v)
 
@@ -171,42 +165,3 @@ class Attention(nn.Module):
             n_q, n_k = scores.shape[-2:]
             mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
         return self._pattern_from_scores(scores, mask, q.dtype) @ v
-
-    def _attend_with_shared_prefix(
-        self,
-        q: Float[torch.Tensor, "row head q_pos d_head"],
-        past: KeyValue,
-        k: Float[torch.Tensor, "row q_pos kv_head d_head"],
-        v: Float[torch.Tensor, "row q_pos kv_head d_head"],
-        mask: torch.Tensor | None,
-    ) -> Float[torch.Tensor, "row head q_pos d_head"]:
-        """Attention over a prefix shared by groups of rows, then each row's own keys.
-
-        The prefix's scores come from one matmul per prefix item with every row of its group
-        stacked as extra query rows, so its keys and values are read once, never copied per
-        row. Scores and pattern are the usual `[row, head, q_pos, prefix + k_pos]` tensors.
-        """
-        n_items = past[0].shape[0]
-        if q.shape[0] % n_items:
-            raise ValueError(
-                f"{q.shape[0]} rows cannot share a prefix of {n_items} items: each item needs "
-                "the same number of rows"
-            )
-        prefix_k, prefix_v = (self._repeat_kv(t.transpose(1, 2)) for t in past)
-        own_k, own_v = (self._repeat_kv(t.transpose(1, 2)) for t in (k, v))
-        n_prefix, scale = prefix_k.shape[2], self.d_head**-0.5
-        stacked = "(item row) head q d -> item head (row q) d"
-        grouped_q = einops.rearrange(q * scale, stacked, item=n_items)
-        prefix_scores = einops.rearrange(
-            grouped_q @ prefix_k.transpose(-1, -2),
-            "item head (row q) k -> (item row) head q k",
-            q=q.shape[2],
-        )
-        scores = torch.cat((prefix_scores, (q * scale) @ own_k.transpose(-1, -2)), dim=-1)
-        pattern = self._pattern_from_scores(scores, mask, q.dtype)
-        from_prefix = einops.rearrange(
-            einops.rearrange(pattern[..., :n_prefix], stacked, item=n_items) @ prefix_v,
-            "item head (row q) d -> (item row) head q d",
-            q=q.shape[2],
-        )
-        return from_prefix + pattern[..., n_prefix:] @ own_v

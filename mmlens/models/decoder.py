@@ -43,6 +43,7 @@ from mmlens.sequence import (
     SequenceState,
     causal_padding_mask,
     rotary_position_ids,
+    suffix_mask,
     survivor_index,
 )
 
@@ -597,19 +598,34 @@ class HookedTransformer(HookedRootModule):
         block.publish(rows.state(layer, past))
         kept = block.hook_prune(rows.positions)
         if kept is not rows.positions:
-            rows.keep(survivor_index(rows.positions, kept, layer))
+            rows.keep(survivor_index(rows.positions, kept, layer, rows.variant is not None))
             block.publish(rows.state(layer, past))
         state = rows.state(layer, past)
         block.hook_positions(rows.positions)
         block.hook_key_positions(state.key_positions)
-        if rows.plain_causal and past is None:
+        window = self.cfg.sliding_window
+        if rows.variant is not None:
+            mask = rows.memo(
+                "mask",
+                (state.key_positions, rows.positions),
+                lambda: suffix_mask(
+                    rows.positions,
+                    rows.variant,
+                    state.key_positions,
+                    rows.key_variant(past),
+                    state.key_is_real,
+                    rows.variant_start,
+                    window,
+                ),
+            )
+        elif rows.plain_causal and past is None:
             mask = None  # index-causal attention is exact (survivors keep their order)
         else:
             mask = rows.memo(
                 "mask",
                 (state.key_positions, rows.positions),
                 lambda: causal_padding_mask(
-                    rows.positions, state.key_positions, state.key_is_real, self.cfg.sliding_window
+                    rows.positions, state.key_positions, state.key_is_real, window
                 ),
             )
         rotary = rows.memo(
@@ -677,37 +693,40 @@ class HookedTransformer(HookedRootModule):
     def run_suffix(
         self,
         prefix: PrefixState,
-        start: int,
+        start: int | list[int],
         *,
         n_variants: int = 1,
         entry_layers: list[int] | None = None,
         fwd_hooks: list | tuple = (),
         only_last: bool = False,
     ) -> Float[torch.Tensor, "variant_rows suffix_pos d_vocab"]:
-        """Logits of positions `start ..` for `n_variants` variants of every prefix item, each
-        recomputed from its entry layer on with `fwd_hooks`, reusing the prefix for the rest.
+        """Logits of `n_variants` variants of every prefix item, each recomputing the positions
+        from its `start` on, from its entry layer on, with `fwd_hooks`; the prefix gives the rest.
 
-        Exact for variants that change nothing before position `start` nor below their entry
-        layer (e.g. an attention knockout whose targets start at `start`, in a window that
-        starts at the entry layer): below, every variant equals the prefix run. A variant row
-        enters at its layer with the prefix's residual stream there; it attends to the prefix's
-        keys and values of positions < `start`, which are shared, never copied per variant.
+        Exact for variants that change nothing before their start position nor below their
+        entry layer (e.g. an attention knockout whose targets begin at the start, in a window of
+        layers that begins at the entry layer): there, every variant equals the prefix run. A
+        variant enters at its layer with the prefix's residual stream at its positions, and
+        attends to the prefix's keys and values before its start and to its own rows.
 
-        Rows are item-major (rows ``i*n_variants .. (i+1)*n_variants - 1`` are the variants of
-        prefix item i, in the order given). Hooks see only the rows that have entered (the
-        batch grows from layer to layer); `hook.ctx["sequence"].variant` says which variant
-        each row is. Hooks already on the model apply too, as in the prefix run, and must not
-        let earlier positions depend on later ones (a causal model never does).
+        All variants of an item run as one sequence: each holds its own copy of its positions,
+        one variant after the other along the position axis (the prefix's keys are read once, and
+        one matrix product serves every variant). Hooks see those rows, growing from layer to
+        layer as variants enter; `hook.ctx["sequence"].variant` (``[batch, pos]``) says which
+        variant each row belongs to. Hooks already on the model apply too, as in the prefix run,
+        and must not let earlier positions depend on later ones (a causal model never does).
 
         Args:
             prefix: `run_prefix` of the input.
-            start: first recomputed position (original index).
+            start: first recomputed position (original index), shared or one per variant.
             entry_layers: per variant, its first recomputed layer (default: all 0).
-            only_last: return only the last position's logits, ``[rows, d_vocab]``.
+            only_last: return only each variant's last position's logits, ``[rows, d_vocab]``.
 
         Returns:
-            ``[batch * n_variants, kept_suffix_pos, d_vocab]`` logits (``[.., d_vocab]`` with
-            `only_last`).
+            ``[batch * n_variants, suffix_pos, d_vocab]`` logits, item-major (rows
+            ``i*n_variants ..`` are prefix item i's variants, in the order given), or
+            ``[batch * n_variants, d_vocab]`` with `only_last` (variants may then start at
+            different positions).
 
         Example:
             >>> prefix = model.run_prefix(inp)
@@ -716,72 +735,75 @@ class HookedTransformer(HookedRootModule):
             >>> model.run_suffix(prefix, last, entry_layers=[4], fwd_hooks=hooks, only_last=True)
         """
         entry = [0] * n_variants if entry_layers is None else [int(e) for e in entry_layers]
+        starts = [start] * n_variants if isinstance(start, int) else [int(s) for s in start]
         if len(entry) != n_variants or not all(0 <= e < self.cfg.n_layers for e in entry):
             raise ValueError(
                 f"entry_layers must give one layer in 0..{self.cfg.n_layers - 1} per variant "
                 f"({n_variants}), got {entry_layers}"
             )
-        if not 0 <= start < prefix.n_positions:
+        if len(starts) != n_variants or not all(0 <= s < prefix.n_positions for s in starts):
             raise ValueError(
-                f"start {start} is not a position of the prefix (0..{prefix.n_positions - 1})"
+                f"start {start} is not a position of the prefix (0..{prefix.n_positions - 1}), "
+                f"one for all {n_variants} variants or one per variant"
             )
-        order = sorted(range(n_variants), key=entry.__getitem__)
-        n_items = prefix.batch_size
+        if not only_last and len(set(starts)) > 1:
+            raise ValueError("variants with different starts can only return only_last logits")
         rows: _Rows | None = None
+        variant_start = torch.tensor(starts, device=prefix.attention_mask.device)
         with self.hooks(fwd_hooks=list(fwd_hooks)):
-            for layer in range(entry[order[0]], self.cfg.n_layers):
-                entering = [v for v in order if entry[v] == layer]
+            for layer in range(min(entry), self.cfg.n_layers):
+                entering = [v for v in range(n_variants) if entry[v] == layer]
                 if entering:
-                    rows = self._enter(prefix, start, layer, rows, entering, n_items)
-                self._run_block(layer, rows, prefix.cache.layers[layer].before(start))
-            resid = rows.resid[:, -1:] if only_last else rows.resid
-            logits = self.to_logits(resid)
-        # Back to the caller's variant order, item-major.
-        logits = logits.unflatten(0, (n_items, n_variants))
-        back = torch.tensor(order, device=logits.device).argsort()
-        logits = logits[:, back].flatten(0, 1)
-        return logits[:, 0] if only_last else logits
+                    rows = self._enter(prefix, layer, rows, entering, starts, variant_start)
+                self._run_block(layer, rows, prefix.cache.layers[layer].before(max(starts)))
+            if only_last:
+                # Each variant's last row: its rows are in increasing position order.
+                index = torch.arange(rows.variant.shape[1], device=rows.variant.device)
+                last = torch.stack(
+                    [torch.where(rows.variant == v, index, -1).amax(1) for v in range(n_variants)],
+                    dim=1,
+                )  # [batch, variant]
+                resid = rows.resid.gather(1, last[..., None].expand(-1, -1, rows.resid.shape[-1]))
+                return self.to_logits(resid).flatten(0, 1)
+            # One start: every variant holds the same positions; they entered (and lie) in
+            # order of their entry layer.
+            entered = sorted(range(n_variants), key=lambda v: (entry[v], v))
+            segment = [entered.index(v) for v in range(n_variants)]
+            resid = rows.resid.unflatten(1, (n_variants, -1))[:, segment]
+            return self.to_logits(resid).flatten(0, 1)
 
     def _enter(
         self,
         prefix: PrefixState,
-        start: int,
         layer: int,
         rows: _Rows | None,
         variants: list[int],
-        n_items: int,
+        starts: list[int],
+        variant_start: torch.Tensor,
     ) -> _Rows:
-        """`rows` with `variants` added, entering at `layer` with the prefix's residual
-        stream there (positions >= `start`), keeping the rows item-major."""
+        """`rows` with `variants` added after them, entering at `layer` with the prefix's
+        residual stream there at their positions (>= their start)."""
         positions = prefix.positions[layer]
-        first = int((positions[0] < start).sum())
-        if bool(((positions < start).sum(1) != first).any()):
-            raise ValueError(
-                "batch items keep different numbers of positions before the suffix after "
-                "pruning; run these samples one at a time"
+        segments = []
+        for variant in variants:
+            first = int((positions[0] < starts[variant]).sum())
+            if bool(((positions < starts[variant]).sum(1) != first).any()):
+                raise ValueError(
+                    "batch items keep different numbers of positions before the suffix after "
+                    "pruning; run these samples one at a time"
+                )
+            held = positions[:, first:]
+            segments.append(
+                _Rows(
+                    prefix.resid_pre[layer][:, first:],
+                    held,
+                    prefix.attention_mask.gather(1, held).bool(),
+                    prefix.rotary_ids.gather(1, held),
+                    variant=torch.full_like(held, variant),
+                    variant_start=variant_start,
+                )
             )
-        positions = positions[:, first:]
-        resid = prefix.resid_pre[layer][:, first:]
-        if rows is not None and not torch.equal(
-            rows.positions.unflatten(0, (n_items, -1))[:, 0], positions
-        ):
-            raise ValueError(
-                f"variants entering at layer {layer} would hold other positions than the rows "
-                "already running; a hook pruned differently in the prefix and the suffix run"
-            )
-        per_item = len(variants)
-
-        def repeat(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.repeat_interleave(per_item, dim=0)
-
-        new = _Rows(
-            repeat(resid),
-            repeat(positions),
-            repeat(prefix.attention_mask.gather(1, positions).bool()),
-            repeat(prefix.rotary_ids.gather(1, positions)),
-            variant=torch.tensor(variants, device=resid.device).repeat(n_items),
-        )
-        return new if rows is None else rows.joined(new, n_items)
+        return _Rows.joined(([rows] if rows is not None else []) + segments)
 
     @staticmethod
     def next_token_loss(
@@ -859,7 +881,8 @@ class HookedTransformer(HookedRootModule):
 class _Rows:
     """The rows a decoder pass is computing and what they need, updated block by block:
     residual stream, original positions, real-token flags, rotary positions, and (suffix runs)
-    which variant each row is. Masks and rotary tables are memoised until the positions change.
+    which variant each row belongs to. Masks and rotary tables are memoised until the
+    positions change.
     """
 
     def __init__(
@@ -869,9 +892,10 @@ class _Rows:
         is_real: torch.Tensor,
         rotary_ids: torch.Tensor,
         variant: torch.Tensor | None = None,
+        variant_start: torch.Tensor | None = None,
     ):
         self.resid, self.positions, self.is_real = resid, positions, is_real
-        self.rotary_ids, self.variant = rotary_ids, variant
+        self.rotary_ids, self.variant, self.variant_start = rotary_ids, variant, variant_start
         self.plain_causal = False
         self._memo: dict[str, tuple[tuple[torch.Tensor, ...], Any]] = {}
 
@@ -884,43 +908,50 @@ class _Rows:
         return entry[1]
 
     def keep(self, index: Int[torch.Tensor, "batch kept"]) -> None:
-        """Keep the rows' positions at `index` (pruning)."""
+        """Keep the rows at `index` (pruning)."""
         self.resid = self.resid.gather(1, index[..., None].expand(-1, -1, self.resid.shape[-1]))
         self.positions = self.positions.gather(1, index)
         self.is_real = self.is_real.gather(1, index)
         self.rotary_ids = self.rotary_ids.gather(1, index)
+        if self.variant is not None:
+            self.variant = self.variant.gather(1, index)
 
     def state(self, layer: int, past: LayerKV | None) -> SequenceState:
         if past is None:
             keys = (self.positions, self.is_real)
         else:
-            # Past items are shared by groups of rows (suffix variants): one copy per row of
-            # the (small) index tensors only.
-            share = self.positions.shape[0] // past.positions.shape[0]
             keys = self.memo(
                 "keys",
                 (past.positions, self.positions),
                 lambda: (
-                    torch.cat((past.positions.repeat_interleave(share, 0), self.positions), 1),
-                    torch.cat((past.is_real.repeat_interleave(share, 0), self.is_real), 1),
+                    torch.cat((past.positions, self.positions), 1),
+                    torch.cat((past.is_real, self.is_real), 1),
                 ),
             )
         return SequenceState(layer, self.positions, *keys, self.variant)
 
-    def joined(self, other: _Rows, n_items: int) -> _Rows:
-        """These rows and `other`'s, item by item (both item-major over `n_items` items)."""
+    def key_variant(self, past: LayerKV | None) -> torch.Tensor:
+        """Which variant each key belongs to (-1: the prefix)."""
+        if past is None:
+            return self.variant
+        return torch.cat((torch.full_like(past.positions, -1), self.variant), dim=1)
 
-        def join(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
-            return torch.cat(
-                (mine.unflatten(0, (n_items, -1)), theirs.unflatten(0, (n_items, -1))), dim=1
-            ).flatten(0, 1)
+    @staticmethod
+    def joined(parts: list[_Rows]) -> _Rows:
+        """The rows of `parts`, one after the other along the position axis."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def join(name: str) -> torch.Tensor:
+            return torch.cat([getattr(part, name) for part in parts], dim=1)
 
         return _Rows(
-            join(self.resid, other.resid),
-            join(self.positions, other.positions),
-            join(self.is_real, other.is_real),
-            join(self.rotary_ids, other.rotary_ids),
-            variant=join(self.variant, other.variant),
+            join("resid"),
+            join("positions"),
+            join("is_real"),
+            join("rotary_ids"),
+            variant=join("variant"),
+            variant_start=parts[-1].variant_start,
         )
 
 
