@@ -759,10 +759,9 @@ class HookedTransformer(HookedRootModule):
             if only_last:
                 # Each variant's last row: its rows are in increasing position order.
                 index = torch.arange(rows.variant.shape[1], device=rows.variant.device)
-                last = torch.stack(
-                    [torch.where(rows.variant == v, index, -1).amax(1) for v in range(n_variants)],
-                    dim=1,
-                )  # [batch, variant]
+                last = torch.full(
+                    (rows.variant.shape[0], n_variants), -1, device=rows.variant.device
+                ).scatter_reduce(1, rows.variant, index.expand_as(rows.variant), "amax")
                 resid = rows.resid.gather(1, last[..., None].expand(-1, -1, rows.resid.shape[-1]))
                 return self.to_logits(resid).flatten(0, 1)
             # One start: every variant holds the same positions; they entered (and lie) in
