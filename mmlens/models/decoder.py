@@ -509,7 +509,13 @@ class HookedTransformer(HookedRootModule):
         stop_at_layer: int | None = None,
         past_kv_cache: KVCache | None = None,
         **multimodal: Any,
-    ) -> Any:
+    ) -> (
+        Float[torch.Tensor, "batch pos d_vocab"]
+        | Float[torch.Tensor, ""]
+        | tuple[Float[torch.Tensor, "batch pos d_vocab"], Float[torch.Tensor, ""]]
+        | Float[torch.Tensor, "batch pos d_model"]
+        | None
+    ):
         """Run the model.
 
         Args:

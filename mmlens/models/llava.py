@@ -9,6 +9,7 @@ from jaxtyping import Float, Int
 from transformer_lens.hook_points import HookPoint
 
 from mmlens.config import MMConfig
+from mmlens.inputs import MultimodalInput
 from mmlens.models.decoder import HookedTransformer
 from mmlens.models.projector import Projector
 from mmlens.models.registry import register
@@ -46,10 +47,14 @@ class HookedLlava(HookedTransformer):
     def _layer_counts(self) -> dict[str, int]:
         return {"": self.cfg.n_layers, "vision.": self.cfg.vision.n_layers}
 
-    def prepare(self, images: Any, prompts: str | list[str], **kwargs: Any) -> Any:
-        """Build a `MultimodalInput` with this checkpoint's processor (see `mmlens.inputs`)."""
-        from mmlens.inputs import MultimodalInput
+    def prepare(self, images: Any, prompts: str | list[str], **kwargs: Any) -> MultimodalInput:
+        """Build a `MultimodalInput` with this checkpoint's processor (see `mmlens.inputs`):
+        one image (or None) and a question, or lists of them for a padded batch.
 
+        Example:
+            >>> inp = model.prepare(Image.open("door.jpg"), "What colour is the door?")
+            >>> inp.positions("image")
+        """
         if self.processor is None:
             raise ValueError("this model has no processor; load it with from_pretrained(folder)")
         inp = MultimodalInput.from_processor(

@@ -19,7 +19,7 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from mmlens.config import MMConfig
-from mmlens.inputs import AnyresGrid
+from mmlens.inputs import AnyresGrid, MultimodalInput
 from mmlens.inputs.templates import default_template
 from mmlens.models.llava import HookedLlava
 from mmlens.models.registry import register
@@ -65,7 +65,7 @@ class HookedLlavaNext(HookedLlava):
         special tokens and the decoder: ``llama3``, ``chatml``, ``mistral_instruct``, ``llava_v1``)."""
         return default_template(self.tokenizer, self.cfg.decoder_model_type)
 
-    def prepare(self, images: Any, prompts: str | list[str], **kwargs: Any) -> Any:
+    def prepare(self, images: Any, prompts: str | list[str], **kwargs: Any) -> MultimodalInput:
         """`HookedLlava.prepare` with this checkpoint family's template by default.
 
         Example:
