@@ -12,7 +12,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookPoint
 
-from mmlens.analysis.sweep import PositionSpec, resolve_positions
+from mmlens.analysis.sweep import PositionSpec, active_layers, resolve_positions
 from mmlens.sequence import sequence_of
 
 
@@ -100,9 +100,7 @@ def _top_words(logits: Float[Tensor, "pos vocab"], k: int) -> set[int]:
 def _zero_variants(windows: list[range], n_layers: int, positions: Int[Tensor, "n"] | None):
     """A module-output hook for `run_suffix`: variant v is zeroed in the layers `windows[v]`,
     at `positions` (or everywhere)."""
-    active = torch.zeros(n_layers, len(windows), dtype=torch.bool)
-    for variant, layers in enumerate(windows):
-        active[layers.start : layers.stop, variant] = True
+    active = active_layers(windows, n_layers)
 
     def zero(out: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
         state = sequence_of(hook)

@@ -300,9 +300,7 @@ def _batched_knockout(
 ) -> list[tuple[str, Callable]]:
     """Scores hooks for a suffix run where variant v blocks flow `flows[v]`'s edges in the
     layers `windows[v]`, in every item (`members`: ``[item, flow, position]``)."""
-    active = torch.zeros(n_layers, len(flows), dtype=torch.bool)
-    for variant, layers in enumerate(windows):
-        active[layers.start : layers.stop, variant] = True
+    active = active_layers(windows, n_layers)
     flow_of = torch.tensor(flows)
 
     def knock_out(scores: Float[Tensor, "batch head q k"], hook: HookPoint) -> Tensor | None:
@@ -322,6 +320,14 @@ def _batched_knockout(
 
     layers = sorted({layer for layers in windows for layer in layers})
     return [(f"blocks.{layer}.attn.hook_attn_scores", knock_out) for layer in layers]
+
+
+def active_layers(windows: list[range], n_layers: int) -> Bool[Tensor, "layer variant"]:
+    """``[layer, variant]``: whether variant v's window of layers contains the layer."""
+    active = torch.zeros(n_layers, len(windows), dtype=torch.bool)
+    for variant, layers in enumerate(windows):
+        active[layers.start : layers.stop, variant] = True
+    return active
 
 
 def _naive(
