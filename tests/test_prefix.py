@@ -50,6 +50,25 @@ def test_a_suffix_without_hooks_is_the_forward(model, inp):
     assert (suffix - full[:, start:]).abs().max() < TOLERANCE
 
 
+def test_a_prefix_of_the_last_logits_computes_only_the_last_row_at_the_end(model, inp):
+    seen = {}
+
+    def shape(tensor, hook):
+        seen[hook.name] = (tuple(tensor.shape), hook.ctx["sequence"].query_positions.tolist())
+
+    final = N_LAYERS - 1
+    names = [f"blocks.{final}.{site}" for site in ("hook_resid_pre", "attn.hook_k", "attn.hook_z")]
+    with torch.no_grad(), model.hooks(fwd_hooks=[(name, shape) for name in names]):
+        prefix = model.run_prefix(inp, logits="last")
+    with torch.no_grad():
+        full = model(inp)
+    assert (prefix.logits[:, 0] - full[:, -1]).abs().max() < TOLERANCE
+    n, last = inp.input_ids.shape[1], int(inp.positions("last"))
+    assert seen[names[0]][0][1] == n and seen[names[1]][0][1] == n  # every row gives keys
+    assert seen[names[2]][0][1] == 1 and seen[names[2]][1] == [[last]]  # one query row
+    assert prefix.cache.layers[final].keys.shape[1] == n
+
+
 def test_variants_entering_at_their_layer_equal_full_runs(model, inp):
     """A variant's hooks act from its entry layer on and only on positions >= its start: its
     suffix equals a full run with those hooks. Variants may start at different positions."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import einops
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
@@ -99,18 +99,27 @@ class Attention(nn.Module):
         mask: Bool[torch.Tensor, "batch 1 q_pos k_pos"] | None = None,
         is_causal: bool = False,
         past_key_value: KeyValue | None = None,
-    ) -> tuple[Float[torch.Tensor, "batch pos d_model"], KeyValue]:
+        query_index: Int[torch.Tensor, "batch q_pos"] | None = None,
+    ) -> tuple[Float[torch.Tensor, "batch q_pos d_model"], KeyValue]:
         """Attend; returns the output and this call's new (rotated) keys and values.
 
         `mask` is True where a query may attend to a key; with `mask=None`, `is_causal` selects
         plain causal attention (no padding, no past) or full attention (vision tower). The keys
-        are `past_key_value` followed by the new ones.
+        are `past_key_value` followed by the new ones. `query_index` (rows of `x`) computes
+        queries, and so outputs, for those rows only; every row still gives keys and values
+        (`mask` is then over those rows).
         """
-        q = self.hook_q(self._split_heads(self.q_proj(x), self.n_heads))
+        x_queries, rotary_queries = x, rotary
+        if query_index is not None:
+            x_queries = _rows(x, query_index)
+            rotary_queries = (
+                None if rotary is None else tuple(_rows(t, query_index) for t in rotary)
+            )
+        q = self.hook_q(self._split_heads(self.q_proj(x_queries), self.n_heads))
         k = self.hook_k(self._split_heads(self.k_proj(x), self.n_key_value_heads))
         v = self.hook_v(self._split_heads(self.v_proj(x), self.n_key_value_heads))
         if rotary is not None:
-            q = self.hook_rot_q(apply_rotary(q, *rotary))
+            q = self.hook_rot_q(apply_rotary(q, *rotary_queries))
             k = self.hook_rot_k(apply_rotary(k, *rotary))
         keys, values = k, v
         if past_key_value is not None:
@@ -165,3 +174,11 @@ class Attention(nn.Module):
             n_q, n_k = scores.shape[-2:]
             mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
         return self._pattern_from_scores(scores, mask, q.dtype) @ v
+
+
+def _rows(tensor: torch.Tensor, index: Int[torch.Tensor, "batch rows"]) -> torch.Tensor:
+    """`tensor[b, index[b]]` for every batch item: `[batch, pos, ...]` -> `[batch, rows, ...]`."""
+    return tensor.gather(
+        1,
+        index.view(*index.shape, *[1] * (tensor.ndim - 2)).expand(*index.shape, *tensor.shape[2:]),
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
@@ -51,11 +51,20 @@ class TransformerBlock(nn.Module):
             point.ctx["sequence"] = state
 
     def forward(
-        self, resid: Float[torch.Tensor, "batch pos d_model"], **attn_kwargs
-    ) -> tuple[Float[torch.Tensor, "batch pos d_model"], KeyValue]:
-        """`attn_kwargs` go to `Attention.forward` (rotary, mask, is_causal, past_key_value)."""
+        self,
+        resid: Float[torch.Tensor, "batch pos d_model"],
+        query_index: Int[torch.Tensor, "batch q_pos"] | None = None,
+        **attn_kwargs,
+    ) -> tuple[Float[torch.Tensor, "batch q_pos d_model"], KeyValue]:
+        """`attn_kwargs` go to `Attention.forward` (rotary, mask, is_causal, past_key_value).
+
+        With `query_index`, only those rows go on past the attention (their outputs are the
+        only ones read); every row still gives keys and values.
+        """
         resid = self.hook_resid_pre(resid)
-        attn_out, key_value = self.attn(self.ln1(resid), **attn_kwargs)
+        attn_out, key_value = self.attn(self.ln1(resid), query_index=query_index, **attn_kwargs)
+        if query_index is not None:
+            resid = resid.gather(1, query_index[..., None].expand(-1, -1, resid.shape[-1]))
         resid = self.hook_resid_mid(resid + self.hook_attn_out(attn_out))
         resid = self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
         return resid, key_value

@@ -560,6 +560,7 @@ class HookedTransformer(HookedRootModule):
         cache: KVCache | None = None,
         stop_at_layer: int | None = None,
         record: list | None = None,
+        last_only: bool = False,
     ) -> tuple[Float[torch.Tensor, "batch kept_pos d_model"], Int[torch.Tensor, "batch kept_pos"]]:
         """The decoder blocks; returns the residual stream and its original positions.
 
@@ -567,7 +568,8 @@ class HookedTransformer(HookedRootModule):
         tokens mid-model: from that block on the residual stream, keys and values (and the KV
         cache) really shrink, and the survivors keep their rotary positions. `cache` holds the
         keys and values of earlier positions and is extended in place; `record` receives each
-        layer's entering residual stream and its positions (`run_prefix`).
+        layer's entering residual stream and its positions (`run_prefix`). `last_only`: the
+        final block computes the last position's output only (every position's keys).
         """
         batch, n_new = attention_mask.shape
         seen = cache.attention_mask if cache is not None else attention_mask[:, :0]
@@ -592,31 +594,39 @@ class HookedTransformer(HookedRootModule):
             if record is not None:
                 record.append((rows.resid, rows.positions))
             past = cache.layers[layer] if cache is not None else None
-            new = self._run_block(layer, rows, past)
+            new = self._run_block(layer, rows, past, last_only and layer == self.cfg.n_layers - 1)
             if cache is not None:
                 cache.layers[layer] = new if past is None else past.extended(*_entries(new))
         return rows.resid, rows.positions
 
-    def _run_block(self, layer: int, rows: _Rows, past: LayerKV | None) -> LayerKV:
+    def _run_block(
+        self, layer: int, rows: _Rows, past: LayerKV | None, last_rows: bool = False
+    ) -> LayerKV:
         """Block `layer` on `rows` (updated in place), attending to `past` too; returns the
-        block's new keys and values. Publishes the block's `SequenceState` to its hooks."""
+        block's new keys and values. Publishes the block's `SequenceState` to its hooks.
+
+        `last_rows` (the final block, when only the last position's output is read): every row
+        gives keys and values, only the last row (of each variant) goes on past the attention.
+        """
         block = self.blocks[layer]
         block.publish(rows.state(layer, past))
         kept = block.hook_prune(rows.positions)
         if kept is not rows.positions:
             rows.keep(survivor_index(rows.positions, kept, layer, rows.variant is not None))
-            block.publish(rows.state(layer, past))
-        state = rows.state(layer, past)
-        block.hook_positions(rows.positions)
+        keys = rows.state(layer, past)
+        query_index = rows.last_rows() if last_rows else None
+        state = keys if query_index is None else rows.state(layer, past, query_index)
+        block.publish(state)
+        block.hook_positions(state.query_positions)
         block.hook_key_positions(state.key_positions)
         window = self.cfg.sliding_window
         if rows.variant is not None:
             mask = rows.memo(
                 "mask",
-                (state.key_positions, rows.positions),
+                (state.key_positions, state.query_positions),
                 lambda: suffix_mask(
-                    rows.positions,
-                    rows.variant,
+                    state.query_positions,
+                    state.variant,
                     state.key_positions,
                     rows.key_variant(past),
                     state.key_is_real,
@@ -624,27 +634,31 @@ class HookedTransformer(HookedRootModule):
                     window,
                 ),
             )
-        elif rows.plain_causal and past is None:
+        elif rows.plain_causal and past is None and query_index is None:
             mask = None  # index-causal attention is exact (survivors keep their order)
         else:
             mask = rows.memo(
                 "mask",
-                (state.key_positions, rows.positions),
+                (state.key_positions, state.query_positions),
                 lambda: causal_padding_mask(
-                    rows.positions, state.key_positions, state.key_is_real, window
+                    state.query_positions, state.key_positions, state.key_is_real, window
                 ),
             )
         rotary = rows.memo(
             "rotary", (rows.rotary_ids,), lambda: self.rotary(rows.rotary_ids, rows.resid.dtype)
         )
-        rows.resid, (keys, values) = block(
+        new_keys = (rows.positions, rows.is_real)
+        rows.resid, (key_values, values) = block(
             rows.resid,
+            query_index=query_index,
             rotary=rotary,
             mask=mask,
             is_causal=True,
             past_key_value=None if past is None else (past.keys, past.values),
         )
-        return LayerKV(keys, values, rows.positions, rows.is_real)
+        if query_index is not None:
+            rows.keep_outputs(query_index)
+        return LayerKV(key_values, values, *new_keys)
 
     def to_logits(
         self, resid: Float[torch.Tensor, "... d_model"], final_norm: bool = True
@@ -670,7 +684,9 @@ class HookedTransformer(HookedRootModule):
 
         Hooks active on the model (`with model.hooks(...)`) apply, as in a forward pass. Keeps
         every layer's entering residual stream, keys and values; `logits` says which logits
-        to compute ("all", "last" position only, or None).
+        to compute ("all", "last" position only, or None). With "last", the final block computes
+        only the last position's output: its hooks from `attn.hook_q` on see that row alone
+        (`hook.ctx["sequence"].query_positions`), the ones before it every row.
 
         Example:
             >>> prefix = model.run_prefix(inp)
@@ -684,9 +700,9 @@ class HookedTransformer(HookedRootModule):
         resid = self.embed_input(input_ids, **{k: v for k, v in inputs.items() if v is not None})
         cache = KVCache.empty(self.cfg.n_layers, input_ids.shape[0], input_ids.device)
         record: list = []
-        resid, _ = self._run_decoder(resid, attention_mask, cache, record=record)
-        if logits == "last":
-            resid = resid[:, -1:]
+        resid, _ = self._run_decoder(
+            resid, attention_mask, cache, record=record, last_only=logits == "last"
+        )
         return PrefixState(
             logits=None if logits is None else self.to_logits(resid),
             resid_pre=tuple(entering for entering, _ in record),
@@ -726,7 +742,9 @@ class HookedTransformer(HookedRootModule):
             prefix: `run_prefix` of the input.
             start: first recomputed position (original index), shared or one per variant.
             entry_layers: per variant, its first recomputed layer (default: all 0).
-            only_last: return only each variant's last position's logits, ``[rows, d_vocab]``.
+            only_last: return only each variant's last position's logits, ``[rows, d_vocab]``;
+                the final block then computes only those rows' outputs (its hooks from
+                `attn.hook_q` on see them alone, the ones before it every row).
 
         Returns:
             ``[batch * n_variants, suffix_pos, d_vocab]`` logits, item-major (rows
@@ -757,19 +775,15 @@ class HookedTransformer(HookedRootModule):
         rows: _Rows | None = None
         variant_start = torch.tensor(starts, device=prefix.attention_mask.device)
         with self.hooks(fwd_hooks=list(fwd_hooks)):
+            final = self.cfg.n_layers - 1
             for layer in range(min(entry), self.cfg.n_layers):
                 entering = [v for v in range(n_variants) if entry[v] == layer]
                 if entering:
                     rows = self._enter(prefix, layer, rows, entering, starts, variant_start)
-                self._run_block(layer, rows, prefix.cache.layers[layer].before(max(starts)))
-            if only_last:
-                # Each variant's last row: its rows are in increasing position order.
-                index = torch.arange(rows.variant.shape[1], device=rows.variant.device)
-                last = torch.full(
-                    (rows.variant.shape[0], n_variants), -1, device=rows.variant.device
-                ).scatter_reduce(1, rows.variant, index.expand_as(rows.variant), "amax")
-                resid = rows.resid.gather(1, last[..., None].expand(-1, -1, rows.resid.shape[-1]))
-                return self.to_logits(resid).flatten(0, 1)
+                past = prefix.cache.layers[layer].before(max(starts))
+                self._run_block(layer, rows, past, last_rows=only_last and layer == final)
+            if only_last:  # one row per variant, in variant order
+                return self.to_logits(rows.resid).flatten(0, 1)
             # One start: every variant holds the same positions; they entered (and lie) in
             # order of their entry layer.
             entered = sorted(range(n_variants), key=lambda v: (entry[v], v))
@@ -921,7 +935,34 @@ class _Rows:
         if self.variant is not None:
             self.variant = self.variant.gather(1, index)
 
-    def state(self, layer: int, past: LayerKV | None) -> SequenceState:
+    def last_rows(self) -> Int[torch.Tensor, "batch n"]:
+        """Index of the last row (of each variant, in variant order: its rows are in increasing
+        position order)."""
+        index = torch.arange(self.positions.shape[1], device=self.positions.device)
+        if self.variant is None:
+            return index[-1:].expand(self.positions.shape[0], 1)
+        n_variants = self.variant_start.shape[0]
+        last = torch.full((self.variant.shape[0], n_variants), -1, device=self.variant.device)
+        return last.scatter_reduce(1, self.variant, index.expand_as(self.variant), "amax")
+
+    def keep_outputs(self, index: Int[torch.Tensor, "batch n"]) -> None:
+        """After a block that computed outputs for the rows at `index` only (`resid` already
+        holds them): the other fields follow."""
+        self.positions = self.positions.gather(1, index)
+        self.is_real = self.is_real.gather(1, index)
+        self.rotary_ids = self.rotary_ids.gather(1, index)
+        if self.variant is not None:
+            self.variant = self.variant.gather(1, index)
+
+    def state(
+        self, layer: int, past: LayerKV | None, query_index: torch.Tensor | None = None
+    ) -> SequenceState:
+        """The block's state; with `query_index`, only those rows are queries."""
+        if query_index is not None:
+            keys = self.state(layer, past)
+            variant = None if self.variant is None else self.variant.gather(1, query_index)
+            queries = self.positions.gather(1, query_index)
+            return SequenceState(layer, queries, keys.key_positions, keys.key_is_real, variant)
         if past is None:
             keys = (self.positions, self.is_real)
         else:
