@@ -128,9 +128,9 @@ def _truncation_hooks(
         any_dropped = any(item_dropped.numel() for item_dropped in dropped)
         chosen["dropped"] = PositionSet.from_items(dropped) if any_dropped else None
 
-    # Its choice of positions for earlier rows depends on the last rows' attention: the sweep
-    # engine, which reuses a clean prefix, cannot run under this hook (docs/analyses.md).
-    rank_images.reads_later_rows = True
+    # What earlier positions keep depends on the attention of later rows at layer - 1: the
+    # sweep engine runs variants that start at or below that layer in full (docs/analyses.md).
+    rank_images.reads_later_rows_at = layer - 1
     ranking = [(f"blocks.{layer - 1}.attn.hook_pattern", rank_images)]
     return ranking + _drop_hooks(lambda: chosen.get("dropped"), layer, mode)
 

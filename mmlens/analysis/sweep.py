@@ -70,18 +70,19 @@ def resolve_positions(
     return inp.positions(spec, item)
 
 
-def check_prefix_local(model: Any) -> None:
-    """The engine reuses a prefix: hooks already on the model must not let earlier positions
-    depend on later ones. Attention-ranked truncation (`fastv`, `truncate_image_tokens`) does:
-    what the whole sequence keeps is chosen from the last rows' attention."""
-    for name, point in model.hook_dict.items():
-        for handle in point.fwd_hooks:
-            if getattr(handle.user_hook, "reads_later_rows", False):
-                raise ValueError(
-                    f"a hook on {name} chooses what earlier positions keep from the attention of "
-                    "later rows (attention-ranked truncation), which the sweep engine's reused "
-                    "prefix cannot follow; use method='naive' for sweeps under it"
-                )
+def later_rows_layer(model: Any) -> int | None:
+    """The lowest layer at which a hook on the model decides something for earlier positions
+    from later rows (attention-ranked truncation: `fastv`, `truncate_image_tokens`), or None.
+
+    A variant that changes rows at or below that layer changes what the whole sequence keeps,
+    so the prefix cannot be reused for it (docs/analyses.md, "Knockout sweeps")."""
+    layers = [
+        handle.user_hook.reads_later_rows_at
+        for point in model.hook_dict.values()
+        for handle in point.fwd_hooks
+        if hasattr(handle.user_hook, "reads_later_rows_at")
+    ]
+    return min(layers, default=None)
 
 
 class SweepError(ValueError):
@@ -134,7 +135,6 @@ def knockout_sweep(
             input, or leave a target without keys; no boxes for a patch flow). The message
             names the sample and the flow; `error.partial_result` holds the rows of the
             batches measured before it. Both methods check the same way, before running.
-        ValueError: `method="engine"` under attention-ranked truncation (use "naive").
 
     Example:
         >>> result = knockout_sweep(model, samples, window_size=9)
@@ -150,8 +150,6 @@ def knockout_sweep(
         raise ValueError(f"method must be 'engine' or 'naive', got {method!r}")
     if boxes is not None and len(boxes) != n_samples:
         raise ValueError(f"{len(boxes)} box lists for {n_samples} samples")
-    if method == "engine":
-        check_prefix_local(model)
 
     def frame(rows: list[dict]) -> pd.DataFrame:
         result = pd.DataFrame(rows)
@@ -260,7 +258,13 @@ def _engine(
         for flow in range(n_flows)
     ]
     variants = [(flow, index) for flow in range(n_flows) for index in range(len(windows))]
-    chunk = batch_size or len(variants)
+    # Under attention-ranked truncation, a variant whose window starts at or below the ranking
+    # layer changes what the whole sequence keeps: it runs in full, after the suffix runs (which
+    # read the prefix run's choice of kept positions).
+    ranked = later_rows_layer(model)
+    in_full = [v for v in variants if ranked is not None and windows[v[1]].start <= ranked]
+    variants = [v for v in variants if v not in in_full]
+    chunk = batch_size or max(len(variants), 1)
     p_new = torch.empty(n_items, n_flows, len(windows))
     for first in range(0, len(variants), chunk):
         part = variants[first : first + chunk]
@@ -280,6 +284,10 @@ def _engine(
         chosen = chosen.gather(2, answers[:, None, None].expand(-1, len(part), 1))[..., 0]
         for column, (flow, index) in enumerate(part):
             p_new[:, flow, index] = chosen[:, column].cpu()
+    for flow, index in in_full:
+        p_new[:, flow, index] = _knocked_probability(
+            model, inp, positions, flow, windows[index], answers
+        )
     return p_base.cpu(), answers.cpu(), p_new
 
 
@@ -341,16 +349,29 @@ def _naive(
     probabilities = model(inp)[:, -1].float().softmax(-1)
     answers = probabilities.argmax(-1)
     p_base = probabilities.gather(1, answers[:, None])[:, 0]
-    n_flows = len(positions[0])
-    p_new = torch.empty(inp.batch_size, n_flows, len(windows))
-    for flow in range(n_flows):
-        sources = [item[flow][0] for item in positions]
-        targets = [item[flow][1] for item in positions]
+    p_new = torch.empty(inp.batch_size, len(positions[0]), len(windows))
+    for flow in range(len(positions[0])):
         for index, layers in enumerate(windows):
-            hooks = attention_knockout(sources, targets, layers)
-            knocked = model.run_with_hooks(inp, fwd_hooks=hooks)[:, -1].float().softmax(-1)
-            p_new[:, flow, index] = knocked.gather(1, answers[:, None])[:, 0].cpu()
+            p_new[:, flow, index] = _knocked_probability(
+                model, inp, positions, flow, layers, answers
+            )
     return p_base.cpu(), answers.cpu(), p_new
+
+
+def _knocked_probability(
+    model: Any,
+    inp: Any,
+    positions: list[list[tuple[Tensor, Tensor]]],
+    flow: int,
+    layers: range,
+    answers: Int[Tensor, "item"],
+) -> Float[Tensor, "item"]:
+    """One full forward with `flow` knocked out in `layers`: each item's answer probability."""
+    sources = [item[flow][0] for item in positions]
+    targets = [item[flow][1] for item in positions]
+    hooks = attention_knockout(sources, targets, layers)
+    knocked = model.run_with_hooks(inp, fwd_hooks=hooks)[:, -1].float().softmax(-1)
+    return knocked.gather(1, answers[:, None])[:, 0].cpu()
 
 
 def _describe(spec: PositionSpec) -> str:
