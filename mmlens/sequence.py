@@ -69,13 +69,13 @@ class LayerKV:
     positions: Int[Tensor, "batch k_pos"]
     is_real: Bool[Tensor, "batch k_pos"]
 
-    def extended(self, keys: Tensor, values: Tensor, positions: Tensor, is_real: Tensor) -> LayerKV:
-        """These entries followed by new ones (the next generation step's)."""
+    def extended(self, new: LayerKV) -> LayerKV:
+        """These entries followed by `new` ones (the next generation step's)."""
         return LayerKV(
-            torch.cat((self.keys, keys), dim=1),
-            torch.cat((self.values, values), dim=1),
-            torch.cat((self.positions, positions), dim=1),
-            torch.cat((self.is_real, is_real), dim=1),
+            torch.cat((self.keys, new.keys), dim=1),
+            torch.cat((self.values, new.values), dim=1),
+            torch.cat((self.positions, new.positions), dim=1),
+            torch.cat((self.is_real, new.is_real), dim=1),
         )
 
     def before(self, start: int) -> LayerKV:

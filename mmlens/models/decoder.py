@@ -596,7 +596,7 @@ class HookedTransformer(HookedRootModule):
             past = cache.layers[layer] if cache is not None else None
             new = self._run_block(layer, rows, past, last_only and layer == self.cfg.n_layers - 1)
             if cache is not None:
-                cache.layers[layer] = new if past is None else past.extended(*_entries(new))
+                cache.layers[layer] = new if past is None else past.extended(new)
         return rows.resid, rows.positions
 
     def _run_block(
@@ -613,9 +613,8 @@ class HookedTransformer(HookedRootModule):
         kept = block.hook_prune(rows.positions)
         if kept is not rows.positions:
             rows.keep(survivor_index(rows.positions, kept, layer, rows.variant is not None))
-        keys = rows.state(layer, past)
         query_index = rows.last_rows() if last_rows else None
-        state = keys if query_index is None else rows.state(layer, past, query_index)
+        state = rows.state(layer, past, query_index)
         block.publish(state)
         block.hook_positions(state.query_positions)
         block.hook_key_positions(state.key_positions)
@@ -647,8 +646,8 @@ class HookedTransformer(HookedRootModule):
         rotary = rows.memo(
             "rotary", (rows.rotary_ids,), lambda: self.rotary(rows.rotary_ids, rows.resid.dtype)
         )
-        new_keys = (rows.positions, rows.is_real)
-        rows.resid, (key_values, values) = block(
+        key_rows = (rows.positions, rows.is_real)  # every row gives keys, also with query_index
+        rows.resid, (keys, values) = block(
             rows.resid,
             query_index=query_index,
             rotary=rotary,
@@ -657,8 +656,8 @@ class HookedTransformer(HookedRootModule):
             past_key_value=None if past is None else (past.keys, past.values),
         )
         if query_index is not None:
-            rows.keep_outputs(query_index)
-        return LayerKV(key_values, values, *new_keys)
+            rows.keep(query_index, resid=False)
+        return LayerKV(keys, values, *key_rows)
 
     def to_logits(
         self, resid: Float[torch.Tensor, "... d_model"], final_norm: bool = True
@@ -926,9 +925,11 @@ class _Rows:
             entry = self._memo[name] = (inputs, make())
         return entry[1]
 
-    def keep(self, index: Int[torch.Tensor, "batch kept"]) -> None:
-        """Keep the rows at `index` (pruning)."""
-        self.resid = self.resid.gather(1, index[..., None].expand(-1, -1, self.resid.shape[-1]))
+    def keep(self, index: Int[torch.Tensor, "batch kept"], resid: bool = True) -> None:
+        """Keep the rows at `index`: pruning, or (`resid=False`) after a block that computed
+        outputs for those rows only, so that `resid` already holds just them."""
+        if resid:
+            self.resid = self.resid.gather(1, index[..., None].expand(-1, -1, self.resid.shape[-1]))
         self.positions = self.positions.gather(1, index)
         self.is_real = self.is_real.gather(1, index)
         self.rotary_ids = self.rotary_ids.gather(1, index)
@@ -944,15 +945,6 @@ class _Rows:
         n_variants = self.variant_start.shape[0]
         last = torch.full((self.variant.shape[0], n_variants), -1, device=self.variant.device)
         return last.scatter_reduce(1, self.variant, index.expand_as(self.variant), "amax")
-
-    def keep_outputs(self, index: Int[torch.Tensor, "batch n"]) -> None:
-        """After a block that computed outputs for the rows at `index` only (`resid` already
-        holds them): the other fields follow."""
-        self.positions = self.positions.gather(1, index)
-        self.is_real = self.is_real.gather(1, index)
-        self.rotary_ids = self.rotary_ids.gather(1, index)
-        if self.variant is not None:
-            self.variant = self.variant.gather(1, index)
 
     def state(
         self, layer: int, past: LayerKV | None, query_index: torch.Tensor | None = None
@@ -999,7 +991,3 @@ class _Rows:
             variant=join("variant"),
             variant_start=parts[-1].variant_start,
         )
-
-
-def _entries(layer_kv: LayerKV) -> tuple[torch.Tensor, ...]:
-    return layer_kv.keys, layer_kv.values, layer_kv.positions, layer_kv.is_real
