@@ -46,7 +46,9 @@ def logit_lens(result: pd.DataFrame) -> go.Figure:
     for token_str, rows in result.groupby("token_str", sort=False):
         figure.add_scatter(x=rows["layer"], y=rows["probability"], mode="lines+markers",
                            name=repr(token_str))  # fmt: skip
-    norm = "final norm applied" if attrs.get("apply_final_norm", True) else "no final norm"
+    norm = {True: "final norm applied", False: "no final norm"}.get(
+        attrs.get("apply_final_norm", True), "final norm at the last layer only (the paper's code)"
+    )
     figure.update_layout(
         title=f"Logit lens at position {attrs.get('position')} ({norm}) - {attrs.get('model')}",
         xaxis_title="layer (0 = embeddings)",

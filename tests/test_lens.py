@@ -85,6 +85,23 @@ def test_logit_lens_matches_manual_unembedding(model, inp, cache, apply_final_no
         torch.testing.assert_close(as_tensor(table)[-1], final, rtol=1e-5, atol=1e-8)
 
 
+def test_logit_lens_as_the_paper_normalises_only_the_last_layer(model, inp, cache):
+    _, full_cache = cache
+    tokens = answer_token_variants(model, inp, "red")
+    rows = {
+        mode: logit_lens(full_cache, inp, tokens, apply_final_norm=mode).pivot(
+            index="layer", columns="token", values="probability"
+        )[tokens]
+        for mode in (True, False, "last_layer")
+    }
+    paper = as_tensor(rows["last_layer"])
+    torch.testing.assert_close(paper[:-1], as_tensor(rows[False])[:-1])
+    torch.testing.assert_close(paper[-1], as_tensor(rows[True])[-1])
+    assert not torch.allclose(paper[-1], as_tensor(rows[False])[-1])
+    with pytest.raises(ValueError, match="use True, False or 'last_layer'"):
+        logit_lens(full_cache, inp, tokens, apply_final_norm="paper")
+
+
 def test_logit_lens_takes_strings_and_positions(model, inp, cache):
     _, full_cache = cache
     by_id = logit_lens(full_cache, inp, [model.to_single_token("red")], position=5)

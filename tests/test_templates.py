@@ -13,6 +13,7 @@ from transformers import AutoProcessor, AutoTokenizer
 
 from mmlens.inputs import MultimodalInput
 from mmlens.inputs.templates import (
+    CROSS_MODAL_SUFFIX,
     LLAVA_NEXT_34B_SYSTEM_PROMPT,
     LLAVA_V1_SYSTEM_PROMPT,
     TEMPLATES,
@@ -52,6 +53,12 @@ def arange(start: int, stop: int) -> list[int]:
 def test_each_template_renders_its_checkpoints_prompt() -> None:
     expected = {
         "llava_v1": f"{LLAVA_V1_SYSTEM_PROMPT} USER: <image>\n{QUESTION} ASSISTANT:",
+        # LLaVA's conv_vicuna_v1 (SeparatorStyle.TWO, sep " "), written out by hand.
+        "vicuna_v1": (
+            "A chat between a curious user and an artificial intelligence assistant. The "
+            "assistant gives helpful, detailed, and polite answers to the user's questions. "
+            f"USER: <image>\n{QUESTION} ASSISTANT:"
+        ),
         "mistral_instruct": f"[INST] <image>\n{QUESTION} [/INST]",
         "llama3": (
             f"<|start_header_id|>user<|end_header_id|>\n\n<image>\n{QUESTION}<|eot_id|>"
@@ -192,6 +199,31 @@ def test_segments_of_each_family(family_processor) -> None:
     assert tokenizer.decode(inp.input_ids[0, n_prefix + n_image : int(question[0])]) == "\n"
     assert inp.find("door").tolist()[0] in question.tolist()
     assert inp.find("<image>").tolist() == inp.positions("image").tolist()
+
+
+def test_a_suffix_is_in_the_user_turn_but_not_in_the_question(family_processor) -> None:
+    family, processor = family_processor
+    template = FAMILY_TEMPLATES[family]
+    rendered = render(template, QUESTION, n_images=1, suffix=CROSS_MODAL_SUFFIX)
+    assert rendered.text == render(template, QUESTION + CROSS_MODAL_SUFFIX, n_images=1).text
+    assert rendered.text[slice(*rendered.question_span)] == QUESTION
+    image = make_test_image(64, 48)
+    with_suffix = MultimodalInput.from_processor(
+        processor, image, QUESTION, template=template, suffix=CROSS_MODAL_SUFFIX
+    )
+    plain = MultimodalInput.from_processor(processor, image, QUESTION, template=template)
+    question = with_suffix.positions("question")
+    # The question's tokens are the same as without the suffix, at the same positions.
+    assert torch.equal(question, plain.positions("question"))
+    tokenizer = processor.tokenizer
+    assert tokenizer.decode(with_suffix.input_ids[0, question]).strip() == QUESTION
+    user = with_suffix.positions("user")
+    after_question = user[user > question.max()]
+    assert "Answer the question using a single word or phrase" in tokenizer.decode(
+        with_suffix.input_ids[0, after_question]
+    )
+    with pytest.raises(ValueError, match="write the suffix in it"):
+        render("plain", "<image>\nHi", n_images=1, suffix=" Answer.")
 
 
 LAST_TOKENS = {"vicuna": "▁ASSISTANT:", "mistral": "▁[/INST]", "llama3": "ĊĊ"}

@@ -54,16 +54,18 @@ def logit_lens(
     inp: Any,
     tokens: int | str | Sequence[int | str] | Int[Tensor, "n_tokens"],
     position: int | Literal["last"] = "last",
-    apply_final_norm: bool = True,
+    apply_final_norm: bool | Literal["last_layer"] = True,
     item: int = 0,
 ) -> pd.DataFrame:
     """Probability of `tokens` read off the residual stream at `position` after every layer.
 
     Layer 0 is the embeddings (`blocks.0.hook_resid_pre`), layer ``l >= 1`` the stream after
     block ``l - 1`` (`blocks.{l-1}.hook_resid_post`). Each is passed through the model's own
-    final norm (`ln_final`, weight included; skipped with ``apply_final_norm=False``, as the
-    paper's code did), unembedded with `W_U` and softmaxed over the vocabulary. With the norm,
-    the last layer's row is exactly the model's output distribution.
+    final norm (`ln_final`, weight included; skipped with ``apply_final_norm=False``),
+    unembedded with `W_U` and softmaxed over the vocabulary. With the norm, the last layer's row
+    is exactly the model's output distribution. ``apply_final_norm="last_layer"`` reproduces the
+    Cross-modal paper's curve: its code unembedded HF's `hidden_states`, which are raw for
+    layers 0..L-1 and already final-normed at L, so only the last row has the norm.
 
     Args:
         model_or_cache: a model (run here, caching only the residual hooks) or an
@@ -92,7 +94,16 @@ def logit_lens(
     pos = int(inp.positions("last", item)) if position == "last" else int(position)
     resid = torch.stack([cache[name][item, pos] for name in names])  # [layer, d_model]
     with torch.no_grad():
-        logits = model.to_logits(resid, final_norm=apply_final_norm)
+        if apply_final_norm == "last_layer":
+            logits = torch.cat(
+                (model.to_logits(resid[:-1], final_norm=False), model.to_logits(resid[-1:]))
+            )
+        elif isinstance(apply_final_norm, bool):
+            logits = model.to_logits(resid, final_norm=apply_final_norm)
+        else:
+            raise ValueError(
+                f"apply_final_norm={apply_final_norm!r}: use True, False or 'last_layer'"
+            )
         probabilities = logits.float().softmax(-1)[:, token_ids]  # [layer, token]
     token_strs = model.tokenizer.convert_ids_to_tokens(token_ids)
     result = pd.DataFrame(

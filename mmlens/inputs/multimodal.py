@@ -273,6 +273,7 @@ class MultimodalInput:
         *,
         system: str | None = None,
         template: str | ConversationTemplate = "llava_v1",
+        suffix: str = "",
         vision_feature_select_strategy: str | None = None,
         patch_size: int | None = None,
     ) -> MultimodalInput:
@@ -287,6 +288,9 @@ class MultimodalInput:
             prompts: a question, or a list of questions (a batch, left-padded). With
                 ``template="plain"`` the full prompt text, ``<image>`` placeholders included.
             system: replaces the template's system text.
+            suffix: text after the question in the user's turn that is not part of the
+                `question` segment (an answer-format instruction, e.g.
+                `mmlens.inputs.templates.CROSS_MODAL_SUFFIX`).
             template: a name registered in `mmlens.inputs.templates` or a `ConversationTemplate`
                 (`HookedLlavaNext.prepare` passes its checkpoint's template).
             vision_feature_select_strategy: "default" (patch tokens only) or "full" (CLS first;
@@ -341,6 +345,7 @@ class MultimodalInput:
                 n_images=int(image is not None),
                 system=system,
                 image_token=image_token,
+                suffix=suffix,
             )
             for prompt, image in zip(prompt_list, image_list, strict=True)
         ]

@@ -11,6 +11,8 @@ a header. Registered templates:
 - ``"llava_v1"`` (LLaVA-1.5, llava-v1.6-vicuna): ``"{system} USER: <image>\\n{question}
   ASSISTANT:"`` with the LLaVA-1.5 system prompt. `last` is the ':' of "ASSISTANT:"; answers
   follow after a space.
+- ``"vicuna_v1"``: ``llava_v1``'s format with LLaVA's `vicuna_v1` system prompt ("a curious
+  user"), as the LLaVA-1.5 GQA evaluation and the Cross-modal Information Flow scripts render it.
 - ``"mistral_instruct"`` (llava-v1.6-mistral): ``"[INST] <image>\\n{question} [/INST]"``, no
   system prompt (a given one goes into the first [INST] as ``<<SYS>>\\n...\\n<</SYS>>\\n\\n``,
   as LLaVA's Llama-2-style conversations do). `last` is the last token of "[/INST]" (plain text in
@@ -47,7 +49,19 @@ LLAVA_V1_SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-"""The system prompt of LLaVA-1.5 (and Vicuna v1), the papers' default."""
+"""The system prompt of LLaVA's `llava_v1` conversation ("a curious human"), mmlens' default for
+LLaVA-1.5 (the Cross-modal scripts use `VICUNA_V1_SYSTEM_PROMPT`, template ``"vicuna_v1"``)."""
+
+VICUNA_V1_SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+"""The system prompt of LLaVA's `vicuna_v1` conversation, which the LLaVA-1.5 GQA evaluation and
+the Cross-modal Information Flow scripts use ("a curious user")."""
+
+CROSS_MODAL_SUFFIX = " \nAnswer the question using a single word or phrase."
+"""The answer-format instruction the Cross-modal Information Flow scripts append to the question
+(pass it as `suffix=`, so that it stays out of the `question` segment)."""
 
 LLAVA_NEXT_34B_SYSTEM_PROMPT = "Answer the questions."
 """The system prompt of llava-v1.6-34b's ChatML conversations."""
@@ -141,6 +155,16 @@ register_template(
 )
 register_template(
     ConversationTemplate(
+        name="vicuna_v1",
+        pattern="{system} USER: {image}{question} ASSISTANT:",
+        default_system=VICUNA_V1_SYSTEM_PROMPT,
+        image_slot="{token}\n",
+        last_token="the ':' of 'ASSISTANT:' (the last prompt token)",
+        answer_prefix=" ",
+    )
+)
+register_template(
+    ConversationTemplate(
         name="mistral_instruct",
         pattern="[INST] {system}{image}{question} [/INST]",
         default_system="",
@@ -196,6 +220,7 @@ def render(
     n_images: int,
     system: str | None = None,
     image_token: str = IMAGE_PLACEHOLDER,
+    suffix: str = "",
 ) -> RenderedPrompt:
     """Render `question` with `template` for a prompt that comes with `n_images` images.
 
@@ -205,6 +230,9 @@ def render(
         n_images: images given with this prompt (a formatted template holds at most one).
         system: replaces the template's system text.
         image_token: the processor's image placeholder.
+        suffix: text that follows the question inside the user's turn but is not part of the
+            question (an answer-format instruction such as `CROSS_MODAL_SUFFIX`): the
+            `question_span` covers the question alone.
 
     Raises:
         ValueError: the placeholders in the text do not match `n_images`, or the template
@@ -216,6 +244,8 @@ def render(
     """
     template = get_template(template)
     if template.verbatim:
+        if suffix:
+            raise ValueError("template 'plain' takes the whole prompt text: write the suffix in it")
         return _render_verbatim(template, question, n_images, system, image_token)
     if image_token in question:
         raise ValueError(
@@ -232,7 +262,7 @@ def render(
     values = {
         "system": template.system_slot.format(text=system_text) if system_text else "",
         "image": template.image_slot.format(token=image_token) if n_images else "",
-        "question": question,
+        "question": question + suffix,
     }
     text, spans = "", {}
     for literal, field, _, _ in string.Formatter().parse(template.pattern):
@@ -245,7 +275,8 @@ def render(
         start = spans["image"][0] + template.image_slot.index("{token}")
         image_spans = ((start, start + len(image_token)),)
     user_start = image_spans[0][0] if image_spans else spans["question"][0]
-    return RenderedPrompt(text, spans["question"], user_start, image_spans)
+    question_span = (spans["question"][0], spans["question"][0] + len(question))
+    return RenderedPrompt(text, question_span, user_start, image_spans)
 
 
 def _render_verbatim(
