@@ -4,7 +4,9 @@ in original-image pixels becomes the image tokens it touches."""
 
 from __future__ import annotations
 
+import copy
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -430,3 +432,70 @@ def _image_size(image: Any) -> tuple[int, int]:
     if isinstance(image, Image.Image):
         return image.height, image.width
     return tuple(int(side) for side in get_image_size(to_numpy_array(image)))
+
+
+IMAGE_MODES = ("pad", "crop", "squash")
+"""How a LLaVA-1.5 image becomes the vision tower's square (`with_image_mode`)."""
+
+_PIXEL_SETTINGS = (
+    "do_resize",
+    "size",
+    "resample",
+    "do_center_crop",
+    "crop_size",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+)
+_WITH_MODE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def with_image_mode(processor: Any, mode: str | None) -> Any:
+    """`processor` whose image processor gives LLaVA-1.5 images the geometry `mode`:
+
+    - ``"pad"``: pad to a square with the mean colour (``int(255 * mean)`` per channel), image
+      centred, then the checkpoint's resize and centre crop: the original LLaVA
+      (``image_aspect_ratio="pad"``, `expand2square`), what both papers fed their models.
+    - ``"crop"``: no padding: the shorter side is resized and the longer one centre-cropped
+      (what llava-hf 1.5 checkpoints' CLIP processor does as shipped).
+    - ``"squash"``: resize to the square input size, no crop (the aspect ratio is not kept).
+    - None: the checkpoint's processor as it is.
+
+    The image processor is a `LlavaImageProcessorPil` with the checkpoint's pixel settings;
+    `ImageGeometry` follows it, so `patches_in_box` does too. Computed once per processor and
+    mode.
+
+    Example:
+        >>> inp = model.prepare(image, "What is left of the cup?", image_mode="pad")
+    """
+    if mode is None:
+        return processor
+    if mode not in IMAGE_MODES:
+        raise ValueError(f"image_mode={mode!r}: use one of {', '.join(IMAGE_MODES)} or None")
+    image_processor = processor.image_processor
+    if getattr(image_processor, "image_grid_pinpoints", None):
+        raise ValueError(
+            "image_mode applies to LLaVA-1.5's single-crop processor; a LLaVA-NeXT processor "
+            "tiles the image (anyres) and keeps its own geometry"
+        )
+    cached = _WITH_MODE.setdefault(processor, {})
+    if mode not in cached:
+        from transformers import LlavaImageProcessorPil
+
+        settings = {
+            name: getattr(image_processor, name)
+            for name in _PIXEL_SETTINGS
+            if getattr(image_processor, name, None) is not None
+        }
+        if mode == "squash":
+            side = settings["crop_size"] if settings.get("do_center_crop") else settings["size"]
+            height = _size_field(side, "height") or _size_field(side, "shortest_edge")
+            width = _size_field(side, "width") or _size_field(side, "shortest_edge")
+            settings.update(size={"height": height, "width": width}, do_center_crop=False)
+        variant = copy.copy(processor)
+        variant.image_processor = LlavaImageProcessorPil(**settings, do_pad=mode == "pad")
+        cached[mode] = variant
+    return cached[mode]

@@ -19,6 +19,7 @@ from mmlens.inputs.geometry import (
     ImageGeometry,
     _image_size,
     processor_geometry,
+    with_image_mode,
 )
 from mmlens.inputs.images import as_image
 from mmlens.inputs.layout import PATCH, Box, ImageTokenLayout, _item_layouts
@@ -51,6 +52,8 @@ class MultimodalInput:
             not accept them).
         processor_fingerprint: `processor_fingerprint` of the processor that made the input; a
             model refuses an input made by a different processor (None: not checked).
+        image_mode: the LLaVA-1.5 image geometry used ("pad", "crop", "squash"), or None for
+            the checkpoint's processor as it is.
 
     Example:
         >>> inp = MultimodalInput.from_processor(processor, [image, None], ["What is it?", "Hi"])
@@ -71,6 +74,7 @@ class MultimodalInput:
     template: str
     image_sizes_for_model: bool = False
     processor_fingerprint: str | None = None
+    image_mode: str | None = None
 
     @property
     def batch_size(self) -> int:
@@ -274,6 +278,7 @@ class MultimodalInput:
         system: str | None = None,
         template: str | ConversationTemplate = "llava_v1",
         suffix: str = "",
+        image_mode: str | None = None,
         vision_feature_select_strategy: str | None = None,
         patch_size: int | None = None,
     ) -> MultimodalInput:
@@ -288,6 +293,8 @@ class MultimodalInput:
             prompts: a question, or a list of questions (a batch, left-padded). With
                 ``template="plain"`` the full prompt text, ``<image>`` placeholders included.
             system: replaces the template's system text.
+            image_mode: LLaVA-1.5 image geometry, ``"pad"``, ``"crop"`` or ``"squash"``
+                (`mmlens.inputs.geometry.with_image_mode`); None: the checkpoint's processor.
             suffix: text after the question in the user's turn that is not part of the
                 `question` segment (an answer-format instruction, e.g.
                 `mmlens.inputs.templates.CROSS_MODAL_SUFFIX`).
@@ -312,6 +319,8 @@ class MultimodalInput:
             >>> # llava-v1.6: [n_images, max_crops, 3, 336, 336], base crop then tiles
             >>> inp.positions("image", item=1)  # tensor([], dtype=torch.int64): text-only
         """
+        fingerprint = processor_fingerprint(processor)  # the checkpoint's, whatever the mode
+        processor = with_image_mode(processor, image_mode)
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         image_list = list(images) if isinstance(images, (list, tuple)) else [images]
         image_list = [None if image is None else as_image(image) for image in image_list]
@@ -424,7 +433,8 @@ class MultimodalInput:
             token_spans=token_spans,
             template=template if isinstance(template, str) else template.name,
             image_sizes_for_model=image_sizes_for_model,
-            processor_fingerprint=processor_fingerprint(processor),
+            processor_fingerprint=fingerprint,
+            image_mode=image_mode,
         )
 
 
