@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import mmlens
+from mmlens.inputs import box_from_xywh
 from mmlens.testing import make_test_image
 
 SIDE = 56  # the tiny checkpoint's input size
@@ -80,3 +81,47 @@ def test_modes_are_checked(model, wide, tiny_next_checkpoint):
     next_model = mmlens.from_pretrained(tiny_next_checkpoint())
     with pytest.raises(ValueError, match="LLaVA-NeXT processor tiles the image"):
         next_model.prepare(wide, "Is it red?", image_mode="pad")
+
+
+# ------------------------------------------------------------------------------------ boxes
+def test_gqa_boxes_cover_what_pil_paints():
+    x, y, w, h = 7, 3, 10, 4
+    painted = Image.new("L", (40, 20))
+    ImageDraw.Draw(painted).rectangle((x, y, x + w, y + h), fill=255)  # the paper's painting
+    x0, y0, x1, y1 = box_from_xywh(x, y, w, h)
+    expected = np.zeros((20, 40), dtype=bool)
+    expected[y0:y1, x0:x1] = True
+    assert np.array_equal(np.asarray(painted) == 255, expected)
+
+
+def painted_patches(inp, box) -> set[int]:
+    """The mask rule computed here with PIL: paint, pad, resize, crop, find pure red."""
+    mask = Image.new("RGB", (88, 48))
+    ImageDraw.Draw(mask).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=(255, 0, 0))
+    square = Image.new("RGB", (88, 88), tuple(int(255 * m) for m in MEAN))
+    square.paste(mask, (0, 20))
+    pixels = np.asarray(centre_crop(square.resize((SIDE, SIDE), Image.BICUBIC), SIDE))
+    red = (pixels[..., 0] == 255) & (pixels[..., 1] == 0) & (pixels[..., 2] == 0)
+    grid = inp.layout.patch_grid(0)
+    return {
+        int(grid[row, col])
+        for row in range(grid.shape[0])
+        for col in range(grid.shape[1])
+        if red[row * 14 : (row + 1) * 14, col * 14 : (col + 1) * 14].any()
+    }
+
+
+@pytest.mark.parametrize(
+    "box", [(10, 10, 60, 40), (30, 5, 31, 45), (0, 0, 88, 2), (40, 20, 41, 21)]
+)
+def test_the_mask_rule_is_the_painted_red_patches(model, wide, box):
+    inp = model.prepare(wide, "Is it red?", image_mode="pad")
+    by_mask = inp.patches_in_box(box, rule="mask")
+    assert set(by_mask.tolist()) == painted_patches(inp, box)
+    assert set(by_mask.tolist()) <= set(inp.patches_in_box(box).tolist())
+    if box[2] - box[0] == 1 or box[3] - box[1] <= 2:  # thin boxes: blurred away, nothing left
+        assert len(by_mask) == 0 and len(inp.patches_in_box(box)) > 0
+    else:
+        assert len(by_mask) > 0
+    with pytest.raises(ValueError, match="rule='outline'"):
+        inp.patches_in_box(box, rule="outline")

@@ -28,7 +28,14 @@ Example:
     >>> logits = model(**inp.model_kwargs())  # any HF-style model call
 """
 
-from mmlens.inputs.geometry import AnyresGeometry, AnyresGrid, ImageGeometry, processor_geometry
+from mmlens.inputs.geometry import (
+    AnyresGeometry,
+    AnyresGrid,
+    ImageGeometry,
+    box_from_xywh,
+    processor_geometry,
+    with_image_mode,
+)
 from mmlens.inputs.images import as_image
 from mmlens.inputs.layout import CLS, NEWLINE, PATCH, TOKEN_KINDS, Box, ImageTokenLayout
 from mmlens.inputs.multimodal import MultimodalInput, processor_fingerprint
@@ -49,9 +56,11 @@ __all__ = [
     "ImageTokenLayout",
     "MultimodalInput",
     "as_image",
+    "box_from_xywh",
     "get_template",
     "processor_fingerprint",
     "processor_geometry",
     "register_template",
     "render",
+    "with_image_mode",
 ]

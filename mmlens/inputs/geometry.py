@@ -434,6 +434,17 @@ def _image_size(image: Any) -> tuple[int, int]:
     return tuple(int(side) for side in get_image_size(to_numpy_array(image)))
 
 
+def box_from_xywh(x: int, y: int, width: int, height: int) -> Box:
+    """A GQA-style ``(x, y, w, h)`` pixel box as mmlens' ``(x0, y0, x1, y1)`` (x1, y1 exclusive),
+    with the Cross-modal paper's convention: its code paints a box with PIL's inclusive
+    rectangle ``[x, y, x + w, y + h]``, which covers ``w + 1`` by ``h + 1`` pixels.
+
+    >>> box_from_xywh(10, 20, 5, 3)
+    (10, 20, 16, 24)
+    """
+    return (x, y, x + width + 1, y + height + 1)
+
+
 IMAGE_MODES = ("pad", "crop", "squash")
 """How a LLaVA-1.5 image becomes the vision tower's square (`with_image_mode`)."""
 

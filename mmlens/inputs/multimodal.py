@@ -7,11 +7,12 @@ import hashlib
 import json
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from jaxtyping import Float, Int
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from mmlens.inputs.geometry import (
@@ -54,6 +55,8 @@ class MultimodalInput:
             model refuses an input made by a different processor (None: not checked).
         image_mode: the LLaVA-1.5 image geometry used ("pad", "crop", "squash"), or None for
             the checkpoint's processor as it is.
+        image_processor: the image processor that made `pixel_values` (for
+            ``patches_in_box(rule="mask")``).
 
     Example:
         >>> inp = MultimodalInput.from_processor(processor, [image, None], ["What is it?", "Hi"])
@@ -75,6 +78,7 @@ class MultimodalInput:
     image_sizes_for_model: bool = False
     processor_fingerprint: str | None = None
     image_mode: str | None = None
+    image_processor: Any = field(default=None, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -127,13 +131,21 @@ class MultimodalInput:
         overlapping = (spans[:, 0] < start + len(substring)) & (spans[:, 1] > start)
         return overlapping.nonzero().flatten().to(self.device)
 
-    def patches_in_box(self, box: Box, image: int = 0) -> Int[Tensor, "n_positions"]:
+    def patches_in_box(
+        self, box: Box, image: int = 0, rule: str = "geometric"
+    ) -> Int[Tensor, "n_positions"]:
         """Sequence positions (in the item holding `image`) of the patches the box's pixels land in.
 
         Args:
             box: ``(x0, y0, x1, y1)`` in pixels of the original image, x1 and y1 exclusive (a
                 PIL crop box); ``(0, 0, width, height)`` is the whole image.
             image: index of the image in the batch (batch order, text-only items skipped).
+            rule: ``"geometric"`` (default: a patch counts if any pixel of the box lands in it)
+                or ``"mask"``, the Cross-modal paper's rule: paint the box pure red on a black
+                image of the original size, preprocess it as the image was (without rescaling
+                or normalising), and keep the patches that hold a pure-red pixel. Resampling
+                blurs thin boxes, so the mask rule gives a subset, and nothing for boxes of a
+                pixel or two (LLaVA-1.5 inputs only).
 
         Returns:
             sorted 1-D LongTensor of positions in ``input_ids[inp.image_items[image]]``; the CLS
@@ -157,6 +169,10 @@ class MultimodalInput:
             raise ValueError(
                 f"image {image} does not exist; this input has {self.n_images} image(s)"
             )
+        if rule == "mask":
+            return self._patches_in_painted_box(box, image)
+        if rule != "geometric":
+            raise ValueError(f"rule={rule!r}: use 'geometric' or 'mask'")
         layout = self.layout
         in_grid = {"base": layout.tile == 0, "tiles": layout.tile >= 1}
         in_box = torch.zeros_like(layout.kind, dtype=torch.bool)
@@ -169,6 +185,25 @@ class MultimodalInput:
                 & (layout.col < cols.stop)
             )
         return layout.position[in_box & (layout.image == image) & (layout.kind == PATCH)]
+
+    def _patches_in_painted_box(self, box: Box, image: int) -> Int[Tensor, "n_positions"]:
+        """`patches_in_box(rule="mask")`: the patches holding a pure-red pixel of the painted,
+        preprocessed box."""
+        geometry = self.image_geometry[image]
+        if not isinstance(geometry, ImageGeometry) or self.image_processor is None:
+            raise ValueError("rule='mask' needs a LLaVA-1.5 input made by from_processor/prepare")
+        height, width = geometry.original_size
+        mask = Image.new("RGB", (width, height))
+        ImageDraw.Draw(mask).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=(255, 0, 0))
+        pixels = self.image_processor(
+            mask, do_rescale=False, do_normalize=False, return_tensors="pt"
+        )["pixel_values"][0]
+        red = (pixels[0] == 255) & (pixels[1] == 0) & (pixels[2] == 0)
+        rows, cols = geometry.grid_size
+        side = geometry.patch_size
+        has_red = red[: rows * side, : cols * side].reshape(rows, side, cols, side).any(3).any(1)
+        grid = self.layout.patch_grid(image)
+        return grid[has_red.to(grid.device)].sort().values
 
     def item(self, index: int) -> MultimodalInput:
         """Batch item `index` alone: a batch-1 input without its padding, positions renumbered
@@ -435,6 +470,7 @@ class MultimodalInput:
             image_sizes_for_model=image_sizes_for_model,
             processor_fingerprint=fingerprint,
             image_mode=image_mode,
+            image_processor=processor.image_processor,
         )
 
 
