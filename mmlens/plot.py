@@ -47,7 +47,8 @@ def logit_lens(result: pd.DataFrame) -> go.Figure:
         figure.add_scatter(x=rows["layer"], y=rows["probability"], mode="lines+markers",
                            name=repr(token_str))  # fmt: skip
     norm = {True: "final norm applied", False: "no final norm"}.get(
-        attrs.get("apply_final_norm", True), "final norm at the last layer only, as the paper's code"
+        attrs.get("apply_final_norm", True),
+        "final norm at the last layer only, as the paper's code",
     )
     figure.update_layout(
         title=f"Logit lens at position {attrs.get('position')} ({norm}) - {attrs.get('model')}",
