@@ -41,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from dataclasses import dataclass
 from typing import Any
@@ -153,14 +154,9 @@ register_template(
         answer_prefix=" ",
     )
 )
-register_template(
-    ConversationTemplate(
-        name="vicuna_v1",
-        pattern="{system} USER: {image}{question} ASSISTANT:",
-        default_system=VICUNA_V1_SYSTEM_PROMPT,
-        image_slot="{token}\n",
-        last_token="the ':' of 'ASSISTANT:' (the last prompt token)",
-        answer_prefix=" ",
+register_template(  # llava_v1's format with the "curious user" system prompt
+    dataclasses.replace(
+        TEMPLATES["llava_v1"], name="vicuna_v1", default_system=VICUNA_V1_SYSTEM_PROMPT
     )
 )
 register_template(
