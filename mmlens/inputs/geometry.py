@@ -186,6 +186,69 @@ class ImageGeometry:
         return range(first // self.patch_size, (end - 1) // self.patch_size + 1)
 
 
+ANYRES_RULES = ("hf", "llava")
+"""How LLaVA-NeXT picks an image's tile canvas and unpads its features:
+
+- ``"hf"``: Hugging Face's port. Sizes and grid pinpoints are read as (height, width); unpadding
+  keeps ``int(round(x, 7))`` rows or columns.
+- ``"llava"``: the original LLaVA-NeXT code, which both papers ran. Sizes and pinpoints are read
+  as (width, height), so where two canvases tie (e.g. every image with both sides <= 336 px) the
+  other one wins; unpadding keeps ``int(x)`` (e.g. 704 x 396 px: 1,850 image tokens instead of
+  1,948).
+"""
+
+
+def _check_anyres(anyres: str) -> None:
+    if anyres not in ANYRES_RULES:
+        raise ValueError(f"anyres={anyres!r}: use one of {', '.join(ANYRES_RULES)}")
+
+
+def pinpoints_as_height_width(
+    grid_pinpoints: Sequence[Sequence[int]], anyres: str
+) -> list[list[int]]:
+    """The checkpoint's pinpoints as the ``[height, width]`` candidates that HF's
+    `select_best_resolution` tries, in order, to choose what rule `anyres` chooses.
+
+    HF reads each pinpoint as (height, width); the original code reads it as (width, height),
+    which is HF's choice over the swapped pinpoints (same candidates, same order, axes swapped).
+    """
+    _check_anyres(anyres)
+    if anyres == "llava":
+        return [[int(second), int(first)] for first, second in grid_pinpoints]
+    return [[int(first), int(second)] for first, second in grid_pinpoints]
+
+
+def unpadded_ranges(
+    image_size: tuple[int, int], grid_size: tuple[int, int], anyres: str
+) -> tuple[range, range]:
+    """The rows and columns of a canvas grid of ``(rows, cols)`` patches that unpadding keeps
+    for an image of ``(height, width)`` pixels: those that show the centred image (HF's and the
+    original's `unpad_image`, in patch units, with their float arithmetic; see `ANYRES_RULES`).
+
+    >>> unpadded_ranges((396, 704), (48, 48), "hf")  # 704 x 396 px on 2 x 2 tiles of 24 patches
+    (range(10, 38), range(0, 48))
+    >>> unpadded_ranges((396, 704), (48, 48), "llava")
+    (range(11, 37), range(0, 48))
+    """
+    _check_anyres(anyres)
+    height, width = image_size
+    rows, cols = grid_size
+    kept_rows, kept_cols = range(rows), range(cols)
+    if width / height > cols / rows:
+        kept = _kept_length(height * (cols / width), anyres)
+        padding = (rows - kept) // 2
+        kept_rows = range(padding, rows - padding)
+    else:
+        kept = _kept_length(width * (rows / height), anyres)
+        padding = (cols - kept) // 2
+        kept_cols = range(padding, cols - padding)
+    return kept_rows, kept_cols
+
+
+def _kept_length(scaled: float, anyres: str) -> int:
+    return int(scaled) if anyres == "llava" else int(round(scaled, 7))
+
+
 @dataclass(frozen=True)
 class AnyresGrid:
     """How LLaVA-NeXT lays out the tile features of one image (HF's `pack_image_features`).
@@ -219,28 +282,34 @@ class AnyresGrid:
         grid_pinpoints: Sequence[Sequence[int]],
         tile_size: int,
         patch_size: int,
+        anyres: str = "hf",
     ) -> AnyresGrid:
         """The grid for an image of ``(height, width)`` `image_size`.
 
         Args:
             image_size: the original image's (height, width).
-            grid_pinpoints: candidate canvas sizes ``[height, width]``, multiples of `tile_size`.
+            grid_pinpoints: the checkpoint's candidate canvas sizes (its config's
+                ``image_grid_pinpoints``), multiples of `tile_size`.
             tile_size: side of a tile in pixels (the vision tower's input size).
             patch_size: side of a vision patch in pixels.
+            anyres: ``"hf"`` (Hugging Face's LLaVA-NeXT) or ``"llava"`` (the original code):
+                see `ANYRES_RULES`.
+
+        Example:
+            >>> pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+            >>> AnyresGrid.for_image((200, 300), pinpoints, 336, 14).tiles  # HF: 1 x 2 tiles
+            (1, 2)
+            >>> AnyresGrid.for_image((200, 300), pinpoints, 336, 14, anyres="llava").tiles
+            (2, 1)
         """
         height, width = (int(side) for side in image_size)
-        best_height, best_width = select_best_resolution((height, width), list(grid_pinpoints))
+        best_height, best_width = select_best_resolution(
+            (height, width), pinpoints_as_height_width(grid_pinpoints, anyres)
+        )
         tiles = (best_height // tile_size, best_width // tile_size)
         per_tile = tile_size // patch_size
         rows, cols = tiles[0] * per_tile, tiles[1] * per_tile
-        kept_rows, kept_cols = range(rows), range(cols)
-        # HF's unpad_image, in patch units and with its float arithmetic (round to 7 digits).
-        if width / height > cols / rows:
-            padding = (rows - int(round(height * (cols / width), 7))) // 2
-            kept_rows = range(padding, rows - padding)
-        else:
-            padding = (cols - int(round(width * (rows / height), 7))) // 2
-            kept_cols = range(padding, cols - padding)
+        kept_rows, kept_cols = unpadded_ranges((height, width), (rows, cols), anyres)
         return cls(tiles, per_tile, kept_rows, kept_cols)
 
     @property
@@ -302,9 +371,14 @@ class AnyresGeometry:
 
     @classmethod
     def from_image_processor(
-        cls, image_processor: Any, original_size: tuple[int, int], patch_size: int
+        cls,
+        image_processor: Any,
+        original_size: tuple[int, int],
+        patch_size: int,
+        anyres: str = "hf",
     ) -> AnyresGeometry:
-        """The geometry that a llava-hf LLaVA-NeXT image processor applies.
+        """The geometry that a llava-hf LLaVA-NeXT image processor applies (with the canvas and
+        unpadding of rule `anyres`, `ANYRES_RULES`; `image_processor` is the checkpoint's).
 
         Supports the llava-v1.6 settings: the crop size (``size`` as ``shortest_edge`` or a
         square ``height``/``width``, and ``crop_size`` if centre cropping) is one square side,
@@ -328,7 +402,7 @@ class AnyresGeometry:
                 "llava-v1.6) is modelled"
             )
         grid = AnyresGrid.for_image(
-            original_size, image_processor.image_grid_pinpoints, side, patch_size
+            original_size, image_processor.image_grid_pinpoints, side, patch_size, anyres
         )
         canvas_size = (grid.tiles[0] * side, grid.tiles[1] * side)
         resized = _fit_keeping_aspect_ratio(original_size, canvas_size)
@@ -393,13 +467,20 @@ class AnyresGeometry:
 
 
 def processor_geometry(
-    image_processor: Any, original_size: tuple[int, int], patch_size: int
+    image_processor: Any, original_size: tuple[int, int], patch_size: int, anyres: str = "hf"
 ) -> ImageGeometry | AnyresGeometry:
-    """The geometry of `image_processor`: `AnyresGeometry` if it tiles (``image_grid_pinpoints``,
-    LLaVA-NeXT), else `ImageGeometry`."""
-    if getattr(image_processor, "image_grid_pinpoints", None):
-        return AnyresGeometry.from_image_processor(image_processor, original_size, patch_size)
+    """The geometry of `image_processor`: `AnyresGeometry` (with rule `anyres`) if it tiles
+    (``image_grid_pinpoints``, LLaVA-NeXT), else `ImageGeometry`."""
+    if tiles_images(image_processor):
+        return AnyresGeometry.from_image_processor(
+            image_processor, original_size, patch_size, anyres
+        )
     return ImageGeometry.from_image_processor(image_processor, original_size, patch_size)
+
+
+def tiles_images(image_processor: Any) -> bool:
+    """Whether `image_processor` tiles images (LLaVA-NeXT's anyres) rather than making one crop."""
+    return bool(getattr(image_processor, "image_grid_pinpoints", None))
 
 
 def _fit_keeping_aspect_ratio(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
@@ -461,7 +542,8 @@ _PIXEL_SETTINGS = (
     "image_std",
     "do_convert_rgb",
 )
-_WITH_MODE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_VARIANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Per processor: its variants for image modes and anyres rules, made once."""
 
 
 def with_image_mode(processor: Any, mode: str | None) -> Any:
@@ -487,12 +569,12 @@ def with_image_mode(processor: Any, mode: str | None) -> Any:
     if mode not in IMAGE_MODES:
         raise ValueError(f"image_mode={mode!r}: use one of {', '.join(IMAGE_MODES)} or None")
     image_processor = processor.image_processor
-    if getattr(image_processor, "image_grid_pinpoints", None):
+    if tiles_images(image_processor):
         raise ValueError(
             "image_mode applies to LLaVA-1.5's single-crop processor; a LLaVA-NeXT processor "
             "tiles the image (anyres) and keeps its own geometry"
         )
-    cached = _WITH_MODE.setdefault(processor, {})
+    cached = _VARIANTS.setdefault(processor, {})
     if mode not in cached:
         from transformers import LlavaImageProcessorPil
 
@@ -510,3 +592,43 @@ def with_image_mode(processor: Any, mode: str | None) -> Any:
         variant.image_processor = LlavaImageProcessorPil(**settings, do_pad=mode == "pad")
         cached[mode] = variant
     return cached[mode]
+
+
+def with_anyres(processor: Any, anyres: str) -> Any:
+    """`processor` whose LLaVA-NeXT tiling follows rule `anyres` (`ANYRES_RULES`): for
+    ``"llava"``, a copy whose image processor tries the pinpoints as the original code does
+    and whose image-token count uses the original's unpadding; ``"hf"``: `processor` itself.
+    The pixels of each canvas are then the original's (both pipelines resize, pad and cut the
+    canvas alike). Made once per processor.
+
+    Example:
+        >>> inp = model.prepare(image, "What is on the sign?", anyres="llava")
+    """
+    _check_anyres(anyres)
+    if anyres == "hf":
+        return processor
+    if not tiles_images(processor.image_processor):
+        raise ValueError(
+            "anyres applies to LLaVA-NeXT's tiling processor; this checkpoint makes one crop per "
+            "image (choose its geometry with image_mode=)"
+        )
+    cached = _VARIANTS.setdefault(processor, {})
+    key = ("anyres", anyres)
+    if key not in cached:
+        image_processor = copy.deepcopy(processor.image_processor)
+        image_processor.image_grid_pinpoints = pinpoints_as_height_width(
+            processor.image_processor.image_grid_pinpoints, anyres
+        )
+        variant = copy.copy(processor)
+        variant.image_processor = image_processor
+
+        def unpadded_features(height, width, patches_height, patches_width, scale_h, scale_w):
+            """The processor's image-token count for the tile part, with `anyres` unpadding."""
+            grid = (patches_height * scale_h, patches_width * scale_w)
+            kept_rows, kept_cols = unpadded_ranges((height, width), grid, anyres)
+            return len(kept_rows) * len(kept_cols), len(kept_rows)
+
+        # LlavaNextProcessor counts the image tokens it writes into the text with this method.
+        variant._get_unpadded_features = unpadded_features
+        cached[key] = variant
+    return cached[key]

@@ -20,6 +20,7 @@ from mmlens.inputs.geometry import (
     ImageGeometry,
     _image_size,
     processor_geometry,
+    with_anyres,
     with_image_mode,
 )
 from mmlens.inputs.images import as_image
@@ -55,6 +56,8 @@ class MultimodalInput:
             model refuses an input made by a different processor (None: not checked).
         image_mode: the LLaVA-1.5 image geometry used ("pad", "crop", "squash"), or None for
             the checkpoint's processor as it is.
+        anyres: LLaVA-NeXT's tile canvas and unpadding rule, "hf" or "llava"
+            (`mmlens.inputs.geometry.ANYRES_RULES`); `model_kwargs` passes "llava" to the model.
         image_processor: the image processor that made `pixel_values` (for
             ``patches_in_box(rule="mask")``).
 
@@ -78,6 +81,7 @@ class MultimodalInput:
     image_sizes_for_model: bool = False
     processor_fingerprint: str | None = None
     image_mode: str | None = None
+    anyres: str = "hf"
     image_processor: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -286,17 +290,25 @@ class MultimodalInput:
             layout=self.layout.to(device),
         )
 
-    def model_kwargs(self) -> dict[str, Tensor]:
+    def model_kwargs(self) -> dict[str, Tensor | str]:
         """The HF-style keyword tensors: ``model(**inp.model_kwargs())``.
 
         `input_ids` and `attention_mask`; `pixel_values` when there are images; `image_sizes`
-        only for models that take them (`image_sizes_for_model`).
+        only for models that take them (`image_sizes_for_model`); ``anyres="llava"`` when the
+        images were tiled by the original rule (mmlens' LLaVA-NeXT takes it; HF's model has no
+        such rule: it ignores the keyword and, where the two rules differ, stops at the image
+        token count).
         """
-        kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        kwargs: dict[str, Tensor | str] = {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+        }
         if self.pixel_values is not None:
             kwargs["pixel_values"] = self.pixel_values
         if self.image_sizes_for_model and self.image_sizes is not None:
             kwargs["image_sizes"] = self.image_sizes
+            if self.anyres != "hf":
+                kwargs["anyres"] = self.anyres
         return kwargs
 
     def _check_item(self, item: int) -> None:
@@ -314,6 +326,7 @@ class MultimodalInput:
         template: str | ConversationTemplate = "llava_v1",
         suffix: str = "",
         image_mode: str | None = None,
+        anyres: str = "hf",
         vision_feature_select_strategy: str | None = None,
         patch_size: int | None = None,
     ) -> MultimodalInput:
@@ -330,6 +343,8 @@ class MultimodalInput:
             system: replaces the template's system text.
             image_mode: LLaVA-1.5 image geometry, ``"pad"``, ``"crop"`` or ``"squash"``
                 (`mmlens.inputs.geometry.with_image_mode`); None: the checkpoint's processor.
+            anyres: LLaVA-NeXT's tile canvas and unpadding, ``"hf"`` (default) or ``"llava"``
+                (the original code's; `mmlens.inputs.geometry.ANYRES_RULES`).
             suffix: text after the question in the user's turn that is not part of the
                 `question` segment (an answer-format instruction, e.g.
                 `mmlens.inputs.templates.CROSS_MODAL_SUFFIX`).
@@ -355,7 +370,8 @@ class MultimodalInput:
             >>> inp.positions("image", item=1)  # tensor([], dtype=torch.int64): text-only
         """
         fingerprint = processor_fingerprint(processor)  # the checkpoint's, whatever the mode
-        processor = with_image_mode(processor, image_mode)
+        geometry_processor = with_image_mode(processor, image_mode)
+        processor = with_anyres(geometry_processor, anyres)
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         image_list = list(images) if isinstance(images, (list, tuple)) else [images]
         image_list = [None if image is None else as_image(image) for image in image_list]
@@ -407,7 +423,7 @@ class MultimodalInput:
         image_items = [item for item, image in enumerate(image_list) if image is not None]
         original_sizes = [_image_size(image) for image in given_images]
         geometry = [
-            processor_geometry(processor.image_processor, size, patch_size)
+            processor_geometry(geometry_processor.image_processor, size, patch_size, anyres)
             for size in original_sizes
         ]
         for image_index, image_geometry in enumerate(geometry):
@@ -470,6 +486,7 @@ class MultimodalInput:
             image_sizes_for_model=image_sizes_for_model,
             processor_fingerprint=fingerprint,
             image_mode=image_mode,
+            anyres=anyres,
             image_processor=processor.image_processor,
         )
 

@@ -43,7 +43,7 @@ class HookedLlavaNext(HookedLlava):
         >>> inp.layout.highres_grid(0).shape  # the unpadded tile grid, e.g. (36, 48)
     """
 
-    image_inputs = ("pixel_values", "image_sizes")
+    image_inputs = ("pixel_values", "image_sizes", "anyres")
 
     def __init__(self, cfg: MMConfig, tokenizer: Any = None, processor: Any = None):
         if not cfg.image_grid_pinpoints:
@@ -74,11 +74,12 @@ class HookedLlavaNext(HookedLlava):
         kwargs.setdefault("template", self.default_template)
         return super().prepare(images, prompts, **kwargs)
 
-    def tile_grid(self, image_size: tuple[int, int]) -> AnyresGrid:
-        """Tiles and unpadding of an image of ``(height, width)`` `image_size`."""
+    def tile_grid(self, image_size: tuple[int, int], anyres: str = "hf") -> AnyresGrid:
+        """Tiles and unpadding of an image of ``(height, width)`` `image_size` (rule `anyres`,
+        `mmlens.inputs.geometry.ANYRES_RULES`)."""
         vision = self.cfg.vision
         return AnyresGrid.for_image(
-            image_size, self.cfg.image_grid_pinpoints, vision.image_size, vision.patch_size
+            image_size, self.cfg.image_grid_pinpoints, vision.image_size, vision.patch_size, anyres
         )
 
     def encode_images(
@@ -86,6 +87,7 @@ class HookedLlavaNext(HookedLlava):
         pixel_values: Float[torch.Tensor, "image crop channel height width"]
         | Float[torch.Tensor, "crop channel height width"],
         image_sizes: Int[torch.Tensor, "image 2"] | list | None = None,
+        anyres: str = "hf",
         **unused: Any,
     ) -> Float[torch.Tensor, "1 image_token d_model"]:
         """Every crop through the vision tower and projector, then each image packed.
@@ -94,6 +96,8 @@ class HookedLlavaNext(HookedLlava):
             pixel_values: the processor's ``[n_images, max_crops, ...]`` (crops past an image's
                 own count are padding and are skipped), or its real crops concatenated.
             image_sizes: ``(height, width)`` of each original image (a tensor or a list).
+            anyres: the tiling rule the pixels were made with (``inp.anyres``): ``"hf"`` or
+                ``"llava"`` (the original code's canvas choice and unpadding).
 
         Returns:
             the packed image sequences of all images, concatenated (see the class doc).
@@ -104,7 +108,7 @@ class HookedLlavaNext(HookedLlava):
                 "pixel_values; pass inp = model.prepare(...) or the processor's image_sizes"
             )
         image_sizes = torch.as_tensor(image_sizes).reshape(-1, 2)
-        grids = [self.tile_grid(size) for size in image_sizes.tolist()]
+        grids = [self.tile_grid(size, anyres) for size in image_sizes.tolist()]
         n_crops = [1 + grid.n_tiles for grid in grids]
         crop_embeds = super().encode_images(_real_crops(pixel_values, n_crops))
         packed = [
