@@ -13,7 +13,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProc
 from transformers.image_utils import PILImageResampling
 
 from mmlens.inputs import CLS, PATCH, SEGMENTS, ImageGeometry, MultimodalInput
-from mmlens.inputs.templates import LLAVA_V1_SYSTEM_PROMPT, get_template, render
+from mmlens.inputs.templates import VICUNA_V1_SYSTEM_PROMPT, get_template, render
 from mmlens.testing import TEST_IMAGE_SIZES, make_image_processor, make_test_image
 
 QUESTION = "What colour is the door?"
@@ -43,19 +43,19 @@ def assert_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
 # --- templates -------------------------------------------------------------------------------
 
 
-def test_llava_v1_template_renders_the_llava_prompt_and_its_spans() -> None:
-    rendered = render("llava_v1", QUESTION, n_images=1)
-    assert rendered.text == f"{LLAVA_V1_SYSTEM_PROMPT} USER: <image>\n{QUESTION} ASSISTANT:"
+def test_vicuna_v1_template_renders_the_llava_1_5_prompt_and_its_spans() -> None:
+    rendered = render("vicuna_v1", QUESTION, n_images=1)
+    assert rendered.text == f"{VICUNA_V1_SYSTEM_PROMPT} USER: <image>\n{QUESTION} ASSISTANT:"
     assert rendered.text[slice(*rendered.question_span)] == QUESTION
     assert rendered.image_spans == (
-        (len(LLAVA_V1_SYSTEM_PROMPT) + 7, len(LLAVA_V1_SYSTEM_PROMPT) + 14),
+        (len(VICUNA_V1_SYSTEM_PROMPT) + 7, len(VICUNA_V1_SYSTEM_PROMPT) + 14),
     )
     assert rendered.user_start == rendered.image_spans[0][0]
 
-    text_only = render("llava_v1", QUESTION, n_images=0, system="Be brief.")
+    text_only = render("vicuna_v1", QUESTION, n_images=0, system="Be brief.")
     assert text_only.text == f"Be brief. USER: {QUESTION} ASSISTANT:"
     assert text_only.image_spans == () and text_only.user_start == text_only.question_span[0] == 16
-    assert "ASSISTANT" in get_template("llava_v1").last_token
+    assert "ASSISTANT" in get_template("vicuna_v1").last_token
 
 
 def test_plain_template_uses_the_prompt_verbatim() -> None:
@@ -73,7 +73,7 @@ def test_plain_template_uses_the_prompt_verbatim() -> None:
 def test_segments_of_a_known_prompt(processor, images) -> None:
     inp = MultimodalInput.from_processor(processor, images[1], QUESTION)
     tokenizer = processor.tokenizer
-    text = f"{LLAVA_V1_SYSTEM_PROMPT} USER: <image>\n{QUESTION} ASSISTANT:"
+    text = f"{VICUNA_V1_SYSTEM_PROMPT} USER: <image>\n{QUESTION} ASSISTANT:"
     assert inp.prompts == [text]
     # Independent counts: the prefix before the placeholder tokenized alone (with <s>), the
     # unexpanded prompt, and (56 / 14)^2 image tokens in place of the one placeholder.
@@ -112,9 +112,9 @@ def test_full_strategy_puts_the_cls_token_first(full_processor, images) -> None:
 def test_text_only_prompt(processor) -> None:
     inp = MultimodalInput.from_processor(processor, None, QUESTION)
     tokenizer = processor.tokenizer
-    n_system = len(tokenizer(f"{LLAVA_V1_SYSTEM_PROMPT} USER:").input_ids)
+    n_system = len(tokenizer(f"{VICUNA_V1_SYSTEM_PROMPT} USER:").input_ids)
     n_total = len(tokenizer(inp.prompts[0]).input_ids)
-    assert inp.prompts[0] == f"{LLAVA_V1_SYSTEM_PROMPT} USER: {QUESTION} ASSISTANT:"
+    assert inp.prompts[0] == f"{VICUNA_V1_SYSTEM_PROMPT} USER: {QUESTION} ASSISTANT:"
     assert_equal(inp.positions("system"), arange(0, n_system))
     assert_equal(inp.positions("image"), arange(0, 0))
     assert_equal(inp.positions("user"), arange(n_system, n_total))

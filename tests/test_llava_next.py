@@ -86,7 +86,7 @@ def test_loads_as_hooked_llava_next_with_the_checkpoint_newline(loaded):
     assert (
         model.default_template
         == {
-            "llama": "llava_v1" if "<s>" in model.tokenizer.get_vocab() else "llama3",
+            "llama": "vicuna_v1" if "<s>" in model.tokenizer.get_vocab() else "llama3",
             "mistral": "mistral_instruct",
         }[model.cfg.decoder_model_type]
     )

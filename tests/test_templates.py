@@ -25,7 +25,7 @@ from mmlens.testing import FAMILIES, make_test_image, make_tokenizer
 
 QUESTION = "What colour is the door?"
 ANSWER = "The door is red."
-FAMILY_TEMPLATES = {"vicuna": "llava_v1", "mistral": "mistral_instruct", "llama3": "llama3"}
+FAMILY_TEMPLATES = {"vicuna": "vicuna_v1", "mistral": "mistral_instruct", "llama3": "llama3"}
 TEXTS = [
     "<|start_header_id|>user<|end_header_id|>\n\nIs there a red circle?<|eot_id|>",
     "[INST] What colour is the door? [/INST] The door is red.",
@@ -76,7 +76,8 @@ def test_each_template_renders_its_checkpoints_prompt() -> None:
         assert [rendered.text[slice(*span)] for span in rendered.image_spans] == ["<image>"]
         assert rendered.user_start == rendered.image_spans[0][0]
         assert get_template(name).last_token
-    assert set(TEMPLATES) == {*expected, "plain"}
+    # The original code's names (their texts: tests/test_original_llava.py).
+    assert set(TEMPLATES) == {*expected, "plain", "chatml_direct", "llava_llama_3"}
 
 
 def test_system_text_goes_into_each_templates_system_slot() -> None:
@@ -102,7 +103,7 @@ def test_system_text_goes_into_each_templates_system_slot() -> None:
 
 
 def test_default_template_follows_the_tokenizer_and_decoder(tokenizers) -> None:
-    assert default_template(tokenizers["vicuna"], "llama") == "llava_v1"
+    assert default_template(tokenizers["vicuna"], "llama") == "vicuna_v1"
     assert default_template(tokenizers["mistral"], "mistral") == "mistral_instruct"
     assert default_template(tokenizers["llama3"], "llama") == "llama3"
     yi_style = make_tokenizer("vicuna")

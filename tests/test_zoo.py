@@ -35,6 +35,7 @@ from mmlens.zoo.shapes import (
     QUESTION_TYPES,
     SHAPES,
     SIZES,
+    TEMPLATE,
     conversation,
     generate,
     vocabulary,
@@ -296,7 +297,7 @@ def test_shared_prefix_loss_equals_separate_prompts(n_objects, n_questions, coun
     # and the prompts are token for token what `model.prepare` builds
     prompts = train_shapes.collate(processor, separate, with_answers=False)
     inp = MultimodalInput.from_processor(
-        processor, [s.image for s in separate], [s.question for s in separate]
+        processor, [s.image for s in separate], [s.question for s in separate], template=TEMPLATE
     )
     assert torch.equal(prompts["input_ids"], inp.input_ids)
     assert torch.equal(prompts["pixel_values"], inp.pixel_values)

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmlens.analysis import box_scores, correct_answers
-from mmlens.zoo.shapes import QUESTION_TYPES, ShapesSample, generate
+from mmlens.zoo.shapes import QUESTION_TYPES, TEMPLATE, ShapesSample, generate
 
 
 @dataclass
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         model = mmlens.load(args.model)
     else:
         model = mmlens.from_pretrained(args.model)
+        model.default_template = TEMPLATE  # a shapes organism trained here
     samples = generate(args.per_type * len(QUESTION_TYPES), seed=args.seed)
     result = evaluate(model, samples)
     print(f"{len(samples)} samples, dataset seed {args.seed}\n")

@@ -67,6 +67,7 @@ from mmlens.zoo.shapes import (
     QUESTION_TYPES,
     SHAPES,
     SIZES,
+    TEMPLATE,
     ShapesSample,
     Turn,
     conversation,
@@ -223,7 +224,7 @@ def collate(
     """
     tokenizer = processor.tokenizer
     texts = [
-        render("llava_v1", sample.question, n_images=1, image_token=processor.image_token).text
+        render(TEMPLATE, sample.question, n_images=1, image_token=processor.image_token).text
         for sample in samples
     ]
     encoded = processor(images=[sample.image for sample in samples], text=texts, padding=False)
@@ -312,7 +313,7 @@ def shared_prefix_loss(
     """
     tokenizer = processor.tokenizer
     device = next(model.parameters()).device
-    rendered = render("llava_v1", "?", n_images=1, image_token=processor.image_token)
+    rendered = render(TEMPLATE, "?", n_images=1, image_token=processor.image_token)
     prefix_end = rendered.image_spans[0][1]
     prefix = processor(
         images=[sample.image for sample in samples],
@@ -335,7 +336,7 @@ def shared_prefix_loss(
     rows = []
     for turns in conversations:
         for turn in turns:
-            text = render("llava_v1", turn.question, n_images=1, image_token=processor.image_token)
+            text = render(TEMPLATE, turn.question, n_images=1, image_token=processor.image_token)
             suffix = f"{text.text[prefix_end:]} {turn.answer}{tokenizer.eos_token}"
             rows.append(tokenizer(suffix, add_special_tokens=False)["input_ids"])
     length = max(map(len, rows))
@@ -761,6 +762,7 @@ def main(argv: list[str] | None = None) -> None:
     from train.evaluate import evaluate
 
     model = mmlens.from_pretrained(args.out)
+    model.default_template = TEMPLATE
     samples = generate(args.eval_per_type * len(QUESTION_TYPES), seed=7)
     result = evaluate(model, samples)
     print(f"\nheld-out accuracy (dataset seed 7, {len(samples)} samples):\n")

@@ -25,8 +25,9 @@ from mmlens.inputs.geometry import (
 )
 from mmlens.inputs.images import as_image
 from mmlens.inputs.layout import PATCH, Box, ImageTokenLayout, _item_layouts
-from mmlens.inputs.segments import SEGMENTS, _segments, _token_spans
+from mmlens.inputs.segments import SEGMENTS, _segments
 from mmlens.inputs.templates import IMAGE_PLACEHOLDER, ConversationTemplate, render
+from mmlens.inputs.tokenization import TOKENIZATIONS, hf_token_spans, llava_token_ids
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class MultimodalInput:
             the checkpoint's processor as it is.
         anyres: LLaVA-NeXT's tile canvas and unpadding rule, "hf" or "llava"
             (`mmlens.inputs.geometry.ANYRES_RULES`); `model_kwargs` passes "llava" to the model.
+        tokenization: how the prompt was tokenised, "hf" or "llava"
+            (`mmlens.inputs.tokenization.TOKENIZATIONS`).
         image_processor: the image processor that made `pixel_values` (for
             ``patches_in_box(rule="mask")``).
 
@@ -82,6 +85,7 @@ class MultimodalInput:
     processor_fingerprint: str | None = None
     image_mode: str | None = None
     anyres: str = "hf"
+    tokenization: str = "hf"
     image_processor: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -323,10 +327,11 @@ class MultimodalInput:
         prompts: str | Sequence[str],
         *,
         system: str | None = None,
-        template: str | ConversationTemplate = "llava_v1",
+        template: str | ConversationTemplate = "vicuna_v1",
         suffix: str = "",
         image_mode: str | None = None,
         anyres: str = "hf",
+        tokenization: str = "hf",
         vision_feature_select_strategy: str | None = None,
         patch_size: int | None = None,
     ) -> MultimodalInput:
@@ -345,6 +350,8 @@ class MultimodalInput:
                 (`mmlens.inputs.geometry.with_image_mode`); None: the checkpoint's processor.
             anyres: LLaVA-NeXT's tile canvas and unpadding, ``"hf"`` (default) or ``"llava"``
                 (the original code's; `mmlens.inputs.geometry.ANYRES_RULES`).
+            tokenization: ``"hf"`` (the processor tokenises the whole prompt) or ``"llava"``
+                (the original `tokenizer_image_token`; `mmlens.inputs.tokenization`).
             suffix: text after the question in the user's turn that is not part of the
                 `question` segment (an answer-format instruction, e.g.
                 `mmlens.inputs.templates.CROSS_MODAL_SUFFIX`).
@@ -370,6 +377,10 @@ class MultimodalInput:
             >>> inp.positions("image", item=1)  # tensor([], dtype=torch.int64): text-only
         """
         fingerprint = processor_fingerprint(processor)  # the checkpoint's, whatever the mode
+        if tokenization not in TOKENIZATIONS:
+            raise ValueError(
+                f"tokenization={tokenization!r}: use one of {', '.join(TOKENIZATIONS)}"
+            )
         geometry_processor = with_image_mode(processor, image_mode)
         processor = with_anyres(geometry_processor, anyres)
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -417,7 +428,6 @@ class MultimodalInput:
             padding_side="left",
             return_tensors="pt",
         )
-        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
         pixel_values = encoded.get("pixel_values")
 
         image_items = [item for item, image in enumerate(image_list) if image is not None]
@@ -434,7 +444,6 @@ class MultimodalInput:
                 )
 
         has_cls = strategy == "full"
-        is_image = (input_ids == image_token_id) & attention_mask.bool()
         item_images = [
             [index for index, owner in enumerate(image_items) if owner == item]
             for item in range(len(rendered))
@@ -443,6 +452,13 @@ class MultimodalInput:
             [geometry[index].n_image_tokens(has_cls) for index in indices]
             for indices in item_images
         ]
+        if tokenization == "llava":
+            input_ids, attention_mask, token_spans = llava_token_ids(
+                processor.tokenizer, rendered, image_token_counts, image_token_id
+            )
+        else:
+            input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        is_image = (input_ids == image_token_id) & attention_mask.bool()
         for item, counts in enumerate(image_token_counts):
             if int(is_image[item].sum()) != sum(counts):
                 raise ValueError(
@@ -451,10 +467,10 @@ class MultimodalInput:
                     f"{strategy!r}; check patch_size, the strategy and the processor's "
                     "num_additional_image_tokens against the model config"
                 )
-        token_spans = _token_spans(
-            processor.tokenizer, rendered, input_ids, attention_mask, image_token_counts
-        )
-
+        if tokenization == "hf":
+            token_spans = hf_token_spans(
+                processor.tokenizer, rendered, input_ids, attention_mask, image_token_counts
+            )
         segments, layouts = [], []
         for item, prompt in enumerate(rendered):
             image_positions = is_image[item].nonzero().flatten()
@@ -487,6 +503,7 @@ class MultimodalInput:
             processor_fingerprint=fingerprint,
             image_mode=image_mode,
             anyres=anyres,
+            tokenization=tokenization,
             image_processor=processor.image_processor,
         )
 

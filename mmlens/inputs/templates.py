@@ -8,11 +8,12 @@ token, where the first answer token is predicted; the prompt ends where the mode
 begins, so that prediction is the answer's first word (after `answer_prefix`), never a newline or
 a header. Registered templates:
 
-- ``"llava_v1"`` (LLaVA-1.5, llava-v1.6-vicuna): ``"{system} USER: <image>\\n{question}
-  ASSISTANT:"`` with the LLaVA-1.5 system prompt. `last` is the ':' of "ASSISTANT:"; answers
-  follow after a space.
-- ``"vicuna_v1"``: ``llava_v1``'s format with LLaVA's `vicuna_v1` system prompt ("a curious
-  user"), as the LLaVA-1.5 GQA evaluation and the Cross-modal Information Flow scripts render it.
+- ``"vicuna_v1"`` (the default of LLaVA-1.5 and llava-v1.6-vicuna): ``"{system} USER:
+  <image>\\n{question} ASSISTANT:"`` with LLaVA's `vicuna_v1` system prompt ("a curious user"),
+  as LLaVA's own evaluation scripts and both papers' code render it. `last` is the ':' of
+  "ASSISTANT:"; answers follow after a space.
+- ``"llava_v1"``: the same format with LLaVA's `llava_v1` system prompt ("a curious human");
+  the shipped ``tiny-shapes`` organism was trained with it.
 - ``"mistral_instruct"`` (llava-v1.6-mistral): ``"[INST] <image>\\n{question} [/INST]"``, no
   system prompt (a given one goes into the first [INST] as ``<<SYS>>\\n...\\n<</SYS>>\\n\\n``,
   as LLaVA's Llama-2-style conversations do). `last` is the last token of "[/INST]" (plain text in
@@ -25,11 +26,19 @@ a header. Registered templates:
 - ``"chatml"`` (llava-v1.6-34b): ``"<|im_start|>system\\nAnswer the questions.<|im_end|>
   <|im_start|>user\\n<image>\\n{question}<|im_end|><|im_start|>assistant\\n"``. `last` is the
   "\\n" after "assistant" (or the last token of "assistant\\n" if the tokenizer merges them).
+- ``"llava_llama_3"``: the original LLaVA-NeXT code's conversation for llama3-llava-next-8b:
+  Llama-3-Instruct's chat template over a system turn with LLaVA's Llama-3 system prompt, as
+  text. That text starts with ``<|begin_of_text|>``, to which the tokenizer adds its own BOS, so
+  the ids start with two BOS tokens, as in the original.
+- ``"chatml_direct"``: the original code's name for ``"chatml"`` (the same text).
 - ``"plain"``: the prompt is used verbatim; the caller writes the full text, ``<image>``
   placeholders included. The question is the text after the last placeholder (the whole text
   without one), surrounding whitespace excluded. `last` is the last token of the text.
 
-`default_template` picks the template of a LLaVA-NeXT checkpoint from its tokenizer and decoder.
+`default_template` picks the template of a LLaVA-NeXT checkpoint from its tokenizer and decoder;
+`ORIGINAL_TEMPLATES` maps it to the conversation the original LLaVA code used for that family.
+``vicuna_v1``, ``llava_v1``, ``mistral_instruct``, ``chatml_direct`` and ``llava_llama_3`` render
+the same text as the original `conversation.py` for one image and one question.
 
 Example:
     >>> rendered = render("llava_v1", "What colour is the door?", n_images=1)
@@ -50,8 +59,8 @@ LLAVA_V1_SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-"""The system prompt of LLaVA's `llava_v1` conversation ("a curious human"), mmlens' default for
-LLaVA-1.5 (the Cross-modal scripts use `VICUNA_V1_SYSTEM_PROMPT`, template ``"vicuna_v1"``)."""
+"""The system prompt of LLaVA's `llava_v1` conversation ("a curious human"); LLaVA-1.5's
+evaluation and both papers use `VICUNA_V1_SYSTEM_PROMPT` (template ``"vicuna_v1"``)."""
 
 VICUNA_V1_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -66,6 +75,13 @@ CROSS_MODAL_SUFFIX = " \nAnswer the question using a single word or phrase."
 
 LLAVA_NEXT_34B_SYSTEM_PROMPT = "Answer the questions."
 """The system prompt of llava-v1.6-34b's ChatML conversations."""
+
+LLAVA_LLAMA_3_SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. You are able to understand the visual "
+    "content that the user provides, and assist the user with a variety of tasks using natural "
+    "language."
+)
+"""The system prompt of the original LLaVA-NeXT code's `llava_llama_3` conversation."""
 
 IMAGE_PLACEHOLDER = "<image>"
 """The image placeholder of llava-hf processors (a processor may name another one)."""
@@ -197,6 +213,15 @@ register_template(
         system_slot="<|im_start|>system\n{text}<|im_end|>",
     )
 )
+register_template(  # the text of the original `conv_llava_llama_3.get_prompt()`
+    dataclasses.replace(
+        TEMPLATES["llama3"],
+        name="llava_llama_3",
+        pattern="<|begin_of_text|>" + TEMPLATES["llama3"].pattern,
+        default_system=LLAVA_LLAMA_3_SYSTEM_PROMPT,
+    )
+)
+register_template(dataclasses.replace(TEMPLATES["chatml"], name="chatml_direct"))
 register_template(
     ConversationTemplate(
         name="plain",
@@ -313,13 +338,26 @@ def _render_verbatim(
     return RenderedPrompt(text, (question_start, question_end), user_start, tuple(image_spans))
 
 
+ORIGINAL_TEMPLATES = {
+    "vicuna_v1": "vicuna_v1",
+    "mistral_instruct": "mistral_instruct",
+    "chatml": "chatml_direct",
+    "llama3": "llava_llama_3",
+}
+"""A checkpoint family's default template (`default_template`) -> the conversation the original
+LLaVA code ran it with (LLaVA-1.5 and llava-v1.6-vicuna: ``vicuna_v1``; llava-v1.6-mistral:
+``mistral_instruct``; llava-v1.6-34b: ``chatml_direct``; llama3-llava-next-8b:
+``llava_llama_3``), which the paper presets use. A model whose default is not listed (a
+shipped organism trained with ``llava_v1``) keeps its own."""
+
+
 def default_template(tokenizer: Any, decoder_model_type: str) -> str:
     """The template of a LLaVA-NeXT checkpoint, from its tokenizer and decoder type.
 
     ``"llama3"`` if the tokenizer has Llama-3's ``<|start_header_id|>``, ``"chatml"`` if it has
     ``<|im_start|>`` (llava-v1.6-34b), ``"mistral_instruct"`` for a Mistral decoder, else
-    ``"llava_v1"`` (llava-v1.6-vicuna). (LLaVA-1.5 checkpoints, bakLlava's Mistral included, all
-    use ``"llava_v1"``.)
+    ``"vicuna_v1"`` (llava-v1.6-vicuna). (LLaVA-1.5 checkpoints, bakLlava's Mistral included, all
+    use ``"vicuna_v1"``.)
 
     Example:
         >>> default_template(make_tokenizer("llama3"), "llama")
@@ -332,4 +370,4 @@ def default_template(tokenizer: Any, decoder_model_type: str) -> str:
         return "chatml"
     if decoder_model_type == "mistral":
         return "mistral_instruct"
-    return "llava_v1"
+    return "vicuna_v1"

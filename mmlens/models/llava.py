@@ -42,6 +42,9 @@ class HookedLlava(HookedTransformer):
             cfg.projector_bias,
         )
         self.hook_image_embeds = HookPoint()  # [n_images, n_image_tokens, d_model]
+        self.default_template = "vicuna_v1"
+        """The conversation template `prepare` uses unless told otherwise (LLaVA-1.5 ran with
+        ``vicuna_v1``; a shipped organism sets the one it was trained with)."""
         self.setup()
 
     def _layer_counts(self) -> dict[str, int]:
@@ -57,6 +60,7 @@ class HookedLlava(HookedTransformer):
         """
         if self.processor is None:
             raise ValueError("this model has no processor; load it with from_pretrained(folder)")
+        kwargs.setdefault("template", self.default_template)
         inp = MultimodalInput.from_processor(
             self.processor,
             images,

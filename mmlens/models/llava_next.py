@@ -19,7 +19,7 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from mmlens.config import MMConfig
-from mmlens.inputs import AnyresGrid, MultimodalInput
+from mmlens.inputs import AnyresGrid
 from mmlens.inputs.templates import default_template
 from mmlens.models.llava import HookedLlava
 from mmlens.models.registry import register
@@ -58,21 +58,8 @@ class HookedLlavaNext(HookedLlava):
             )
         super().__init__(cfg, tokenizer, processor)
         self.image_newline = nn.Parameter(torch.empty(cfg.d_model))  # ends each tile-grid row
-
-    @property
-    def default_template(self) -> str:
-        """The conversation template `prepare` uses unless told otherwise (from the tokenizer's
-        special tokens and the decoder: ``llama3``, ``chatml``, ``mistral_instruct``, ``llava_v1``)."""
-        return default_template(self.tokenizer, self.cfg.decoder_model_type)
-
-    def prepare(self, images: Any, prompts: str | list[str], **kwargs: Any) -> MultimodalInput:
-        """`HookedLlava.prepare` with this checkpoint family's template by default.
-
-        Example:
-            >>> inp = model.prepare(image, "What colour is the door?")  # e.g. "[INST] <image>\\n... [/INST]"
-        """
-        kwargs.setdefault("template", self.default_template)
-        return super().prepare(images, prompts, **kwargs)
+        # The checkpoint family's template (Llama-3, ChatML, Mistral instruct or vicuna_v1).
+        self.default_template = default_template(self.tokenizer, cfg.decoder_model_type)
 
     def tile_grid(self, image_size: tuple[int, int], anyres: str = "hf") -> AnyresGrid:
         """Tiles and unpadding of an image of ``(height, width)`` `image_size` (rule `anyres`,

@@ -21,11 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from mmlens.models import HookedLlava, HookedLlavaNext, from_pretrained
+from mmlens.zoo import shapes
 
 MODELS = {
     "tiny-shapes": "LLaVA-1.5-style model trained on mmlens.zoo.shapes (112 px, 64 image tokens)",
 }
 """Names `load` accepts, with a one-line description each."""
+
+TRAINED_TEMPLATES = {"tiny-shapes": shapes.TEMPLATE}
+"""The conversation each shipped model was trained with: its `prepare` default."""
 
 
 def checkpoint_path(name: str) -> Path:
@@ -52,4 +56,6 @@ def load(name: str = "tiny-shapes", **kwargs: Any) -> HookedLlava | HookedLlavaN
     Example:
         >>> model = mmlens.load("tiny-shapes", dtype=torch.float32, device="cpu")
     """
-    return from_pretrained(checkpoint_path(name), **kwargs)
+    model = from_pretrained(checkpoint_path(name), **kwargs)
+    model.default_template = TRAINED_TEMPLATES[name]
+    return model

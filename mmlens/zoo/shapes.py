@@ -69,6 +69,10 @@ from PIL import Image, ImageDraw
 
 Box = tuple[int, int, int, int]
 
+TEMPLATE = "llava_v1"
+"""The conversation template the shapes organisms are trained and asked with (their word-level
+tokenizer knows the words of its system prompt)."""
+
 IMAGE_SIZE = 112
 """Side of every image in pixels (8 x 8 patches of 14 px for the tiny-shapes model)."""
 
