@@ -54,7 +54,11 @@ def original_n_tokens(width: int, height: int, tile: int = 336, patch: int = 14)
 
 @pytest.mark.parametrize(
     ("width", "height", "llava_tokens", "hf_tokens"),
-    [(300, 200, 976, 1464), (704, 396, 1850, 1948), (640, 480, 2340, 2340)]  # 36 x 48 kept + 36 newlines,
+    [
+        (300, 200, 976, 1464),
+        (704, 396, 1850, 1948),
+        (640, 480, 2340, 2340),
+    ],  # 36 x 48 kept + 36 newlines,
 )
 def test_the_issues_measured_token_counts(width, height, llava_tokens, hf_tokens):
     counts = {
@@ -155,3 +159,149 @@ def test_anyres_is_checked_where_it_applies(tiny_next, tiny_llava_dir):
     llava = mmlens.from_pretrained(tiny_llava_dir)
     with pytest.raises(ValueError, match="anyres applies to LLaVA-NeXT"):
         llava.prepare(make_test_image(20, 14), "What?", anyres="llava")
+
+
+# --- conversation templates: the text of the original conversation.py ----------------------
+
+QUESTION = "What colour is the door?"
+LLAMA3_INSTRUCT_CHAT_TEMPLATE = (  # Meta-Llama-3-8B-Instruct's chat template
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+
+
+def conversation_prompt(style: str, system: str, roles: tuple[str, str], sep: str, message: str):
+    """`Conversation.get_prompt()` of one user message and an open assistant turn, for the
+    separator styles of LLaVA's conversation.py, written from their definitions."""
+    turns = [(roles[0], message), (roles[1], None)]
+    if style == "TWO":  # system + sep, then "ROLE: message" + sep / sep2, open turn "ROLE:"
+        text = system + sep
+        for role, content in turns:
+            text += f"{role}: {content}{sep}" if content else f"{role}:"
+        return text
+    if style == "LLAMA_2":  # "[INST] <<SYS>>...<</SYS>>\n\n message [/INST]", sep "" stripped
+        system_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""
+        return f"[INST] {system_block}{message} [/INST]"
+    if style == "MPT":  # system + sep, then role + message + sep, open turn: role
+        text = system + sep
+        for role, content in turns:
+            text += role + content + sep if content else role
+        return text
+    raise AssertionError(style)
+
+
+def test_templates_render_the_original_conversations():
+    message = f"<image>\n{QUESTION}"
+    expected = {
+        "vicuna_v1": conversation_prompt(
+            "TWO",
+            "A chat between a curious user and an artificial intelligence assistant. The "
+            "assistant gives helpful, detailed, and polite answers to the user's questions.",
+            ("USER", "ASSISTANT"),
+            " ",
+            message,
+        ),
+        "llava_v1": conversation_prompt(
+            "TWO",
+            "A chat between a curious human and an artificial intelligence assistant. The "
+            "assistant gives helpful, detailed, and polite answers to the human's questions.",
+            ("USER", "ASSISTANT"),
+            " ",
+            message,
+        ),
+        "mistral_instruct": conversation_prompt("LLAMA_2", "", ("USER", "ASSISTANT"), "", message),
+        "chatml_direct": conversation_prompt(
+            "MPT",
+            "<|im_start|>system\nAnswer the questions.",
+            ("<|im_start|>user\n", "<|im_start|>assistant\n"),
+            "<|im_end|>",
+            message,
+        ),
+    }
+    for name, text in expected.items():
+        assert mmlens.inputs.render(name, QUESTION, n_images=1).text == text, name
+    # llava_llama_3: Llama-3-Instruct's chat template over a system turn and the user turn.
+    tokenizer = mmlens.testing.make_tokenizer("llama3")
+    system = (
+        "You are a helpful language and vision assistant. You are able to understand the "
+        "visual content that the user provides, and assist the user with a variety of tasks "
+        "using natural language."
+    )
+    original = tokenizer.apply_chat_template(
+        [{"role": "system", "content": system}, {"role": "user", "content": message}],
+        chat_template=LLAMA3_INSTRUCT_CHAT_TEMPLATE,
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    rendered = mmlens.inputs.render("llava_llama_3", QUESTION, n_images=1)
+    assert rendered.text == original
+    assert rendered.text[slice(*rendered.question_span)] == QUESTION
+
+
+# --- tokenizer_image_token ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tiny_checkpoint):
+    return mmlens.from_pretrained(tiny_checkpoint())
+
+
+def test_llava_tokenization_adds_the_sentencepiece_space_after_the_image(tiny_llava):
+    model = tiny_llava
+    image = make_test_image(40, 30)
+    kwargs = dict(template="vicuna_v1", suffix=mmlens.inputs.templates.CROSS_MODAL_SUFFIX)
+    hf = model.prepare(image, QUESTION, **kwargs)
+    llava = model.prepare(image, QUESTION, tokenization="llava", **kwargs)
+    tokenizer = model.tokenizer
+    hf_ids, llava_ids = hf.input_ids[0].tolist(), llava.input_ids[0].tolist()
+    after_image = int(hf.positions("image")[-1]) + 1
+    # The same ids, but for one "▁" right after the image (the text after "<image>" tokenised
+    # on its own gets SentencePiece's leading space).
+    assert len(llava_ids) == len(hf_ids) + 1
+    assert tokenizer.convert_ids_to_tokens(llava_ids[after_image]) == "▁"
+    assert llava_ids[:after_image] + llava_ids[after_image + 1 :] == hf_ids
+    # Each piece is tokenised alone, its BOS dropped after the first piece.
+    before, after = llava.prompts[0].split("<image>")
+    n_image = len(hf.positions("image"))
+    assert llava_ids == (
+        tokenizer(before).input_ids
+        + [llava.image_token_id] * n_image
+        + tokenizer(after).input_ids[1:]
+    )
+    # Segments shift with the tokens: the question is its own tokens, one position later.
+    assert torch.equal(llava.positions("question"), hf.positions("question") + 1)
+    assert torch.equal(llava.positions("image"), hf.positions("image"))
+    words = tokenizer.decode(llava.input_ids[0, llava.positions("question")]).strip()
+    assert words == QUESTION
+    assert llava.tokenization == "llava"
+    logits = model(llava)  # runs: the image slots are filled as usual
+    assert logits.shape[1] == len(llava_ids)
+
+
+def test_llava_tokenization_pads_a_batch_on_the_left(tiny_llava):
+    model = tiny_llava
+    images = [make_test_image(40, 30), None]
+    batch = model.prepare(images, [QUESTION, "Hi"], tokenization="llava")
+    for item in range(2):
+        alone = model.prepare(images[item], [QUESTION, "Hi"][item], tokenization="llava")
+        assert torch.equal(batch.item(item).input_ids, alone.input_ids)
+        assert torch.equal(batch.item(item).positions("question"), alone.positions("question"))
+    assert batch.attention_mask[1, 0] == 0 and batch.input_ids[1, 0] == model.tokenizer.pad_token_id
+    with pytest.raises(ValueError, match="tokenization='sentencepiece'.*hf, llava"):
+        model.prepare(images[0], QUESTION, tokenization="sentencepiece")
+
+
+def test_llava_llama_3_starts_with_two_bos_tokens_as_the_original(tiny_next_checkpoint):
+    model = mmlens.from_pretrained(tiny_next_checkpoint(family="llama3"))
+    image = make_test_image(40, 30)
+    llava = model.prepare(image, QUESTION, template="llava_llama_3", tokenization="llava")
+    hf = model.prepare(image, QUESTION, template="llava_llama_3")
+    bos = model.tokenizer.bos_token_id
+    assert llava.input_ids[0, :3].tolist()[:2] == [bos, bos] and llava.input_ids[0, 2] != bos
+    # A byte-level BPE adds no space after the image: both tokenisations agree.
+    assert torch.equal(llava.input_ids, hf.input_ids)

@@ -80,7 +80,6 @@ def hf_token_spans(
     return spans
 
 
-
 def llava_token_ids(
     tokenizer: Any,
     rendered: list[RenderedPrompt],
