@@ -6,7 +6,7 @@ tower, projector, LLaVA, LLaVA-NeXT), `inputs` (`MultimodalInput` and what it is
 shipped organisms).
 """
 
-from mmlens import ablations, analysis, inputs, models, plot, report, zoo
+from mmlens import ablations, analysis, inputs, models, plot, presets, report, zoo
 from mmlens.config import MMConfig, VisionConfig
 from mmlens.inputs import MultimodalInput
 from mmlens.models import HookedLlava, HookedLlavaNext, HookedTransformer, from_pretrained
@@ -30,6 +30,7 @@ __all__ = [
     "load",
     "models",
     "plot",
+    "presets",
     "report",
     "zoo",
 ]

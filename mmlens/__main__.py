@@ -13,7 +13,8 @@ def demo(out: Path, n_samples: int, seed: int) -> None:
     import torch
 
     import mmlens
-    from mmlens.report import write_report
+    from mmlens.inputs import input_settings
+    from mmlens.report import describe_settings, write_report
     from mmlens.zoo.shapes import generate
 
     torch.set_num_threads(1)  # a tiny model is bound by per-op overhead: one thread is faster
@@ -26,6 +27,8 @@ def demo(out: Path, n_samples: int, seed: int) -> None:
     )
     samples = generate(n_samples, seed=seed)
     print(f"{n_samples} synthetic VQA samples (seed {seed}); running the analyses ...")
+    settings = input_settings(model.prepare(samples[0].image, samples[0].question))
+    print(f"inputs: {describe_settings(settings)}")
     path = write_report(model, samples, out)
     print(f"wrote {path.resolve()} in {time.perf_counter() - start:.0f} s; open it in a browser")
 

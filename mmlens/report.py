@@ -30,6 +30,7 @@ from mmlens.analysis import (
 )
 from mmlens.analysis.grounding import box_scores, last_row_attention_maps
 from mmlens.analysis.sweep import PAPER_FLOWS
+from mmlens.inputs import input_settings
 
 REPORT_FLOWS = {
     **PAPER_FLOWS,
@@ -110,7 +111,7 @@ def write_report(
     sections.append(_cliff_section(cliff))
 
     path = Path(path)
-    path.write_text(_html(model, sections), encoding="utf-8")
+    path.write_text(_html(model, sections, input_settings(inputs)), encoding="utf-8")
     return path
 
 
@@ -242,7 +243,27 @@ def _cliff_section(cliff: Any) -> Section:
     return Section("Truncating image tokens: the cliff", text, plot.cliff(cliff))
 
 
-def _html(model: Any, sections: Sequence[Section]) -> str:
+def describe_settings(settings: dict[str, Any]) -> str:
+    """One line saying how the inputs were made (template, suffix, image geometry, tiling,
+    tokenisation), e.g. for a report header.
+
+    >>> describe_settings(dict(template="vicuna_v1", suffix="", image_mode=None, anyres="hf",
+    ...                        tokenization="hf"))
+    "template vicuna_v1, no suffix, image mode: the checkpoint's processor, anyres hf, tokenization hf"
+    """
+    image_mode = settings.get("image_mode") or "the checkpoint's processor"
+    return ", ".join(
+        [
+            f"template {settings.get('template')}",
+            f"suffix {settings['suffix']!r}" if settings.get("suffix") else "no suffix",
+            f"image mode: {image_mode}",
+            f"anyres {settings.get('anyres')}",
+            f"tokenization {settings.get('tokenization')}",
+        ]
+    )
+
+
+def _html(model: Any, sections: Sequence[Section], settings: dict[str, Any]) -> str:
     parts, plotly_js_included = [], False
     for section in sections:
         figure = ""
@@ -260,6 +281,8 @@ def _html(model: Any, sections: Sequence[Section]) -> str:
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}</style></head><body>"
         f"<h1>mmlens report: {html.escape(str(model.cfg.model_name))}</h1>"
+        f"<p>Inputs: {html.escape(describe_settings(settings))} "
+        "(docs/semantics.md, &ldquo;Reproducing the papers' settings&rdquo;).</p>"
         + "".join(parts)
         + "</body></html>"
     )

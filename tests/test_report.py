@@ -26,3 +26,9 @@ def test_report_is_self_contained_with_every_section(tiny_checkpoint, tmp_path):
         "plotly.js inline, once"
     )
     assert text.count('class="plotly-graph-div"') == 6  # sweep, lens, share, one CAM, boxes, cliff
+    # The header says how the inputs were made (the checkpoint's defaults here).
+    expected = (
+        "Inputs: template vicuna_v1, no suffix, image mode: the checkpoint&#x27;s processor, "
+        "anyres hf, tokenization hf"
+    )
+    assert expected in text

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from mmlens.ablations import drop_tokens
 from mmlens.ablations.positions import PositionSet
 from mmlens.analysis.probability import correct_answers
+from mmlens.inputs import input_settings
 
 
 @dataclass
@@ -70,6 +71,10 @@ def cliff_layer(
     cliff = next((layer for layer in range(n_layers) if all(within[layer:])), None)
     curve = pd.DataFrame({"layer": range(n_layers + 1), "accuracy": accuracy})
     curve.attrs.update(
-        analysis="cliff_layer", model=model.cfg.model_name, n_samples=n_items, mode=mode
+        analysis="cliff_layer",
+        model=model.cfg.model_name,
+        n_samples=n_items,
+        mode=mode,
+        inputs=input_settings(inputs),
     )
     return CliffResult(curve, baseline, cliff, tolerance)

@@ -26,6 +26,8 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from mmlens.analysis.probability import answer_token_ids
+from mmlens.inputs import input_settings
+from mmlens.presets import Preset
 from mmlens.sequence import KVCache
 
 MAD_TO_STD = 1.4826
@@ -54,8 +56,9 @@ def logit_lens(
     inp: Any,
     tokens: int | str | Sequence[int | str] | Int[Tensor, "n_tokens"],
     position: int | Literal["last"] = "last",
-    apply_final_norm: bool | Literal["last_layer"] = True,
+    apply_final_norm: bool | Literal["last_layer"] | None = None,
     item: int = 0,
+    preset: Preset | None = None,
 ) -> pd.DataFrame:
     """Probability of `tokens` read off the residual stream at `position` after every layer.
 
@@ -73,7 +76,10 @@ def logit_lens(
         tokens: token ids, or strings that are single tokens (`model.to_single_token`); for an
             answer as generated use `answer_token_variants`.
         position: a sequence position, or "last" (the last prompt position).
+        apply_final_norm: True, False or "last_layer" (default: the preset's, else True).
         item: batch item.
+        preset: a paper preset (`mmlens.presets`): `inp` must have been prepared with it; it
+            supplies `apply_final_norm`.
 
     Returns:
         columns ``layer, token, token_str, probability``, one row per layer and token; `attrs`
@@ -85,6 +91,10 @@ def logit_lens(
     """
     names = _residual_hooks(model_or_cache)
     model, cache = _model_and_cache(model_or_cache, inp, names)
+    if preset is not None:
+        preset.check_input(model, inp)
+        apply_final_norm = preset.apply_final_norm if apply_final_norm is None else apply_final_norm
+    apply_final_norm = True if apply_final_norm is None else apply_final_norm
     for name in names:
         _check_unpruned(name, _n_positions(inp), cache[name].shape[1])
     token_ids = [
@@ -120,6 +130,8 @@ def logit_lens(
         "position": pos,
         "item": item,
         "apply_final_norm": apply_final_norm,
+        "preset": None if preset is None else preset.name,
+        "inputs": input_settings(inp),
     }
     return result
 
@@ -211,6 +223,7 @@ def attention_share(
         "query_positions": rows.tolist(),
         "heads": heads,
         "item": item,
+        "inputs": input_settings(inp),
         **attrs,
     }
     return result

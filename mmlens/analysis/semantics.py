@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookPoint
 
 from mmlens.analysis.sweep import PositionSpec, active_layers, resolve_positions
+from mmlens.inputs import input_settings
 from mmlens.sequence import sequence_of
 
 
@@ -89,6 +90,7 @@ def module_knockout_jaccard(
         k=k,
         positions=positions if isinstance(positions, str) else "custom",
         zero_at=zero_at,
+        inputs=input_settings(inp),
     )
     return result
 

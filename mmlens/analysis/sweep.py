@@ -28,6 +28,8 @@ from mmlens.ablations import attention_knockout, block_edges, window
 from mmlens.ablations.knockout import check_rows_keep_a_key
 from mmlens.ablations.positions import PositionSet, as_positions, check_positions_exist
 from mmlens.analysis.probability import relative_change
+from mmlens.inputs import input_settings
+from mmlens.presets import Preset
 from mmlens.sequence import sequence_of
 
 Box = tuple[int, int, int, int]
@@ -43,14 +45,18 @@ PAPER_FLOWS: dict[str, tuple[PositionSpec, PositionSpec]] = {
 
 
 def resolve_positions(
-    spec: PositionSpec, inp: Any, boxes: Sequence[Box] = (), item: int = 0
+    spec: PositionSpec,
+    inp: Any,
+    boxes: Sequence[Box] = (),
+    item: int = 0,
+    patch_rule: str = "geometric",
 ) -> Int[Tensor, "n"]:
     """Positions in batch item `item` that a flow's source or target names.
 
     A segment name (`"system"`, `"image"`, `"user"`, `"question"`, `"last"`), `"related_patches"`
-    (image tokens whose patches overlap any of the sample's boxes), `"other_patches"` (the rest
-    of the image tokens), a function `fn(inp, item)`, or a tensor of positions (or a boolean
-    mask).
+    (image tokens whose patches overlap any of the sample's boxes, by `patches_in_box`'s
+    `patch_rule`), `"other_patches"` (the rest of the image tokens), a function `fn(inp, item)`,
+    or a tensor of positions (or a boolean mask).
     """
     if callable(spec):
         return as_positions(spec(inp, item))
@@ -62,7 +68,9 @@ def resolve_positions(
         images = [index for index, owner in enumerate(inp.image_items) if owner == item]
         if len(images) != 1:
             raise ValueError(f"{spec!r} needs exactly one image in the sample, not {len(images)}")
-        related = torch.cat([inp.patches_in_box(box, image=images[0]) for box in boxes]).unique()
+        related = torch.cat(
+            [inp.patches_in_box(box, image=images[0], rule=patch_rule) for box in boxes]
+        ).unique()
         if spec == "related_patches":
             return related
         image = inp.positions("image", item)
@@ -99,9 +107,11 @@ def knockout_sweep(
     model: Any,
     inputs: Any | Sequence[Any],
     flows: dict[str, tuple[PositionSpec, PositionSpec]] | None = None,
-    window_size: int = 9,
+    window_size: int | None = None,
     *,
     boxes: Sequence[Sequence[Box]] | None = None,
+    preset: Preset | None = None,
+    patch_rule: str | None = None,
     centres: Sequence[int] | None = None,
     batch_size: int | None = None,
     method: str = "engine",
@@ -116,9 +126,14 @@ def knockout_sweep(
             batch of several samples runs through the engine together).
         flows: name -> (source, target); each a segment name, "related_patches" /
             "other_patches" (need `boxes`), a function `fn(inp, item)` or positions.
-            Default: `PAPER_FLOWS`.
-        window_size: layers per window (the paper: 9), centred and clipped (`ablations.window`).
+            Default: the preset's, else `PAPER_FLOWS`.
+        window_size: layers per window, centred and clipped (`ablations.window`). Default:
+            the preset's window for this model, else 9 (the paper's text).
         boxes: per sample, the boxes of the objects the question is about (original pixels).
+        preset: a paper preset (`mmlens.presets`): every input must have been prepared with
+            it; it supplies the flows, window and patch rule not given here.
+        patch_rule: `patches_in_box` rule of the patch flows (default: the preset's, else
+            "geometric").
         centres: window centres (default: every layer).
         batch_size: (flow, centre) variants per suffix run (default: all of a target start at
             once; lower it to bound memory on large models).
@@ -127,8 +142,9 @@ def knockout_sweep(
 
     Returns a DataFrame with one row per (sample, flow, centre): `sample`, `flow`, `layer` (the
     centre), `window_start`, `window_end` (exclusive), `answer_token`, `p_base`, `p_new`,
-    `relative_change` (percent). `attrs` keeps the model name, flows and settings, so a
-    figure can be re-drawn later (`mmlens.plot.knockout_sweep`).
+    `relative_change` (percent). `attrs` keeps the model name, flows, settings, the preset's
+    name and the inputs' settings (`input_settings`), so a figure can be re-drawn later
+    (`mmlens.plot.knockout_sweep`).
 
     Raises:
         SweepError: a sample cannot be measured (a flow's positions are empty, outside the
@@ -142,7 +158,15 @@ def knockout_sweep(
     """
     batches = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     n_samples = sum(inp.batch_size for inp in batches)
+    if preset is not None:
+        for inp in batches:
+            preset.check_input(model, inp)
+        flows = preset.flows if flows is None else flows
+        window_size = preset.window_size(model) if window_size is None else window_size
+        patch_rule = preset.patch_rule if patch_rule is None else patch_rule
     flows = dict(PAPER_FLOWS if flows is None else flows)
+    window_size = 9 if window_size is None else window_size
+    patch_rule = patch_rule or "geometric"
     n_layers = model.cfg.n_layers
     centres = list(range(n_layers) if centres is None else centres)
     windows = [window(centre, window_size, n_layers) for centre in centres]
@@ -160,6 +184,9 @@ def knockout_sweep(
             window_size=window_size,
             flows={name: tuple(_describe(spec) for spec in pair) for name, pair in flows.items()},
             method=method,
+            patch_rule=patch_rule,
+            preset=None if preset is None else preset.name,
+            inputs=input_settings(batches),
         )
         return result
 
@@ -169,7 +196,9 @@ def knockout_sweep(
         samples = range(first_sample, first_sample + inp.batch_size)
         try:
             positions = [
-                _flow_positions(flows, inp, boxes[sample] if boxes is not None else (), item)
+                _flow_positions(
+                    flows, inp, boxes[sample] if boxes is not None else (), item, patch_rule
+                )
                 for item, sample in enumerate(samples)
             ]
             run = _engine if method == "engine" else _naive
@@ -214,6 +243,7 @@ def _flow_positions(
     inp: Any,
     boxes: Sequence[Box],
     item: int,
+    patch_rule: str,
 ) -> list[tuple[Tensor, Tensor]]:
     """Each flow's (source, target) positions in item `item`, checked the same way for both
     methods: inside the input, and no target row left without a key."""
@@ -221,7 +251,9 @@ def _flow_positions(
     positions = []
     for name, pair in flows.items():
         try:
-            source, target = (resolve_positions(spec, inp, boxes, item) for spec in pair)
+            source, target = (
+                resolve_positions(spec, inp, boxes, item, patch_rule) for spec in pair
+            )
             source_set = PositionSet.of(source, "source")
             target_set = PositionSet.of(target, "target")
             check_rows_keep_a_key(source_set, target_set)

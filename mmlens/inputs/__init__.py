@@ -38,7 +38,7 @@ from mmlens.inputs.geometry import (
 )
 from mmlens.inputs.images import as_image
 from mmlens.inputs.layout import CLS, NEWLINE, PATCH, TOKEN_KINDS, Box, ImageTokenLayout
-from mmlens.inputs.multimodal import MultimodalInput, processor_fingerprint
+from mmlens.inputs.multimodal import MultimodalInput, input_settings, processor_fingerprint
 from mmlens.inputs.segments import SEGMENTS
 from mmlens.inputs.templates import ConversationTemplate, get_template, register_template, render
 
@@ -55,6 +55,7 @@ __all__ = [
     "ImageGeometry",
     "ImageTokenLayout",
     "MultimodalInput",
+    "input_settings",
     "as_image",
     "box_from_xywh",
     "get_template",

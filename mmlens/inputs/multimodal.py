@@ -61,6 +61,8 @@ class MultimodalInput:
             (`mmlens.inputs.geometry.ANYRES_RULES`); `model_kwargs` passes "llava" to the model.
         tokenization: how the prompt was tokenised, "hf" or "llava"
             (`mmlens.inputs.tokenization.TOKENIZATIONS`).
+        suffix: the text after the question in the user's turn (outside the `question`
+            segment).
         image_processor: the image processor that made `pixel_values` (for
             ``patches_in_box(rule="mask")``).
 
@@ -86,6 +88,7 @@ class MultimodalInput:
     image_mode: str | None = None
     anyres: str = "hf"
     tokenization: str = "hf"
+    suffix: str = ""
     image_processor: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -99,6 +102,23 @@ class MultimodalInput:
     @property
     def device(self) -> torch.device:
         return self.input_ids.device
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """How the prompt and pixels were made (what results record and presets check):
+        template, suffix, image_mode, anyres and tokenization.
+
+        Example:
+            >>> model.prepare(image, "Why?", preset=CROSS_MODAL_FLOW).settings["tokenization"]
+            'llava'
+        """
+        return dict(
+            template=self.template,
+            suffix=self.suffix,
+            image_mode=self.image_mode,
+            anyres=self.anyres,
+            tokenization=self.tokenization,
+        )
 
     def positions(self, name: str, item: int = 0) -> Int[Tensor, "n_positions"]:
         """Sorted sequence positions of segment `name` in batch item `item`.
@@ -504,8 +524,28 @@ class MultimodalInput:
             image_mode=image_mode,
             anyres=anyres,
             tokenization=tokenization,
+            suffix=suffix,
             image_processor=processor.image_processor,
         )
+
+
+def input_settings(inputs: MultimodalInput | Sequence[MultimodalInput]) -> dict[str, Any]:
+    """The `settings` shared by `inputs`, as results record them; a setting on which inputs
+    differ is given as the sorted list of their values ({} for text or token-id inputs).
+
+    Example:
+        >>> input_settings([inp_a, inp_b])["image_mode"]
+        'pad'
+    """
+    batches = [inputs] if isinstance(inputs, MultimodalInput) else list(inputs)
+    batches = [inp for inp in batches if isinstance(inp, MultimodalInput)]  # not text or ids
+    settings: dict[str, Any] = {}
+    for name in batches[0].settings if batches else ():
+        values = {repr(inp.settings[name]): inp.settings[name] for inp in batches}
+        settings[name] = (
+            next(iter(values.values())) if len(values) == 1 else [values[k] for k in sorted(values)]
+        )
+    return settings
 
 
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

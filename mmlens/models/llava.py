@@ -50,16 +50,25 @@ class HookedLlava(HookedTransformer):
     def _layer_counts(self) -> dict[str, int]:
         return {"": self.cfg.n_layers, "vision.": self.cfg.vision.n_layers}
 
-    def prepare(self, images: Any, prompts: str | list[str], **kwargs: Any) -> MultimodalInput:
+    def prepare(
+        self, images: Any, prompts: str | list[str], *, preset: Any = None, **kwargs: Any
+    ) -> MultimodalInput:
         """Build a `MultimodalInput` with this checkpoint's processor (see `mmlens.inputs`):
         one image (or None) and a question, or lists of them for a padded batch.
+
+        `kwargs` go to `MultimodalInput.from_processor` (template, system, suffix, image_mode,
+        anyres, tokenization); the template defaults to `default_template`. A `preset`
+        (`mmlens.presets`) supplies the paper's settings; keywords given here override them.
 
         Example:
             >>> inp = model.prepare(Image.open("door.jpg"), "What colour is the door?")
             >>> inp.positions("image")
+            >>> paper = model.prepare(image, question, preset=mmlens.presets.CROSS_MODAL_FLOW)
         """
         if self.processor is None:
             raise ValueError("this model has no processor; load it with from_pretrained(folder)")
+        if preset is not None:
+            kwargs = {**preset.prepare_kwargs(self), **kwargs}
         kwargs.setdefault("template", self.default_template)
         inp = MultimodalInput.from_processor(
             self.processor,

@@ -1,0 +1,168 @@
+"""Paper presets: every setting a paper's code fixed, as one object for `prepare` and the analyses.
+
+mmlens' defaults equal Hugging Face's implementation; both papers ran the original LLaVA /
+LLaVA-NeXT code, which differs in image geometry, tiling, tokenisation and prompt (the table in
+docs/semantics.md, "Reproducing the papers' settings"). A preset holds what the paper's code did:
+
+    >>> inp = model.prepare(image, question, preset=CROSS_MODAL_FLOW)
+    >>> result = knockout_sweep(model, inp, preset=CROSS_MODAL_FLOW, boxes=[boxes])
+
+An analysis given a preset checks that each input was prepared with it, takes its remaining
+settings (flows, window, patch rule, logit-lens norm) unless passed explicitly, and records the
+preset's name and the inputs' settings in the result's `attrs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import PurePath
+from typing import Any
+
+from mmlens.inputs.geometry import tiles_images
+from mmlens.inputs.templates import CROSS_MODAL_SUFFIX, ORIGINAL_TEMPLATES
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The settings of one paper's code.
+
+    Attributes:
+        name: short name, recorded in results.
+        paper: the paper, in words.
+        suffix: the answer-format instruction after the question (outside the `question`
+            segment); data sets with their own instruction replace it.
+        image_mode: LLaVA-1.5 image geometry (`mmlens.inputs.geometry.IMAGE_MODES`).
+        anyres: LLaVA-NeXT tiling rule (`mmlens.inputs.geometry.ANYRES_RULES`).
+        tokenization: `mmlens.inputs.tokenization.TOKENIZATIONS`.
+        flows: the knockout flows (name -> (source, target)), as `knockout_sweep` takes them.
+        patch_rule: the `patches_in_box` rule for "related_patches" / "other_patches".
+        window_sizes: checkpoint name (a part of the model's name, lower case) -> knockout window.
+        default_window_size: the window of any other model.
+        correct_only: whether the paper analysed only samples the model answers correctly.
+        subword: which sub-word of the answer is scored ("first", or "final" for appendix-style
+            runs; `mmlens.analysis.answer_probability`).
+        apply_final_norm: the logit lens' norm (`mmlens.analysis.logit_lens`).
+
+    The template is not a field: each checkpoint family ran with its own original conversation
+    (`mmlens.inputs.templates.ORIGINAL_TEMPLATES`; `template`).
+    """
+
+    name: str
+    paper: str
+    suffix: str = ""
+    image_mode: str | None = "pad"
+    anyres: str = "llava"
+    tokenization: str = "llava"
+    flows: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    patch_rule: str = "geometric"
+    window_sizes: Mapping[str, int] = field(default_factory=dict)
+    default_window_size: int = 9
+    correct_only: bool = False
+    subword: str = "first"
+    apply_final_norm: bool | str = True
+
+    def template(self, model: Any) -> str:
+        """The conversation the original code used for `model`'s checkpoint family (a model
+        whose default is not a released family's, such as a shipped organism, keeps its own)."""
+        return ORIGINAL_TEMPLATES.get(model.default_template, model.default_template)
+
+    def prepare_kwargs(self, model: Any) -> dict[str, Any]:
+        """The keyword arguments of `model.prepare` under this preset: template, suffix and
+        tokenisation; the image mode for single-crop models (LLaVA-1.5), the anyres rule for
+        tiling ones (LLaVA-NeXT).
+
+        Example:
+            >>> CROSS_MODAL_FLOW.prepare_kwargs(model)["template"]  # "vicuna_v1" for LLaVA-1.5
+        """
+        kwargs = dict(
+            template=self.template(model), suffix=self.suffix, tokenization=self.tokenization
+        )
+        if tiles_images(model.processor.image_processor):
+            kwargs["anyres"] = self.anyres
+        else:
+            kwargs["image_mode"] = self.image_mode
+        return kwargs
+
+    def window_size(self, model: Any) -> int:
+        """The knockout window for `model`: by its checkpoint name, else `default_window_size`.
+
+        Example:
+            >>> CROSS_MODAL_FLOW.window_size(model)  # 9 for llava-1.5-13b-hf, 7 for llava-1.5-7b-hf
+        """
+        name = PurePath(str(model.cfg.model_name)).name.lower()
+        for checkpoint, size in self.window_sizes.items():
+            if checkpoint in name:
+                return size
+        return self.default_window_size
+
+    def check_input(self, model: Any, inp: Any) -> None:
+        """Raise if `inp` was not prepared with this preset for `model` (naming each setting
+        that differs and the fix)."""
+        expected = self.prepare_kwargs(model)
+        actual = {name: inp.settings[name] for name in expected}
+        differ = [
+            f"{name}={actual[name]!r} (the preset's: {value!r})"
+            for name, value in expected.items()
+            if actual[name] != value
+        ]
+        if differ:
+            raise ValueError(
+                f"this input was not prepared with preset {self.name!r}: {', '.join(differ)}; "
+                f"prepare it with model.prepare(..., preset={self.name.upper()}) or run the "
+                "analysis without the preset"
+            )
+
+
+CROSS_MODAL_FLOW = Preset(
+    name="cross_modal_flow",
+    paper="Cross-modal Information Flow in Multimodal Large Language Models",
+    suffix=CROSS_MODAL_SUFFIX,
+    flows={
+        "Image→Last": ("image", "last"),
+        "Question→Last": ("question", "last"),
+        "Last→Last": ("last", "last"),
+        "Image→Question": ("image", "question"),
+        "Related patches→Question": ("related_patches", "question"),
+        "Other patches→Question": ("other_patches", "question"),
+    },
+    patch_rule="mask",
+    # Its plots: window 9 for LLaVA-1.5-13B, 7 for the other three models (the text says 9).
+    window_sizes={
+        "llava-1.5-13b": 9,
+        "llava-v1.5-13b": 9,
+        "llava-1.5-7b": 7,
+        "llava-v1.5-7b": 7,
+        "llava-v1.6-vicuna-7b": 7,
+        "llama3-llava-next-8b": 7,
+    },
+    default_window_size=9,
+    correct_only=True,
+    subword="first",
+    apply_final_norm="last_layer",
+)
+"""The Cross-modal Information Flow code: original LLaVA pipelines (pad-to-square, original
+anyres, `tokenizer_image_token`, each family's original conversation), the answer-format
+suffix, Figures 3-5's flows with the painted-mask patch rule, its plotted windows, correctly
+answered samples only, first sub-word, the logit lens on HF's `hidden_states`."""
+
+REDUNDANCY_TO_RELEVANCE = Preset(
+    name="redundancy_to_relevance",
+    paper="From Redundancy to Relevance: Enhancing Explainability in Multimodal Large Language "
+    "Models",
+    suffix="",
+)
+"""The From-Redundancy code: LLaVA's own evaluation pipeline (pad-to-square, original anyres,
+`tokenizer_image_token`, each family's original conversation, greedy answers); the answer
+instruction is each benchmark's own (the data sets add it)."""
+
+REDUNDANCY_TO_RELEVANCE_CAM = replace(
+    REDUNDANCY_TO_RELEVANCE, name="redundancy_to_relevance_cam", image_mode="squash"
+)
+"""`REDUNDANCY_TO_RELEVANCE` as its LLaVA-CAM demo feeds images: squashed to the square input."""
+
+PRESETS = {
+    preset.name: preset
+    for preset in (CROSS_MODAL_FLOW, REDUNDANCY_TO_RELEVANCE, REDUNDANCY_TO_RELEVANCE_CAM)
+}
+"""Every preset by name (as results record it)."""
