@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import PurePath
 from typing import Any
 
+from mmlens.analysis.sweep import PAPER_FLOWS, PATCH_FLOWS
 from mmlens.inputs.geometry import tiles_images
 from mmlens.inputs.templates import CROSS_MODAL_SUFFIX, ORIGINAL_TEMPLATES
 
@@ -118,14 +119,7 @@ CROSS_MODAL_FLOW = Preset(
     name="cross_modal_flow",
     paper="Cross-modal Information Flow in Multimodal Large Language Models",
     suffix=CROSS_MODAL_SUFFIX,
-    flows={
-        "Image→Last": ("image", "last"),
-        "Question→Last": ("question", "last"),
-        "Last→Last": ("last", "last"),
-        "Image→Question": ("image", "question"),
-        "Related patches→Question": ("related_patches", "question"),
-        "Other patches→Question": ("other_patches", "question"),
-    },
+    flows={**PAPER_FLOWS, **PATCH_FLOWS},
     patch_rule="mask",
     # Its plots: window 9 for LLaVA-1.5-13B, 7 for the other three models (the text says 9).
     window_sizes={

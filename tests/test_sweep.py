@@ -8,6 +8,8 @@ import torch
 import mmlens
 from mmlens.ablations import drop_tokens, zero_attention, zero_mlp
 from mmlens.analysis import (
+    PAPER_FLOWS,
+    PATCH_FLOWS,
     answer_probability,
     answer_token_ids,
     cliff_layer,
@@ -18,14 +20,7 @@ from mmlens.analysis import (
 from mmlens.testing import make_test_image
 
 N_LAYERS = 6
-FLOWS = {
-    "Image→Last": ("image", "last"),
-    "Question→Last": ("question", "last"),
-    "Last→Last": ("last", "last"),
-    "Image→Question": ("image", "question"),
-    "Related patches→Question": ("related_patches", "question"),
-    "Other patches→Question": ("other_patches", "question"),
-}
+FLOWS = {**PAPER_FLOWS, **PATCH_FLOWS}
 
 
 @pytest.fixture(scope="module")

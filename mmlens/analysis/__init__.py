@@ -22,10 +22,11 @@ from mmlens.analysis.probability import (
     relative_change,
 )
 from mmlens.analysis.semantics import module_knockout_jaccard
-from mmlens.analysis.sweep import PAPER_FLOWS, SweepError, knockout_sweep
+from mmlens.analysis.sweep import PAPER_FLOWS, PATCH_FLOWS, SweepError, knockout_sweep
 
 __all__ = [
     "PAPER_FLOWS",
+    "PATCH_FLOWS",
     "AnswerProbability",
     "CamResult",
     "CliffResult",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 import torch
@@ -27,8 +27,10 @@ from transformer_lens import ActivationCache
 
 from mmlens.analysis.probability import answer_token_ids
 from mmlens.inputs import input_settings
-from mmlens.presets import Preset
 from mmlens.sequence import KVCache
+
+if TYPE_CHECKING:
+    from mmlens.presets import Preset
 
 MAD_TO_STD = 1.4826
 """Median absolute deviation -> standard deviation of a normal distribution."""

@@ -15,7 +15,7 @@ within float rounding; tests check 1e-5. See docs/analyses.md, "Knockout sweeps"
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -29,8 +29,10 @@ from mmlens.ablations.knockout import check_rows_keep_a_key
 from mmlens.ablations.positions import PositionSet, as_positions, check_positions_exist
 from mmlens.analysis.probability import relative_change
 from mmlens.inputs import input_settings
-from mmlens.presets import Preset
 from mmlens.sequence import sequence_of
+
+if TYPE_CHECKING:
+    from mmlens.presets import Preset
 
 Box = tuple[int, int, int, int]
 PositionSpec = str | Callable[[Any, int], Tensor] | Tensor
@@ -40,8 +42,12 @@ PAPER_FLOWS: dict[str, tuple[PositionSpec, PositionSpec]] = {
     "Last→Last": ("last", "last"),
     "Image→Question": ("image", "question"),
 }
-"""The flows of Figures 3 and 4. Figure 5 adds ("related_patches", "question") and
-("other_patches", "question"), which need each sample's boxes."""
+"""The flows of Figures 3 and 4."""
+PATCH_FLOWS: dict[str, tuple[PositionSpec, PositionSpec]] = {
+    "Related patches→Question": ("related_patches", "question"),
+    "Other patches→Question": ("other_patches", "question"),
+}
+"""The flows of Figure 5, which need each sample's boxes."""
 
 
 def resolve_positions(
