@@ -164,7 +164,8 @@ def llava_cam(result: CamResult, inp: Any, columns: int = 4, opacity: float = 0.
         width=240 * min(columns, len(result.layers)) + 120,
         margin={"b": 90},
     )
-    figure.add_annotation(text=_geometry_note(geometry), xref="paper", yref="paper", x=0, y=0,
+    figure.add_annotation(text=_geometry_note(geometry, inp.image_mode), xref="paper",
+                          yref="paper", x=0, y=0,
                           yshift=-60, showarrow=False, xanchor="left", align="left")  # fmt: skip
     return figure
 
@@ -199,8 +200,8 @@ def _original_extent(
     return x0, y0, x1, y1
 
 
-def _geometry_note(geometry: ImageGeometry) -> str:
-    """How the original image maps to what the vision tower saw, in one line."""
+def _geometry_note(geometry: ImageGeometry, image_mode: str | None) -> str:
+    """How the original image maps to what the vision tower saw, in two lines."""
     (height, width), (padded_h, padded_w) = geometry.original_size, geometry.padded_size
     steps = [f"original {width}x{height}"]
     if (padded_h, padded_w) != (height, width):
@@ -208,9 +209,10 @@ def _geometry_note(geometry: ImageGeometry) -> str:
     steps.append(f"resized to {geometry.resized_size[1]}x{geometry.resized_size[0]}")
     if geometry.processed_size != geometry.resized_size:
         steps.append(f"centre-cropped to {geometry.processed_size[1]}x{geometry.processed_size[0]}")
+    mode = f"image_mode={image_mode!r}" if image_mode else "the checkpoint's processor"
     return (
-        "Image as the model saw it: " + ", ".join(steps) + ". Dashed box: the original image; "
-        f"one map cell per {geometry.patch_size}x{geometry.patch_size}-pixel patch."
+        f"Image as the model saw it ({mode}): " + ", ".join(steps) + ".<br>Dashed box: the "
+        f"original image; one map cell per {geometry.patch_size}x{geometry.patch_size}-pixel patch."
     )
 
 

@@ -160,7 +160,7 @@ def test_errors(model, inp, images):
         llava_cam(model, batch, ANSWER, noise_std=0)
 
 
-def test_overlay_figure_shows_the_image_as_the_model_saw_it(model, inp):
+def test_overlay_figure_shows_the_image_as_the_model_saw_it(model, inp, images):
     cam = llava_cam(model, inp, ANSWER, layers=[0, 1, 2, 3, "vision.blocks.0"], noise_std=0)
     figure = plot.llava_cam(cam, inp)
     assert isinstance(figure, go.Figure)
@@ -168,6 +168,10 @@ def test_overlay_figure_shows_the_image_as_the_model_saw_it(model, inp):
     assert [trace.type for trace in figure.data[:2]] == ["image", "heatmap"]
     titles = [annotation.text for annotation in figure.layout.annotations]
     assert titles[: len(cam.layers)] == cam.layers and "padded to 88x88" in titles[-1]
+    assert "(the checkpoint's processor)" in titles[-1]  # the caption names the image mode
+    squashed = model.prepare(images[1], "What colour is the door?", image_mode="squash")
+    caption = plot.llava_cam(cam, squashed).layout.annotations[-1].text
+    assert "resized to 56x56" in caption and "image_mode='squash'" in caption
 
     # The wide 88x48 test image is padded to 88x88 (20 rows on top) and resized to 56x56.
     box = figure.layout.shapes[0]

@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mmlens.analysis.probability import answer_token_ids
+from mmlens.inputs import input_settings
 
 SITES = {
     "ln2": "ln2.hook_normalized",
@@ -42,6 +43,7 @@ class CamResult:
             (all zero where the map is).
         layers: the layer of each map: "blocks.{l}" (decoder) or "vision.blocks.{l}".
         settings: model name, answer and its ids, site, noise_std, n_samples, relu_gradients,
+            the input's settings (`inputs`),
             threshold, seed, image index, and the processor's image_mean / image_std (to draw
             the image as the model saw it).
     """
@@ -156,6 +158,7 @@ def llava_cam(
         "image": image,
         "image_mean": image_mean.tolist(),
         "image_std": image_std.tolist(),
+        "inputs": input_settings(inp),
     }
     return CamResult(maps=maps, layers=layer_names, settings=settings)
 
