@@ -2,12 +2,26 @@
 
 The subpackages are the rooms of the house (docs/architecture.md): `models` (decoder, vision
 tower, projector, LLaVA, LLaVA-NeXT), `inputs` (`MultimodalInput` and what it is made of),
-`ablations` (hook lists), `analysis` (the papers' measurements), `plot`, `report`, `zoo` (the
-shipped organisms).
+`ablations` (hook lists), `analysis` (the papers' measurements), `presets` (the papers'
+settings), `data` and `metrics` (data sets and benchmark scores), `experiments` (`run`: an
+experiment over a data set) and `results`, `plot`, `report`, `zoo` (the shipped organisms).
 """
 
-from mmlens import ablations, analysis, inputs, models, plot, presets, report, zoo
+from mmlens import (
+    ablations,
+    analysis,
+    data,
+    inputs,
+    metrics,
+    models,
+    plot,
+    presets,
+    report,
+    results,
+    zoo,
+)
 from mmlens.config import MMConfig, VisionConfig
+from mmlens.experiments import run
 from mmlens.inputs import MultimodalInput
 from mmlens.models import HookedLlava, HookedLlavaNext, HookedTransformer, from_pretrained
 from mmlens.sequence import KVCache, PrefixState, SequenceState
@@ -25,13 +39,17 @@ __all__ = [
     "VisionConfig",
     "ablations",
     "analysis",
+    "data",
     "from_pretrained",
     "inputs",
     "load",
+    "metrics",
     "models",
     "plot",
     "presets",
     "report",
+    "results",
+    "run",
     "zoo",
 ]
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ assigns each safetensors tensor, renamed and cast, straight into them. No remote
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -109,6 +110,21 @@ _CONFIG_FILES = (
     "preprocessor_config.json",
     "image_processor_config.json",
 )
+
+
+def checkpoint_fingerprint(folder: str | os.PathLike) -> str:
+    """A short hash of a checkpoint folder's identity: its config.json and the names and sizes
+    of its weight files (and index), without reading the weights (run manifests record it).
+
+    Example:
+        >>> checkpoint_fingerprint("path/to/llava-1.5-7b-hf")  # doctest: +SKIP
+        '9c0d41e2a7b35f18'
+    """
+    folder = Path(folder)
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for path in sorted(folder.glob("*.safetensors*")) + sorted(folder.glob("*.bin*")):
+        digest.update(f"{path.name}:{path.stat().st_size};".encode())
+    return digest.hexdigest()[:16]
 
 
 def refuse_custom_code(folder: Path) -> None:

@@ -216,36 +216,55 @@ def _geometry_note(geometry: ImageGeometry, image_mode: str | None) -> str:
     )
 
 
-def knockout_sweep(result: pd.DataFrame) -> go.Figure:
+def knockout_sweep(result: pd.DataFrame, facet: str | None = None, columns: int = 3) -> go.Figure:
     """Mean relative change of the answer probability per flow over window centres, with a
     95% interval over samples (mean ± 1.96 standard errors), as the Cross-modal paper's
-    Figures 3-5.
+    Figures 3-5; with `facet` (e.g. ``"question_type"`` of a run's results), one panel per
+    value, `columns` panels a row, as the paper's figures per question type.
 
     Example:
         >>> plot.knockout_sweep(knockout_sweep(model, samples))
+        >>> plot.knockout_sweep(mmlens.results.load("runs/knockout"), facet="question_type")
     """
     attrs = result.attrs
-    figure = go.Figure()
-    for index, (flow, rows) in enumerate(result.groupby("flow", sort=False)):
-        colour = _COLOURS[index % len(_COLOURS)]
-        stats = rows.groupby("layer")["relative_change"].agg(["mean", "sem", "count"]).reset_index()
-        if stats["count"].min() > 1:
-            half_width = 1.96 * stats["sem"]
-            figure.add_scatter(
-                x=list(stats["layer"]) + list(stats["layer"][::-1]),
-                y=list(stats["mean"] + half_width) + list((stats["mean"] - half_width)[::-1]),
-                fill="toself", fillcolor=colour, opacity=0.2, line_width=0, hoverinfo="skip",
-                showlegend=False, name=f"{flow} 95% interval",
-            )  # fmt: skip
-        figure.add_scatter(x=stats["layer"], y=stats["mean"], mode="lines+markers", name=flow,
-                           line_color=colour)  # fmt: skip
-    n_samples = result["sample"].nunique()
+    panels = [(None, result)] if facet is None else list(result.groupby(facet, sort=True))
+    n_rows = math.ceil(len(panels) / columns)
+    figure = make_subplots(
+        rows=n_rows,
+        cols=min(columns, len(panels)),
+        subplot_titles=[str(value) for value, _ in panels] if facet else None,
+        shared_yaxes=True,
+        horizontal_spacing=0.04,
+        vertical_spacing=0.12,
+    )
+    colours = {flow: _COLOURS[i % len(_COLOURS)] for i, flow in enumerate(result.flow.unique())}
+    for index, (_, panel) in enumerate(panels):
+        row, col = index // columns + 1, index % columns + 1
+        for flow, rows in panel.groupby("flow", sort=False):
+            colour = colours[flow]
+            stats = rows.groupby("layer")["relative_change"].agg(["mean", "sem", "count"])
+            stats = stats.reset_index()
+            if stats["count"].min() > 1:
+                half_width = 1.96 * stats["sem"]
+                figure.add_scatter(
+                    x=list(stats["layer"]) + list(stats["layer"][::-1]),
+                    y=list(stats["mean"] + half_width) + list((stats["mean"] - half_width)[::-1]),
+                    fill="toself", fillcolor=colour, opacity=0.2, line_width=0,
+                    hoverinfo="skip", showlegend=False, name=f"{flow} 95% interval",
+                    row=row, col=col,
+                )  # fmt: skip
+            figure.add_scatter(x=stats["layer"], y=stats["mean"], mode="lines+markers", name=flow,
+                               line_color=colour, legendgroup=flow, showlegend=index == 0,
+                               row=row, col=col)  # fmt: skip
+        figure.update_xaxes(title_text="window centre (layer)" if row == n_rows else None,
+                            row=row, col=col)  # fmt: skip
+    figure.update_yaxes(title_text="relative change of p(answer) (%)", col=1)
+    n_samples = result["sample_id" if "sample_id" in result else "sample"].nunique()
     figure.update_layout(
         title=f"Attention knockout, window {attrs.get('window_size')} - {attrs.get('model')} "
         f"({n_samples} sample{'s' if n_samples != 1 else ''})",
-        xaxis_title="window centre (layer)",
-        yaxis_title="relative change of p(answer) (%)",
         legend_title="blocked flow",
+        height=max(450, 320 * n_rows + 80),
     )
     return figure
 

@@ -32,7 +32,8 @@ class Preset:
         name: short name, recorded in results.
         paper: the paper, in words.
         suffix: the answer-format instruction after the question (outside the `question`
-            segment); data sets with their own instruction replace it.
+            segment), or None: the data set's own (`mmlens.data.Sample.suffix`, or what
+            `prepare` is given).
         image_mode: LLaVA-1.5 image geometry (`mmlens.inputs.geometry.IMAGE_MODES`).
         anyres: LLaVA-NeXT tiling rule (`mmlens.inputs.geometry.ANYRES_RULES`).
         tokenization: `mmlens.inputs.tokenization.TOKENIZATIONS`.
@@ -51,7 +52,7 @@ class Preset:
 
     name: str
     paper: str
-    suffix: str = ""
+    suffix: str | None = None
     image_mode: str | None = "pad"
     anyres: str = "llava"
     tokenization: str = "llava"
@@ -69,16 +70,16 @@ class Preset:
         return ORIGINAL_TEMPLATES.get(model.default_template, model.default_template)
 
     def prepare_kwargs(self, model: Any) -> dict[str, Any]:
-        """The keyword arguments of `model.prepare` under this preset: template, suffix and
-        tokenisation; the image mode for single-crop models (LLaVA-1.5), the anyres rule for
-        tiling ones (LLaVA-NeXT).
+        """The keyword arguments of `model.prepare` under this preset: template, tokenisation,
+        the suffix if the preset fixes one; the image mode for single-crop models (LLaVA-1.5),
+        the anyres rule for tiling ones (LLaVA-NeXT).
 
         Example:
             >>> CROSS_MODAL_FLOW.prepare_kwargs(model)["template"]  # "vicuna_v1" for LLaVA-1.5
         """
-        kwargs = dict(
-            template=self.template(model), suffix=self.suffix, tokenization=self.tokenization
-        )
+        kwargs: dict[str, Any] = dict(template=self.template(model), tokenization=self.tokenization)
+        if self.suffix is not None:
+            kwargs["suffix"] = self.suffix
         if tiles_images(model.processor.image_processor):
             kwargs["anyres"] = self.anyres
         else:
@@ -144,7 +145,6 @@ REDUNDANCY_TO_RELEVANCE = Preset(
     name="redundancy_to_relevance",
     paper="From Redundancy to Relevance: Enhancing Explainability in Multimodal Large Language "
     "Models",
-    suffix="",
 )
 """The From-Redundancy code: LLaVA's own evaluation pipeline (pad-to-square, original anyres,
 `tokenizer_image_token`, each family's original conversation, greedy answers); the answer

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from jaxtyping import Bool
 from tqdm.auto import tqdm
 
 from mmlens.ablations import drop_tokens
@@ -58,12 +59,7 @@ def cliff_layer(
     n_items = 0
     for inp, answer in zip(tqdm(inputs, desc="cliff", disable=not progress), answers, strict=True):
         item_answers = [answer] if isinstance(answer, str) else list(answer)
-        images = PositionSet.per_batch_item(inp, "image")
-        with torch.no_grad():
-            for layer in range(n_layers + 1):
-                hooks = drop_tokens(images, layer, mode) if layer < n_layers else []
-                last_logits = model.run_with_hooks(inp, fwd_hooks=hooks)[:, -1]
-                correct[layer] += correct_answers(model, inp, item_answers, last_logits).sum()
+        correct += correct_without_image(model, inp, item_answers, mode).sum(1)
         n_items += len(item_answers)
     accuracy = (correct / n_items).tolist()
     baseline = accuracy[-1]
@@ -78,3 +74,24 @@ def cliff_layer(
         inputs=input_settings(inputs),
     )
     return CliffResult(curve, baseline, cliff, tolerance)
+
+
+def correct_without_image(
+    model: Any, inp: Any, answers: str | Sequence[str], mode: str = "drop"
+) -> Bool[torch.Tensor, "layer batch"]:
+    """Whether each batch item is still answered correctly (`correct_answers`) with every image
+    token removed from layer ``l`` on, for ``l = 0 .. n_layers``; row ``n_layers`` is the
+    untouched model. The per-sample measurement behind `cliff_layer`.
+
+    Example:
+        >>> correct_without_image(model, inp, "red")[:, 0]  # e.g. tensor([False, ..., True])
+    """
+    n_layers = model.cfg.n_layers
+    images = PositionSet.per_batch_item(inp, "image")
+    rows = []
+    with torch.no_grad():
+        for layer in range(n_layers + 1):
+            hooks = drop_tokens(images, layer, mode) if layer < n_layers else []
+            last_logits = model.run_with_hooks(inp, fwd_hooks=hooks)[:, -1]
+            rows.append(correct_answers(model, inp, answers, last_logits))
+    return torch.stack(rows)

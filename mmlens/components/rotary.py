@@ -56,7 +56,8 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, position_ids: Int[torch.Tensor, "batch pos"], dtype: torch.dtype
     ) -> tuple[Float[torch.Tensor, "batch pos d_head"], Float[torch.Tensor, "batch pos d_head"]]:
-        freqs = position_ids[..., None].float() * self.inv_freq
+        # .to: in a model on several devices the blocks' rows live elsewhere (a no-op if not)
+        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
         angles = torch.cat((freqs, freqs), dim=-1)
         cos = angles.cos() * self.attention_scaling
         sin = angles.sin() * self.attention_scaling

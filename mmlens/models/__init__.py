@@ -19,6 +19,7 @@ def from_pretrained(
     *,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
 ) -> HookedLlava | HookedLlavaNext | HookedTransformer:
     """Load any supported checkpoint as the class registered for its `config.model_type`.
 
@@ -27,11 +28,15 @@ def from_pretrained(
             that is already in the local Hugging Face cache.
         dtype: torch.float32, torch.bfloat16 or torch.float16, or its name ("bfloat16").
         device: where the weights go.
+        device_map: "auto" or module name -> device, for a model on several devices
+            (`mmlens.models.placement`).
 
     Example:
         >>> model = mmlens.from_pretrained("llava-hf/llava-1.5-7b-hf", dtype="bfloat16")  # doctest: +SKIP
     """
-    return HookedTransformer.from_pretrained(path_or_id, dtype=dtype, device=device)
+    return HookedTransformer.from_pretrained(
+        path_or_id, dtype=dtype, device=device, device_map=device_map
+    )
 
 
 __all__ = [

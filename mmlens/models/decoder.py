@@ -34,6 +34,7 @@ from mmlens.components import (
 from mmlens.config import MMConfig
 from mmlens.hooks import checked_hook, next_hook_id, remove_hooks
 from mmlens.loading import load_weights, read_checkpoint
+from mmlens.models.placement import place
 from mmlens.models.registry import model_class_for, register
 from mmlens.perf import enable_for_cpu_caching
 from mmlens.sequence import (
@@ -84,6 +85,7 @@ class HookedTransformer(HookedRootModule):
         )
         self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
+        self.device_map: dict[str, str] | None = None  # set by `models.placement.place`
         self.setup()
 
     # ------------------------------------------------------------------ loading
@@ -94,6 +96,7 @@ class HookedTransformer(HookedRootModule):
         *,
         dtype: torch.dtype | str = torch.float32,
         device: str | torch.device = "cpu",
+        device_map: str | dict[str, Any] | None = None,
     ) -> HookedTransformer:
         """Load a Hugging Face checkpoint folder (or a hub id already in the local cache) as
         the class registered for its `config.model_type`, which must be `cls` or a subclass:
@@ -101,10 +104,14 @@ class HookedTransformer(HookedRootModule):
         checkpoint.
 
         Weights are converted tensor by tensor from safetensors; the HF model is never built
-        and no code from the folder runs (docs/checkpoints.md).
+        and no code from the folder runs (docs/checkpoints.md). `device_map` ("auto" or a dict
+        module name -> device, `mmlens.models.placement`) spreads a model too large for one
+        device over several: the weights are read to the CPU, then each module moves to its
+        device (`device` is then unused).
 
         Example:
             >>> model = mmlens.HookedLlava.from_pretrained("path/to/llava-1.5-7b-hf")  # doctest: +SKIP
+            >>> big = mmlens.from_pretrained("llava-1.5-13b-hf", device_map="auto")  # doctest: +SKIP
         """
         folder, hf_config = read_checkpoint(path_or_id)
         model_cls = model_class_for(hf_config.model_type)
@@ -113,9 +120,17 @@ class HookedTransformer(HookedRootModule):
                 f"{folder} holds a {hf_config.model_type!r} checkpoint, which loads as "
                 f"{model_cls.__name__}, not {cls.__name__}; use mmlens.from_pretrained to dispatch"
             )
-        return load_weights(
-            model_cls, folder, hf_config, dtype=dtype, device=device, model_name=str(path_or_id)
+        model = load_weights(
+            model_cls,
+            folder,
+            hf_config,
+            dtype=dtype,
+            device="cpu" if device_map is not None else device,
+            model_name=str(path_or_id),
         )
+        if device_map is not None:
+            place(model, device_map)
+        return model
 
     # ------------------------------------------------------------------ TL-style weights
     @property
@@ -609,6 +624,8 @@ class HookedTransformer(HookedRootModule):
         gives keys and values, only the last row (of each variant) goes on past the attention.
         """
         block = self.blocks[layer]
+        if self.device_map is not None:  # blocks on several devices: rows follow the block
+            rows.move_to(next(block.parameters()).device)
         block.publish(rows.state(layer, past))
         kept = block.hook_prune(rows.positions)
         if kept is not rows.positions:
@@ -669,6 +686,8 @@ class HookedTransformer(HookedRootModule):
             >>> _, cache = model.run_with_cache(inp, names_filter="blocks.3.hook_resid_post")
             >>> model.to_logits(cache["blocks.3.hook_resid_post"][0, -1]).argmax()
         """
+        if self.device_map is not None:
+            resid = resid.to(next(self.unembed.parameters()).device)
         return self.unembed(self.ln_final(resid) if final_norm else resid)
 
     # ------------------------------------------------------------------ prefix and suffix
@@ -924,6 +943,17 @@ class _Rows:
         if entry is None or any(a is not b for a, b in zip(entry[0], inputs, strict=True)):
             entry = self._memo[name] = (inputs, make())
         return entry[1]
+
+    def move_to(self, device: torch.device) -> None:
+        """Move every row tensor to `device` (the next block's, in a model on several
+        devices); memoised masks are dropped with the old tensors."""
+        if self.resid.device == device:
+            return
+        for name in ("resid", "positions", "is_real", "rotary_ids", "variant", "variant_start"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        self._memo.clear()
 
     def keep(self, index: Int[torch.Tensor, "batch kept"], resid: bool = True) -> None:
         """Keep the rows at `index`: pruning, or (`resid=False`) after a block that computed

@@ -120,4 +120,5 @@ class HookedLlava(HookedTransformer):
                 "tokens; use one '<image>' per image and let model.prepare (or the checkpoint's "
                 "processor) expand it"
             )
-        return embeds.masked_scatter(image_slots[..., None], image_embeds.to(embeds.dtype))
+        image_embeds = image_embeds.to(device=embeds.device, dtype=embeds.dtype)
+        return embeds.masked_scatter(image_slots[..., None], image_embeds)

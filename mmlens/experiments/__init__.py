@@ -1,0 +1,348 @@
+"""Experiments at data-set scale: one call (or `mmlens run ...`) runs a paper's experiment over a
+data set, streams results to a run directory, resumes after any crash, and spreads over
+processes, GPUs and nodes (docs/experiments.md).
+
+Example:
+    >>> result = mmlens.run("knockout", "tiny-shapes", "shapes:64", "runs/knockout",
+    ...                     preset="cross_modal_flow", centres=[1, 3])
+    >>> mmlens.plot.knockout_sweep(result, facet="question_type").show()
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import warnings
+from collections.abc import Iterable, Sequence
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from mmlens.analysis import correct_answers
+from mmlens.data import Dataset, Sample, from_samples, load, shard_of
+from mmlens.experiments.definitions import EXPERIMENTS, Context, Experiment
+from mmlens.experiments.parallel import Shard, current_shard
+from mmlens.experiments.store import Batch, RunMismatch, RunStore, merged
+from mmlens.inputs import processor_fingerprint
+from mmlens.presets import PRESETS, Preset
+
+__all__ = ["EXPERIMENTS", "RunMismatch", "run"]
+
+
+def run(
+    experiment: str,
+    model: Any,
+    data: str | Dataset | Iterable[Sample],
+    out: str | Path,
+    *,
+    preset: str | Preset | None = None,
+    images: str | Path | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+    correct_only: bool | None = None,
+    skip_bad: bool = False,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = "float32",
+    shard: tuple[int, int] | str | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> pd.DataFrame:
+    """Run `experiment` over `data` with `model`, writing to `out`; return the results.
+
+    Args:
+        experiment: a name in `EXPERIMENTS` (knockout, logit-lens, module-jaccard,
+            attention-share, cam, cliff, truncation, fastv).
+        model: a model, a checkpoint folder, a hub id in the local cache, or a zoo name.
+        data: a `Dataset`, samples, or a spec ``"FORMAT:PATH"`` (`mmlens.data.load`).
+        out: the run directory. If it holds a run of the same settings, that run resumes:
+            finished samples are not computed again; other settings are refused
+            (`RunMismatch`).
+        preset: a paper preset (`mmlens.presets`, or its name): inputs are prepared with it and
+            the analyses take its settings.
+        images: the image folder of a data spec.
+        batch_size: samples per padded batch.
+        limit: only the first `limit` samples of the data set.
+        correct_only: keep only samples the model answers correctly (first token) in the
+            interpretability experiments; default: the preset's rule (else False). The dropped
+            samples are listed in the manifest.
+        skip_bad: leave out malformed data rows (listed in the manifest) instead of stopping.
+        device, dtype: where and how to load a model given by name (default device: the
+            launcher's for this process, else "cpu").
+        shard: ``(index, count)`` or ``"index/count"``: run one shard of the samples; default:
+            from the launcher (accelerate / torchrun / SLURM array), else all.
+        options: the experiment's options (`EXPERIMENTS[name].options`).
+
+    Returns:
+        every committed row of the run directory (`mmlens.results.load(out)`), this process'
+        and earlier runs' and other ranks' alike.
+    """
+    from mmlens import results
+
+    spec = _experiment(experiment)
+    preset = _preset(preset)
+    this_shard = current_shard(shard, cpu=str(device) == "cpu")
+    model, model_identity = _model(model, device or this_shard.device or "cpu", dtype)
+    dataset = _dataset(data, images, skip_bad)
+    if limit is not None:
+        dataset = dataset[:limit]
+    options = _resolved_options(spec, model, preset, options)
+    if correct_only is None:
+        correct_only = bool(preset and preset.correct_only)
+    correct_only = correct_only and spec.filters_correct
+    identity = dict(
+        experiment=spec.name,
+        options=options,
+        preset=preset.name if preset else None,
+        correct_only=correct_only,
+        model=model_identity,
+        data=dict(
+            format=dataset.name,
+            source=dataset.source,
+            n_samples=len(dataset),
+            ids=hashlib.sha256("\n".join(dataset.ids).encode()).hexdigest()[:16],
+        ),
+    )
+    store = RunStore(out, rank=this_shard.index)
+    store.open(identity, details=_environment(model))
+    finished = store.finished()
+    todo = [
+        (index, sample)
+        for index, sample in enumerate(dataset)
+        if shard_of(sample.sample_id, this_shard.count) == this_shard.index
+        and sample.sample_id not in finished
+    ]
+    context = Context(
+        model=model,
+        preset=preset,
+        options=options,
+        dataset=dataset.name,
+        max_new_tokens=dataset.max_new_tokens,
+        prepare=lambda samples: model.prepare(
+            [sample.load_image() for sample in samples],
+            [sample.question for sample in samples],
+            **_prepare_kwargs(preset, samples),
+        ),
+    )
+    bar = tqdm(
+        total=len(todo),
+        desc=f"{spec.name} (shard {this_shard.index}/{this_shard.count})",
+        unit="sample",
+        disable=not progress,
+    )
+    with bar:
+        for batch in _batches(todo, batch_size):
+            store.commit(_run_batch(spec, context, batch, correct_only))
+            bar.update(len(batch))
+    failed = _finish(store, this_shard, dataset)
+    if failed:
+        first = next(iter(failed.items()))
+        warnings.warn(
+            f"{len(failed)} sample(s) failed and have no rows (listed in {store.manifest_path}); "
+            f"first: {first[0]}: {first[1]}",
+            stacklevel=2,
+        )
+    return results.load(out)
+
+
+def _run_batch(
+    spec: Experiment, context: Context, batch: list[tuple[int, Sample]], correct_only: bool
+) -> Batch:
+    """One batch: read its images, drop wrongly answered samples if asked, run the experiment
+    (alone per sample if the batch fails, so one bad sample does not sink the others)."""
+    result = Batch(sample_ids=[sample.sample_id for _, sample in batch])
+    readable = []
+    for index, sample in batch:
+        try:
+            sample.load_image()
+            readable.append((index, sample))
+        except (OSError, ValueError) as error:
+            result.failed[sample.sample_id] = f"image: {error}"
+    if correct_only and readable:
+        samples = [sample for _, sample in readable]
+        with torch.no_grad():
+            correct = correct_answers(
+                context.model, context.prepare(samples), [_answer(s) for s in samples]
+            )
+        for (index, sample), is_correct in zip(list(readable), correct.tolist(), strict=True):
+            if not is_correct:
+                result.dropped[sample.sample_id] = "answered incorrectly"
+                readable.remove((index, sample))
+    samples = [sample for _, sample in readable]
+    order = {sample.sample_id: index for index, sample in readable}
+    try:
+        outcomes = [spec.run(context, samples)] if samples else []
+    except Exception as error:  # noqa: BLE001 - isolated below: one bad sample must not sink all
+        if len(samples) == 1:
+            result.failed[samples[0].sample_id] = f"{type(error).__name__}: {error}"
+            outcomes = []
+        else:
+            outcomes = [_alone(spec, context, sample, result) for sample in samples]
+    for rows, tensors in outcomes:
+        result.rows += [{"sample_index": order[row["sample_id"]], **row} for row in rows]
+        result.tensors.update(tensors)
+    return result
+
+
+def _alone(
+    spec: Experiment, context: Context, sample: Sample, result: Batch
+) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """`sample` run alone; its error, if any, goes to `result.failed`."""
+    try:
+        return spec.run(context, [sample])
+    except Exception as error:  # noqa: BLE001 - recorded in the manifest, reported at the end
+        result.failed[sample.sample_id] = f"{type(error).__name__}: {error}"
+        return [], {}
+
+
+def _finish(store: RunStore, shard: Shard, dataset: Dataset) -> dict[str, str]:
+    """Record what the run left out and how far it got (rank 0, once every rank is done);
+    return the failed samples."""
+    shard.wait_for_everyone()
+    records = store.records()
+    if shard.index != 0:
+        return merged(records, "failed")
+    n_finished = sum(len(record["sample_ids"]) for record in records)
+    store.update_manifest(
+        finished=n_finished,
+        complete=n_finished == len(dataset),
+        dropped=merged(records, "dropped"),
+        failed=merged(records, "failed"),
+        skipped_rows=list(dataset.skipped),
+    )
+    return merged(records, "failed")
+
+
+def _batches(todo: list[tuple[int, Sample]], batch_size: int) -> Iterable[list[tuple[int, Sample]]]:
+    """Consecutive samples in batches of at most `batch_size` that share an answer
+    instruction (one `prepare` call per batch)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    for _, same_suffix in groupby(todo, key=lambda pair: pair[1].suffix):
+        group = list(same_suffix)
+        for start in range(0, len(group), batch_size):
+            yield group[start : start + batch_size]
+
+
+def _prepare_kwargs(preset: Preset | None, samples: Sequence[Sample]) -> dict[str, Any]:
+    """`prepare`'s keywords for a batch: the preset's, and the data set's answer instruction
+    unless the preset fixes its own."""
+    if preset is not None and preset.suffix is not None:
+        return {"preset": preset}
+    return {"preset": preset, "suffix": samples[0].suffix}
+
+
+def _answer(sample: Sample) -> str:
+    if not sample.answer:
+        raise ValueError(
+            f"sample {sample.sample_id!r} has no answer: the correct-answer filter needs one "
+            "(pass correct_only=False / --all-samples)"
+        )
+    return sample.answer
+
+
+def _experiment(name: str) -> Experiment:
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; experiments: {', '.join(EXPERIMENTS)}")
+    return EXPERIMENTS[name]
+
+
+def _preset(preset: str | Preset | None) -> Preset | None:
+    if isinstance(preset, str):
+        key = preset.lower().replace("-", "_")
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        return PRESETS[key]
+    return preset
+
+
+def _resolved_options(
+    spec: Experiment, model: Any, preset: Preset | None, given: dict[str, Any]
+) -> dict[str, Any]:
+    """The experiment's options with every default that depends on the model made explicit
+    (so the manifest says what ran)."""
+    options = spec.resolve(given)
+    if spec.name == "knockout" and options["window_size"] is None:
+        options["window_size"] = preset.window_size(model) if preset else 9
+    if spec.name == "cam" and options["layers"] is None:
+        options["layers"] = list(range(model.cfg.n_layers))
+    return {
+        key: list(value) if isinstance(value, tuple) else value for key, value in options.items()
+    }
+
+
+def _model(model: Any, device: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
+    """The model (loaded if given by name) and what identifies it in the manifest."""
+    from mmlens.loading import checkpoint_fingerprint, resolve_checkpoint
+    from mmlens.models import from_pretrained
+    from mmlens.zoo import MODELS, checkpoint_path
+    from mmlens.zoo import load as load_zoo
+
+    if isinstance(model, (str, Path)):
+        name = str(model)
+        if name in MODELS:
+            folder, model = checkpoint_path(name), load_zoo(name, dtype=dtype, device=device)
+        else:
+            folder, model = (
+                resolve_checkpoint(name),
+                from_pretrained(name, dtype=dtype, device=device),
+            )
+    else:
+        folder = Path(str(model.cfg.model_name))
+        name = str(model.cfg.model_name)
+    fingerprint = (
+        checkpoint_fingerprint(folder)
+        if (folder / "config.json").is_file()
+        else processor_fingerprint(model.processor)
+    )
+    return model, dict(name=name, fingerprint=fingerprint, template=model.default_template)
+
+
+def _dataset(data: Any, images: Any, skip_bad: bool) -> Dataset:
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, str):
+        return load(data, images=images, skip_bad=skip_bad)
+    return from_samples(data)
+
+
+def _environment(model: Any) -> dict[str, Any]:
+    """Versions, the git revision of mmlens' checkout (None for an installed wheel) and the
+    processor's configuration, for the manifest."""
+    import accelerate
+    import transformer_lens
+    import transformers
+
+    import mmlens
+
+    try:
+        revision = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=Path(mmlens.__file__).parent,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        revision = None
+    return dict(
+        versions=dict(
+            mmlens=mmlens.__version__,
+            torch=torch.__version__,
+            transformers=transformers.__version__,
+            transformer_lens=getattr(transformer_lens, "__version__", None),
+            accelerate=accelerate.__version__,
+            pandas=pd.__version__,
+        ),
+        git_revision=revision,
+        processor=dict(
+            fingerprint=processor_fingerprint(model.processor),
+            image_processor=model.processor.image_processor.to_dict(),
+        ),
+    )

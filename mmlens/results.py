@@ -1,0 +1,103 @@
+"""Reading a run directory written by `mmlens.run` / `mmlens run` (docs/experiments.md).
+
+Example:
+    >>> result = mmlens.results.load("runs/knockout")
+    >>> result.attrs["experiment"], result.attrs["options"]["window_size"]
+    ('knockout', 7)
+    >>> mmlens.plot.knockout_sweep(result, facet="question_type")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+from mmlens import metrics
+from mmlens.experiments.store import RunStore, merged, read_rows
+
+
+def load(out: str | Path) -> pd.DataFrame:
+    """Every committed row of the run in `out`, in data-set order, with the run's settings in
+    `attrs`: ``experiment``, ``options`` (flattened too, e.g. ``window_size``), ``preset``,
+    ``model``, ``data``, ``dropped`` and ``failed`` (sample id -> reason), and ``manifest``
+    (the whole manifest). The rows of all ranks and of resumed runs are merged; a sample is
+    never twice.
+
+    Raises:
+        FileNotFoundError: `out` holds no run.
+    """
+    store = RunStore(out)
+    if not store.manifest_path.is_file():
+        raise FileNotFoundError(f"{out} holds no run (no manifest.json)")
+    rows, records = read_rows(out)
+    if len(rows):
+        rows = rows.sort_values("sample_index", kind="stable").reset_index(drop=True)
+    manifest = store.manifest()
+    identity = manifest["identity"]
+    rows.attrs = {
+        **identity["options"],
+        "experiment": identity["experiment"],
+        "options": identity["options"],
+        "preset": identity["preset"],
+        "model": identity["model"]["name"],
+        "data": identity["data"],
+        "dropped": merged(records, "dropped"),
+        "failed": merged(records, "failed"),
+        "manifest": manifest,
+    }
+    return rows
+
+
+def load_tensors(out: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors the run saved (e.g. ``cam``: sample id -> ``[layer, rows, cols]`` maps)."""
+    store = RunStore(out)
+    tensors: dict[str, torch.Tensor] = {}
+    for record in store.records():
+        if record["tensors"]:
+            tensors.update(load_file(store.parts / f"{record['stem']}.safetensors"))
+    return tensors
+
+
+def summary(result: pd.DataFrame) -> pd.DataFrame:
+    """The aggregate of a loaded run: for ``truncation`` / ``fastv``, the data set's metric
+    (`mmlens.metrics.summarize`) per condition; for ``cliff``, the accuracy per layer (the last
+    layer row is the untouched model); for the others, the mean of each numeric column per
+    question type and layer or flow.
+
+    Example:
+        >>> mmlens.results.summary(mmlens.results.load("runs/truncation"))
+    """
+    experiment = result.attrs["experiment"]
+    if experiment in ("truncation", "fastv"):
+        dataset = result.attrs["data"]["format"]
+        return pd.DataFrame(
+            [
+                {"condition": condition, **metrics.summarize(dataset, rows)}
+                for condition, rows in result.groupby("condition", sort=False)
+            ]
+        )
+    if experiment == "cliff":
+        return (
+            result.groupby("layer", as_index=False)["correct"]
+            .mean()
+            .rename(columns={"correct": "accuracy"})
+        )
+    keys = [key for key in ("question_type", "flow", "segment", "module", "layer") if key in result]
+    values = result.drop(columns=["sample_index"]).select_dtypes("number").columns
+    values = [value for value in values if value not in keys]
+    return result.groupby(keys, as_index=False, dropna=False)[values].mean()
+
+
+def describe(result: pd.DataFrame) -> dict[str, Any]:
+    """A short account of a loaded run: experiment, preset, samples with rows, dropped, failed."""
+    return dict(
+        experiment=result.attrs["experiment"],
+        preset=result.attrs["preset"],
+        samples=int(result["sample_id"].nunique()) if len(result) else 0,
+        dropped=len(result.attrs["dropped"]),
+        failed=len(result.attrs["failed"]),
+    )
