@@ -53,6 +53,14 @@ def _layer(text: str) -> int | str:
     return int(text) if text.lstrip("-").isdigit() else text
 
 
+def _final_norm(text: str) -> bool | str:
+    """The logit lens' final-norm rule: true, false or last_layer."""
+    rules = {"true": True, "false": False, "last_layer": "last_layer"}
+    if text.lower() not in rules:
+        raise argparse.ArgumentTypeError(f"{text!r}: use true, false or last_layer")
+    return rules[text.lower()]
+
+
 # Experiment options on the command line: flag -> (option name, type, help).
 RUN_OPTIONS = {
     "--window-size": ("window_size", int, "knockout: layers per window (default: the preset's)"),
@@ -68,6 +76,7 @@ RUN_OPTIONS = {
     "--mode": ("mode", str, "cliff, truncation, fastv: 'drop' tokens or 'mask' them"),
     "--ratio": ("ratio", float, "fastv: kept fraction of image tokens"),
     "--noise-std": ("noise_std", float, "cam: SmoothGrad noise std (0: one noiseless run)"),
+    "--final-norm": ("apply_final_norm", _final_norm, "logit-lens: true, false or last_layer"),
     "--n-samples": ("n_samples", int, "cam: SmoothGrad samples"),
 }
 

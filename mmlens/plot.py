@@ -35,51 +35,64 @@ SEGMENT_COLOURS = {
 }
 
 
-def logit_lens(result: pd.DataFrame) -> go.Figure:
+def logit_lens(result: pd.DataFrame, facet: str | None = None, columns: int = 3) -> go.Figure:
     """One line per token: its probability at the position over layers (Cross-modal Figure 6).
+    A run's results (many samples) show the mean over samples per answer variant
+    (lower-case, capitalised), one panel per `facet` value if given.
 
     Example:
         >>> plot.logit_lens(logit_lens(model, inp, answer_token_variants(model, inp, "red")))
+        >>> plot.logit_lens(mmlens.results.load("runs/lens"), facet="question_type")
     """
     attrs = result.attrs
-    figure = go.Figure()
-    for token_str, rows in result.groupby("token_str", sort=False):
-        figure.add_scatter(x=rows["layer"], y=rows["probability"], mode="lines+markers",
-                           name=repr(token_str))  # fmt: skip
+    many = "sample_id" in result and result["sample_id"].nunique() > 1
+    series = "variant" if many else "token_str"
+    figure, panels = _facets(result, facet, columns)
+    for index, (row, col, panel) in enumerate(panels):
+        curves = panel.groupby([series, "layer"], sort=False)["probability"].mean().reset_index()
+        for key, rows in curves.groupby(series, sort=False):
+            figure.add_scatter(x=rows["layer"], y=rows["probability"], mode="lines+markers",
+                               name=str(key) if many else repr(key), legendgroup=str(key),
+                               line_color=_colour(curves[series].unique(), key),
+                               showlegend=index == 0, row=row, col=col)  # fmt: skip
     norm = {True: "final norm applied", False: "no final norm"}.get(
         attrs.get("apply_final_norm", True),
         "final norm at the last layer only, as the paper's code",
     )
+    where = "the last position, mean over samples" if many else f"position {attrs.get('position')}"
     figure.update_layout(
-        title=f"Logit lens at position {attrs.get('position')} ({norm}) - {attrs.get('model')}",
-        xaxis_title="layer (0 = embeddings)",
-        yaxis_title="probability",
-        legend_title="token",
+        title=f"Logit lens at {where} ({norm}) - {attrs.get('model')}",
+        legend_title="answer" if many else "token",
     )
+    figure.update_xaxes(title_text="layer (0 = embeddings)")
+    figure.update_yaxes(title_text="probability", col=1)
     return figure
 
 
-def attention_share(result: pd.DataFrame) -> go.Figure:
+def attention_share(result: pd.DataFrame, facet: str | None = None, columns: int = 3) -> go.Figure:
     """Stacked bars: each segment's share of the query's attention per layer (From Redundancy
-    to Relevance, Figure 2b).
+    to Relevance, Figure 2b); the mean over samples for a run's results, one panel per `facet`
+    value if given.
 
     Example:
         >>> plot.attention_share(attention_share(model, inp, heads="max"))
     """
     attrs = result.attrs
-    figure = go.Figure()
-    for segment, rows in result.groupby("segment", sort=False):
-        figure.add_bar(x=rows["layer"], y=rows["share"], name=segment,
-                       marker_color=SEGMENT_COLOURS.get(segment))  # fmt: skip
+    figure, panels = _facets(result, facet, columns)
+    for index, (row, col, panel) in enumerate(panels):
+        shares = panel.groupby(["segment", "layer"], sort=False)["share"].mean().reset_index()
+        for segment, rows in shares.groupby("segment", sort=False):
+            figure.add_bar(x=rows["layer"], y=rows["share"], name=segment, legendgroup=segment,
+                           marker_color=SEGMENT_COLOURS.get(segment), showlegend=index == 0,
+                           row=row, col=col)  # fmt: skip
     figure.update_layout(
         barmode="stack",
-        title=f"Attention share of the {attrs.get('query')} query ({attrs.get('heads')} over "
-        f"heads) - {attrs.get('model')}",
-        xaxis_title="layer",
-        yaxis_title="share of attention",
-        yaxis_range=[0, 1],
+        title=f"Attention share of the {attrs.get('query', 'last')} query "
+        f"({attrs.get('heads', 'mean')} over heads) - {attrs.get('model')}",
         legend_title="keys",
     )
+    figure.update_xaxes(title_text="layer")
+    figure.update_yaxes(title_text="share of attention", range=[0, 1], col=1)
     return figure
 
 
@@ -227,19 +240,10 @@ def knockout_sweep(result: pd.DataFrame, facet: str | None = None, columns: int 
         >>> plot.knockout_sweep(mmlens.results.load("runs/knockout"), facet="question_type")
     """
     attrs = result.attrs
-    panels = [(None, result)] if facet is None else list(result.groupby(facet, sort=True))
-    n_rows = math.ceil(len(panels) / columns)
-    figure = make_subplots(
-        rows=n_rows,
-        cols=min(columns, len(panels)),
-        subplot_titles=[str(value) for value, _ in panels] if facet else None,
-        shared_yaxes=True,
-        horizontal_spacing=0.04,
-        vertical_spacing=0.12,
-    )
+    figure, panels = _facets(result, facet, columns)
     colours = {flow: _COLOURS[i % len(_COLOURS)] for i, flow in enumerate(result.flow.unique())}
-    for index, (_, panel) in enumerate(panels):
-        row, col = index // columns + 1, index % columns + 1
+    n_rows = max(row for row, _, _ in panels)
+    for index, (row, col, panel) in enumerate(panels):
         for flow, rows in panel.groupby("flow", sort=False):
             colour = colours[flow]
             stats = rows.groupby("layer")["relative_change"].agg(["mean", "sem", "count"])
@@ -249,7 +253,7 @@ def knockout_sweep(result: pd.DataFrame, facet: str | None = None, columns: int 
                 figure.add_scatter(
                     x=list(stats["layer"]) + list(stats["layer"][::-1]),
                     y=list(stats["mean"] + half_width) + list((stats["mean"] - half_width)[::-1]),
-                    fill="toself", fillcolor=colour, opacity=0.2, line_width=0,
+                    mode="lines", fill="toself", fillcolor=colour, opacity=0.2, line_width=0,
                     hoverinfo="skip", showlegend=False, name=f"{flow} 95% interval",
                     row=row, col=col,
                 )  # fmt: skip
@@ -269,23 +273,31 @@ def knockout_sweep(result: pd.DataFrame, facet: str | None = None, columns: int 
     return figure
 
 
-def module_knockout_jaccard(result: pd.DataFrame) -> go.Figure:
-    """Jaccard similarity of the question's top-k words per knocked-out window (appendix D/K).
+def module_knockout_jaccard(
+    result: pd.DataFrame, facet: str | None = None, columns: int = 3
+) -> go.Figure:
+    """Jaccard similarity of the question's top-k words per knocked-out window (appendix D/K);
+    the mean over samples for a run's results, one panel per `facet` value if given.
 
     Example:
         >>> plot.module_knockout_jaccard(module_knockout_jaccard(model, inp, "mlp"))
     """
     attrs = result.attrs
-    figure = go.Figure()
-    for module, rows in result.groupby("module", sort=False):
-        figure.add_scatter(x=rows["layer"], y=rows["jaccard"], mode="lines+markers", name=module)
+    figure, panels = _facets(result, facet, columns)
+    for index, (row, col, panel) in enumerate(panels):
+        means = panel.groupby(["module", "layer"], sort=False)["jaccard"].mean().reset_index()
+        for module, rows in means.groupby("module", sort=False):
+            figure.add_scatter(x=rows["layer"], y=rows["jaccard"], mode="lines+markers",
+                               name=module, legendgroup=module, showlegend=index == 0,
+                               line_color=_colour(means["module"].unique(), module),
+                               row=row, col=col)  # fmt: skip
     figure.update_layout(
         title=f"Semantic change when zeroing {attrs.get('window')} layers from l "
-        f"(top-{attrs.get('k')} words at {attrs.get('positions')}) - {attrs.get('model')}",
-        xaxis_title="first zeroed layer",
-        yaxis_title="Jaccard similarity to the clean run",
-        yaxis_range=[0, 1.02],
+        f"(top-{attrs.get('k')} words at {attrs.get('positions', 'question')}) - "
+        f"{attrs.get('model')}",
     )
+    figure.update_xaxes(title_text="first zeroed layer")
+    figure.update_yaxes(title_text="Jaccard similarity to the clean run", range=[0, 1.02], col=1)
     return figure
 
 
@@ -314,6 +326,32 @@ def cliff(result: Any) -> go.Figure:
         yaxis_range=[0, 1.02],
     )
     return figure
+
+
+def _facets(
+    result: pd.DataFrame, facet: str | None, columns: int
+) -> tuple[go.Figure, list[tuple[int, int, pd.DataFrame]]]:
+    """A figure with one panel per value of column `facet` (one panel without it), `columns`
+    panels a row, and each panel's (row, column, rows)."""
+    groups = [("", result)] if facet is None else list(result.groupby(facet, sort=True))
+    n_rows = math.ceil(len(groups) / columns)
+    figure = make_subplots(
+        rows=n_rows,
+        cols=min(columns, len(groups)),
+        subplot_titles=[str(value) for value, _ in groups] if facet else None,
+        shared_yaxes=True,
+        horizontal_spacing=0.04,
+        vertical_spacing=0.12,
+    )
+    if n_rows > 1:
+        figure.update_layout(height=320 * n_rows + 80)
+    panels = [(i // columns + 1, i % columns + 1, rows) for i, (_, rows) in enumerate(groups)]
+    return figure, panels
+
+
+def _colour(keys: Any, key: Any) -> str:
+    """The colour of `key` among `keys` (the same in every panel)."""
+    return _COLOURS[list(keys).index(key) % len(_COLOURS)]
 
 
 _COLOURS = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880"]

@@ -65,7 +65,8 @@ def load_tensors(out: str | Path) -> dict[str, torch.Tensor]:
 def summary(result: pd.DataFrame) -> pd.DataFrame:
     """The aggregate of a loaded run: for ``truncation`` / ``fastv``, the data set's metric
     (`mmlens.metrics.summarize`) per condition; for ``cliff``, the accuracy per layer (the last
-    layer row is the untouched model); for the others, the mean of each numeric column per
+    layer row is the untouched model; `mmlens.analysis.cliff_of` finds its cliff and
+    `mmlens.plot.cliff` draws it); for the others, the mean of each numeric column per
     question type and layer or flow.
 
     Example:
@@ -81,11 +82,10 @@ def summary(result: pd.DataFrame) -> pd.DataFrame:
             ]
         )
     if experiment == "cliff":
-        return (
-            result.groupby("layer", as_index=False)["correct"]
-            .mean()
-            .rename(columns={"correct": "accuracy"})
-        )
+        curve = result.groupby("layer", as_index=False)["correct"].mean()
+        curve = curve.rename(columns={"correct": "accuracy"})
+        curve.attrs.update(model=result.attrs["model"], n_samples=result["sample_id"].nunique())
+        return curve
     keys = [key for key in ("question_type", "flow", "segment", "module", "layer") if key in result]
     values = result.drop(columns=["sample_index"]).select_dtypes("number").columns
     values = [value for value in values if value not in keys]

@@ -286,3 +286,30 @@ def test_cli_runs_and_checks_its_options(tmp_path, capsys):
 def test_correct_answers_filter_matches_the_analysis(model, shapes):
     inp = model.prepare([s.image for s in shapes], [s.question for s in shapes])
     assert correct_answers(model, inp, [s.answer for s in shapes]).all()
+
+
+def test_plots_take_run_results_and_facet_by_question_type(model, tmp_path):
+    from mmlens import plot
+    from mmlens.analysis import cliff_of
+
+    data = load("shapes:14")  # every question type twice
+    knockout = run(model, data, tmp_path / "k", window_size=3, centres=[0, 2], batch_size=7)
+    figure = plot.knockout_sweep(knockout, facet="question_type")
+    titles = {annotation.text for annotation in figure.layout.annotations}
+    assert titles == set(knockout.question_type)
+    lines = [trace for trace in figure.data if trace.mode == "lines+markers"]
+    assert len(lines) == len(titles) * knockout.flow.nunique()
+    means = knockout.groupby(["question_type", "flow", "layer"]).relative_change.mean()
+    first = lines[0]
+    assert list(first.y) == pytest.approx(means[sorted(titles)[0], first.name].tolist())
+    lens = run(model, data[:4], tmp_path / "l", "logit-lens")
+    assert {trace.name for trace in plot.logit_lens(lens).data} == set(lens.variant)
+    share = run(model, data[:4], tmp_path / "s", "attention-share")
+    bars = plot.attention_share(share).data
+    assert [bar.name for bar in bars] == ["system", "image", "user"]
+    assert list(bars[1].y) == pytest.approx(
+        share[share.segment == "image"].groupby("layer").share.mean().tolist()
+    )
+    cliff = run(model, data, tmp_path / "c", "cliff", batch_size=7)
+    curve = results.summary(cliff)
+    assert list(plot.cliff(cliff_of(curve)).data[0].y) == curve.accuracy.tolist()

@@ -5,7 +5,7 @@ Analyses call models only through their public API (forward, hooks, caches, `run
 """
 
 from mmlens.analysis.cam import CamResult, llava_cam
-from mmlens.analysis.cliff import CliffResult, cliff_layer, correct_without_image
+from mmlens.analysis.cliff import CliffResult, cliff_layer, cliff_of, correct_without_image
 from mmlens.analysis.grounding import box_scores, last_row_attention_maps
 from mmlens.analysis.lens import (
     HighNormPatches,
@@ -40,6 +40,7 @@ __all__ = [
     "last_row_attention_maps",
     "attention_share",
     "cliff_layer",
+    "cliff_of",
     "correct_without_image",
     "high_norm_patches",
     "knockout_sweep",

@@ -62,9 +62,6 @@ def cliff_layer(
         correct += correct_without_image(model, inp, item_answers, mode).sum(1)
         n_items += len(item_answers)
     accuracy = (correct / n_items).tolist()
-    baseline = accuracy[-1]
-    within = [a >= baseline - tolerance for a in accuracy[:-1]]
-    cliff = next((layer for layer in range(n_layers) if all(within[layer:])), None)
     curve = pd.DataFrame({"layer": range(n_layers + 1), "accuracy": accuracy})
     curve.attrs.update(
         analysis="cliff_layer",
@@ -73,6 +70,21 @@ def cliff_layer(
         mode=mode,
         inputs=input_settings(inputs),
     )
+    return cliff_of(curve, tolerance)
+
+
+def cliff_of(curve: pd.DataFrame, tolerance: float = 0.02) -> CliffResult:
+    """The cliff of an accuracy curve (``layer``, ``accuracy``; the last row is the untouched
+    model): the first layer from which truncating every image token never costs more than
+    `tolerance` of the baseline's accuracy.
+
+    Example:
+        >>> cliff_of(mmlens.results.summary(mmlens.results.load("runs/cliff"))).cliff_layer
+    """
+    accuracy = curve["accuracy"].tolist()
+    baseline = accuracy[-1]
+    within = [value >= baseline - tolerance for value in accuracy[:-1]]
+    cliff = next((layer for layer in range(len(within)) if all(within[layer:])), None)
     return CliffResult(curve, baseline, cliff, tolerance)
 
 

@@ -267,6 +267,8 @@ def _resolved_options(
     options = spec.resolve(given)
     if spec.name == "knockout" and options["window_size"] is None:
         options["window_size"] = preset.window_size(model) if preset else 9
+    if spec.name == "logit-lens" and options["apply_final_norm"] is None:
+        options["apply_final_norm"] = preset.apply_final_norm if preset else True
     if spec.name == "cam" and options["layers"] is None:
         options["layers"] = list(range(model.cfg.n_layers))
     return {

@@ -110,15 +110,26 @@ def _knockout(context: Context, samples: Sequence[Sample]) -> tuple[Rows, dict]:
 
 
 def _logit_lens(context: Context, samples: Sequence[Sample]) -> tuple[Rows, dict]:
-    """Cross-modal Figure 6: the answer's first sub-word, lower-case and capitalised, read off
-    the last position after every layer."""
+    """Cross-modal Figure 6: the answer's first sub-word, lower-case and capitalised (`variant`;
+    one token when both are the same), read off the last position after every layer."""
     inp = context.prepare(samples)
     rows: Rows = []
     for item, sample in enumerate(samples):
         single = inp.item(item)
         tokens = answer_token_variants(context.model, single, _answer(sample))
-        result = logit_lens(context.model, single, tokens, preset=context.preset)
-        rows += [{**_sample_columns(sample), **row} for row in result.to_dict("records")]
+        result = logit_lens(
+            context.model,
+            single,
+            tokens,
+            apply_final_norm=context.options["apply_final_norm"],
+            preset=context.preset,
+        )
+        # Name the variants so that curves can be averaged over samples (Figure 6's two lines).
+        names = dict(zip(tokens, ("lower-case", "capitalised"), strict=False))
+        rows += [
+            {**_sample_columns(sample), "variant": names[row["token"]], **row}
+            for row in result.to_dict("records")
+        ]
     return rows, {}
 
 
@@ -281,7 +292,12 @@ EXPERIMENTS: dict[str, Experiment] = {
             dict(window_size=None, centres=None, flows=None),
             description="attention knockout of the Cross-modal flows over layer windows",
         ),
-        Experiment("logit-lens", _logit_lens, description="answer probability after every layer"),
+        Experiment(
+            "logit-lens",
+            _logit_lens,
+            dict(apply_final_norm=None),
+            description="answer probability after every layer",
+        ),
         Experiment(
             "module-jaccard",
             _module_jaccard,
