@@ -313,3 +313,47 @@ def test_plots_take_run_results_and_facet_by_question_type(model, tmp_path):
     cliff = run(model, data, tmp_path / "c", "cliff", batch_size=7)
     curve = results.summary(cliff)
     assert list(plot.cliff(cliff_of(curve)).data[0].y) == curve.accuracy.tolist()
+
+
+def test_cli_on_the_papers_file_formats(tmp_path, capsys):
+    """GQA CSV -> knockout with patch flows; POPE JSON lines -> truncation with POPE's metrics."""
+    from mmlens.__main__ import main
+    from mmlens.zoo.shapes import generate
+
+    choose = generate(3, seed=5, question_types=["ChooseAttr"])
+    header = ["question_id", "img_id", "question", "answer", "image_w", "image_h"]
+    header += [f"object1 {part}" for part in "xywh"]
+    lines = [",".join(header)]
+    for index, sample in enumerate(choose):
+        sample.image.save(tmp_path / f"img{index}.jpg", quality=95)
+        x0, y0, x1, y1 = sample.boxes[0]
+        xywh = [x0, y0, x1 - x0 - 1, y1 - y0 - 1]  # the paper's inclusive (x, y, w, h)
+        cells = [f"00{index}", f"img{index}", sample.question, sample.answer, "112", "112"]
+        lines.append(",".join(map(str, cells + xywh)))
+    (tmp_path / "ChooseAttr.csv").write_text("\n".join(lines) + "\n")
+    main(["run", "knockout", "--model", "tiny-shapes", "--data",
+          f"gqa:{tmp_path / 'ChooseAttr.csv'}", "--images", str(tmp_path), "--out",
+          str(tmp_path / "gqa-run"), "--centres", "1", "--window-size", "3", "--all-samples"])  # fmt: skip
+    gqa = results.load(tmp_path / "gqa-run")
+    assert sorted(gqa.sample_id.unique()) == ["000", "001", "002"]
+    assert set(gqa.question_type) == {"ChooseAttr"}
+    assert {"Related patches→Question", "Other patches→Question"} <= set(gqa.flow)
+
+    exist = generate(4, seed=6, question_types=["Exist"])
+    records = []
+    for index, sample in enumerate(exist):
+        sample.image.save(tmp_path / f"pope{index}.png")
+        records.append(
+            {"question_id": index, "image": f"pope{index}.png", "text": sample.question,
+             "label": sample.answer}
+        )  # fmt: skip
+    pope_file = tmp_path / "coco_pope_random.json"
+    pope_file.write_text("\n".join(json.dumps(record) for record in records) + "\n")
+    main(["run", "truncation", "--model", "tiny-shapes", "--data", f"pope:{pope_file}",
+          "--out", str(tmp_path / "pope-run"), "--layers", "2", "--keep", "4"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "precision" in printed and "yes_ratio" in printed
+    pope = results.load(tmp_path / "pope-run")
+    assert list(pope.condition.unique()) == ["baseline", "layer 2"]
+    assert set(pope.label) == {sample.answer for sample in exist}
+    assert set(pope.prediction) <= {"yes", "no"}
