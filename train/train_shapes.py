@@ -296,13 +296,18 @@ def shared_prefix_loss(
     samples: list[ShapesSample],
     conversations: list[list[Turn]],
     question_weight: float = 0.0,
+    routing_weight: float = 0.0,
 ) -> torch.Tensor:
     """Mean cross-entropy of the answer words and ``</s>`` of single-turn questions about each
     image (``conversations[i]`` about ``samples[i].image``, e.g. from
     `mmlens.zoo.shapes.conversation`), computed with the image's prompt prefix run once; plus
     `question_weight` times the mean next-token cross-entropy of the prompt text between the
     image and the answer (the question and "ASSISTANT:", from its second token on), the
-    language modelling a real LLaVA's decoder had before it saw images.
+    language modelling a real LLaVA's decoder had before it saw images; plus `routing_weight`
+    times the attention that the assistant tokens ("ASSISTANT", ":", the answer; ":" is the last
+    prompt position) pay to image tokens, summed over the image and averaged over rows, heads and
+    layers (`tiny-shapes-routed`: image information must reach the answer through the question
+    tokens; needs eager attention, which returns the weights).
 
     Every question is the single-turn LLaVA-1.5 prompt that `model.prepare` renders,
     ``{system} USER: <image>\n{question} ASSISTANT: {answer}</s>``. Its prefix up to the last
@@ -358,13 +363,29 @@ def shared_prefix_loss(
         position_ids=position_ids.to(device),
         past_key_values=cache,
         labels=labels.to(device),
+        output_attentions=bool(routing_weight),
     )
-    if not question_weight:
-        return out.loss
-    question_loss = torch.nn.functional.cross_entropy(
-        out.logits[:, :-1].flatten(0, 1), question_labels[:, 1:].flatten().to(device)
-    )
-    return out.loss + question_weight * question_loss
+    loss = out.loss
+    if question_weight:
+        question_loss = torch.nn.functional.cross_entropy(
+            out.logits[:, :-1].flatten(0, 1), question_labels[:, 1:].flatten().to(device)
+        )
+        loss = loss + question_weight * question_loss
+    if routing_weight:
+        # Rows of "ASSISTANT", ":" and the answer: the last 2 + len(" ASSISTANT:") real tokens.
+        n_assistant = len(tokenizer(" ASSISTANT:", add_special_tokens=False)["input_ids"])
+        assistant = torch.zeros((len(rows), length), dtype=torch.bool)
+        for row, ids in enumerate(rows):
+            assistant[row, len(ids) - 2 - n_assistant : len(ids) - 1] = True
+        is_image = _repeat_per_image(prefix_ids == processor.image_token_id, repeats)
+        on_image = torch.stack(
+            [
+                pattern[..., :n_prefix].mul(is_image[:, None, None]).sum(-1)
+                for pattern in out.attentions
+            ]
+        )  # [layer, row, head, query]: attention mass on image keys
+        loss = loss + routing_weight * on_image.mean(2)[:, assistant.to(device)].mean()
+    return loss
 
 
 def _repeat_per_image(
@@ -581,6 +602,7 @@ def train(
     question_weight: float = 0.0,
     vision_steps: int = 0,
     freeze_vision: bool = False,
+    routing_weight: float = 0.0,
     log=print,
 ) -> LlavaForConditionalGeneration:
     """Train tiny-shapes from scratch; save it (weights, config, tokenizer, processor) to `out`.
@@ -604,6 +626,8 @@ def train(
     loss on the questions (`shared_prefix_loss`).
     `vision_steps` > 0 first runs `pretrain_vision` on the fresh model (not on a resumed one);
     `freeze_vision` keeps the vision tower's weights fixed in this cycle, as LLaVA keeps CLIP's.
+    `routing_weight` > 0 penalises the assistant tokens' attention to the image
+    (`shared_prefix_loss`; `tiny-shapes-routed`), computed with eager attention.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -615,6 +639,8 @@ def train(
     else:
         model = LlavaForConditionalGeneration.from_pretrained(resume_from)
     model = model.to(device).train()
+    if routing_weight:
+        model.set_attn_implementation("eager")  # the penalty needs the attention weights
     model.model.vision_tower.requires_grad_(not freeze_vision)
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trained if p.ndim >= 2 and "embed" not in n]
@@ -642,7 +668,9 @@ def train(
             )
             for sample in samples
         ]
-        loss = shared_prefix_loss(model, processor, samples, conversations, question_weight)
+        loss = shared_prefix_loss(
+            model, processor, samples, conversations, question_weight, routing_weight
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -658,6 +686,8 @@ def train(
         elif (step + 1) % 25 == 0:
             log(f"step {step + 1}/{last} loss {running:.3f} {time.time() - started:.0f}s")
     model.eval()
+    if routing_weight:
+        model.set_attn_implementation("sdpa")
     if out is not None:
         _save(model, processor, out)
     return model
@@ -710,6 +740,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="torch CPU threads (the "
                         "shipped weights were trained with 2; another count gives other weights)")  # fmt: skip
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--routing-weight", type=float, default=0.0,
+                        help="penalty on the assistant tokens' attention to the image "
+                        "(tiny-shapes-routed: 5)")  # fmt: skip
     parser.add_argument("--eval-per-type", type=int, default=200, help="final evaluation size")
     args = parser.parse_args(argv)
     started = time.time()
@@ -719,6 +752,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         n_questions=args.questions,
         freeze_vision=args.freeze_vision,
+        routing_weight=args.routing_weight,
         threads=args.threads,
         device=args.device,
     )
