@@ -7,19 +7,29 @@ LOCK := constraints.txt
 # build. The package itself only asks for a range (pyproject.toml).
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test test-slow test-latest lock demo lint bench
+.PHONY: setup test test-slow test-latest lock demo lint bench notebooks docs
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	rm -rf $(VENV)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet -c $(LOCK) "$(TORCH)"
-	$(PY) -m pip install --quiet -c $(LOCK) -e ".[dev]"
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[dev,docs]"
 	touch $@
 
 setup: $(VENV)/.installed
 
+# The suite, the tutorials executed top to bottom (nbmake), and the docs site built strictly.
 test: setup
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=600 docs/tutorials
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site
+
+# Re-execute the tutorials and store their outputs (figures included) in the committed copies.
+notebooks: setup
+	MMLENS_PNG_FIGURES=1 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace docs/tutorials/*.ipynb
+
+docs: setup
+	$(VENV)/bin/mkdocs serve
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
@@ -30,7 +40,7 @@ test-latest:
 	rm -rf .venv-latest
 	python3 -m venv .venv-latest
 	.venv-latest/bin/python -m pip install --quiet "$(TORCH)"
-	.venv-latest/bin/python -m pip install --quiet -e ".[dev]"
+	.venv-latest/bin/python -m pip install --quiet -e ".[dev,docs]"
 	.venv-latest/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//' > .venv-latest/versions.txt
 	grep -v '^#' $(LOCK) | diff - .venv-latest/versions.txt && echo "newest releases = the lock" || true
 	.venv-latest/bin/python -m pytest -q -p no:cacheprovider
@@ -40,7 +50,7 @@ lock:
 	rm -rf .venv-lock
 	python3 -m venv .venv-lock
 	.venv-lock/bin/python -m pip install --quiet "$(TORCH)"
-	.venv-lock/bin/python -m pip install --quiet -e ".[dev]"
+	.venv-lock/bin/python -m pip install --quiet -e ".[dev,docs]"
 	{ echo "# Exact versions for 'make setup' (pip -c). Written by 'make lock' on $$(date -u +%F); see CONTRIBUTING.md."; \
 	  .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > $(LOCK)
 	rm -rf .venv-lock

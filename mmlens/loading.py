@@ -116,7 +116,7 @@ def checkpoint_fingerprint(folder: str | os.PathLike) -> str:
     """A short hash of a checkpoint folder's identity: its config.json and the names and sizes
     of its weight files (and index), without reading the weights (run manifests record it).
 
-    Example:
+    Examples:
         >>> checkpoint_fingerprint("path/to/llava-1.5-7b-hf")  # doctest: +SKIP
         '9c0d41e2a7b35f18'
     """

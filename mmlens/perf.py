@@ -29,7 +29,7 @@ def retain_freed_cpu_memory(pool_bytes: int = 8 << 30) -> bool:
     process keeps its peak memory instead of returning it. Returns False where it does not
     apply (not Linux/glibc).
 
-    Example:
+    Examples:
         >>> import mmlens.perf
         >>> mmlens.perf.retain_freed_cpu_memory()  # doctest: +SKIP
         True

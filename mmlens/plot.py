@@ -3,7 +3,7 @@
 Each takes the result an analysis returned (its settings travel with it) and returns a
 `plotly.graph_objects.Figure`.
 
-Example:
+Examples:
     >>> mmlens.plot.logit_lens(logit_lens(model, inp, tokens)).show()
     >>> mmlens.plot.llava_cam(llava_cam(model, inp, "red"), inp).write_html("cam.html")
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -40,7 +41,7 @@ def logit_lens(result: pd.DataFrame, facet: str | None = None, columns: int = 3)
     A run's results (many samples) show the mean over samples per answer variant
     (lower-case, capitalised), one panel per `facet` value if given.
 
-    Example:
+    Examples:
         >>> plot.logit_lens(logit_lens(model, inp, answer_token_variants(model, inp, "red")))
         >>> plot.logit_lens(mmlens.results.load("runs/lens"), facet="question_type")
     """
@@ -61,7 +62,7 @@ def logit_lens(result: pd.DataFrame, facet: str | None = None, columns: int = 3)
     )
     where = "the last position, mean over samples" if many else f"position {attrs.get('position')}"
     figure.update_layout(
-        title=f"Logit lens at {where} ({norm}) - {attrs.get('model')}",
+        title=f"Logit lens at {where} ({norm}) - {_model_name(attrs.get('model'))}",
         legend_title="answer" if many else "token",
     )
     figure.update_xaxes(title_text="layer (0 = embeddings)")
@@ -74,7 +75,7 @@ def attention_share(result: pd.DataFrame, facet: str | None = None, columns: int
     to Relevance, Figure 2b); the mean over samples for a run's results, one panel per `facet`
     value if given.
 
-    Example:
+    Examples:
         >>> plot.attention_share(attention_share(model, inp, heads="max"))
     """
     attrs = result.attrs
@@ -88,7 +89,7 @@ def attention_share(result: pd.DataFrame, facet: str | None = None, columns: int
     figure.update_layout(
         barmode="stack",
         title=f"Attention share of the {attrs.get('query', 'last')} query "
-        f"({attrs.get('heads', 'mean')} over heads) - {attrs.get('model')}",
+        f"({attrs.get('heads', 'mean')} over heads) - {_model_name(attrs.get('model'))}",
         legend_title="keys",
     )
     figure.update_xaxes(title_text="layer")
@@ -100,7 +101,7 @@ def patch_norms(result: HighNormPatches) -> go.Figure:
     """Histogram of the image positions' residual norms with the outlier threshold (Cross-modal
     appendix E, Figure 15).
 
-    Example:
+    Examples:
         >>> plot.patch_norms(high_norm_patches(model, inp))
     """
     settings = result.settings
@@ -109,14 +110,23 @@ def patch_norms(result: HighNormPatches) -> go.Figure:
                      annotation_text=f"threshold {result.threshold:.3g} ({settings['rule']})")  # fmt: skip
     figure.update_layout(
         title=f"Residual norms of image positions at layer {settings['layer']} - "
-        f"{settings['model']}: {len(result.positions)} above the threshold",
+        f"{_model_name(settings['model'])}: {len(result.positions)} above the threshold",
         xaxis_title="L2 norm",
         yaxis_title="image positions",
     )
     return figure
 
 
-def llava_cam(result: CamResult, inp: Any, columns: int = 4, opacity: float = 0.5) -> go.Figure:
+CAM_COLOURS = [
+    [0.0, "rgba(0, 0, 255, 0)"],
+    [0.35, "rgba(0, 120, 255, 0.25)"],
+    [0.65, "rgba(255, 220, 0, 0.55)"],
+    [1.0, "rgba(255, 0, 0, 0.8)"],
+]
+"""LLaVA-CAM's colours: transparent where the map is low, so the image stays readable."""
+
+
+def llava_cam(result: CamResult, inp: Any, columns: int = 4, opacity: float = 1.0) -> go.Figure:
     """One panel per layer: the map over the image as the model saw it.
 
     The image is `inp.pixel_values` un-normalised with the processor's mean and std, so the
@@ -124,7 +134,7 @@ def llava_cam(result: CamResult, inp: Any, columns: int = 4, opacity: float = 0.
     Each map cell covers its patch (smoothed for display). A dashed box marks where the original
     image lies in that input; the caption says how it got there.
 
-    Example:
+    Examples:
         >>> plot.llava_cam(llava_cam(model, inp, "red", layers=[0, 8, 16]), inp).show()
     """
     settings = result.settings
@@ -156,7 +166,7 @@ def llava_cam(result: CamResult, inp: Any, columns: int = 4, opacity: float = 0.
                 zmin=0,
                 zmax=1,
                 zsmooth="best",
-                colorscale="Jet",
+                colorscale=CAM_COLOURS,
                 opacity=opacity,
                 showscale=index == 0,
                 name=result.layers[index],
@@ -172,7 +182,7 @@ def llava_cam(result: CamResult, inp: Any, columns: int = 4, opacity: float = 0.
     noise = f"SmoothGrad sigma={settings['noise_std']}, n={settings['n_samples']}"
     figure.update_layout(
         title=f"LLaVA-CAM of {settings['answer']!r} ({settings['site']}, {noise}) - "
-        f"{settings['model']}",
+        f"{_model_name(settings['model'])}",
         height=260 * n_rows + 120,
         width=240 * min(columns, len(result.layers)) + 120,
         margin={"b": 90},
@@ -235,7 +245,7 @@ def knockout_sweep(result: pd.DataFrame, facet: str | None = None, columns: int 
     Figures 3-5; with `facet` (e.g. ``"question_type"`` of a run's results), one panel per
     value, `columns` panels a row, as the paper's figures per question type.
 
-    Example:
+    Examples:
         >>> plot.knockout_sweep(knockout_sweep(model, samples))
         >>> plot.knockout_sweep(mmlens.results.load("runs/knockout"), facet="question_type")
     """
@@ -257,15 +267,17 @@ def knockout_sweep(result: pd.DataFrame, facet: str | None = None, columns: int 
                     hoverinfo="skip", showlegend=False, name=f"{flow} 95% interval",
                     row=row, col=col,
                 )  # fmt: skip
+            style = list(colours).index(flow)  # overlapping curves stay distinguishable
             figure.add_scatter(x=stats["layer"], y=stats["mean"], mode="lines+markers", name=flow,
-                               line_color=colour, legendgroup=flow, showlegend=index == 0,
-                               row=row, col=col)  # fmt: skip
+                               line=dict(color=colour, dash=_DASHES[style % len(_DASHES)]),
+                               marker_symbol=_MARKERS[style % len(_MARKERS)], legendgroup=flow,
+                               showlegend=index == 0, row=row, col=col)  # fmt: skip
         figure.update_xaxes(title_text="window centre (layer)" if row == n_rows else None,
                             row=row, col=col)  # fmt: skip
     figure.update_yaxes(title_text="relative change of p(answer) (%)", col=1)
     n_samples = result["sample_id" if "sample_id" in result else "sample"].nunique()
     figure.update_layout(
-        title=f"Attention knockout, window {attrs.get('window_size')} - {attrs.get('model')} "
+        title=f"Attention knockout, window {attrs.get('window_size')} - {_model_name(attrs.get('model'))} "
         f"({n_samples} sample{'s' if n_samples != 1 else ''})",
         legend_title="blocked flow",
         height=max(450, 320 * n_rows + 80),
@@ -279,7 +291,7 @@ def module_knockout_jaccard(
     """Jaccard similarity of the question's top-k words per knocked-out window (appendix D/K);
     the mean over samples for a run's results, one panel per `facet` value if given.
 
-    Example:
+    Examples:
         >>> plot.module_knockout_jaccard(module_knockout_jaccard(model, inp, "mlp"))
     """
     attrs = result.attrs
@@ -294,7 +306,7 @@ def module_knockout_jaccard(
     figure.update_layout(
         title=f"Semantic change when zeroing {attrs.get('window')} layers from l "
         f"(top-{attrs.get('k')} words at {attrs.get('positions', 'question')}) - "
-        f"{attrs.get('model')}",
+        f"{_model_name(attrs.get('model'))}",
     )
     figure.update_xaxes(title_text="first zeroed layer")
     figure.update_yaxes(title_text="Jaccard similarity to the clean run", range=[0, 1.02], col=1)
@@ -304,7 +316,7 @@ def module_knockout_jaccard(
 def cliff(result: Any) -> go.Figure:
     """Accuracy with every image token truncated from layer l on, the baseline, and the cliff.
 
-    Example:
+    Examples:
         >>> plot.cliff(cliff_layer(model, samples, answers))
     """
     curve = result.curve
@@ -320,7 +332,7 @@ def cliff(result: Any) -> go.Figure:
             annotation_text=f"cliff: layer {result.cliff_layer}",
         )
     figure.update_layout(
-        title=f"Information-flow cliff - {curve.attrs.get('model')} ({curve.attrs.get('n_samples')} samples)",
+        title=f"Information-flow cliff - {_model_name(curve.attrs.get('model'))} ({curve.attrs.get('n_samples')} samples)",
         xaxis_title="image tokens removed from layer",
         yaxis_title="accuracy",
         yaxis_range=[0, 1.02],
@@ -349,9 +361,16 @@ def _facets(
     return figure, panels
 
 
+def _model_name(name: Any) -> str:
+    """A checkpoint's name for a title: its folder's name, not the whole path."""
+    return Path(str(name)).name if name else "model"
+
+
 def _colour(keys: Any, key: Any) -> str:
     """The colour of `key` among `keys` (the same in every panel)."""
     return _COLOURS[list(keys).index(key) % len(_COLOURS)]
 
 
+_DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
+_MARKERS = ["circle", "square", "diamond", "triangle-up", "x", "star"]
 _COLOURS = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880"]

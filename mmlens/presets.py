@@ -74,7 +74,7 @@ class Preset:
         the suffix if the preset fixes one; the image mode for single-crop models (LLaVA-1.5),
         the anyres rule for tiling ones (LLaVA-NeXT).
 
-        Example:
+        Examples:
             >>> CROSS_MODAL_FLOW.prepare_kwargs(model)["template"]  # "vicuna_v1" for LLaVA-1.5
         """
         kwargs: dict[str, Any] = dict(template=self.template(model), tokenization=self.tokenization)
@@ -89,7 +89,7 @@ class Preset:
     def window_size(self, model: Any) -> int:
         """The knockout window for `model`: by its checkpoint name, else `default_window_size`.
 
-        Example:
+        Examples:
             >>> CROSS_MODAL_FLOW.window_size(model)  # 9 for llava-1.5-13b-hf, 7 for llava-1.5-7b-hf
         """
         name = PurePath(str(model.cfg.model_name)).name.lower()

@@ -58,7 +58,7 @@ def write_report(
     """Run the analyses on `samples` (objects with `image`, `question`, `answer`, `boxes`,
     `question_type`) and write one self-contained HTML file to `path`.
 
-    Example:
+    Examples:
         >>> write_report(mmlens.load("tiny-shapes"), mmlens.zoo.shapes.generate(24, seed=1), "report.html")
     """
     inputs = [model.prepare(sample.image, sample.question) for sample in samples]
@@ -280,7 +280,7 @@ def _html(model: Any, sections: Sequence[Section], settings: dict[str, Any]) -> 
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>mmlens report</title>"
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}</style></head><body>"
-        f"<h1>mmlens report: {html.escape(str(model.cfg.model_name))}</h1>"
+        f"<h1>mmlens report: {html.escape(Path(str(model.cfg.model_name)).name)}</h1>"
         f"<p>Inputs: {html.escape(describe_settings(settings))} "
         "(docs/semantics.md, &ldquo;Reproducing the papers' settings&rdquo;).</p>"
         + "".join(parts)

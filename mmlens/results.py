@@ -1,6 +1,6 @@
 """Reading a run directory written by `mmlens.run` / `mmlens run` (docs/experiments.md).
 
-Example:
+Examples:
     >>> result = mmlens.results.load("runs/knockout")
     >>> result.attrs["experiment"], result.attrs["options"]["window_size"]
     ('knockout', 7)
@@ -69,7 +69,7 @@ def summary(result: pd.DataFrame) -> pd.DataFrame:
     `mmlens.plot.cliff` draws it); for the others, the mean of each numeric column per
     question type and layer or flow.
 
-    Example:
+    Examples:
         >>> mmlens.results.summary(mmlens.results.load("runs/truncation"))
     """
     experiment = result.attrs["experiment"]

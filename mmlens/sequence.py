@@ -36,7 +36,7 @@ class SequenceState:
             the position axis, and enters at its own layer, so the rows grow from layer to
             layer); None otherwise.
 
-    Example:
+    Examples:
         >>> def zero_last_row(out, hook):
         ...     state = hook.ctx["sequence"]
         ...     return out.masked_fill((state.query_positions == 40)[..., None], 0.0)

@@ -5,7 +5,7 @@ Every factory returns a plain list, so ablations compose by concatenation and wo
 indices (image tokens expanded): a 1-D set shared by the batch, or a list with one set per batch
 item. They keep addressing the same tokens after pruning and during generation.
 
-Example:
+Examples:
     >>> from mmlens.ablations import attention_knockout, drop_tokens, window
     >>> hooks = attention_knockout(inp.positions("image"), inp.positions("last"), window(14, 9, 32))
     >>> hooks += drop_tokens(inp.positions("image"), from_layer=24)

@@ -24,7 +24,7 @@ def window(center: int, size: int, n_layers: int) -> range:
 
     `range(max(0, center - size // 2), min(n_layers, center + (size + 1) // 2))`
 
-    Example:
+    Examples:
         >>> list(window(0, 9, 32)), list(window(16, 9, 32))
         ([0, 1, 2, 3, 4], [12, 13, 14, 15, 16, 17, 18, 19, 20])
     """
@@ -52,7 +52,7 @@ def attention_knockout(
 
     Returns a TransformerLens hook list, so knockouts compose by concatenation.
 
-    Example:
+    Examples:
         >>> hooks = attention_knockout(inp.positions("image"), inp.positions("last"), window(15, 9, 32))
         >>> logits = model.run_with_hooks(inp, fwd_hooks=hooks)
     """

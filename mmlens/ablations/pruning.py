@@ -35,7 +35,7 @@ def drop_tokens(positions: PositionsLike, from_layer: int, mode: Mode = "drop") 
     keys (a dropped token still attends to itself, so its row is never empty). Same outputs at
     the surviving positions, no speed-up.
 
-    Example:
+    Examples:
         >>> hooks = drop_tokens(inp.positions("image"), from_layer=16)   # appendix F: last 16 of 32
         >>> logits = model.run_with_hooks(inp, fwd_hooks=hooks)          # [batch, pos - 576, vocab]
     """
@@ -60,7 +60,7 @@ def truncate_image_tokens(
     token (no ranking needed), the "information-flow cliff" scan. The ranking is made in the
     forward pass that contains the image (the prompt) and reused for later generation steps.
 
-    Example:
+    Examples:
         >>> hooks = truncate_image_tokens(8, keep=64, image_positions=inp.positions("image"))
     """
     if not isinstance(keep, int) or keep < 0:
@@ -85,7 +85,7 @@ def fastv(
     `ratio` is the *kept* fraction (docs/ablations.md); FastV's paper states its R as the pruned
     fraction, so R = 50% is `ratio=0.5` either way.
 
-    Example:
+    Examples:
         >>> hooks = fastv(2, 0.5, image_positions=inp.positions("image"))
     """
     if not 0.0 <= ratio <= 1.0:

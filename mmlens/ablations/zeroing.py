@@ -25,7 +25,7 @@ def zero_attention(
     """Zero `hook_attn_out` (the whole attention sublayer's output) in `layers`, at every
     position or only at `positions` (original sequence indices).
 
-    Example:
+    Examples:
         >>> logits = model.run_with_hooks(inp, fwd_hooks=zero_attention(range(10, 19)))
     """
     return _zero_output("hook_attn_out", layers, positions)
@@ -34,7 +34,7 @@ def zero_attention(
 def zero_mlp(layers: int | Iterable[int], positions: PositionsLike | None = None) -> list[Hook]:
     """Zero `hook_mlp_out` in `layers`, at every position or only at `positions`.
 
-    Example:
+    Examples:
         >>> hooks = zero_mlp(range(0, 9), positions=inp.positions("question"))
     """
     return _zero_output("hook_mlp_out", layers, positions)
@@ -43,7 +43,7 @@ def zero_mlp(layers: int | Iterable[int], positions: PositionsLike | None = None
 def zero_heads(layer: int, heads: int | Iterable[int]) -> list[Hook]:
     """Zero the outputs `hook_z` of `heads` in `layer` (before the output projection).
 
-    Example:
+    Examples:
         >>> logits = model.run_with_hooks(inp, fwd_hooks=zero_heads(12, [0, 5]))
     """
     (layer,) = as_layers(layer, "layer")

@@ -2,7 +2,7 @@
 
 From Redundancy to Relevance (section 3.1, appendix A.1); semantics in docs/analyses.md. All requested layers come from one backward pass per noise sample.
 
-Example:
+Examples:
     >>> cam = llava_cam(model, inp, "red", layers=[0, 4, 8, "vision.blocks.20"], n_samples=8)
     >>> cam.maps.shape          # [4, 24, 24] for llava-1.5 at 336 px
     >>> mmlens.plot.llava_cam(cam, inp).show()
@@ -97,7 +97,7 @@ def llava_cam(
         ValueError: a batch of more than one item; a layer or site that does not exist; a vision
             layer the model does not run (blocks after the last `vision_feature_layer`).
 
-    Example:
+    Examples:
         >>> cam = llava_cam(model, inp, "red", layers=range(model.cfg.n_layers), noise_std=0)
         >>> cam.maps[3]             # [rows, cols], max 1
     """

@@ -47,7 +47,7 @@ def cliff_layer(
         tolerance: accuracy drop (absolute, as a fraction) still counted as "no drop".
         mode: "drop" (really remove the tokens; fast) or "mask" (hide them as keys).
 
-    Example:
+    Examples:
         >>> result = cliff_layer(model, samples, answers)
         >>> result.cliff_layer, mmlens.plot.cliff(result)
     """
@@ -78,7 +78,7 @@ def cliff_of(curve: pd.DataFrame, tolerance: float = 0.02) -> CliffResult:
     model): the first layer from which truncating every image token never costs more than
     `tolerance` of the baseline's accuracy.
 
-    Example:
+    Examples:
         >>> cliff_of(mmlens.results.summary(mmlens.results.load("runs/cliff"))).cliff_layer
     """
     accuracy = curve["accuracy"].tolist()
@@ -95,7 +95,7 @@ def correct_without_image(
     token removed from layer ``l`` on, for ``l = 0 .. n_layers``; row ``n_layers`` is the
     untouched model. The per-sample measurement behind `cliff_layer`.
 
-    Example:
+    Examples:
         >>> correct_without_image(model, inp, "red")[:, 0]  # e.g. tensor([False, ..., True])
     """
     n_layers = model.cfg.n_layers

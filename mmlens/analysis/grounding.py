@@ -39,7 +39,7 @@ def last_row_attention_maps(model: Any, inp: Any) -> Float[torch.Tensor, "layer 
     """The last position's attention to each image patch, mean over heads, on the patch grid
     (batch-1 input).
 
-    Example:
+    Examples:
         >>> maps = last_row_attention_maps(model, inp)
         >>> box_scores(model, inp, [(0, 0, 56, 28)], maps)["pointing_hit"]
     """

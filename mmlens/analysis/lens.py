@@ -5,7 +5,7 @@ Each analysis takes a model (and runs it, caching only what it needs) or an `Act
 of a run on the same input (`cache.model` is the model), and returns tidy results that carry the
 model name and the settings, so a figure (`mmlens.plot`) can be redrawn later.
 
-Example:
+Examples:
     >>> ids = answer_token_variants(model, inp, "red")        # "▁red", "▁Red"
     >>> probabilities = logit_lens(model, inp, ids)           # layer, token, token_str, probability
     >>> shares = attention_share(model, inp)                  # layer, segment, share
@@ -42,15 +42,20 @@ def answer_token_variants(model: Any, inp: Any, answer: str, item: int = 0) -> l
     As the Cross-modal Information Flow paper tracks them (Figure 6: "Noncapitalized" and
     "Capitalized Answer"): the first token each variant is generated as right after the prompt
     of `item` (`answer_token_ids`: "▁red" for SentencePiece, "Ġred" for byte-level BPE).
-    Duplicates (e.g. a digit) appear once.
+    Duplicates (e.g. a digit) appear once; a variant the tokenizer can only write as its unknown
+    token is left out.
 
-    Example:
+    Examples:
         >>> model.to_str_tokens(torch.tensor(answer_token_variants(model, inp, "red")))
         ['▁red', '▁Red']
     """
     variants = (answer[:1].lower() + answer[1:], answer[:1].upper() + answer[1:])
     ids = [answer_token_ids(model, inp, variant, item)[0] for variant in variants]
-    return list(dict.fromkeys(ids))
+    # A variant the tokenizer cannot write (its unknown token, e.g. tiny-shapes' word-level
+    # vocabulary has no capitalised answers) is not tracked.
+    unknown = getattr(model.tokenizer, "unk_token_id", None)
+    known = [token for token in ids if token != unknown] or ids
+    return list(dict.fromkeys(known))
 
 
 def logit_lens(
@@ -87,7 +92,7 @@ def logit_lens(
         columns ``layer, token, token_str, probability``, one row per layer and token; `attrs`
         holds the analysis name, model name, position and settings.
 
-    Example:
+    Examples:
         >>> result = logit_lens(model, inp, answer_token_variants(model, inp, "red"))
         >>> result.pivot(index="layer", columns="token_str", values="probability")
     """
@@ -171,7 +176,7 @@ def attention_share(
         columns ``layer, segment, share``; `attrs` holds the model name, the query rows and the
         settings (and the generated ids for ``query="generated"``).
 
-    Example:
+    Examples:
         >>> shares = attention_share(model, inp)
         >>> shares.pivot(index="layer", columns="segment", values="share")
     """
@@ -268,7 +273,7 @@ def high_norm_patches(
     rule ``median + mad_multiple * 1.4826 * MAD`` (`mad_multiple` standard deviations of a normal
     distribution fitted robustly; a few huge norms do not move it).
 
-    Example:
+    Examples:
         >>> high = high_norm_patches(model, inp)
         >>> other = inp.positions("image")[~torch.isin(inp.positions("image"), high.positions)]
     """

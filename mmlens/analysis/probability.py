@@ -26,7 +26,7 @@ def answer_token_ids(model: Any, inp: Any, answer: str, item: int = 0) -> list[i
     in whitespace, as Llama-3's does), so SentencePiece/BPE word boundaries come out as in
     generation, and returns the ids after the prompt's.
 
-    Example:
+    Examples:
         >>> answer_token_ids(model, inp, "red")   # e.g. [2654] for "▁red"
     """
     prompt = inp.prompts[item]
@@ -52,7 +52,7 @@ def answer_probability(
     the last prompt position, or its final sub-word, scored by teacher-forcing the answer's
     earlier sub-words after the prompt. `fwd_hooks` (e.g. an ablation) apply to the run.
 
-    Example:
+    Examples:
         >>> base = answer_probability(model, inp)
         >>> knocked = answer_probability(model, inp, fwd_hooks=attention_knockout(...))
         >>> relative_change(knocked.probabilities, base.probabilities)
@@ -87,7 +87,7 @@ def correct_answers(
     cliff, the report). `last_logits` (the last position's logits of a run the caller already
     made, e.g. under an ablation) saves the forward pass.
 
-    Example:
+    Examples:
         >>> correct_answers(model, inp, "red")   # tensor([True])
     """
     items = [answers] * inp.batch_size if isinstance(answers, str) else list(answers)

@@ -39,7 +39,7 @@ def module_knockout_jaccard(
 
     Returns a DataFrame: `layer` (window start), `window_end` (exclusive), `module`, `jaccard`.
 
-    Example:
+    Examples:
         >>> result = module_knockout_jaccard(model, inp, module="attn")
         >>> mmlens.plot.module_knockout_jaccard(result)
     """

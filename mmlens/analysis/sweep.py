@@ -158,7 +158,7 @@ def knockout_sweep(
             names the sample and the flow; `error.partial_result` holds the rows of the
             batches measured before it. Both methods check the same way, before running.
 
-    Example:
+    Examples:
         >>> result = knockout_sweep(model, samples, window_size=9)
         >>> mmlens.plot.knockout_sweep(result).show()
     """

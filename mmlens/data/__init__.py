@@ -8,7 +8,7 @@ zoo's synthetic shapes (``shapes:N``) and your own CSV or JSON-lines files (``cs
 exists. A row that cannot be read is a `DataError` naming the file, the row and the field, or,
 with ``skip_bad=True``, is left out and its message kept in `Dataset.skipped`.
 
-Example:
+Examples:
     >>> data = mmlens.data.load("gqa:data/ChooseAttr.csv", images="gqa/images")
     >>> data[0].sample_id, data[0].question_type, data.name
     ('0123', 'ChooseAttr', 'gqa')
@@ -55,7 +55,7 @@ def load(
         ValueError: `spec` has no ``FORMAT:`` or names an unknown format (the message lists them).
         DataError: a file that cannot be read as its format says.
 
-    Example:
+    Examples:
         >>> load("shapes:64", seed=1).ids[:2]
         ['shapes-1-0', 'shapes-1-1']
         >>> load("pope:pope/coco_pope_random.json", images="coco/val2014").name

@@ -213,7 +213,7 @@ class Rows:
     `add` makes a row's sample; a `DataError` while making it (or a sample id seen before) is
     raised, or, with `skip_bad`, the row is left out and the message kept for `Dataset.skipped`.
 
-    Example:
+    Examples:
         >>> rows = Rows(skip_bad=True)
         >>> rows.add(Path("a.csv"), 1, lambda file, row: Sample("1", "Why?"))
         >>> rows.dataset("custom", "a.csv", max_new_tokens=16).ids

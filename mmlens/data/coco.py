@@ -56,7 +56,7 @@ def load_chair(
 
     Errors name the entry as ``images[i]``, ``annotations[i]`` or ``categories[i]`` (from 0).
 
-    Example:
+    Examples:
         >>> data = load_chair("coco/annotations", images="coco/val2014", n_images=500, seed=0)
         >>> data[0].metadata["objects"]
         ['dining table', 'person', 'pizza']

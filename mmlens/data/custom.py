@@ -72,7 +72,7 @@ def load_csv(
 
     Every cell is read as text; images are looked up under `images` (default: the CSV's folder).
 
-    Example:
+    Examples:
         >>> # sample_id,question,image,answer,options,meta_source
         >>> # q1,Is the cat black or white?,cat.jpg,black,black|white,mine
         >>> data = load_csv("questions.csv", images="pictures")
@@ -96,7 +96,7 @@ def load_jsonl(
 ) -> Dataset:
     """The samples of a JSON-lines file in the layout of this module (name ``"custom"``).
 
-    Example:
+    Examples:
         >>> # {"sample_id": "q1", "question": "Where is the cat?", "image": "cat.jpg",
         >>> #  "boxes": [[10, 20, 60, 80]], "metadata": {"source": "mine"}}
         >>> load_jsonl("questions.jsonl", images="pictures")[0].boxes
@@ -125,7 +125,7 @@ def from_samples(
     ``metadata``, ``sample_id``) are taken, others ignored; without ``sample_id``, its position
     in `samples` (``"0"``, ``"1"``, ...) is its id.
 
-    Example:
+    Examples:
         >>> from mmlens.zoo.shapes import generate
         >>> data = from_samples(generate(4, seed=1), name="shapes")
         >>> data.ids

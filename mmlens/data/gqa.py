@@ -61,7 +61,7 @@ def load_gqa(
       `CROSS_MODAL_SUFFIX`; ``metadata``: every other column (``img_id``, ``image_w`` and
       ``image_h`` as ints, object names, options).
 
-    Example:
+    Examples:
         >>> data = load_gqa("data/ChooseAttr.csv", images="gqa/images")
         >>> data[0].sample_id, data[0].question_type, data[0].boxes
         ('0123', 'ChooseAttr', ((10, 20, 16, 24),))

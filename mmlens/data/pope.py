@@ -43,7 +43,7 @@ def load_pope(
       ``text``; ``answer`` = ``label`` ("yes" or "no", anything else is a `DataError`);
       ``suffix`` = `SUFFIX`; ``metadata``: the other keys (``question_id``, ``image``, ...).
 
-    Example:
+    Examples:
         >>> data = load_pope("pope/coco_pope_adversarial.json", images="coco/val2014")
         >>> data[0].sample_id, data[0].answer
         ('adversarial-1', 'yes')

@@ -25,7 +25,7 @@ Box = tuple[int, int, int, int]
 class DataError(ValueError):
     """A data file that cannot be read as its format says: names the file, the row and the field.
 
-    Example:
+    Examples:
         >>> raise DataError("gqa/ChooseAttr.csv", 12, "object1 x", "'abc' is not a number")
         Traceback (most recent call last):
         mmlens.data.sample.DataError: gqa/ChooseAttr.csv, row 12, field 'object1 x': 'abc' is not a number
@@ -91,7 +91,7 @@ class Dataset(Sequence[Sample]):
         max_new_tokens: how many tokens to generate when the data set is scored by generation.
         skipped: the errors of the rows left out with ``skip_bad=True`` (`DataError` messages).
 
-    Example:
+    Examples:
         >>> data = mmlens.data.load("pope:pope/coco_pope_random.json", images="val2014")
         >>> data.filter(lambda s: s.answer == "yes")[:100].shard(0, 4)
     """
@@ -159,7 +159,7 @@ class Dataset(Sequence[Sample]):
         """The samples of shard `index` of `count`: those whose `shard_of(sample_id, count)` is
         `index`. The shards partition the data set, whatever its order.
 
-        Example:
+        Examples:
             >>> parts = [data.shard(rank, 4) for rank in range(4)]
             >>> sorted(sum((p.ids for p in parts), [])) == sorted(data.ids)
             True

@@ -54,7 +54,7 @@ def load_scienceqa(
       None.
     - ``metadata``: the other columns (``hint``, ``task``, ``grade``, ``subject``, ...).
 
-    Example:
+    Examples:
         >>> data = load_scienceqa("ScienceQA/data/test-00000-of-00001.parquet")
         >>> data[0].sample_id, data[0].answer, data[0].options
         ('test-00000-of-00001-0', 'B', ('Solution A', 'Solution B'))

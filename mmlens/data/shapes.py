@@ -26,7 +26,7 @@ def load_shapes(
     ``metadata``: ``subtype``, ``seed``, ``index``. There are no files, so `images` must be None
     and `skip_bad` has nothing to skip.
 
-    Example:
+    Examples:
         >>> data = load_shapes(7, seed=0)
         >>> data[0].sample_id, data[0].question, data[0].answer
         ('shapes-0-0', 'Is the star blue or red?', 'red')

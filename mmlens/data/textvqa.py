@@ -40,7 +40,7 @@ def load_textvqa(
 
     Errors name the entry as ``data[i]`` (its index in the list, from 0).
 
-    Example:
+    Examples:
         >>> data = load_textvqa("TextVQA_0.5.1_val.json", images="textvqa/train_images")
         >>> data[0].answer, len(data[0].answers)
         ('nous les gosses', 10)

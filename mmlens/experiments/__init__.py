@@ -2,7 +2,7 @@
 data set, streams results to a run directory, resumes after any crash, and spreads over
 processes, GPUs and nodes (docs/experiments.md).
 
-Example:
+Examples:
     >>> result = mmlens.run("knockout", "tiny-shapes", "shapes:64", "runs/knockout",
     ...                     preset="cross_modal_flow", centres=[1, 3])
     >>> mmlens.plot.knockout_sweep(result, facet="question_type").show()
@@ -70,8 +70,9 @@ def run(
             interpretability experiments; default: the preset's rule (else False). The dropped
             samples are listed in the manifest.
         skip_bad: leave out malformed data rows (listed in the manifest) instead of stopping.
-        device, dtype: where and how to load a model given by name (default device: the
-            launcher's for this process, else "cpu").
+        device: where to load a model given by name (default: the launcher's device for this
+            process, else "cpu").
+        dtype: the dtype of a model given by name.
         shard: ``(index, count)`` or ``"index/count"``: run one shard of the samples; default:
             from the launcher (accelerate / torchrun / SLURM array), else all.
         options: the experiment's options (`EXPERIMENTS[name].options`).

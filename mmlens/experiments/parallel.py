@@ -41,7 +41,7 @@ def current_shard(shard: tuple[int, int] | str | None = None, cpu: bool = False)
     """The shard of this process: `shard` if given (``(index, count)`` or ``"index/count"``),
     else from the launcher's environment (see the module doc), else the whole data set.
 
-    Example:
+    Examples:
         >>> current_shard("1/4")
         Shard(index=1, count=4, device=None, state=None)
     """

@@ -64,7 +64,7 @@ def write_json(path: Path, value: Any) -> None:
 class RunStore:
     """The run directory `out` as seen by process `rank`.
 
-    Example:
+    Examples:
         >>> store = RunStore(Path("runs/knockout"))
         >>> store.open(identity)              # creates it, or checks it can be resumed
         >>> store.finished()                  # sample ids already done (by any rank)

@@ -20,7 +20,7 @@ the same text give the segments. Semantics (docs/semantics.md):
   geometry (`ImageGeometry`; `AnyresGeometry` for LLaVA-NeXT's tiles) to the image tokens whose
   patches it touches.
 
-Example:
+Examples:
     >>> inp = MultimodalInput.from_processor(processor, image, "What colour is the door?")
     >>> inp.positions("image")        # 576 positions for llava-1.5-7b
     >>> inp.find("door")              # the token(s) of "door"

@@ -38,7 +38,7 @@ class ImageGeometry:
         processed_size: the pixel values the vision tower sees.
         patch_size: side of a patch in processed pixels.
 
-    Example:
+    Examples:
         >>> geometry = ImageGeometry.from_image_processor(processor.image_processor, (50, 90), 14)
         >>> geometry.pad_offset, geometry.grid_size
         ((20, 0), (4, 4))
@@ -262,7 +262,7 @@ class AnyresGrid:
     newline token. The model (`HookedLlavaNext`) and the inputs (`AnyresGeometry`) both use this
     class, so they cannot disagree.
 
-    Example:
+    Examples:
         >>> grid = AnyresGrid.for_image((480, 640), [[336, 672], [672, 336], [672, 672]], 336, 14)
         >>> grid.tiles, grid.kept_rows, grid.kept_cols
         ((2, 2), range(6, 42), range(0, 48))
@@ -295,7 +295,7 @@ class AnyresGrid:
             anyres: ``"hf"`` (Hugging Face's LLaVA-NeXT) or ``"llava"`` (the original code):
                 see `ANYRES_RULES`.
 
-        Example:
+        Examples:
             >>> pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
             >>> AnyresGrid.for_image((200, 300), pinpoints, 336, 14).tiles  # HF: 1 x 2 tiles
             (1, 2)
@@ -350,7 +350,7 @@ class AnyresGeometry:
             the image's offset in it, the patch grid is the canvas grid of all tiles.
         grid: tiles and unpadding.
 
-    Example:
+    Examples:
         >>> geometry = AnyresGeometry.from_image_processor(processor.image_processor, (40, 90), 7)
         >>> geometry.grid.tiles, geometry.canvas.resized_size
         ((1, 3), (28, 63))
@@ -561,7 +561,7 @@ def with_image_mode(processor: Any, mode: str | None) -> Any:
     `ImageGeometry` follows it, so `patches_in_box` does too. Computed once per processor and
     mode.
 
-    Example:
+    Examples:
         >>> inp = model.prepare(image, "What is left of the cup?", image_mode="pad")
     """
     if mode is None:
@@ -601,7 +601,7 @@ def with_anyres(processor: Any, anyres: str) -> Any:
     The pixels of each canvas are then the original's (both pipelines resize, pad and cut the
     canvas alike). Made once per processor.
 
-    Example:
+    Examples:
         >>> inp = model.prepare(image, "What is on the sign?", anyres="llava")
     """
     _check_anyres(anyres)

@@ -30,7 +30,7 @@ def as_image(image: Any) -> Image.Image | np.ndarray:
     - Other integer arrays must hold values in [0, 255].
     - 8-bit PIL images and uint8 arrays are returned as they are.
 
-    Example:
+    Examples:
         >>> as_image(np.full((4, 4, 3), 0.5)).dtype    # a float image in [0, 1]
         dtype('uint8')
     """

@@ -41,7 +41,7 @@ class ImageTokenLayout:
     the tile grid followed by its newline. The layout of the whole batch lists the image tokens
     in the order `hook_image_embeds` holds them.
 
-    Example:
+    Examples:
         >>> layout = inp.layout
         >>> layout.position[(layout.image == 0) & (layout.tile == 0) & (layout.row == 0)]  # top base row
         >>> layout.position[layout.kind == NEWLINE]  # LLaVA-NeXT's newline tokens
@@ -68,7 +68,7 @@ class ImageTokenLayout:
         Tile 0 is the base image's full patch grid. A LLaVA-NeXT tile (1, 2, ...) gives the part
         of the unpadded grid it covers: its patches that unpadding kept, as a rectangle.
 
-        Example:
+        Examples:
             >>> inp.layout.patch_grid(0).shape  # (24, 24) for llava-1.5 at 336 px
         """
         selected = (self.image == image) & (self.tile == tile) & (self.kind == PATCH)
@@ -80,7 +80,7 @@ class ImageTokenLayout:
         The grid the model reads row by row (each row then followed by a newline token); newline
         tokens are not in it. ``grid[r, c]`` is the token with ``row == r`` and ``col == c``.
 
-        Example:
+        Examples:
             >>> inp.layout.highres_grid(0).shape  # e.g. (36, 48) for a 640 x 480 image, llava-v1.6
         """
         selected = (self.image == image) & (self.tile >= 1) & (self.kind == PATCH)

@@ -66,7 +66,7 @@ class MultimodalInput:
         image_processor: the image processor that made `pixel_values` (for
             ``patches_in_box(rule="mask")``).
 
-    Example:
+    Examples:
         >>> inp = MultimodalInput.from_processor(processor, [image, None], ["What is it?", "Hi"])
         >>> inp.positions("question", item=1), inp.patches_in_box((0, 0, 10, 10), image=0)
     """
@@ -108,7 +108,7 @@ class MultimodalInput:
         """How the prompt and pixels were made (what results record and presets check):
         template, suffix, image_mode, anyres and tokenization.
 
-        Example:
+        Examples:
             >>> model.prepare(image, "Why?", preset=CROSS_MODAL_FLOW).settings["tokenization"]
             'llava'
         """
@@ -130,7 +130,7 @@ class MultimodalInput:
         Returns:
             1-D LongTensor of indices into ``input_ids[item]`` (padding included in the count).
 
-        Example:
+        Examples:
             >>> inp.positions("last")  # tensor([n_pos - 1]) for a single prompt
         """
         self._check_item(item)
@@ -145,7 +145,7 @@ class MultimodalInput:
         " door", so `find("door")` returns it). The placeholder ``<image>`` stands for all of its
         image tokens.
 
-        Example:
+        Examples:
             >>> inp.find("door")  # e.g. tensor([612]): the token "▁door"
         """
         self._check_item(item)
@@ -189,7 +189,7 @@ class MultimodalInput:
         Raises:
             ValueError: unknown image, or an empty box / a box not inside the image.
 
-        Example:
+        Examples:
             >>> width, height = image.size
             >>> inp.patches_in_box((0, 0, width // 2, height))  # the left half of the image
         """
@@ -238,7 +238,7 @@ class MultimodalInput:
         (so `inp.item(i).positions("image")` is `inp.positions("image", item=i)` minus the
         item's padding).
 
-        Example:
+        Examples:
             >>> sample = batch.item(1)
             >>> model(sample)[0, -1]  # the same logits as the item inside the padded batch
         """
@@ -281,7 +281,7 @@ class MultimodalInput:
         answer, or generated tokens). Segments, layout and images are unchanged: the new
         positions belong to no segment, and `positions("last")` stays the last prompt position.
 
-        Example:
+        Examples:
             >>> forced = inp.with_tokens(answer_ids)        # [1, n] or a list of ids
             >>> model(forced)[0, inp.input_ids.shape[1] - 1:]  # the positions that predict them
         """
@@ -390,7 +390,7 @@ class MultimodalInput:
                 without a placeholder, more images than slots), or the image tokens do not match
                 the patch grid.
 
-        Example:
+        Examples:
             >>> inp = MultimodalInput.from_processor(processor, [img_a, None], ["Q1?", "Hi!"])
             >>> inp.pixel_values.shape  # llava-1.5: torch.Size([1, 3, 336, 336])
             >>> # llava-v1.6: [n_images, max_crops, 3, 336, 336], base crop then tiles
@@ -533,7 +533,7 @@ def input_settings(inputs: MultimodalInput | Sequence[MultimodalInput]) -> dict[
     """The `settings` shared by `inputs`, as results record them; a setting on which inputs
     differ is given as the sorted list of their values ({} for text or token-id inputs).
 
-    Example:
+    Examples:
         >>> input_settings([inp_a, inp_b])["image_mode"]
         'pad'
     """
@@ -558,7 +558,7 @@ def processor_fingerprint(processor: Any) -> str:
     Two processors loaded from the same checkpoint give the same fingerprint. Computed once
     per processor object.
 
-    Example:
+    Examples:
         >>> processor_fingerprint(model.processor)  # doctest: +SKIP
         '3f1c9a0d5e2b7c41'
     """

@@ -40,7 +40,7 @@ a header. Registered templates:
 ``vicuna_v1``, ``llava_v1``, ``mistral_instruct``, ``chatml_direct`` and ``llava_llama_3`` render
 the same text as the original `conversation.py` for one image and one question.
 
-Example:
+Examples:
     >>> rendered = render("llava_v1", "What colour is the door?", n_images=1)
     >>> rendered.text.endswith(" USER: <image>\\nWhat colour is the door? ASSISTANT:")
     True
@@ -259,7 +259,7 @@ def render(
         ValueError: the placeholders in the text do not match `n_images`, or the template
             cannot hold what was asked (several images, a system text for ``"plain"``).
 
-    Example:
+    Examples:
         >>> render("plain", "<image>\\nWhat is this?", n_images=1).question_span
         (8, 21)
     """
@@ -359,7 +359,7 @@ def default_template(tokenizer: Any, decoder_model_type: str) -> str:
     ``"vicuna_v1"`` (llava-v1.6-vicuna). (LLaVA-1.5 checkpoints, bakLlava's Mistral included, all
     use ``"vicuna_v1"``.)
 
-    Example:
+    Examples:
         >>> default_template(make_tokenizer("llama3"), "llama")
         'llama3'
     """

@@ -95,7 +95,7 @@ def llava_token_ids(
         character spans in the rendered prompt (image tokens: their placeholder's span;
         special tokens and padding: (0, 0)).
 
-    Example:
+    Examples:
         >>> ids, mask, spans = llava_token_ids(tokenizer, [render("vicuna_v1", "Why?", n_images=1)],
         ...                                    [[576]], image_token_id)
     """

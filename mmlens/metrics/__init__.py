@@ -73,7 +73,7 @@ def score_sample(dataset: str, sample: Any, prediction: str) -> dict[str, float 
     Raises:
         ValueError: `dataset` is unknown, or the sample lacks the reference it needs.
 
-    Example:
+    Examples:
         >>> from types import SimpleNamespace
         >>> score_sample("pope", SimpleNamespace(answer="no"), "No, there is no dog.")
         {'prediction': 'no', 'label': 'no', 'correct': 1}
@@ -115,7 +115,7 @@ def summarize(dataset: str, per_sample: pd.DataFrame) -> dict[str, float]:
     Raises:
         ValueError: `dataset` is unknown.
 
-    Example:
+    Examples:
         >>> import pandas as pd
         >>> summarize("gqa", pd.DataFrame({"prediction": ["red", "2"], "correct": [1, 0]}))
         {'accuracy': 0.5, 'n': 2}

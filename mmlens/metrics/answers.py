@@ -177,7 +177,7 @@ def normalize_answer(text: str) -> str:
     removed unless a digit follows; number words up to ten turned into digits; articles dropped;
     contractions written with their apostrophe.
 
-    Example:
+    Examples:
         >>> normalize_answer("Two dogs.")
         '2 dogs'
         >>> normalize_answer("the Red-car")
@@ -206,7 +206,7 @@ def _strip_punctuation(text: str) -> str:
 def exact_match(prediction: str, answer: str) -> bool:
     """Whether `prediction` and `answer` are equal after `normalize_answer` (GQA-style accuracy).
 
-    Example:
+    Examples:
         >>> exact_match("The two cats.", "2 cats")
         True
     """
@@ -222,7 +222,7 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     Raises:
         ValueError: `answers` is empty.
 
-    Example:
+    Examples:
         >>> vqa_accuracy("Two", ["2", "2", "two", "3", "3", "3", "3", "3", "3", "3"])
         0.9
     """
@@ -245,7 +245,7 @@ def parse_yes_no(text: str) -> str:
     without one of those three words, case-sensitive, is "yes" (so "NO" or "Not sure" count as
     "yes", as in LLaVA's ``eval_pope.py``).
 
-    Example:
+    Examples:
         >>> parse_yes_no("No, there is not.")
         'no'
         >>> parse_yes_no("There is a dog in the image.")
@@ -267,7 +267,7 @@ def parse_option_letter(text: str, n_options: int) -> str:
     Raises:
         ValueError: `n_options` is not in 0..26.
 
-    Example:
+    Examples:
         >>> parse_option_letter("The answer is B.", 3)
         'B'
         >>> parse_option_letter("E", 3)

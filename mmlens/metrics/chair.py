@@ -228,7 +228,7 @@ _LONGEST_PHRASE = max(len(form) for form in _PHRASES)
 def mentioned_objects(caption: str) -> list[str]:
     """The COCO categories `caption` mentions, each once, in order of first mention.
 
-    Example:
+    Examples:
         >>> mentioned_objects("Two men eat a hot dog next to their bikes and a man.")
         ['person', 'hot dog', 'bicycle']
     """
@@ -255,7 +255,7 @@ def chair_rates(n_mentioned: Iterable[int], n_hallucinated: Iterable[int]) -> di
     Raises:
         ValueError: the two have different lengths.
 
-    Example:
+    Examples:
         >>> chair_rates([3, 2, 0], [1, 0, 0])
         {'CHAIR_s': 0.3333333333333333, 'CHAIR_i': 0.2}
     """
@@ -282,7 +282,7 @@ def chair_scores(captions: Sequence[str], ground_truth: Sequence[Iterable[str]])
         ValueError: the two have different lengths, or a ground truth holds a name that is not a
             COCO category (such as "people" for "person").
 
-    Example:
+    Examples:
         >>> scores = chair_scores(["A man rides a horse past a car."], [["person", "horse"]])
         >>> scores["hallucinated"], scores["CHAIR_i"]
         ([['car']], 0.3333333333333333)

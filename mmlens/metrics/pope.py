@@ -21,7 +21,7 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
     Raises:
         ValueError: the two have different lengths, or hold something other than "yes"/"no".
 
-    Example:
+    Examples:
         >>> pope_metrics(["yes", "yes", "no", "no"], ["yes", "no", "no", "yes"])
         {'accuracy': 0.5, 'precision': 0.5, 'recall': 0.5, 'f1': 0.5, 'yes_ratio': 0.5}
     """

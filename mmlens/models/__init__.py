@@ -31,7 +31,7 @@ def from_pretrained(
         device_map: "auto" or module name -> device, for a model on several devices
             (`mmlens.models.placement`).
 
-    Example:
+    Examples:
         >>> model = mmlens.from_pretrained("llava-hf/llava-1.5-7b-hf", dtype="bfloat16")  # doctest: +SKIP
     """
     return HookedTransformer.from_pretrained(

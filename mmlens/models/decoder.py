@@ -53,7 +53,7 @@ from mmlens.sequence import (
 class HookedTransformer(HookedRootModule):
     """Decoder-only LM with TransformerLens hook names (docs/hooks.md).
 
-    Example:
+    Examples:
         >>> model = mmlens.HookedTransformer.from_pretrained("path/to/llama")  # doctest: +SKIP
         >>> logits, cache = model.run_with_cache("The cat sat on the")
         >>> cache["blocks.0.attn.hook_pattern"].shape  # [batch, head, q_pos, k_pos]
@@ -109,7 +109,7 @@ class HookedTransformer(HookedRootModule):
         device over several: the weights are read to the CPU, then each module moves to its
         device (`device` is then unused).
 
-        Example:
+        Examples:
             >>> model = mmlens.HookedLlava.from_pretrained("path/to/llava-1.5-7b-hf")  # doctest: +SKIP
             >>> big = mmlens.from_pretrained("llava-1.5-13b-hf", device_map="auto")  # doctest: +SKIP
         """
@@ -246,7 +246,7 @@ class HookedTransformer(HookedRootModule):
     ) -> None:
         """Add a hook that stays until `reset_hooks()` (TransformerLens' `add_hook`).
 
-        Example:
+        Examples:
             >>> model.add_hook("blocks.0.hook_resid_post", lambda resid, hook: resid * 2)
             >>> model.reset_hooks()
         """
@@ -272,7 +272,7 @@ class HookedTransformer(HookedRootModule):
         the hooks are being added or removed), every hook this block added is gone; hooks added
         with `add_hook` inside the block stay, as in TransformerLens.
 
-        Example:
+        Examples:
             >>> with model.hooks(fwd_hooks=zero_mlp(range(4))):
             ...     logits = model(inp)
         """
@@ -327,7 +327,7 @@ class HookedTransformer(HookedRootModule):
         model's hook points except permanent ones (unless `including_permanent`), raw PyTorch
         hooks included, and the context level goes back to 0.
 
-        Example:
+        Examples:
             >>> model.reset_hooks()   # a clean model, whatever an interrupted cell left behind
         """
 
@@ -385,7 +385,7 @@ class HookedTransformer(HookedRootModule):
         keep freed memory for reuse (`mmlens.perf`; opt out with MMLENS_KEEP_FREED_MEMORY=0):
         a full cache allocates hundreds of MB per call, and re-faulting it cost ~40%.
 
-        Example:
+        Examples:
             >>> logits, cache = model.run_with_cache(inp, names_filter=lambda n: "resid" in n)  # doctest: +SKIP
             >>> cache.accumulated_resid(apply_ln=True).shape  # [n_layers + 1, batch, pos, d_model]
         """
@@ -682,7 +682,7 @@ class HookedTransformer(HookedRootModule):
         """Logits of residual-stream vectors: the final norm (unless `final_norm=False`), then
         the unembedding. The logit lens reads every layer this way.
 
-        Example:
+        Examples:
             >>> _, cache = model.run_with_cache(inp, names_filter="blocks.3.hook_resid_post")
             >>> model.to_logits(cache["blocks.3.hook_resid_post"][0, -1]).argmax()
         """
@@ -706,7 +706,7 @@ class HookedTransformer(HookedRootModule):
         only the last position's output: its hooks from `attn.hook_q` on see that row alone
         (`hook.ctx["sequence"].query_positions`), the ones before it every row.
 
-        Example:
+        Examples:
             >>> prefix = model.run_prefix(inp)
             >>> prefix.logits.shape   # [batch, pos, d_vocab]
         """
@@ -770,7 +770,7 @@ class HookedTransformer(HookedRootModule):
             ``[batch * n_variants, d_vocab]`` with `only_last` (variants may then start at
             different positions).
 
-        Example:
+        Examples:
             >>> prefix = model.run_prefix(inp)
             >>> last = inp.positions("last").item()
             >>> hooks = attention_knockout(inp.positions("image"), [last], range(4, 9))
@@ -874,7 +874,7 @@ class HookedTransformer(HookedRootModule):
         Returns the prompt ids followed by the new ids, like HF `generate`. Items that have
         finished (emitted EOS) are continued with the pad token.
 
-        Example:
+        Examples:
             >>> tokens = model.generate(inp, max_new_tokens=8)  # doctest: +SKIP
             >>> model.to_string(tokens[0, inp.input_ids.shape[1]:])
         """

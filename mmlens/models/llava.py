@@ -20,7 +20,7 @@ from mmlens.models.vision import HookedVisionTower
 class HookedLlava(HookedTransformer):
     """LLaVA with hooks in the decoder, the vision tower (`vision.`) and the projector.
 
-    Example:
+    Examples:
         >>> model = mmlens.HookedLlava.from_pretrained("llava-hf/llava-1.5-7b-hf")  # doctest: +SKIP
         >>> inp = model.prepare(image, "What colour is the door?")
         >>> logits, cache = model.run_with_cache(inp)
@@ -60,7 +60,7 @@ class HookedLlava(HookedTransformer):
         anyres, tokenization); the template defaults to `default_template`. A `preset`
         (`mmlens.presets`) supplies the paper's settings; keywords given here override them.
 
-        Example:
+        Examples:
             >>> inp = model.prepare(Image.open("door.jpg"), "What colour is the door?")
             >>> inp.positions("image")
             >>> paper = model.prepare(image, question, preset=mmlens.presets.CROSS_MODAL_FLOW)

@@ -35,7 +35,7 @@ class HookedLlavaNext(HookedLlava):
     of the batch, one after the other, newline embeddings included, exactly the rows that fill
     the image slots. Row ``i`` is the image token described by ``inp.layout`` entry ``i``.
 
-    Example:
+    Examples:
         >>> model = mmlens.from_pretrained("llava-hf/llava-v1.6-mistral-7b-hf")  # doctest: +SKIP
         >>> inp = model.prepare(image, "What colour is the door?")  # Mistral instruct template
         >>> logits, cache = model.run_with_cache(inp)

@@ -27,7 +27,7 @@ def place(model: nn.Module, device_map: str | Mapping[str, Any]) -> dict[str, st
         ValueError: a name that is no module of the model, a module left without a device, or
             an unknown string map.
 
-    Example:
+    Examples:
         >>> place(model, {"embed": "cuda:0", "vision": "cuda:0", "projector": "cuda:0",
         ...               "blocks.0": "cuda:0", "blocks.1": "cuda:1", "ln_final": "cuda:1",
         ...               "unembed": "cuda:1"})  # doctest: +SKIP

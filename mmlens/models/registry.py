@@ -12,7 +12,7 @@ MODEL_TYPES: dict[str, type] = {}
 def register(*model_types: str) -> Callable[[type], type]:
     """Class decorator: `cls` loads checkpoints of these HF model types.
 
-    Example:
+    Examples:
         >>> @register("llava")
         ... class HookedLlava(HookedTransformer): ...
     """

@@ -8,7 +8,7 @@ each checkpoint family, trained in-process on a built-in corpus (`make_tokenizer
 detection and offsets are exercised as with a real checkpoint; the weights are random but far
 from uniform so parity tests have teeth.
 
-Example:
+Examples:
     >>> from mmlens.testing import build_tiny_llava, build_tiny_llava_next
     >>> folder = build_tiny_llava(tmp_path / "tiny-llava")  # doctest: +SKIP
     >>> next_folder = build_tiny_llava_next(tmp_path / "tiny-next", family="llama3")  # doctest: +SKIP
@@ -123,7 +123,7 @@ def tokenizer_corpus(family: str = "vicuna") -> list[str]:
     and Mistral corpora hold no newline, so "\\n" is encoded with the byte-fallback token
     ``<0x0A>`` as in Llama-2's and Mistral's vocabularies; Llama-3's learns "\\n\\n" as a token.
 
-    Example:
+    Examples:
         >>> tokenizer_corpus()[0]
         'A chat between a curious human and an artificial intelligence assistant. ...'
     """
@@ -223,7 +223,7 @@ def make_tokenizer(family: str = "vicuna") -> PreTrainedTokenizerFast:
         a `PreTrainedTokenizerFast` of ~1200 tokens; it round-trips through `save_pretrained`
         and `AutoTokenizer.from_pretrained(folder)`.
 
-    Example:
+    Examples:
         >>> tokenizer = make_tokenizer()
         >>> tokenizer("What colour is the door?").input_ids[0] == tokenizer.bos_token_id
         True
@@ -356,7 +356,7 @@ def make_image_processor(
     normalises with the CLIP mean and std. ``pad_to_square=False`` gives the plain CLIP
     preprocessing (no padding, so the crop cuts off the ends of the longer side).
 
-    Example:
+    Examples:
         >>> pixels = make_image_processor(56)(PIL.Image.new("RGB", (90, 50)), return_tensors="pt")
         >>> pixels["pixel_values"].shape
         torch.Size([1, 3, 56, 56])
@@ -388,7 +388,7 @@ def make_anyres_image_processor(
         grid_pinpoints: candidate canvas sizes; default `TINY_GRID_PINPOINTS` (llava-v1.6's
             ``[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]`` at 28 px a tile).
 
-    Example:
+    Examples:
         >>> processor = make_anyres_image_processor(28)
         >>> processor(PIL.Image.new("RGB", (90, 40)), return_tensors="pt")["pixel_values"].shape
         torch.Size([1, 3, 3, 28, 28])
@@ -417,7 +417,7 @@ TINY_GRID_PINPOINTS = _scaled_pinpoints(28)
 def make_test_image(width: int, height: int, seed: int = 0) -> Image.Image:
     """A deterministic RGB test image: a colour gradient with red, green and blue rectangles.
 
-    Example:
+    Examples:
         >>> make_test_image(*TEST_IMAGE_SIZES["wide"]).size
         (88, 48)
     """
@@ -480,7 +480,7 @@ def build_tiny_llava(
     Returns:
         `path` as a `Path`.
 
-    Example:
+    Examples:
         >>> folder = build_tiny_llava(tmp_path / "llava", n_kv_heads=2)  # doctest: +SKIP
         >>> LlavaForConditionalGeneration.from_pretrained(folder)  # doctest: +SKIP
     """
@@ -573,7 +573,7 @@ def build_tiny_llava_next(
     Returns:
         `path` as a `Path`.
 
-    Example:
+    Examples:
         >>> folder = build_tiny_llava_next(tmp_path / "next", family="mistral", n_kv_heads=2)  # doctest: +SKIP
         >>> LlavaNextForConditionalGeneration.from_pretrained(folder)  # doctest: +SKIP
     """
@@ -710,7 +710,7 @@ def hf_image_features(output: Any) -> torch.Tensor:
     `image_outputs.pooler_output`, one tensor per image (and deprecates `image_hidden_states`,
     which returns that list).
 
-    Example:
+    Examples:
         >>> features = hf_image_features(hf(**inp.model_kwargs()))  # doctest: +SKIP
     """
     image_outputs = getattr(output, "image_outputs", None)
@@ -729,7 +729,7 @@ def assert_matches_hf(
     residual stream, and the final normed state. Returns HF's output and mmlens' cache so that a
     test can check more.
 
-    Example:
+    Examples:
         >>> out, cache = assert_matches_hf(hf, model, model.prepare(images, prompts))
     """
     with torch.no_grad():

@@ -7,7 +7,7 @@
 `load(name)` resolves the name to the checkpoint folder inside the installed package and loads it
 through `mmlens.from_pretrained`, the same path as any llava-hf checkpoint folder.
 
-Example:
+Examples:
     >>> model = mmlens.load("tiny-shapes")
     >>> sample = mmlens.zoo.shapes.generate(1, seed=0)[0]
     >>> inp = model.prepare(sample.image, sample.question)
@@ -53,7 +53,7 @@ def checkpoint_path(name: str) -> Path:
 def load(name: str = "tiny-shapes", **kwargs: Any) -> HookedLlava | HookedLlavaNext:
     """Load a shipped model through `mmlens.from_pretrained` (`kwargs`: ``dtype``, ``device``).
 
-    Example:
+    Examples:
         >>> model = mmlens.load("tiny-shapes", dtype=torch.float32, device="cpu")
     """
     model = from_pretrained(checkpoint_path(name), **kwargs)

@@ -48,7 +48,7 @@ pixels. `ShapesSample.boxes` holds the boxes of the objects the question names *
 image*, in the order the question names them (a LogicalObj or Exist question may name a shape
 that is absent: it then has fewer boxes, possibly none).
 
-Example:
+Examples:
     >>> from mmlens.zoo.shapes import generate
     >>> sample = generate(7, seed=0)[0]
     >>> sample.question_type, sample.question, sample.answer
@@ -248,7 +248,7 @@ def generate(
         n_objects: how many objects a scene may hold (uniform over these; types that compare two
             objects use at least 2). Fewer objects make easier scenes (the training curriculum).
 
-    Example:
+    Examples:
         >>> [s.question_type for s in generate(3, seed=1, question_types=["Exist", "ChooseCat"])]
         ['Exist', 'ChooseCat', 'Exist']
     """
@@ -266,7 +266,7 @@ def make_sample(
 ) -> ShapesSample:
     """The sample number `index` of type `question_type` in the dataset `seed` (deterministic).
 
-    Example:
+    Examples:
         >>> make_sample(0, 5, "Exist").answer in ("yes", "no")
         True
     """
@@ -349,7 +349,7 @@ def conversation(
     question about the image (several supervised answers per image; the questions never see each
     other).
 
-    Example:
+    Examples:
         >>> [turn.question_type for turn in conversation(generate(1)[0], 3)][0]
         'ChooseAttr'
     """
