@@ -83,6 +83,7 @@ def write_report(
         boxes=[samples[i].boxes for i in used],
         progress=progress,
     )
+    sweep["question_type"] = [samples[used[row]].question_type for row in sweep["sample"]]
     sections.append(_sweep_section(sweep))
     first = used[0]
     lens = logit_lens(
@@ -146,9 +147,15 @@ def _sweep_section(sweep: Any) -> Section:
         f"Attention knockout (Cross-modal Information Flow, eq. 7): each flow's edges are blocked in a "
         f"window of {sweep.attrs['window_size']} layers centred on each layer; the curve is the mean relative "
         f"change of the probability of the clean prediction over {sweep['sample'].nunique()} correctly answered "
-        "samples, with a 95% interval. " + "; ".join(lines) + "."
+        "samples, with a 95% interval, one panel per question type. Over all types: "
+        + "; ".join(lines)
+        + "."
     )
-    return Section("Information flow: attention knockout", text, plot.knockout_sweep(sweep))
+    return Section(
+        "Information flow: attention knockout",
+        text,
+        plot.knockout_sweep(sweep, facet="question_type", columns=4),
+    )
 
 
 def _lens_section(lens: Any, sample: Any) -> Section:
@@ -156,7 +163,7 @@ def _lens_section(lens: Any, sample: Any) -> Section:
     best = final.loc[final.probability.idxmax()]
     text = (
         f"Logit lens at the last position for <i>{html.escape(sample.question)}</i>: the probability of the "
-        f"answer's lower-case and capitalised first sub-word read off the residual stream after each layer "
+        f"answer's lower-case and capitalised first sub-word (where the tokenizer can write it) read off the residual stream after each layer "
         f"(final norm applied). After the last layer {best.token_str!r} has p = {best.probability:.2f}."
     )
     return Section("Logit lens", text, plot.logit_lens(lens))

@@ -189,7 +189,7 @@ def _cam(context: Context, samples: Sequence[Sample]) -> tuple[Rows, dict]:
                     "layer": str(layer),
                     "mass_in_box": float(scores["mass_in_box"][index]) if scores else None,
                     "area_share": scores.get("area_share"),
-                    "pointing_hit": bool(scores["pointing_hit"][index]) if scores else None,
+                    "pointing_hit": float(scores["pointing_hit"][index]) if scores else None,
                 }
             )
     return rows, tensors
