@@ -1,0 +1,63 @@
+"""The second organism, `tiny-shapes-routed`: trained like `tiny-shapes` but with the answer
+positions penalised for attending to the image, so image information reaches the answer through
+the question tokens. It keeps the accuracy bar on a new seed, and the knockout analysis tells the
+two organisms apart, as their known routing says it must (docs/zoo.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_zoo import ACCURACY_BAR, PER_TYPE, TEST_SEED
+from train.evaluate import evaluate
+
+import mmlens
+from mmlens.analysis import PAPER_FLOWS, PATCH_FLOWS, knockout_sweep
+from mmlens.zoo.shapes import QUESTION_TYPES, generate
+
+N_SAMPLES = 42  # six of each question type
+WINDOW = 3
+
+
+@pytest.fixture(scope="module")
+def organisms():
+    torch.set_num_threads(2)
+    return {name: mmlens.load(name) for name in ("tiny-shapes", "tiny-shapes-routed")}
+
+
+@pytest.fixture(scope="module")
+def drops(organisms):
+    """Per organism and flow: the largest mean drop of p(answer) over window centres (%)."""
+    samples = [s for s in generate(N_SAMPLES, seed=TEST_SEED + 1) if s.boxes]
+    result = {}
+    for name, model in organisms.items():
+        inputs = [model.prepare(s.image, s.question) for s in samples]
+        sweep = knockout_sweep(
+            model,
+            inputs,
+            {**PAPER_FLOWS, **PATCH_FLOWS},
+            WINDOW,
+            boxes=[s.boxes for s in samples],
+            progress=False,
+        )
+        means = sweep.groupby(["flow", "layer"]).relative_change.mean()
+        result[name] = means.groupby("flow").min()
+    return result
+
+
+def test_routed_organism_loads_and_keeps_the_accuracy_bar(organisms):
+    model = organisms["tiny-shapes-routed"]
+    assert model.default_template == "llava_v1"
+    evaluation = evaluate(model, generate(PER_TYPE * len(QUESTION_TYPES), seed=TEST_SEED))
+    low = {kind: acc for kind, acc in evaluation.accuracy.items() if acc < ACCURACY_BAR}
+    assert not low, f"below {ACCURACY_BAR:.0%}: {low}\n{evaluation.accuracy_table()}"
+
+
+def test_knockout_tells_the_two_routings_apart(drops):
+    direct, routed = drops["tiny-shapes"], drops["tiny-shapes-routed"]
+    # tiny-shapes reads the image from the last position; the routed one cannot.
+    assert direct["Image→Last"] < -50
+    assert routed["Image→Last"] > -10
+    # The routed one reads the image into the question tokens, the related patches above all.
+    assert routed["Image→Question"] < -50
+    assert routed["Related patches→Question"] < routed["Other patches→Question"]
+    assert direct["Image→Question"] > -10
