@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from test_zoo import ACCURACY_BAR, PER_TYPE, TEST_SEED
-from train.evaluate import evaluate
 
 import mmlens
 from mmlens.analysis import PAPER_FLOWS, PATCH_FLOWS, knockout_sweep
 from mmlens.zoo.shapes import QUESTION_TYPES, generate
+from train.evaluate import evaluate
 
 N_SAMPLES = 42  # six of each question type
 WINDOW = 3
