@@ -22,7 +22,7 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q
 	$(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=600 docs/tutorials
-	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site
 
 # Re-execute the tutorials and store their outputs (figures included) in the committed copies.
 notebooks: setup
