@@ -357,6 +357,8 @@ def _facets(
     )
     if n_rows > 1:
         figure.update_layout(height=320 * n_rows + 80)
+    if len(groups) > 1:  # room for every panel's axis titles
+        figure.update_layout(width=max(700, 280 * min(columns, len(groups)) + 260))
     panels = [(i // columns + 1, i % columns + 1, rows) for i, (_, rows) in enumerate(groups)]
     return figure, panels
 
