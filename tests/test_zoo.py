@@ -432,7 +432,9 @@ def test_load_rejects_unknown_names_and_explains_a_missing_checkpoint(monkeypatc
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         mmlens.load("not-installed")
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
-    assert '"mmlens.zoo" = ["tiny-shapes/*"]' in pyproject  # shipped in the wheel
+    # every shipped model's folder is package data (in the wheel)
+    assert '"mmlens.zoo" = ["tiny-shapes/*", "tiny-shapes-routed/*"]' in pyproject
+    assert set(MODELS) == {"tiny-shapes", "tiny-shapes-routed"}
 
 
 def test_checkpoint_ships_as_package_data_and_loads_through_from_pretrained(model):
