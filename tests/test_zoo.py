@@ -426,6 +426,7 @@ def model():
 
 
 def test_load_rejects_unknown_names_and_explains_a_missing_checkpoint(monkeypatch):
+    assert set(MODELS) == {"tiny-shapes", "tiny-shapes-routed"}
     with pytest.raises(ValueError, match="shipped models: tiny-shapes"):
         mmlens.load("no-such-model")
     monkeypatch.setitem(MODELS, "not-installed", "a name whose package data is missing")
@@ -434,7 +435,6 @@ def test_load_rejects_unknown_names_and_explains_a_missing_checkpoint(monkeypatc
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     # every shipped model's folder is package data (in the wheel)
     assert '"mmlens.zoo" = ["tiny-shapes/*", "tiny-shapes-routed/*"]' in pyproject
-    assert set(MODELS) == {"tiny-shapes", "tiny-shapes-routed"}
 
 
 def test_checkpoint_ships_as_package_data_and_loads_through_from_pretrained(model):
