@@ -32,6 +32,7 @@ def test_docstring_examples_run(module):
 
 
 SELF_CONTAINED_OBJECTS = [
+    "mmlens.analysis.lens.answer_variants",
     "mmlens.inputs.geometry.AnyresGrid.for_image",
     "mmlens.inputs.geometry.unpadded_ranges",
     "mmlens.inputs.geometry.box_from_xywh",

@@ -36,6 +36,18 @@ MAD_TO_STD = 1.4826
 """Median absolute deviation -> standard deviation of a normal distribution."""
 
 
+def answer_variants(answer: str) -> dict[str, str]:
+    """The answer with a lower-case and with a capitalised initial, by name.
+
+    >>> answer_variants("red")
+    {'lower-case': 'red', 'capitalised': 'Red'}
+    """
+    return {
+        "lower-case": answer[:1].lower() + answer[1:],
+        "capitalised": answer[:1].upper() + answer[1:],
+    }
+
+
 def answer_token_variants(model: Any, inp: Any, answer: str, item: int = 0) -> list[int]:
     """Ids of the first sub-word of `answer` with a lower-case and a capitalised initial.
 
@@ -49,8 +61,7 @@ def answer_token_variants(model: Any, inp: Any, answer: str, item: int = 0) -> l
         >>> model.to_str_tokens(torch.tensor(answer_token_variants(model, inp, "red")))
         ['▁red', '▁Red']
     """
-    variants = (answer[:1].lower() + answer[1:], answer[:1].upper() + answer[1:])
-    ids = [answer_token_ids(model, inp, variant, item)[0] for variant in variants]
+    ids = [answer_token_ids(model, inp, text, item)[0] for text in answer_variants(answer).values()]
     # A variant the tokenizer cannot write (its unknown token, e.g. tiny-shapes' word-level
     # vocabulary has no capitalised answers) is not tracked.
     unknown = getattr(model.tokenizer, "unk_token_id", None)

@@ -20,6 +20,7 @@ from mmlens.ablations.positions import PositionSet
 from mmlens.analysis import (
     PAPER_FLOWS,
     PATCH_FLOWS,
+    answer_token_ids,
     answer_token_variants,
     attention_share,
     box_scores,
@@ -29,6 +30,7 @@ from mmlens.analysis import (
     logit_lens,
     module_knockout_jaccard,
 )
+from mmlens.analysis.lens import answer_variants
 from mmlens.data import Sample
 from mmlens.inputs import MultimodalInput
 
@@ -116,7 +118,8 @@ def _logit_lens(context: Context, samples: Sequence[Sample]) -> tuple[Rows, dict
     rows: Rows = []
     for item, sample in enumerate(samples):
         single = inp.item(item)
-        tokens = answer_token_variants(context.model, single, _answer(sample))
+        answer = _answer(sample)
+        tokens = answer_token_variants(context.model, single, answer)
         result = logit_lens(
             context.model,
             single,
@@ -125,7 +128,9 @@ def _logit_lens(context: Context, samples: Sequence[Sample]) -> tuple[Rows, dict
             preset=context.preset,
         )
         # Name the variants so that curves can be averaged over samples (Figure 6's two lines).
-        names = dict(zip(tokens, ("lower-case", "capitalised"), strict=False))
+        names: dict[int, str] = {}
+        for name, text in answer_variants(answer).items():
+            names.setdefault(answer_token_ids(context.model, single, text)[0], name)
         rows += [
             {**_sample_columns(sample), "variant": names[row["token"]], **row}
             for row in result.to_dict("records")
