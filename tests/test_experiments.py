@@ -283,7 +283,8 @@ def test_cli_runs_and_checks_its_options(tmp_path, capsys):
               str(out), "--keep", "3"])  # fmt: skip
 
 
-def test_correct_answers_filter_matches_the_analysis(model, shapes):
+def test_the_fixture_samples_are_all_answered_correctly(model, shapes):
+    """A precondition of the equality tests above: without a preset no sample is dropped."""
     inp = model.prepare([s.image for s in shapes], [s.question for s in shapes])
     assert correct_answers(model, inp, [s.answer for s in shapes]).all()
 

@@ -10,10 +10,11 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import subprocess
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from mmlens.analysis import correct_answers
 from mmlens.data import Dataset, Sample, from_samples, load, shard_of
-from mmlens.experiments.definitions import EXPERIMENTS, Context, Experiment
+from mmlens.experiments.definitions import EXPERIMENTS, Context, Experiment, required_answer
 from mmlens.experiments.parallel import Shard, current_shard
 from mmlens.experiments.store import Batch, RunMismatch, RunStore, merged
 from mmlens.inputs import processor_fingerprint
@@ -122,11 +123,6 @@ def run(
         options=options,
         dataset=dataset.name,
         max_new_tokens=dataset.max_new_tokens,
-        prepare=lambda samples: model.prepare(
-            [sample.load_image() for sample in samples],
-            [sample.question for sample in samples],
-            **_prepare_kwargs(preset, samples),
-        ),
     )
     bar = tqdm(
         total=len(todo),
@@ -155,18 +151,19 @@ def _run_batch(
     """One batch: read its images, drop wrongly answered samples if asked, run the experiment
     (alone per sample if the batch fails, so one bad sample does not sink the others)."""
     result = Batch(sample_ids=[sample.sample_id for _, sample in batch])
-    readable = []
+    readable, images = [], {}
     for index, sample in batch:
         try:
-            sample.load_image()
+            images[sample.sample_id] = sample.load_image()
             readable.append((index, sample))
         except (OSError, ValueError) as error:
             result.failed[sample.sample_id] = f"image: {error}"
+    context = dataclasses.replace(context, images=images)
     if correct_only and readable:
         samples = [sample for _, sample in readable]
         with torch.no_grad():
             correct = correct_answers(
-                context.model, context.prepare(samples), [_answer(s) for s in samples]
+                context.model, context.prepare(samples), [required_answer(s) for s in samples]
             )
         for (index, sample), is_correct in zip(list(readable), correct.tolist(), strict=True):
             if not is_correct:
@@ -226,23 +223,6 @@ def _batches(todo: list[tuple[int, Sample]], batch_size: int) -> Iterable[list[t
         group = list(same_suffix)
         for start in range(0, len(group), batch_size):
             yield group[start : start + batch_size]
-
-
-def _prepare_kwargs(preset: Preset | None, samples: Sequence[Sample]) -> dict[str, Any]:
-    """`prepare`'s keywords for a batch: the preset's, and the data set's answer instruction
-    unless the preset fixes its own."""
-    if preset is not None and preset.suffix is not None:
-        return {"preset": preset}
-    return {"preset": preset, "suffix": samples[0].suffix}
-
-
-def _answer(sample: Sample) -> str:
-    if not sample.answer:
-        raise ValueError(
-            f"sample {sample.sample_id!r} has no answer: the correct-answer filter needs one "
-            "(pass correct_only=False / --all-samples)"
-        )
-    return sample.answer
 
 
 def _experiment(name: str) -> Experiment:

@@ -42,15 +42,27 @@ BOX_POSITION_SETS = {"related_patches", "other_patches"}
 @dataclass
 class Context:
     """What an experiment needs besides its samples: the model, the preset (or None), the
-    resolved options, the data set's name (its metric) and generation length, and `prepare`
-    (samples -> one padded `MultimodalInput`, with the preset's settings)."""
+    resolved options, the data set's name (its metric) and generation length, and the images
+    of the batch being run (read once, by sample id)."""
 
     model: Any
     preset: Any
     options: dict[str, Any]
     dataset: str
     max_new_tokens: int
-    prepare: Callable[[Sequence[Sample]], MultimodalInput]
+    images: Mapping[str, Any] = field(default_factory=dict)
+
+    def prepare(self, samples: Sequence[Sample]) -> MultimodalInput:
+        """One padded `MultimodalInput` of `samples` with the preset's settings, and the data
+        set's answer instruction unless the preset fixes its own."""
+        kwargs: dict[str, Any] = {"preset": self.preset}
+        if self.preset is None or self.preset.suffix is None:
+            kwargs["suffix"] = samples[0].suffix
+        return self.model.prepare(
+            [self.images[sample.sample_id] for sample in samples],
+            [sample.question for sample in samples],
+            **kwargs,
+        )
 
 
 @dataclass(frozen=True)
@@ -118,7 +130,7 @@ def _logit_lens(context: Context, samples: Sequence[Sample]) -> tuple[Rows, dict
     rows: Rows = []
     for item, sample in enumerate(samples):
         single = inp.item(item)
-        answer = _answer(sample)
+        answer = required_answer(sample)
         tokens = answer_token_variants(context.model, single, answer)
         result = logit_lens(
             context.model,
@@ -179,7 +191,7 @@ def _cam(context: Context, samples: Sequence[Sample]) -> tuple[Rows, dict]:
         cam = llava_cam(
             context.model,
             single,
-            _answer(sample),
+            required_answer(sample),
             layers=options["layers"],
             noise_std=options["noise_std"],
             n_samples=options["n_samples"],
@@ -204,7 +216,7 @@ def _cliff(context: Context, samples: Sequence[Sample]) -> tuple[Rows, dict]:
     """The information-flow cliff: is the answer still right with every image token removed
     from layer l on (l = n_layers: untouched)?"""
     inp = context.prepare(samples)
-    answers = [_answer(sample) for sample in samples]
+    answers = [required_answer(sample) for sample in samples]
     correct = correct_without_image(context.model, inp, answers, context.options["mode"])
     return [
         {**_sample_columns(sample), "layer": layer, "correct": bool(correct[layer, item])}
@@ -282,9 +294,13 @@ def _generated(
     return rows, {}
 
 
-def _answer(sample: Sample) -> str:
+def required_answer(sample: Sample) -> str:
+    """The sample's reference answer; an error naming the sample if it has none."""
     if not sample.answer:
-        raise ValueError(f"sample {sample.sample_id!r} has no answer, which this experiment needs")
+        raise ValueError(
+            f"sample {sample.sample_id!r} has no answer, which this experiment and the "
+            "correct-answer filter need (correct_only=False / --all-samples skips the filter)"
+        )
     return sample.answer
 
 
