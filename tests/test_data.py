@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from published_formats import (
+    CUSTOM_HEADER,
+    GQA_HEADER,
+    GQA_ROWS,
+    save_image,
+    scienceqa_table,
+    write_csv,
+    write_jsonl,
+    write_scienceqa,
+    write_textvqa,
+)
 
 from mmlens.data import (
     FORMATS,
@@ -33,42 +40,7 @@ from mmlens.zoo.shapes import generate
 POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 
-def save_image(path: Path, size: tuple[int, int] = (8, 6)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (200, 30, 30)).save(path)
-    return path
-
-
-def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as stream:
-        csv.writer(stream).writerows([header, *rows])
-    return path
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(record) + "\n" for record in records))
-    return path
-
-
 # --- GQA (Cross-modal Information Flow) ------------------------------------------------------
-
-GQA_HEADER = [
-    "question_id", "img_id", "question", "answer", "true option", "false option",
-    "object1 name", "object2 name", "image_w", "image_h",
-    "central object x", "central object y", "central object w", "central object h",
-    "object1 x", "object1 y", "object1 w", "object1 h",
-    "object2 x", "object2 y", "object2 w", "object2 h",
-]  # fmt: skip
-GQA_ROWS = [
-    # central object (10, 20, 5, 3); object1 ends past the right edge; object2 absent.
-    ["0123", "2354786", "Is the door wood or metal?", "wood", "wood", "metal",
-     "door", "-", "100", "80", "10", "20", "5", "3", "12.0", "0", "88", "79",
-     "-", "-", "-", "-"],
-    ["07", "2368341", "What color is the car?", "red", "-", "-",
-     "car", "-", "50", "40", "-", "-", "-", "-", "1", "2", "3", "4", "-", "-", "-", "-"],
-]  # fmt: skip
 
 
 @pytest.fixture
@@ -222,45 +194,9 @@ def test_pope_wrong_label(pope):
 # --- ScienceQA (Hugging Face Parquet) ------------------------------------------------------------
 
 
-def scienceqa_table(rows: list[dict]) -> pa.Table:
-    """A table with the Hugging Face ScienceQA schema."""
-    schema = pa.schema(
-        [
-            ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-            ("question", pa.string()),
-            ("choices", pa.list_(pa.string())),
-            ("answer", pa.int8()),
-            ("hint", pa.string()),
-            ("task", pa.string()),
-            ("grade", pa.string()),
-            ("subject", pa.string()),
-            ("topic", pa.string()),
-            ("category", pa.string()),
-            ("skill", pa.string()),
-            ("lecture", pa.string()),
-            ("solution", pa.string()),
-        ]
-    )
-    extra = {key: "" for key in ("task", "grade", "topic", "category", "skill", "lecture")}
-    return pa.Table.from_pylist(
-        [{**extra, "subject": "natural science", "solution": "", **row} for row in rows], schema
-    )
-
-
 @pytest.fixture
 def scienceqa(tmp_path: Path) -> Path:
-    png = io.BytesIO()
-    generate(1, seed=0)[0].image.save(png, format="PNG")
-    rows = [
-        {"image": {"bytes": png.getvalue(), "path": None}, "question": "Which is a solid?",
-         "choices": ["milk", "rock"], "answer": 1, "hint": "Pick  one. "},
-        {"image": None, "question": "Which word is a noun?", "choices": ["run", "cup", "blue"],
-         "answer": 1, "hint": ""},
-    ]  # fmt: skip
-    file = tmp_path / "data" / "test-00000-of-00001.parquet"
-    file.parent.mkdir()
-    pq.write_table(scienceqa_table(rows), file)
-    return file
+    return write_scienceqa(tmp_path / "data" / "test-00000-of-00001.parquet")
 
 
 def test_scienceqa_cqm_a_prompt(scienceqa):
@@ -298,19 +234,7 @@ def test_scienceqa_answer_out_of_range(tmp_path):
 
 
 def test_textvqa(tmp_path):
-    save_image(tmp_path / "train_images" / "003a8ae2ef43b901.jpg")
-    entries = [
-        {"question": "what is the brand of this camera?", "image_id": "003a8ae2ef43b901",
-         "image_classes": ["Camera"], "image_width": 1024, "image_height": 664,
-         "answers": ["nous les gosses", "dakota", "clos culombu", "dakota digital"]
-         + ["nous les gosses"] * 2 + ["dakota"] * 2 + ["dakota digital", "dakota"],
-         "question_tokens": ["what", "is"], "question_id": 34602,
-         "ocr_tokens": ["MIX", "dakota"], "set_name": "val"},
-        {"question": "tie?", "image_id": "003a8ae2ef43b901", "question_id": 34603,
-         "answers": ["b", "a", "a", "b"]},
-    ]  # fmt: skip
-    file = tmp_path / "TextVQA_0.5.1_val.json"
-    file.write_text(json.dumps({"dataset_name": "textvqa", "data": entries}))
+    file = write_textvqa(tmp_path / "TextVQA_0.5.1_val.json", tmp_path / "train_images")
     data = load_textvqa(file, tmp_path / "train_images")
     assert (data.name, data.max_new_tokens, data.ids) == ("textvqa", 16, ["34602", "34603"])
     first, second = data
@@ -321,8 +245,9 @@ def test_textvqa(tmp_path):
     assert first.image == tmp_path / "train_images" / "003a8ae2ef43b901.jpg"
     assert first.metadata["ocr_tokens"] == ["MIX", "dakota"]
 
-    entries[1]["answers"] = "b"
-    file.write_text(json.dumps({"data": entries}))
+    content = json.loads(file.read_text())
+    content["data"][1]["answers"] = "b"
+    file.write_text(json.dumps(content))
     with pytest.raises(DataError, match="list of strings") as error:
         load_textvqa(file, tmp_path / "train_images")
     assert (error.value.row, error.value.field) == ("data[1]", "answers")
@@ -419,9 +344,6 @@ def test_from_samples():
 
 
 # --- your own CSV and JSON lines -------------------------------------------------------------
-
-CUSTOM_HEADER = ["sample_id", "question", "image", "answer", "answers", "options",
-                 "question_type", "boxes", "suffix", "meta_source"]  # fmt: skip
 
 
 def test_custom_csv(tmp_path):

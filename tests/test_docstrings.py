@@ -1,58 +1,92 @@
-"""Docstring examples that are self-contained run as doctests. (Examples that show a call on a
-model and an input of the reader's, `model`, `inp`, are illustrations; the tutorials run them.)"""
+"""Every docstring example in the package runs as a doctest, outputs compared.
+
+Examples share the names the API reference states (docs/api/index.md): `model` is
+``mmlens.load("tiny-shapes")``, `sample` the first `mmlens.zoo.shapes.generate(1, seed=0)` sample
+("Is the star blue or red?", answer "red"), `image` its image and `inp` ``model.prepare(image,
+sample.question)``. They run in a scratch folder that holds small files in the published layouts at
+the paths the examples name (`docs_workspace.build`), so a loader's example reads a real file.
+"""
 
 from __future__ import annotations
 
+import copy
 import doctest
 import importlib
+import io
+import pkgutil
 
 import pytest
+import torch
+from published_formats import build_workspace
 
-SELF_CONTAINED = [
-    "mmlens.data._files",
-    "mmlens.data.shapes",
-    "mmlens.experiments.parallel",
-    "mmlens.inputs.images",
-    "mmlens.loading",
-    "mmlens.metrics",
-    "mmlens.metrics.answers",
-    "mmlens.metrics.chair",
-    "mmlens.metrics.pope",
-    "mmlens.perf",
-    "mmlens.sequence",
-    "mmlens.zoo.shapes",
-]
+import mmlens
+from mmlens.zoo.shapes import generate
+
+FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 
-@pytest.mark.parametrize("module", SELF_CONTAINED)
-def test_docstring_examples_run(module):
-    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-    result = doctest.testmod(importlib.import_module(module), optionflags=flags)
-    assert result.attempted > 0 and result.failed == 0
-
-
-SELF_CONTAINED_OBJECTS = [
-    "mmlens.analysis.lens.answer_variants",
-    "mmlens.inputs.geometry.AnyresGrid.for_image",
-    "mmlens.inputs.geometry.unpadded_ranges",
-    "mmlens.inputs.geometry.box_from_xywh",
-    "mmlens.inputs.templates.render",
-    "mmlens.report.describe_settings",
-    "mmlens.data.sample.DataError",
-]
-
-
-@pytest.mark.parametrize("name", SELF_CONTAINED_OBJECTS)
-def test_docstring_examples_of_objects_run(name):
-    parts = name.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        try:
-            module = importlib.import_module(".".join(parts[:split]))
-            break
-        except ModuleNotFoundError:
+def package_doctests() -> list[doctest.DocTest]:
+    """The doctests of every module of mmlens, each found once (in the module that defines it)."""
+    finder = doctest.DocTestFinder()
+    found = []
+    for module_info in pkgutil.walk_packages(mmlens.__path__, "mmlens."):
+        if module_info.name == "mmlens.__main__":
             continue
-    tests = [test for test in doctest.DocTestFinder().find(module) if test.name == name]
-    assert tests and tests[0].examples, f"{name} has no examples"
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    runner.run(tests[0])
-    assert runner.failures == 0
+        module = importlib.import_module(module_info.name)
+        for test in finder.find(module):
+            defined_here = (
+                test.name == module.__name__
+                or getattr(_lookup(module, test.name), "__module__", module.__name__)
+                == module.__name__
+            )
+            if test.examples and defined_here:
+                found.append(test)
+    return sorted(found, key=lambda test: test.name)
+
+
+def _lookup(module, dotted: str):
+    target = module
+    for part in dotted[len(module.__name__) + 1 :].split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            return None
+    return getattr(target, "__func__", target)
+
+
+DOCTESTS = package_doctests()
+
+
+def test_the_package_has_examples():
+    assert len(DOCTESTS) > 100
+
+
+@pytest.fixture(scope="module")
+def shared_names() -> dict[str, object]:
+    model = mmlens.load("tiny-shapes")
+    sample = generate(1, seed=0)[0]
+    return {"mmlens": mmlens, "torch": torch, "model": model, "sample": sample}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return build_workspace(tmp_path_factory.mktemp("workspace"))
+
+
+@pytest.mark.parametrize("test", DOCTESTS, ids=[test.name for test in DOCTESTS])
+def test_docstring_example_runs(test, shared_names, workspace, monkeypatch):
+    monkeypatch.chdir(workspace)
+    model, sample = shared_names["model"], shared_names["sample"]
+    test = copy.copy(test)
+    test.globs = {
+        **test.globs,
+        **shared_names,
+        "image": sample.image,
+        "inp": model.prepare(sample.image, sample.question),
+    }
+    report = io.StringIO()
+    runner = doctest.DocTestRunner(optionflags=FLAGS)
+    try:
+        runner.run(test, out=report.write, clear_globs=True)
+    finally:
+        model.reset_hooks(including_permanent=True)
+    assert runner.failures == 0, report.getvalue()

@@ -7,9 +7,11 @@ item. They keep addressing the same tokens after pruning and during generation.
 
 Examples:
     >>> from mmlens.ablations import attention_knockout, drop_tokens, window
-    >>> hooks = attention_knockout(inp.positions("image"), inp.positions("last"), window(14, 9, 32))
-    >>> hooks += drop_tokens(inp.positions("image"), from_layer=24)
-    >>> logits = model.run_with_hooks(inp, fwd_hooks=hooks)
+    >>> layers = window(2, 3, model.cfg.n_layers)                    # layers 1, 2, 3
+    >>> hooks = attention_knockout(inp.positions("image"), inp.positions("last"), layers)
+    >>> hooks += drop_tokens(inp.positions("image"), from_layer=4)
+    >>> model.run_with_hooks(inp, fwd_hooks=hooks).shape              # 64 image tokens gone
+    torch.Size([1, 41, 70])
 """
 
 from mmlens.ablations.knockout import (

@@ -53,8 +53,11 @@ def attention_knockout(
     Returns a TransformerLens hook list, so knockouts compose by concatenation.
 
     Examples:
-        >>> hooks = attention_knockout(inp.positions("image"), inp.positions("last"), window(15, 9, 32))
-        >>> logits = model.run_with_hooks(inp, fwd_hooks=hooks)
+        >>> layers = window(2, 3, model.cfg.n_layers)                # Figure 2's window, 3 wide
+        >>> hooks = attention_knockout(inp.positions("image"), inp.positions("last"), layers)
+        >>> logits = model.run_with_hooks(inp, fwd_hooks=hooks)      # [batch, pos, vocab]
+        >>> logits.shape
+        torch.Size([1, 105, 70])
     """
     return _knockout_hooks(source, target, layers, heads, post_softmax=False)
 

@@ -36,8 +36,10 @@ def drop_tokens(positions: PositionsLike, from_layer: int, mode: Mode = "drop") 
     the surviving positions, no speed-up.
 
     Examples:
-        >>> hooks = drop_tokens(inp.positions("image"), from_layer=16)   # appendix F: last 16 of 32
-        >>> logits = model.run_with_hooks(inp, fwd_hooks=hooks)          # [batch, pos - 576, vocab]
+        >>> hooks = drop_tokens(inp.positions("image"), from_layer=3)  # appendix F: the last half
+        >>> logits = model.run_with_hooks(inp, fwd_hooks=hooks)        # [batch, pos - 64, vocab]
+        >>> logits.shape
+        torch.Size([1, 41, 70])
     """
     position_set = PositionSet.of(positions)
     (from_layer,) = as_layers(from_layer, "from_layer")

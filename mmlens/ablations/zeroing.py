@@ -26,7 +26,9 @@ def zero_attention(
     position or only at `positions` (original sequence indices).
 
     Examples:
-        >>> logits = model.run_with_hooks(inp, fwd_hooks=zero_attention(range(10, 19)))
+        >>> logits = model.run_with_hooks(inp, fwd_hooks=zero_attention(range(2, 5)))
+        >>> logits.shape
+        torch.Size([1, 105, 70])
     """
     return _zero_output("hook_attn_out", layers, positions)
 
@@ -35,7 +37,9 @@ def zero_mlp(layers: int | Iterable[int], positions: PositionsLike | None = None
     """Zero `hook_mlp_out` in `layers`, at every position or only at `positions`.
 
     Examples:
-        >>> hooks = zero_mlp(range(0, 9), positions=inp.positions("question"))
+        >>> hooks = zero_mlp(range(0, 3), positions=inp.positions("question"))
+        >>> [name for name, _ in hooks]
+        ['blocks.0.hook_mlp_out', 'blocks.1.hook_mlp_out', 'blocks.2.hook_mlp_out']
     """
     return _zero_output("hook_mlp_out", layers, positions)
 
@@ -44,7 +48,9 @@ def zero_heads(layer: int, heads: int | Iterable[int]) -> list[Hook]:
     """Zero the outputs `hook_z` of `heads` in `layer` (before the output projection).
 
     Examples:
-        >>> logits = model.run_with_hooks(inp, fwd_hooks=zero_heads(12, [0, 5]))
+        >>> logits = model.run_with_hooks(inp, fwd_hooks=zero_heads(3, [0, 2]))
+        >>> zero_heads(3, 7)[0][0]
+        'blocks.3.attn.hook_z'
     """
     (layer,) = as_layers(layer, "layer")
     head_index = as_layers(heads, "heads")

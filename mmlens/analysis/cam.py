@@ -3,9 +3,11 @@
 From Redundancy to Relevance (section 3.1, appendix A.1); semantics in docs/analyses.md. All requested layers come from one backward pass per noise sample.
 
 Examples:
-    >>> cam = llava_cam(model, inp, "red", layers=[0, 4, 8, "vision.blocks.20"], n_samples=8)
-    >>> cam.maps.shape          # [4, 24, 24] for llava-1.5 at 336 px
-    >>> mmlens.plot.llava_cam(cam, inp).show()
+    >>> cam = llava_cam(model, inp, "red", layers=[0, 3, 5, "vision.blocks.2"], n_samples=2,
+    ...                 progress=False)
+    >>> cam.maps.shape          # [layer, rows, cols]: 8 x 8 patches here, 24 x 24 for llava-1.5
+    torch.Size([4, 8, 8])
+    >>> figure = mmlens.plot.llava_cam(cam, inp)      # figure.show() in a notebook
 """
 
 from __future__ import annotations
@@ -98,8 +100,10 @@ def llava_cam(
             layer the model does not run (blocks after the last `vision_feature_layer`).
 
     Examples:
-        >>> cam = llava_cam(model, inp, "red", layers=range(model.cfg.n_layers), noise_std=0)
-        >>> cam.maps[3]             # [rows, cols], max 1
+        >>> cam = llava_cam(model, inp, "red", layers=range(model.cfg.n_layers), noise_std=0,
+        ...                 progress=False)
+        >>> cam.maps[3].shape, cam.maps[3].max().item()             # [rows, cols], max 1
+        (torch.Size([8, 8]), 1.0)
     """
     if inp.batch_size != 1:
         raise ValueError(f"llava_cam takes a single prompt; this input has {inp.batch_size}")

@@ -40,8 +40,11 @@ def last_row_attention_maps(model: Any, inp: Any) -> Float[torch.Tensor, "layer 
     (batch-1 input).
 
     Examples:
-        >>> maps = last_row_attention_maps(model, inp)
-        >>> box_scores(model, inp, [(0, 0, 56, 28)], maps)["pointing_hit"]
+        >>> maps = last_row_attention_maps(model, inp)        # [layer, rows, cols]
+        >>> maps.shape
+        torch.Size([6, 8, 8])
+        >>> box_scores(model, inp, sample.boxes, maps)["pointing_hit"]   # the star's box
+        tensor([False,  True,  True, False, False, False])
     """
     grid = inp.layout.patch_grid(0)
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]

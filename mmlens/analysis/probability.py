@@ -27,7 +27,8 @@ def answer_token_ids(model: Any, inp: Any, answer: str, item: int = 0) -> list[i
     generation, and returns the ids after the prompt's.
 
     Examples:
-        >>> answer_token_ids(model, inp, "red")   # e.g. [2654] for "▁red"
+        >>> answer_token_ids(model, inp, "red")   # [2654] ("▁red") with Llama's tokenizer
+        [53]
     """
     prompt = inp.prompts[item]
     text = prompt + answer if prompt[-1:].isspace() else f"{prompt} {answer}"
@@ -53,9 +54,15 @@ def answer_probability(
     earlier sub-words after the prompt. `fwd_hooks` (e.g. an ablation) apply to the run.
 
     Examples:
-        >>> base = answer_probability(model, inp)
-        >>> knocked = answer_probability(model, inp, fwd_hooks=attention_knockout(...))
-        >>> relative_change(knocked.probabilities, base.probabilities)
+        >>> from mmlens.ablations import attention_knockout, window
+        >>> base = answer_probability(model, inp, "red")
+        >>> base.probabilities.round(decimals=3)
+        tensor([1.])
+        >>> hooks = attention_knockout(inp.positions("question"), inp.positions("last"),
+        ...                            window(1, 3, model.cfg.n_layers))
+        >>> knocked = answer_probability(model, inp, "red", fwd_hooks=hooks)
+        >>> relative_change(knocked.probabilities, base.probabilities).round()   # percent
+        tensor([-97.])
     """
     with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
         if answer is None:
@@ -88,7 +95,8 @@ def correct_answers(
     made, e.g. under an ablation) saves the forward pass.
 
     Examples:
-        >>> correct_answers(model, inp, "red")   # tensor([True])
+        >>> correct_answers(model, inp, "red")
+        tensor([True])
     """
     items = [answers] * inp.batch_size if isinstance(answers, str) else list(answers)
     if len(items) != inp.batch_size:

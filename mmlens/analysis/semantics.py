@@ -40,8 +40,10 @@ def module_knockout_jaccard(
     Returns a DataFrame: `layer` (window start), `window_end` (exclusive), `module`, `jaccard`.
 
     Examples:
-        >>> result = module_knockout_jaccard(model, inp, module="attn")
-        >>> mmlens.plot.module_knockout_jaccard(result)
+        >>> result = module_knockout_jaccard(model, inp, module="attn", progress=False)
+        >>> result.columns.tolist(), len(result)          # one row per window start
+        (['layer', 'window_end', 'module', 'jaccard'], 6)
+        >>> figure = mmlens.plot.module_knockout_jaccard(result)
     """
     if module not in ("mlp", "attn"):
         raise ValueError(f"module must be 'mlp' or 'attn', got {module!r}")

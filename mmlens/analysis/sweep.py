@@ -159,8 +159,18 @@ def knockout_sweep(
             batches measured before it. Both methods check the same way, before running.
 
     Examples:
-        >>> result = knockout_sweep(model, samples, window_size=9)
-        >>> mmlens.plot.knockout_sweep(result).show()
+        >>> from mmlens.zoo.shapes import generate
+        >>> samples = generate(14, seed=1)
+        >>> inputs = [model.prepare(s.image, s.question) for s in samples]
+        >>> result = knockout_sweep(model, inputs, window_size=3, progress=False)
+        >>> result.groupby("flow").relative_change.min().round()     # the largest drop, percent
+        flow
+        Image→Last       -100.0
+        Image→Question     -1.0
+        Last→Last          -0.0
+        Question→Last    -100.0
+        Name: relative_change, dtype: float64
+        >>> figure = mmlens.plot.knockout_sweep(result)     # figure.show() in a notebook
     """
     batches = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     n_samples = sum(inp.batch_size for inp in batches)

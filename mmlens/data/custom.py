@@ -73,8 +73,9 @@ def load_csv(
     Every cell is read as text; images are looked up under `images` (default: the CSV's folder).
 
     Examples:
-        >>> # sample_id,question,image,answer,options,meta_source
-        >>> # q1,Is the cat black or white?,cat.jpg,black,black|white,mine
+        >>> print(open("questions.csv").read().strip())
+        sample_id,question,image,answer,options,meta_source
+        q1,Is the cat black or white?,cat.jpg,black,black|white,mine
         >>> data = load_csv("questions.csv", images="pictures")
         >>> data[0].options, data[0].metadata
         (('black', 'white'), {'source': 'mine'})
@@ -97,8 +98,9 @@ def load_jsonl(
     """The samples of a JSON-lines file in the layout of this module (name ``"custom"``).
 
     Examples:
-        >>> # {"sample_id": "q1", "question": "Where is the cat?", "image": "cat.jpg",
-        >>> #  "boxes": [[10, 20, 60, 80]], "metadata": {"source": "mine"}}
+        >>> print(open("questions.jsonl").read().strip())  # doctest: +NORMALIZE_WHITESPACE
+        {"sample_id": "q1", "question": "Where is the cat?", "image": "cat.jpg",
+         "boxes": [[10, 20, 60, 80]], "metadata": {"source": "mine"}}
         >>> load_jsonl("questions.jsonl", images="pictures")[0].boxes
         ((10, 20, 60, 80),)
     """

@@ -63,8 +63,8 @@ def load_gqa(
 
     Examples:
         >>> data = load_gqa("data/ChooseAttr.csv", images="gqa/images")
-        >>> data[0].sample_id, data[0].question_type, data[0].boxes
-        ('0123', 'ChooseAttr', ((10, 20, 16, 24),))
+        >>> data[0].sample_id, data[0].question_type, data[0].boxes   # central object, object1
+        ('0123', 'ChooseAttr', ((10, 20, 16, 24), (12, 0, 100, 80)))
     """
     rows = Rows(skip_bad, id_field="question_id")
     for file in data_files(path, (".csv",)):

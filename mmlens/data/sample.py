@@ -92,8 +92,9 @@ class Dataset(Sequence[Sample]):
         skipped: the errors of the rows left out with ``skip_bad=True`` (`DataError` messages).
 
     Examples:
-        >>> data = mmlens.data.load("pope:pope/coco_pope_random.json", images="val2014")
-        >>> data.filter(lambda s: s.answer == "yes")[:100].shard(0, 4)
+        >>> data = mmlens.data.load("pope:pope/coco_pope_random.json", images="coco/val2014")
+        >>> data.filter(lambda s: s.answer == "yes")[:100].ids
+        ['random-1']
     """
 
     def __init__(
@@ -160,6 +161,7 @@ class Dataset(Sequence[Sample]):
         `index`. The shards partition the data set, whatever its order.
 
         Examples:
+            >>> data = mmlens.data.load("shapes:64")
             >>> parts = [data.shard(rank, 4) for rank in range(4)]
             >>> sorted(sum((p.ids for p in parts), [])) == sorted(data.ids)
             True

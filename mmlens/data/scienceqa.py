@@ -57,7 +57,7 @@ def load_scienceqa(
     Examples:
         >>> data = load_scienceqa("ScienceQA/data/test-00000-of-00001.parquet")
         >>> data[0].sample_id, data[0].answer, data[0].options
-        ('test-00000-of-00001-0', 'B', ('Solution A', 'Solution B'))
+        ('test-00000-of-00001-0', 'B', ('milk', 'rock'))
     """
     if images is not None:
         raise ValueError("ScienceQA's images are inside its Parquet files: pass images=None")

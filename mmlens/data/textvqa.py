@@ -43,7 +43,7 @@ def load_textvqa(
     Examples:
         >>> data = load_textvqa("TextVQA_0.5.1_val.json", images="textvqa/train_images")
         >>> data[0].answer, len(data[0].answers)
-        ('nous les gosses', 10)
+        ('dakota', 10)
     """
     file = data_file(path)
     content = as_object(file, None, read_json(file))
