@@ -4,8 +4,10 @@ Each takes the result an analysis returned (its settings travel with it) and ret
 `plotly.graph_objects.Figure`.
 
 Examples:
-    >>> mmlens.plot.logit_lens(logit_lens(model, inp, tokens)).show()
-    >>> mmlens.plot.llava_cam(llava_cam(model, inp, "red"), inp).write_html("cam.html")
+    >>> from mmlens.analysis import llava_cam, logit_lens
+    >>> figure = mmlens.plot.logit_lens(logit_lens(model, inp, [53]))   # .show() in a notebook
+    >>> cam = llava_cam(model, inp, "red", layers=[1, 3], n_samples=1, progress=False)
+    >>> mmlens.plot.llava_cam(cam, inp).write_html("cam.html")
 """
 
 from __future__ import annotations
@@ -42,8 +44,12 @@ def logit_lens(result: pd.DataFrame, facet: str | None = None, columns: int = 3)
     (lower-case, capitalised), one panel per `facet` value if given.
 
     Examples:
-        >>> plot.logit_lens(logit_lens(model, inp, answer_token_variants(model, inp, "red")))
-        >>> plot.logit_lens(mmlens.results.load("runs/lens"), facet="question_type")
+        >>> from mmlens import analysis
+        >>> variants = analysis.answer_token_variants(model, inp, "red")
+        >>> figure = logit_lens(analysis.logit_lens(model, inp, variants))
+        >>> figure = logit_lens(mmlens.results.load("runs/lens"), facet="question_type")
+        >>> len(figure.layout.annotations)        # a panel per question type, each titled
+        7
     """
     attrs = result.attrs
     many = "sample_id" in result and result["sample_id"].nunique() > 1
@@ -76,7 +82,10 @@ def attention_share(result: pd.DataFrame, facet: str | None = None, columns: int
     value if given.
 
     Examples:
-        >>> plot.attention_share(attention_share(model, inp, heads="max"))
+        >>> from mmlens.analysis import attention_share as share
+        >>> figure = attention_share(share(model, inp, heads="max"))
+        >>> [trace.name for trace in figure.data]
+        ['system', 'image', 'user']
     """
     attrs = result.attrs
     figure, panels = _facets(result, facet, columns)
@@ -102,7 +111,8 @@ def patch_norms(result: HighNormPatches) -> go.Figure:
     appendix E, Figure 15).
 
     Examples:
-        >>> plot.patch_norms(high_norm_patches(model, inp))
+        >>> from mmlens.analysis import high_norm_patches
+        >>> figure = patch_norms(high_norm_patches(model, inp))
     """
     settings = result.settings
     figure = go.Figure(go.Histogram(x=result.image_norms.tolist(), name="image positions"))
@@ -135,7 +145,8 @@ def llava_cam(result: CamResult, inp: Any, columns: int = 4, opacity: float = 1.
     image lies in that input; the caption says how it got there.
 
     Examples:
-        >>> plot.llava_cam(llava_cam(model, inp, "red", layers=[0, 8, 16]), inp).show()
+        >>> from mmlens.analysis import llava_cam as cam
+        >>> figure = llava_cam(cam(model, inp, "red", layers=[0, 3, 5], progress=False), inp)
     """
     settings = result.settings
     image = settings["image"]
@@ -246,8 +257,9 @@ def knockout_sweep(result: pd.DataFrame, facet: str | None = None, columns: int 
     value, `columns` panels a row, as the paper's figures per question type.
 
     Examples:
-        >>> plot.knockout_sweep(knockout_sweep(model, samples))
-        >>> plot.knockout_sweep(mmlens.results.load("runs/knockout"), facet="question_type")
+        >>> figure = knockout_sweep(mmlens.results.load("runs/knockout"), facet="question_type")
+        >>> len(figure.layout.annotations)        # a panel per question type
+        7
     """
     attrs = result.attrs
     figure, panels = _facets(result, facet, columns)
@@ -292,7 +304,8 @@ def module_knockout_jaccard(
     the mean over samples for a run's results, one panel per `facet` value if given.
 
     Examples:
-        >>> plot.module_knockout_jaccard(module_knockout_jaccard(model, inp, "mlp"))
+        >>> from mmlens.analysis import module_knockout_jaccard as jaccard
+        >>> figure = module_knockout_jaccard(jaccard(model, inp, "mlp", progress=False))
     """
     attrs = result.attrs
     figure, panels = _facets(result, facet, columns)
@@ -317,7 +330,8 @@ def cliff(result: Any) -> go.Figure:
     """Accuracy with every image token truncated from layer l on, the baseline, and the cliff.
 
     Examples:
-        >>> plot.cliff(cliff_layer(model, samples, answers))
+        >>> from mmlens.analysis import cliff_layer
+        >>> figure = cliff(cliff_layer(model, [inp], [sample.answer], progress=False))
     """
     curve = result.curve
     figure = go.Figure()

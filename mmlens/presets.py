@@ -4,8 +4,12 @@ mmlens' defaults equal Hugging Face's implementation; both papers ran the origin
 LLaVA-NeXT code, which differs in image geometry, tiling, tokenisation and prompt (the table in
 docs/semantics.md, "Reproducing the papers' settings"). A preset holds what the paper's code did:
 
-    >>> inp = model.prepare(image, question, preset=CROSS_MODAL_FLOW)
-    >>> result = knockout_sweep(model, inp, preset=CROSS_MODAL_FLOW, boxes=[boxes])
+    >>> from mmlens.analysis import knockout_sweep
+    >>> inp = model.prepare(image, sample.question, preset=CROSS_MODAL_FLOW)
+    >>> result = knockout_sweep(model, inp, preset=CROSS_MODAL_FLOW, boxes=[sample.boxes],
+    ...                         progress=False)
+    >>> result.attrs["preset"], result.attrs["window_size"]   # 9: an unknown model's window
+    ('cross_modal_flow', 9)
 
 An analysis given a preset checks that each input was prepared with it, takes its remaining
 settings (flows, window, patch rule, logit-lens norm) unless passed explicitly, and records the
@@ -76,6 +80,7 @@ class Preset:
 
         Examples:
             >>> CROSS_MODAL_FLOW.prepare_kwargs(model)["template"]  # "vicuna_v1" for LLaVA-1.5
+            'llava_v1'
         """
         kwargs: dict[str, Any] = dict(template=self.template(model), tokenization=self.tokenization)
         if self.suffix is not None:
@@ -91,6 +96,7 @@ class Preset:
 
         Examples:
             >>> CROSS_MODAL_FLOW.window_size(model)  # 9 for llava-1.5-13b-hf, 7 for llava-1.5-7b-hf
+            9
         """
         name = PurePath(str(model.cfg.model_name)).name.lower()
         for checkpoint, size in self.window_sizes.items():

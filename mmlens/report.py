@@ -59,7 +59,8 @@ def write_report(
     `question_type`) and write one self-contained HTML file to `path`.
 
     Examples:
-        >>> write_report(mmlens.load("tiny-shapes"), mmlens.zoo.shapes.generate(24, seed=1), "report.html")
+        >>> write_report(model, mmlens.zoo.shapes.generate(7, seed=1), "report.html", progress=False)
+        PosixPath('report.html')
     """
     inputs = [model.prepare(sample.image, sample.question) for sample in samples]
     answers = [sample.answer for sample in samples]

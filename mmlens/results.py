@@ -3,8 +3,8 @@
 Examples:
     >>> result = mmlens.results.load("runs/knockout")
     >>> result.attrs["experiment"], result.attrs["options"]["window_size"]
-    ('knockout', 7)
-    >>> mmlens.plot.knockout_sweep(result, facet="question_type")
+    ('knockout', 3)
+    >>> figure = mmlens.plot.knockout_sweep(result, facet="question_type")
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def summary(result: pd.DataFrame) -> pd.DataFrame:
     question type and layer or flow.
 
     Examples:
-        >>> mmlens.results.summary(mmlens.results.load("runs/truncation"))
+        >>> mmlens.results.summary(mmlens.results.load("runs/truncation")).columns.tolist()
+        ['condition', 'accuracy', 'n']
     """
     experiment = result.attrs["experiment"]
     if experiment in ("truncation", "fastv"):

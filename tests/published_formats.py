@@ -85,7 +85,8 @@ def build_workspace(root: Path) -> Path:
     """`root` filled with the files the docstring examples read, at the paths they name:
     the Cross-modal paper's GQA CSVs and images, the POPE splits over COCO val2014 images, COCO's
     annotation files, the ScienceQA Parquet file, TextVQA's JSON, a questions CSV / JSON-lines pair
-    of your own, and a finished `cliff` run of tiny-shapes in ``runs/cliff``."""
+    of your own, and finished runs of tiny-shapes on 14 shapes samples in ``runs/cliff``,
+    ``runs/knockout`` (window 3), ``runs/lens`` and ``runs/truncation``."""
     shapes = generate(4, seed=0)
     rows = [list(row) for row in GQA_ROWS]
     for row, sample in zip(rows, shapes, strict=False):
@@ -123,7 +124,17 @@ def build_workspace(root: Path) -> Path:
 
     import mmlens
 
-    mmlens.run("cliff", "tiny-shapes", "shapes:8", out=root / "runs" / "cliff", progress=False)
+    model = mmlens.load("tiny-shapes")
+    for experiment, options in {
+        "cliff": {},
+        "knockout": {"window_size": 3},
+        "logit-lens": {},
+        "truncation": {"layers": [2], "keep": 16},
+    }.items():
+        name = experiment.split("-")[-1]
+        mmlens.run(
+            experiment, model, "shapes:14", out=root / "runs" / name, progress=False, **options
+        )
     return root
 
 

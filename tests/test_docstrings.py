@@ -3,7 +3,8 @@
 Examples share the names the API reference states (docs/api/index.md): `model` is
 ``mmlens.load("tiny-shapes")``, `sample` the first `mmlens.zoo.shapes.generate(1, seed=0)` sample
 ("Is the star blue or red?", answer "red"), `image` its image and `inp` ``model.prepare(image,
-sample.question)``. They run in a scratch folder that holds small files in the published layouts at
+sample.question)``, and `next_model` a random LLaVA-NeXT (`mmlens.testing.build_tiny_llava_next`,
+28 px base crop, 7 px patches). They run in a scratch folder that holds small files in the published layouts at
 the paths the examples name (`docs_workspace.build`), so a loader's example reads a real file.
 """
 
@@ -20,6 +21,7 @@ import torch
 from published_formats import build_workspace
 
 import mmlens
+from mmlens.testing import build_tiny_llava_next
 from mmlens.zoo.shapes import generate
 
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
@@ -72,8 +74,13 @@ def workspace(tmp_path_factory):
     return build_workspace(tmp_path_factory.mktemp("workspace"))
 
 
+@pytest.fixture(scope="module")
+def next_model(workspace):
+    return mmlens.from_pretrained(build_tiny_llava_next(workspace / "tiny-llava-next"))
+
+
 @pytest.mark.parametrize("test", DOCTESTS, ids=[test.name for test in DOCTESTS])
-def test_docstring_example_runs(test, shared_names, workspace, monkeypatch):
+def test_docstring_example_runs(test, shared_names, workspace, next_model, monkeypatch):
     monkeypatch.chdir(workspace)
     model, sample = shared_names["model"], shared_names["sample"]
     test = copy.copy(test)
@@ -82,6 +89,7 @@ def test_docstring_example_runs(test, shared_names, workspace, monkeypatch):
         **shared_names,
         "image": sample.image,
         "inp": model.prepare(sample.image, sample.question),
+        "next_model": next_model,
     }
     report = io.StringIO()
     runner = doctest.DocTestRunner(optionflags=FLAGS)

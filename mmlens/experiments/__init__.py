@@ -3,9 +3,14 @@ data set, streams results to a run directory, resumes after any crash, and sprea
 processes, GPUs and nodes (docs/experiments.md).
 
 Examples:
-    >>> result = mmlens.run("knockout", "tiny-shapes", "shapes:64", "runs/knockout",
-    ...                     preset="cross_modal_flow", centres=[1, 3])
-    >>> mmlens.plot.knockout_sweep(result, facet="question_type").show()
+    >>> result = mmlens.run("knockout", "tiny-shapes", "shapes:64", "runs/paper-knockout",
+    ...                     preset="cross_modal_flow", centres=[1, 3], progress=False)
+    >>> sorted(result.flow.unique())       # the preset's flows: Figures 2-5
+    ['Image→Last', 'Image→Question', 'Last→Last', 'Other patches→Question', 'Question→Last', 'Related patches→Question']
+    >>> figure = mmlens.plot.knockout_sweep(result, facet="question_type")   # .show()
+
+    The same run from a shell: ``mmlens run knockout --model tiny-shapes --data shapes:64 --out
+    runs/paper-knockout --preset cross_modal_flow --centres 1,3``. Run again, it resumes.
 """
 
 from __future__ import annotations
@@ -275,7 +280,8 @@ def _model(model: Any, device: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
             )
     else:
         folder = Path(str(model.cfg.model_name))
-        name = str(model.cfg.model_name)
+        # A zoo model keeps its zoo name however it was passed, so that a run resumes either way.
+        name = next((zoo for zoo in MODELS if checkpoint_path(zoo) == folder), str(folder))
     fingerprint = (
         checkpoint_fingerprint(folder)
         if (folder / "config.json").is_file()

@@ -65,10 +65,13 @@ class RunStore:
     """The run directory `out` as seen by process `rank`.
 
     Examples:
-        >>> store = RunStore(Path("runs/knockout"))
-        >>> store.open(identity)              # creates it, or checks it can be resumed
-        >>> store.finished()                  # sample ids already done (by any rank)
-        >>> store.commit(Batch(["q1"], rows=[{"sample_id": "q1", ...}]))
+        >>> store = RunStore(Path("runs/mine"))
+        >>> store.open({"experiment": "mine"})    # creates it, or checks it can be resumed
+        >>> store.finished()                      # sample ids already done (by any rank)
+        set()
+        >>> store.commit(Batch(["q1"], rows=[{"sample_id": "q1", "score": 0.5}]))
+        >>> store.finished()
+        {'q1'}
     """
 
     def __init__(self, out: str | Path, rank: int = 0):

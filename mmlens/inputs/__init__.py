@@ -21,11 +21,14 @@ the same text give the segments. Semantics (docs/semantics.md):
   patches it touches.
 
 Examples:
-    >>> inp = MultimodalInput.from_processor(processor, image, "What colour is the door?")
-    >>> inp.positions("image")        # 576 positions for llava-1.5-7b
-    >>> inp.find("door")              # the token(s) of "door"
-    >>> inp.patches_in_box((0, 0, 100, 50))   # image tokens showing the top-left 100x50 pixels
-    >>> logits = model(**inp.model_kwargs())  # any HF-style model call
+    >>> inp = MultimodalInput.from_processor(model.processor, image, "What color is the star?")
+    >>> len(inp.positions("image"))   # 8 x 8 patches here; 576 for llava-1.5
+    64
+    >>> inp.find("star")              # the token(s) of "star"
+    tensor([100])
+    >>> len(inp.patches_in_box((0, 0, 56, 28)))   # image tokens showing the top-left 56x28 pixels
+    8
+    >>> logits = model(inp)
 """
 
 from mmlens.inputs.geometry import (

@@ -39,9 +39,10 @@ class ImageGeometry:
         patch_size: side of a patch in processed pixels.
 
     Examples:
-        >>> geometry = ImageGeometry.from_image_processor(processor.image_processor, (50, 90), 14)
-        >>> geometry.pad_offset, geometry.grid_size
-        ((20, 0), (4, 4))
+        >>> processor = model.processor.image_processor   # llava-1.5's, at 112 px
+        >>> geometry = ImageGeometry.from_image_processor(processor, (50, 90), 14)
+        >>> geometry.resized_size, geometry.grid_size
+        ((112, 112), (8, 8))
     """
 
     original_size: tuple[int, int]
@@ -351,7 +352,8 @@ class AnyresGeometry:
         grid: tiles and unpadding.
 
     Examples:
-        >>> geometry = AnyresGeometry.from_image_processor(processor.image_processor, (40, 90), 7)
+        >>> processor = next_model.processor.image_processor    # a LLaVA-NeXT's
+        >>> geometry = AnyresGeometry.from_image_processor(processor, (40, 90), 7)
         >>> geometry.grid.tiles, geometry.canvas.resized_size
         ((1, 3), (28, 63))
     """
@@ -562,7 +564,9 @@ def with_image_mode(processor: Any, mode: str | None) -> Any:
     mode.
 
     Examples:
-        >>> inp = model.prepare(image, "What is left of the cup?", image_mode="pad")
+        >>> inp = model.prepare(image, "What is left of the star?", image_mode="pad")
+        >>> inp.settings["image_mode"]
+        'pad'
     """
     if mode is None:
         return processor
@@ -602,7 +606,9 @@ def with_anyres(processor: Any, anyres: str) -> Any:
     canvas alike). Made once per processor.
 
     Examples:
-        >>> inp = model.prepare(image, "What is on the sign?", anyres="llava")
+        >>> inp = next_model.prepare(image, "What is on the sign?", anyres="llava")
+        >>> inp.settings["anyres"]
+        'llava'
     """
     _check_anyres(anyres)
     if anyres == "hf":

@@ -43,8 +43,11 @@ class ImageTokenLayout:
 
     Examples:
         >>> layout = inp.layout
-        >>> layout.position[(layout.image == 0) & (layout.tile == 0) & (layout.row == 0)]  # top base row
-        >>> layout.position[layout.kind == NEWLINE]  # LLaVA-NeXT's newline tokens
+        >>> layout.position[(layout.image == 0) & (layout.tile == 0) & (layout.row == 0)]  # top row
+        tensor([32, 33, 34, 35, 36, 37, 38, 39])
+        >>> layout = next_model.prepare(image, "What is it?").layout
+        >>> len(layout.position[layout.kind == NEWLINE])  # LLaVA-NeXT's newline tokens
+        8
     """
 
     item: Int[Tensor, "n_image_tokens"]
@@ -70,6 +73,7 @@ class ImageTokenLayout:
 
         Examples:
             >>> inp.layout.patch_grid(0).shape  # (24, 24) for llava-1.5 at 336 px
+            torch.Size([8, 8])
         """
         selected = (self.image == image) & (self.tile == tile) & (self.kind == PATCH)
         return self._grid(selected, f"image {image}, tile {tile}")
@@ -81,7 +85,10 @@ class ImageTokenLayout:
         tokens are not in it. ``grid[r, c]`` is the token with ``row == r`` and ``col == c``.
 
         Examples:
-            >>> inp.layout.highres_grid(0).shape  # e.g. (36, 48) for a 640 x 480 image, llava-v1.6
+            >>> next_model.prepare(image, "What is it?").layout.highres_grid(0).shape
+            torch.Size([8, 8])
+
+            (36, 48) for a 640 x 480 image with llava-v1.6.
         """
         selected = (self.image == image) & (self.tile >= 1) & (self.kind == PATCH)
         return self._grid(selected, f"the tiles of image {image}")

@@ -67,8 +67,9 @@ class MultimodalInput:
             ``patches_in_box(rule="mask")``).
 
     Examples:
-        >>> inp = MultimodalInput.from_processor(processor, [image, None], ["What is it?", "Hi"])
+        >>> inp = MultimodalInput.from_processor(model.processor, [image, None], ["What is it?", "Hi"])
         >>> inp.positions("question", item=1), inp.patches_in_box((0, 0, 10, 10), image=0)
+        (tensor([...]), tensor([32]))
     """
 
     input_ids: Int[Tensor, "batch pos"]
@@ -109,6 +110,7 @@ class MultimodalInput:
         template, suffix, image_mode, anyres and tokenization.
 
         Examples:
+            >>> from mmlens.presets import CROSS_MODAL_FLOW
             >>> model.prepare(image, "Why?", preset=CROSS_MODAL_FLOW).settings["tokenization"]
             'llava'
         """
@@ -132,6 +134,7 @@ class MultimodalInput:
 
         Examples:
             >>> inp.positions("last")  # tensor([n_pos - 1]) for a single prompt
+            tensor([104])
         """
         self._check_item(item)
         if name not in SEGMENTS:
@@ -146,7 +149,8 @@ class MultimodalInput:
         image tokens.
 
         Examples:
-            >>> inp.find("door")  # e.g. tensor([612]): the token "▁door"
+            >>> inp.find("star")  # the token "star" (▁star with a Llama tokenizer)
+            tensor([98])
         """
         self._check_item(item)
         prompt = self.prompts[item]
@@ -191,7 +195,8 @@ class MultimodalInput:
 
         Examples:
             >>> width, height = image.size
-            >>> inp.patches_in_box((0, 0, width // 2, height))  # the left half of the image
+            >>> len(inp.patches_in_box((0, 0, width // 2, height)))  # the left half of the image
+            32
         """
         if not 0 <= image < self.n_images:
             raise ValueError(
@@ -239,8 +244,12 @@ class MultimodalInput:
         item's padding).
 
         Examples:
-            >>> sample = batch.item(1)
-            >>> model(sample)[0, -1]  # the same logits as the item inside the padded batch
+            >>> batch = model.prepare([image, image], ["What is it?", "Is the star blue or red?"])
+            >>> alone = batch.item(0)                  # the padding removed
+            >>> batch.input_ids.shape, alone.input_ids.shape
+            (torch.Size([2, 105]), torch.Size([1, 102]))
+            >>> torch.allclose(model(alone)[0, -1], model(batch)[0, -1], atol=1e-4)
+            True
         """
         self._check_item(index)
         real = self.attention_mask[index].bool()
@@ -282,8 +291,10 @@ class MultimodalInput:
         positions belong to no segment, and `positions("last")` stays the last prompt position.
 
         Examples:
-            >>> forced = inp.with_tokens(answer_ids)        # [1, n] or a list of ids
-            >>> model(forced)[0, inp.input_ids.shape[1] - 1:]  # the positions that predict them
+            >>> from mmlens.analysis import answer_token_ids
+            >>> forced = inp.with_tokens(answer_token_ids(model, inp, "red"))   # [1, n] or a list
+            >>> model(forced)[0, inp.input_ids.shape[1] - 1 :].shape    # the rows that predict them
+            torch.Size([2, 70])
         """
         tokens = torch.as_tensor(tokens, device=self.device).long()
         tokens = tokens.expand(self.batch_size, -1) if tokens.ndim == 1 else tokens
@@ -391,10 +402,16 @@ class MultimodalInput:
                 the patch grid.
 
         Examples:
-            >>> inp = MultimodalInput.from_processor(processor, [img_a, None], ["Q1?", "Hi!"])
+            >>> inp = MultimodalInput.from_processor(model.processor, [image, None], ["Q1?", "Hi!"])
             >>> inp.pixel_values.shape  # llava-1.5: torch.Size([1, 3, 336, 336])
-            >>> # llava-v1.6: [n_images, max_crops, 3, 336, 336], base crop then tiles
-            >>> inp.positions("image", item=1)  # tensor([], dtype=torch.int64): text-only
+            torch.Size([1, 3, 112, 112])
+            >>> inp.positions("image", item=1)  # a text-only prompt
+            tensor([], dtype=torch.int64)
+            >>> MultimodalInput.from_processor(next_model.processor, image, "Q1?").pixel_values.shape
+            torch.Size([1, 5, 3, 28, 28])
+
+            LLaVA-NeXT's pixels are ``[n_images, max_crops, 3, side, side]``: the base crop, then
+            the tiles.
         """
         fingerprint = processor_fingerprint(processor)  # the checkpoint's, whatever the mode
         if tokenization not in TOKENIZATIONS:
@@ -534,8 +551,11 @@ def input_settings(inputs: MultimodalInput | Sequence[MultimodalInput]) -> dict[
     differ is given as the sorted list of their values ({} for text or token-id inputs).
 
     Examples:
-        >>> input_settings([inp_a, inp_b])["image_mode"]
+        >>> padded = model.prepare(image, "Why?", image_mode="pad")
+        >>> input_settings([padded, padded])["image_mode"]
         'pad'
+        >>> input_settings([padded, inp])["image_mode"]     # mixed settings are listed
+        ['pad', None]
     """
     batches = [inputs] if isinstance(inputs, MultimodalInput) else list(inputs)
     batches = [inp for inp in batches if isinstance(inp, MultimodalInput)]  # not text or ids
@@ -559,8 +579,9 @@ def processor_fingerprint(processor: Any) -> str:
     per processor object.
 
     Examples:
-        >>> processor_fingerprint(model.processor)  # doctest: +SKIP
-        '3f1c9a0d5e2b7c41'
+        >>> fingerprint = processor_fingerprint(model.processor)
+        >>> len(fingerprint), fingerprint == processor_fingerprint(mmlens.load("tiny-shapes").processor)
+        (16, True)
     """
     try:
         return _FINGERPRINTS[processor]

@@ -360,6 +360,7 @@ def default_template(tokenizer: Any, decoder_model_type: str) -> str:
     use ``"vicuna_v1"``.)
 
     Examples:
+        >>> from mmlens.testing import make_tokenizer
         >>> default_template(make_tokenizer("llama3"), "llama")
         'llama3'
     """

@@ -96,8 +96,12 @@ def llava_token_ids(
         special tokens and padding: (0, 0)).
 
     Examples:
-        >>> ids, mask, spans = llava_token_ids(tokenizer, [render("vicuna_v1", "Why?", n_images=1)],
-        ...                                    [[576]], image_token_id)
+        >>> from mmlens.inputs.templates import render
+        >>> tokenizer = model.processor.tokenizer
+        >>> prompts = [render("vicuna_v1", "Why?", n_images=1, image_token="<image>")]
+        >>> ids, mask, spans = llava_token_ids(tokenizer, prompts, [[64]], model.cfg.image_token_id)
+        >>> ids.shape, int((ids == model.cfg.image_token_id).sum())
+        (torch.Size([1, 100]), 64)
     """
     items = []
     for prompt, counts in zip(rendered, image_token_counts, strict=True):

@@ -54,9 +54,12 @@ class HookedTransformer(HookedRootModule):
     """Decoder-only LM with TransformerLens hook names (docs/hooks.md).
 
     Examples:
-        >>> model = mmlens.HookedTransformer.from_pretrained("path/to/llama")  # doctest: +SKIP
-        >>> logits, cache = model.run_with_cache("The cat sat on the")
+        ``mmlens.HookedTransformer.from_pretrained(folder)`` loads a Llama or Mistral checkpoint;
+        every multimodal model is a HookedTransformer too, and takes text alone:
+
+        >>> logits, cache = model.run_with_cache("Is the star red?")
         >>> cache["blocks.0.attn.hook_pattern"].shape  # [batch, head, q_pos, k_pos]
+        torch.Size([1, 4, 6, 6])
     """
 
     def __init__(self, cfg: MMConfig, tokenizer: Any = None):
@@ -110,8 +113,15 @@ class HookedTransformer(HookedRootModule):
         device (`device` is then unused).
 
         Examples:
-            >>> model = mmlens.HookedLlava.from_pretrained("path/to/llava-1.5-7b-hf")  # doctest: +SKIP
-            >>> big = mmlens.from_pretrained("llava-1.5-13b-hf", device_map="auto")  # doctest: +SKIP
+            >>> llava = mmlens.HookedLlava.from_pretrained(mmlens.zoo.checkpoint_path("tiny-shapes"))
+            >>> type(llava).__name__, llava.cfg.n_layers
+            ('HookedLlava', 6)
+            >>> mmlens.HookedLlavaNext.from_pretrained(mmlens.zoo.checkpoint_path("tiny-shapes"))
+            Traceback (most recent call last):
+            TypeError: ...tiny-shapes holds a 'llava' checkpoint, which loads as HookedLlava, not HookedLlavaNext; use mmlens.from_pretrained to dispatch
+
+            A hub id is read from the local cache (``"llava-hf/llava-1.5-7b-hf"``);
+            ``device_map="auto"`` spreads a large model over the visible GPUs.
         """
         folder, hf_config = read_checkpoint(path_or_id)
         model_cls = model_class_for(hf_config.model_type)
@@ -248,6 +258,8 @@ class HookedTransformer(HookedRootModule):
 
         Examples:
             >>> model.add_hook("blocks.0.hook_resid_post", lambda resid, hook: resid * 2)
+            >>> torch.equal(model(inp), model(inp)), len(model.hook_dict["blocks.0.hook_resid_post"].fwd_hooks)
+            (True, 1)
             >>> model.reset_hooks()
         """
         if isinstance(name, str):
@@ -273,8 +285,11 @@ class HookedTransformer(HookedRootModule):
         with `add_hook` inside the block stay, as in TransformerLens.
 
         Examples:
+            >>> from mmlens.ablations import zero_mlp
             >>> with model.hooks(fwd_hooks=zero_mlp(range(4))):
-            ...     logits = model(inp)
+            ...     ablated = model(inp)
+            >>> torch.equal(ablated, model(inp))     # the hooks are gone after the block
+            False
         """
         with self._temporary_hooks(keep_untracked=False, clear_contexts=clear_contexts) as level:
             for name, hook in fwd_hooks:
@@ -386,8 +401,9 @@ class HookedTransformer(HookedRootModule):
         a full cache allocates hundreds of MB per call, and re-faulting it cost ~40%.
 
         Examples:
-            >>> logits, cache = model.run_with_cache(inp, names_filter=lambda n: "resid" in n)  # doctest: +SKIP
+            >>> logits, cache = model.run_with_cache(inp, names_filter=lambda n: "resid" in n)
             >>> cache.accumulated_resid(apply_ln=True).shape  # [n_layers + 1, batch, pos, d_model]
+            torch.Size([7, 1, 105, 128])
         """
         if incl_bwd:
             output, cache_dict = super().run_with_cache(
@@ -684,7 +700,8 @@ class HookedTransformer(HookedRootModule):
 
         Examples:
             >>> _, cache = model.run_with_cache(inp, names_filter="blocks.3.hook_resid_post")
-            >>> model.to_logits(cache["blocks.3.hook_resid_post"][0, -1]).argmax()
+            >>> model.to_string(model.to_logits(cache["blocks.3.hook_resid_post"][0, -1]).argmax())
+            'red'
         """
         if self.device_map is not None:
             resid = resid.to(next(self.unembed.parameters()).device)
@@ -709,6 +726,7 @@ class HookedTransformer(HookedRootModule):
         Examples:
             >>> prefix = model.run_prefix(inp)
             >>> prefix.logits.shape   # [batch, pos, d_vocab]
+            torch.Size([1, 105, 70])
         """
         inputs = self.model_inputs(input, **kwargs)
         input_ids = inputs.pop("input_ids")
@@ -771,10 +789,17 @@ class HookedTransformer(HookedRootModule):
             different positions).
 
         Examples:
+            >>> from mmlens.ablations import attention_knockout
             >>> prefix = model.run_prefix(inp)
             >>> last = inp.positions("last").item()
-            >>> hooks = attention_knockout(inp.positions("image"), [last], range(4, 9))
-            >>> model.run_suffix(prefix, last, entry_layers=[4], fwd_hooks=hooks, only_last=True)
+            >>> hooks = attention_knockout(inp.positions("image"), [last], range(2, 5))
+            >>> suffix = model.run_suffix(prefix, last, entry_layers=[2], fwd_hooks=hooks,
+            ...                           only_last=True)
+            >>> full = model.run_with_hooks(inp, fwd_hooks=hooks)   # the same, from layer 0
+            >>> suffix.shape                                 # [variant rows, d_vocab]
+            torch.Size([1, 70])
+            >>> torch.allclose(suffix[0], full[0, -1], atol=1e-4)
+            True
         """
         entry = [0] * n_variants if entry_layers is None else [int(e) for e in entry_layers]
         starts = [start] * n_variants if isinstance(start, int) else [int(s) for s in start]
@@ -875,8 +900,9 @@ class HookedTransformer(HookedRootModule):
         finished (emitted EOS) are continued with the pad token.
 
         Examples:
-            >>> tokens = model.generate(inp, max_new_tokens=8)  # doctest: +SKIP
+            >>> tokens = model.generate(inp, max_new_tokens=8)
             >>> model.to_string(tokens[0, inp.input_ids.shape[1]:])
+            'red </s>'
         """
         inputs = self.model_inputs(input, **kwargs)
         input_ids = inputs.pop("input_ids")

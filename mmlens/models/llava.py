@@ -21,10 +21,11 @@ class HookedLlava(HookedTransformer):
     """LLaVA with hooks in the decoder, the vision tower (`vision.`) and the projector.
 
     Examples:
-        >>> model = mmlens.HookedLlava.from_pretrained("llava-hf/llava-1.5-7b-hf")  # doctest: +SKIP
-        >>> inp = model.prepare(image, "What colour is the door?")
+        >>> model = mmlens.load("tiny-shapes")   # or from_pretrained("llava-hf/llava-1.5-7b-hf")
+        >>> inp = model.prepare(image, "What color is the star?")
         >>> logits, cache = model.run_with_cache(inp)
-        >>> cache["hook_image_embeds"].shape  # [n_images, 576, d_model]
+        >>> cache["hook_image_embeds"].shape  # [n_images, n_patches, d_model]: 576 for llava-1.5
+        torch.Size([1, 64, 128])
     """
 
     image_inputs = ("pixel_values",)
@@ -61,9 +62,13 @@ class HookedLlava(HookedTransformer):
         (`mmlens.presets`) supplies the paper's settings; keywords given here override them.
 
         Examples:
-            >>> inp = model.prepare(Image.open("door.jpg"), "What colour is the door?")
-            >>> inp.positions("image")
-            >>> paper = model.prepare(image, question, preset=mmlens.presets.CROSS_MODAL_FLOW)
+            >>> from PIL import Image
+            >>> inp = model.prepare(Image.open("pictures/cat.jpg"), "What color is the star?")
+            >>> inp.positions("image")[[0, -1]], inp.positions("question")
+            (tensor([32, 95]), tensor([ 96,  97,  98,  99, 100, 101]))
+            >>> paper = model.prepare(image, "Is it red?", preset=mmlens.presets.CROSS_MODAL_FLOW)
+            >>> paper.suffix
+            ' \\nAnswer the question using a single word or phrase.'
         """
         if self.processor is None:
             raise ValueError("this model has no processor; load it with from_pretrained(folder)")

@@ -36,11 +36,13 @@ class HookedLlavaNext(HookedLlava):
     the image slots. Row ``i`` is the image token described by ``inp.layout`` entry ``i``.
 
     Examples:
-        >>> model = mmlens.from_pretrained("llava-hf/llava-v1.6-mistral-7b-hf")  # doctest: +SKIP
-        >>> inp = model.prepare(image, "What colour is the door?")  # Mistral instruct template
+        >>> model = mmlens.from_pretrained("tiny-llava-next")  # a random one the tests build
+        >>> inp = model.prepare(image, "What colour is the door?")
         >>> logits, cache = model.run_with_cache(inp)
         >>> cache["hook_image_embeds"].shape  # [1, len(inp.positions("image")), d_model]
-        >>> inp.layout.highres_grid(0).shape  # the unpadded tile grid, e.g. (36, 48)
+        torch.Size([1, 88, 64])
+        >>> inp.layout.highres_grid(0).shape  # the unpadded tile grid: (36, 48) at 640 x 480
+        torch.Size([8, 8])
     """
 
     image_inputs = ("pixel_values", "image_sizes", "anyres")

@@ -13,8 +13,12 @@ def register(*model_types: str) -> Callable[[type], type]:
     """Class decorator: `cls` loads checkpoints of these HF model types.
 
     Examples:
-        >>> @register("llava")
-        ... class HookedLlava(HookedTransformer): ...
+        >>> from mmlens.models import HookedLlava
+        >>> @register("my_llava")
+        ... class MyLlava(HookedLlava): ...
+        >>> model_class_for("my_llava").__name__
+        'MyLlava'
+        >>> del MODEL_TYPES["my_llava"]
     """
 
     def add(cls: type) -> type:

@@ -10,9 +10,10 @@ from uniform so parity tests have teeth.
 
 Examples:
     >>> from mmlens.testing import build_tiny_llava, build_tiny_llava_next
-    >>> folder = build_tiny_llava(tmp_path / "tiny-llava")  # doctest: +SKIP
-    >>> next_folder = build_tiny_llava_next(tmp_path / "tiny-next", family="llama3")  # doctest: +SKIP
-    >>> model = mmlens.from_pretrained(next_folder)  # doctest: +SKIP
+    >>> folder = build_tiny_llava("checkpoints/tiny-llava")
+    >>> next_folder = build_tiny_llava_next("checkpoints/tiny-next", family="llama3")
+    >>> type(mmlens.from_pretrained(next_folder)).__name__
+    'HookedLlavaNext'
 """
 
 from __future__ import annotations
@@ -124,8 +125,8 @@ def tokenizer_corpus(family: str = "vicuna") -> list[str]:
     ``<0x0A>`` as in Llama-2's and Mistral's vocabularies; Llama-3's learns "\\n\\n" as a token.
 
     Examples:
-        >>> tokenizer_corpus()[0]
-        'A chat between a curious human and an artificial intelligence assistant. ...'
+        >>> tokenizer_corpus()[0][:60]
+        'A chat between a curious human and an artificial intelligenc'
     """
     _check_family(family)
     rng = random.Random(0)
@@ -230,7 +231,7 @@ def make_tokenizer(family: str = "vicuna") -> PreTrainedTokenizerFast:
         >>> tokenizer.image_token, tokenizer.padding_side
         ('<image>', 'left')
         >>> make_tokenizer("llama3").convert_ids_to_tokens(make_tokenizer("llama3")("Hi").input_ids)
-        ['<|begin_of_text|>', 'Hi']
+        ['<|begin_of_text|>', 'H', 'i']
     """
     _check_family(family)
     if family == "llama3":
@@ -357,6 +358,7 @@ def make_image_processor(
     preprocessing (no padding, so the crop cuts off the ends of the longer side).
 
     Examples:
+        >>> import PIL.Image
         >>> pixels = make_image_processor(56)(PIL.Image.new("RGB", (90, 50)), return_tensors="pt")
         >>> pixels["pixel_values"].shape
         torch.Size([1, 3, 56, 56])
@@ -389,9 +391,11 @@ def make_anyres_image_processor(
             ``[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]`` at 28 px a tile).
 
     Examples:
+        >>> import PIL.Image
         >>> processor = make_anyres_image_processor(28)
-        >>> processor(PIL.Image.new("RGB", (90, 40)), return_tensors="pt")["pixel_values"].shape
-        torch.Size([1, 3, 3, 28, 28])
+        >>> image = PIL.Image.new("RGB", (90, 40))        # the base crop, then 1 x 3 tiles
+        >>> processor(image, return_tensors="pt")["pixel_values"].shape
+        torch.Size([1, 4, 3, 28, 28])
     """
     return LlavaNextImageProcessorPil(
         do_pad=True,
@@ -481,8 +485,9 @@ def build_tiny_llava(
         `path` as a `Path`.
 
     Examples:
-        >>> folder = build_tiny_llava(tmp_path / "llava", n_kv_heads=2)  # doctest: +SKIP
-        >>> LlavaForConditionalGeneration.from_pretrained(folder)  # doctest: +SKIP
+        >>> folder = build_tiny_llava("checkpoints/llava", n_kv_heads=2)
+        >>> LlavaForConditionalGeneration.from_pretrained(folder).config.text_config.num_key_value_heads
+        2
     """
     path = Path(path)
     tokenizer = make_tokenizer()
@@ -574,8 +579,9 @@ def build_tiny_llava_next(
         `path` as a `Path`.
 
     Examples:
-        >>> folder = build_tiny_llava_next(tmp_path / "next", family="mistral", n_kv_heads=2)  # doctest: +SKIP
-        >>> LlavaNextForConditionalGeneration.from_pretrained(folder)  # doctest: +SKIP
+        >>> folder = build_tiny_llava_next("checkpoints/next", family="mistral", n_kv_heads=2)
+        >>> LlavaNextForConditionalGeneration.from_pretrained(folder).config.text_config.model_type
+        'mistral'
     """
     path = Path(path)
     tokenizer = make_tokenizer(family)
@@ -711,7 +717,12 @@ def hf_image_features(output: Any) -> torch.Tensor:
     which returns that list).
 
     Examples:
-        >>> features = hf_image_features(hf(**inp.model_kwargs()))  # doctest: +SKIP
+        >>> from transformers import LlavaForConditionalGeneration
+        >>> hf = LlavaForConditionalGeneration.from_pretrained(mmlens.zoo.checkpoint_path("tiny-shapes"))
+        >>> with torch.no_grad():
+        ...     features = hf_image_features(hf(**inp.model_kwargs()))
+        >>> features.shape                              # [n_image_tokens, d_model]
+        torch.Size([64, 128])
     """
     image_outputs = getattr(output, "image_outputs", None)
     features = (
@@ -730,7 +741,9 @@ def assert_matches_hf(
     test can check more.
 
     Examples:
-        >>> out, cache = assert_matches_hf(hf, model, model.prepare(images, prompts))
+        >>> from transformers import LlavaForConditionalGeneration
+        >>> hf = LlavaForConditionalGeneration.from_pretrained(mmlens.zoo.checkpoint_path("tiny-shapes"))
+        >>> out, cache = assert_matches_hf(hf, model, model.prepare([image, image], ["Why?", "Is it red?"]))
     """
     with torch.no_grad():
         out = hf_model(
