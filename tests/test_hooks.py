@@ -60,6 +60,7 @@ def test_every_documented_hook_exists_with_its_shape(model, inp):
             expected[f"blocks.{layer}.{name}"] = shape
     n_image_tokens = vision.grid_size**2
     expected |= {
+        "hook_token_embed": (batch, pos, cfg.d_model),
         "hook_embed": (batch, pos, cfg.d_model),
         "hook_image_embeds": (1, n_image_tokens, cfg.d_model),
         "ln_final.hook_scale": (batch, pos, 1),
@@ -78,7 +79,16 @@ def test_every_documented_hook_exists_with_its_shape(model, inp):
     for name, shape in expected.items():
         assert name in cache, name
         assert tuple(cache[name].shape) == shape, name
-    assert set(cache.keys()) == set(model.hook_dict), "every hook point should fire once"
+    per_head_results = {name for name in model.hook_dict if name.endswith("attn.hook_result")}
+    assert set(cache.keys()) == set(model.hook_dict) - per_head_results, "every hook fires once"
+    model.set_use_attn_result(True)
+    try:
+        _, cache = model.run_with_cache(inp)
+    finally:
+        model.set_use_attn_result(False)
+    assert set(cache.keys()) == set(model.hook_dict)
+    heads = (cfg.n_heads, cfg.d_model)
+    assert tuple(cache["blocks.0.attn.hook_result"].shape) == (batch, pos, *heads)
 
 
 def test_unused_vision_layers_do_not_run(tiny_checkpoint):

@@ -1,14 +1,13 @@
-"""The second organism, `tiny-shapes-routed`: trained like `tiny-shapes` but with the answer
-positions penalised for attending to the image, so image information reaches the answer through
-the question tokens. The knockout analysis tells the two organisms apart, as their known routing
-says it must. Its accuracy does not reach the project's 95% bar on every type yet (docs/zoo.md):
-the test holds it at what the shipped weights do, so that a regression shows."""
+"""The second organism, `tiny-shapes-routed`: tiny-shapes retrained so that the answer positions
+do not attend to the image (masked, then penalised; docs/zoo.md), so image information reaches the
+answer through the question tokens. It meets the same accuracy bar as tiny-shapes, and the
+knockout analysis tells the two organisms apart, as their known routing says it must."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_zoo import PER_TYPE, TEST_SEED
+from test_zoo import ACCURACY_BAR, PER_TYPE, TEST_SEED
 
 import mmlens
 from mmlens.analysis import PAPER_FLOWS, PATCH_FLOWS, knockout_sweep
@@ -45,25 +44,12 @@ def drops(organisms):
     return result
 
 
-ROUTED_FLOORS = {
-    "ChooseAttr": 0.95,
-    "ChooseCat": 0.90,
-    "ChooseRel": 0.45,
-    "CompareAttr": 0.90,
-    "LogicalObj": 0.80,
-    "QueryAttr": 0.75,
-    "Exist": 0.95,
-}
-"""What the shipped weights must keep on the test seed (measured there: docs/zoo.md), a few
-points under each measured score; ChooseRel, LogicalObj and QueryAttr are below `ACCURACY_BAR`."""
-
-
-def test_routed_organism_loads_and_keeps_its_accuracy(organisms):
+def test_routed_organism_meets_the_accuracy_bar(organisms):
     model = organisms["tiny-shapes-routed"]
     assert model.default_template == "llava_v1"
     evaluation = evaluate(model, generate(PER_TYPE * len(QUESTION_TYPES), seed=TEST_SEED))
-    low = {kind: acc for kind, acc in evaluation.accuracy.items() if acc < ROUTED_FLOORS[kind]}
-    assert not low, f"below the floors {ROUTED_FLOORS}: {low}\n{evaluation.accuracy_table()}"
+    low = {kind: acc for kind, acc in evaluation.accuracy.items() if acc < ACCURACY_BAR}
+    assert not low, f"below {ACCURACY_BAR:.0%}: {low}\n{evaluation.accuracy_table()}"
 
 
 def test_knockout_tells_the_two_routings_apart(drops):

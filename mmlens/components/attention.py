@@ -2,7 +2,14 @@
 
 Attention runs through `scaled_dot_product_attention` unless a hook is attached to
 `hook_attn_scores` or `hook_pattern` (including caching hooks): only then are the
-`[batch, head, q_pos, k_pos]` scores and pattern materialised.
+`[batch, head, q_pos, k_pos]` scores and pattern materialised. With `use_attn_result` (off by
+default, as in TransformerLens: it holds `[batch, pos, head, d_model]` per layer) the output is
+the sum of the per-head results `hook_result` plus `b_O`.
+
+Weights follow TransformerLens' names and shapes (docs/transformer_lens.md): `W_K`, `W_V`,
+`b_K`, `b_V` have one entry per *query* head, the key/value heads repeated under grouped-query
+attention as the forward pass pairs them, so that ``W_Q[h] @ W_K[h].T`` is head h's QK circuit;
+`_W_K`, `_W_V`, `_b_K`, `_b_V` are the compact `[kv_head, ...]` weights.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import nn
+from transformer_lens import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
 from mmlens.components.rotary import apply_rotary
@@ -54,29 +62,29 @@ class Attention(nn.Module):
         self.hook_attn_scores = HookPoint()  # [batch, head, q_pos, k_pos], masked, pre-softmax
         self.hook_pattern = HookPoint()  # [batch, head, q_pos, k_pos]
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_result = HookPoint()  # [batch, pos, head, d_model], with use_attn_result
+        self.use_attn_result = False
 
     # TransformerLens-shaped views of the weights.
     @property
     def W_Q(self) -> Float[torch.Tensor, "head d_model d_head"]:
-        return einops.rearrange(
-            self.q_proj.weight, "(head d_head) d_model -> head d_model d_head", head=self.n_heads
-        )
+        return self._per_head_input(self.q_proj.weight, self.n_heads)
 
     @property
-    def W_K(self) -> Float[torch.Tensor, "kv_head d_model d_head"]:
-        return einops.rearrange(
-            self.k_proj.weight,
-            "(head d_head) d_model -> head d_model d_head",
-            head=self.n_key_value_heads,
-        )
+    def _W_K(self) -> Float[torch.Tensor, "kv_head d_model d_head"]:
+        return self._per_head_input(self.k_proj.weight, self.n_key_value_heads)
 
     @property
-    def W_V(self) -> Float[torch.Tensor, "kv_head d_model d_head"]:
-        return einops.rearrange(
-            self.v_proj.weight,
-            "(head d_head) d_model -> head d_model d_head",
-            head=self.n_key_value_heads,
-        )
+    def _W_V(self) -> Float[torch.Tensor, "kv_head d_model d_head"]:
+        return self._per_head_input(self.v_proj.weight, self.n_key_value_heads)
+
+    @property
+    def W_K(self) -> Float[torch.Tensor, "head d_model d_head"]:
+        return self._repeat_kv(self._W_K, dim=0)
+
+    @property
+    def W_V(self) -> Float[torch.Tensor, "head d_model d_head"]:
+        return self._repeat_kv(self._W_V, dim=0)
 
     @property
     def W_O(self) -> Float[torch.Tensor, "head d_head d_model"]:
@@ -85,9 +93,50 @@ class Attention(nn.Module):
         )
 
     @property
+    def b_Q(self) -> Float[torch.Tensor, "head d_head"]:
+        return self._per_head_bias(self.q_proj, self.n_heads)
+
+    @property
+    def _b_K(self) -> Float[torch.Tensor, "kv_head d_head"]:
+        return self._per_head_bias(self.k_proj, self.n_key_value_heads)
+
+    @property
+    def _b_V(self) -> Float[torch.Tensor, "kv_head d_head"]:
+        return self._per_head_bias(self.v_proj, self.n_key_value_heads)
+
+    @property
+    def b_K(self) -> Float[torch.Tensor, "head d_head"]:
+        return self._repeat_kv(self._b_K, dim=0)
+
+    @property
+    def b_V(self) -> Float[torch.Tensor, "head d_head"]:
+        return self._repeat_kv(self._b_V, dim=0)
+
+    @property
     def b_O(self) -> Float[torch.Tensor, "d_model"]:
         bias = self.o_proj.bias
         return bias if bias is not None else torch.zeros_like(self.o_proj.weight[:, 0])
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """Each head's ``W_Q[h] @ W_K[h].T`` (`[head, d_model, d_model]`), factored. Rotary
+        positions act between the two factors, so this is the circuit at relative distance 0."""
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """Each head's ``W_V[h] @ W_O[h]`` (`[head, d_model, d_model]`), factored."""
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    def _per_head_input(self, weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+        return einops.rearrange(
+            weight, "(head d_head) d_model -> head d_model d_head", head=n_heads
+        )
+
+    def _per_head_bias(self, linear: nn.Linear, n_heads: int) -> torch.Tensor:
+        weight = linear.weight
+        bias = linear.bias if linear.bias is not None else weight.new_zeros(weight.shape[0])
+        return bias.view(n_heads, self.d_head)
 
     def _split_heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
         return x.view(*x.shape[:-1], n_heads, self.d_head)
@@ -138,6 +187,9 @@ class Attention(nn.Module):
                 enable_gqa=self.n_key_value_heads != self.n_heads,
             )
         z = self.hook_z(z_heads.transpose(1, 2))
+        if self.use_attn_result:
+            result = self.hook_result(einops.einsum(z, self.W_O, "b p h d, h d m -> b p h m"))
+            return result.sum(2) + self.b_O, (k, v)
         return self.o_proj(z.reshape(*z.shape[:2], -1)), (k, v)
 
     def _scores_hooked(self) -> bool:
@@ -145,10 +197,11 @@ class Attention(nn.Module):
         hooked = (self.hook_attn_scores, self.hook_pattern)
         return any(point._forward_hooks or point._backward_hooks for point in hooked)
 
-    def _repeat_kv(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`[batch, kv_head, pos, d_head]` -> one copy per query head (grouped-query attention)."""
+    def _repeat_kv(self, tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Key/value heads along `dim` -> one copy per query head, as grouped-query attention
+        pairs them (query head h reads key/value head ``h // (n_heads / n_kv_heads)``)."""
         group = self.n_heads // self.n_key_value_heads
-        return tensor.repeat_interleave(group, dim=1) if group > 1 else tensor
+        return tensor.repeat_interleave(group, dim=dim) if group > 1 else tensor
 
     def _pattern_from_scores(
         self, scores: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype

@@ -22,6 +22,10 @@ class TransformerBlock(nn.Module):
     reads its layer and positions from `hook.ctx["sequence"]`.
     """
 
+    hook_out_is_single_residual_stream = True
+    """`hook_resid_post` is the residual stream the next block (or the unembedding) reads, as
+    TransformerLens' `cache.logit_lens()` requires."""
+
     def __init__(
         self,
         ln1: nn.Module,

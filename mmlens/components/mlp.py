@@ -38,6 +38,18 @@ class GatedMLP(nn.Module):
     def W_out(self) -> Float[torch.Tensor, "d_mlp d_model"]:
         return self.down_proj.weight.T
 
+    @property
+    def b_in(self) -> Float[torch.Tensor, "d_mlp"]:
+        return _bias(self.up_proj)
+
+    @property
+    def b_gate(self) -> Float[torch.Tensor, "d_mlp"]:
+        return _bias(self.gate_proj)
+
+    @property
+    def b_out(self) -> Float[torch.Tensor, "d_model"]:
+        return _bias(self.down_proj)
+
     def forward(
         self, x: Float[torch.Tensor, "batch pos d_model"]
     ) -> Float[torch.Tensor, "batch pos d_model"]:
@@ -65,3 +77,8 @@ class MLP(nn.Module):
         self, x: Float[torch.Tensor, "batch pos d_model"]
     ) -> Float[torch.Tensor, "batch pos d_model"]:
         return self.fc2(self.hook_post(self.act(self.hook_pre(self.fc1(x)))))
+
+
+def _bias(linear: nn.Linear) -> torch.Tensor:
+    """The layer's bias, or zeros where it has none (Llama), as TransformerLens shows it."""
+    return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 from tqdm.auto import tqdm
-from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens import ActivationCache, FactoredMatrix, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from mmlens.components import (
@@ -49,6 +49,17 @@ from mmlens.sequence import (
 )
 
 
+def _stacked_weight(module: str, name: str, shape: str, note: str = "") -> property:
+    """A model-level weight: `blocks[l].{module}.{name}` stacked over layers (TransformerLens'
+    `model.W_Q` and the like), on the embedding's device."""
+
+    def stacked(self: HookedTransformer) -> torch.Tensor:
+        device = self.W_E.device
+        return torch.stack([getattr(getattr(b, module), name).to(device) for b in self.blocks])
+
+    return property(stacked, doc=f"`{shape}`{': ' + note if note else ''}.")
+
+
 @register("llama", "mistral")
 class HookedTransformer(HookedRootModule):
     """Decoder-only LM with TransformerLens hook names (docs/hooks.md).
@@ -67,7 +78,8 @@ class HookedTransformer(HookedRootModule):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.embed = Embed(cfg.d_vocab, cfg.d_model)
-        self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        self.hook_token_embed = HookPoint()  # [batch, pos, d_model]: the lookup of every id
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]: what enters the first block
         self.rotary = RotaryEmbedding(cfg)
         self.blocks = nn.ModuleList(
             TransformerBlock(
@@ -154,6 +166,60 @@ class HookedTransformer(HookedRootModule):
     @property
     def b_U(self) -> Float[torch.Tensor, "d_vocab"]:
         return torch.zeros(self.cfg.d_vocab, dtype=self.W_U.dtype, device=self.W_U.device)
+
+    W_Q = _stacked_weight("attn", "W_Q", "[layer, head, d_model, d_head]")
+    W_K = _stacked_weight("attn", "W_K", "[layer, head, d_model, d_head]", "kv heads repeated")
+    W_V = _stacked_weight("attn", "W_V", "[layer, head, d_model, d_head]", "kv heads repeated")
+    W_O = _stacked_weight("attn", "W_O", "[layer, head, d_head, d_model]")
+    _W_K = _stacked_weight("attn", "_W_K", "[layer, kv_head, d_model, d_head]")
+    _W_V = _stacked_weight("attn", "_W_V", "[layer, kv_head, d_model, d_head]")
+    b_Q = _stacked_weight("attn", "b_Q", "[layer, head, d_head]")
+    b_K = _stacked_weight("attn", "b_K", "[layer, head, d_head]")
+    b_V = _stacked_weight("attn", "b_V", "[layer, head, d_head]")
+    b_O = _stacked_weight("attn", "b_O", "[layer, d_model]")
+    W_in = _stacked_weight("mlp", "W_in", "[layer, d_model, d_mlp]")
+    W_gate = _stacked_weight("mlp", "W_gate", "[layer, d_model, d_mlp]")
+    W_out = _stacked_weight("mlp", "W_out", "[layer, d_mlp, d_model]")
+    b_in = _stacked_weight("mlp", "b_in", "[layer, d_mlp]")
+    b_out = _stacked_weight("mlp", "b_out", "[layer, d_model]")
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """Every head's QK circuit, `[layer, head, d_model, d_model]` factored (TransformerLens'
+        `model.QK`).
+
+        Examples:
+            >>> model.QK.shape
+            torch.Size([6, 4, 128, 128])
+            >>> layer, head = 2, 1
+            >>> explicit = model.W_Q[layer, head] @ model.W_K[layer, head].T
+            >>> torch.allclose(model.QK[layer, head].AB, explicit)
+            True
+        """
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """Every head's OV circuit, `[layer, head, d_model, d_model]` factored."""
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Compute each head's output `blocks.{l}.attn.hook_result` (`[batch, pos, head,
+        d_model]`); the attention output is then their sum plus `b_O` (TransformerLens'
+        `use_attn_result`). Off by default: it costs a `d_model` vector per head and position.
+
+        Examples:
+            >>> model.set_use_attn_result(True)
+            >>> _, cache = model.run_with_cache(inp, names_filter=lambda n: "attn" in n)
+            >>> result = cache["blocks.0.attn.hook_result"]           # [batch, pos, head, d_model]
+            >>> torch.allclose(result.sum(2), cache["blocks.0.hook_attn_out"], atol=1e-5)
+            True
+            >>> model.set_use_attn_result(False)
+        """
+        self.cfg.use_attn_result = use_attn_result
+        for module in self.modules():  # the decoder's and the vision tower's attention
+            if isinstance(module, Attention):
+                module.use_attn_result = use_attn_result
 
     def tokens_to_residual_directions(
         self, tokens: str | int | Int[torch.Tensor, "..."]
@@ -269,6 +335,15 @@ class HookedTransformer(HookedRootModule):
     def _check_hook_name(self, name: str) -> None:
         if not isinstance(self.mod_dict.get(name), HookPoint):
             raise ValueError(self._unknown_hook_message(name))
+        if (
+            name.endswith("attn.hook_result")
+            and not self.mod_dict[name.rsplit(".", 1)[0]].use_attn_result
+        ):
+            raise ValueError(
+                f"{name} only runs with per-head results on: call "
+                "model.set_use_attn_result(True) first (or use cache.stack_head_results, which "
+                "computes them from hook_z)"
+            )
 
     @contextmanager
     def hooks(
@@ -446,8 +521,7 @@ class HookedTransformer(HookedRootModule):
             return [name for name in self.hook_dict if names_filter(name)]
         names = [names_filter] if isinstance(names_filter, str) else list(names_filter)
         for name in names:
-            if name not in self.hook_dict:
-                raise ValueError(self._unknown_hook_message(name))
+            self._check_hook_name(name)
         return names
 
     # ------------------------------------------------------------------ forward
@@ -528,7 +602,7 @@ class HookedTransformer(HookedRootModule):
             raise ValueError(
                 f"{type(self).__name__} takes no {sorted(multimodal)}; use a multimodal model"
             )
-        return self.hook_embed(self.embed(input_ids))
+        return self.hook_embed(self.hook_token_embed(self.embed(input_ids)))
 
     def forward(
         self,

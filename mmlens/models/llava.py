@@ -101,13 +101,16 @@ class HookedLlava(HookedTransformer):
         pixel_values: Float[torch.Tensor, "image channel height width"] | None = None,
         **image_kwargs: Any,
     ) -> Float[torch.Tensor, "batch pos d_model"]:
-        """Token embeddings (`hook_embed`) with the image slots filled by `hook_image_embeds`.
+        """Token embeddings (`hook_token_embed`) with the image slots filled by
+        `hook_image_embeds`: `hook_embed`, the residual stream entering the first block.
 
-        `hook_embed` holds the embedding lookup of every id (the `<image>` placeholder's
-        embedding at image slots, which the image features then replace). `image_kwargs`
-        (e.g. `image_sizes`) go to `encode_images`.
+        `hook_token_embed` holds the embedding lookup of every id (the `<image>` placeholder's
+        embedding at image slots, which the image features then replace); `hook_embed` holds the
+        projected image features there, so that the embedding term of a residual decomposition
+        (`cache.decompose_resid()`) is what the model added, at text and image positions alike.
+        `image_kwargs` (e.g. `image_sizes`) go to `encode_images`.
         """
-        embeds = self.hook_embed(self.embed(input_ids))
+        embeds = self.hook_token_embed(self.embed(input_ids))
         image_slots = input_ids == self.cfg.image_token_id
         n_slots = int(image_slots.sum())
         if pixel_values is None:
@@ -116,7 +119,7 @@ class HookedLlava(HookedTransformer):
                     f"the input has {n_slots} image tokens but no pixel_values; pass the image "
                     "(model.prepare(image, prompt)) or remove '<image>' from the prompt"
                 )
-            return embeds
+            return self.hook_embed(embeds)
         image_embeds = self.hook_image_embeds(self.encode_images(pixel_values, **image_kwargs))
         n_embeds = image_embeds.shape[:-1].numel()
         if n_embeds != n_slots:
@@ -126,4 +129,4 @@ class HookedLlava(HookedTransformer):
                 "processor) expand it"
             )
         image_embeds = image_embeds.to(device=embeds.device, dtype=embeds.dtype)
-        return embeds.masked_scatter(image_slots[..., None], image_embeds)
+        return self.hook_embed(embeds.masked_scatter(image_slots[..., None], image_embeds))
