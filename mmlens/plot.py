@@ -377,6 +377,46 @@ def _facets(
     return figure, panels
 
 
+def activation_patching(result: pd.DataFrame) -> go.Figure:
+    """Heatmaps of `mmlens.patching.activation_patching`: the normalised metric (0 = corrupted,
+    1 = clean) per layer and unit (segment, position or head), one panel per site.
+
+    Examples:
+        >>> from mmlens.patching import activation_patching as patch, logit_difference
+        >>> from mmlens.zoo.shapes import counterfactual
+        >>> other = counterfactual(sample)
+        >>> corrupted = model.prepare(other.image, other.question)
+        >>> metric = logit_difference(model, inp, "red", "blue")
+        >>> figure = activation_patching(patch(model, inp, corrupted, metric, progress=False))
+        >>> [annotation.text for annotation in figure.layout.annotations]
+        ['resid_pre', 'attn_out', 'mlp_out']
+    """
+    attrs = result.attrs
+    sites = list(dict.fromkeys(result.site))
+    figure = make_subplots(rows=1, cols=len(sites), subplot_titles=sites, shared_yaxes=True)
+    for column, site in enumerate(sites, 1):
+        rows = result[result.site == site]
+        across = "head" if site == "head" else "unit"
+        table = rows.pivot_table(index="layer", columns=across, values="normalized", sort=False)
+        figure.add_heatmap(
+            z=table.values, x=[str(c) for c in table.columns], y=table.index.tolist(),
+            zmin=-1, zmax=1, colorscale="RdBu", reversescale=True, showscale=column == 1,
+            colorbar=dict(title="restored"), row=1, col=column,
+            hovertemplate="layer %{y}, %{x}: %{z:.2f}<extra>" + site + "</extra>",
+        )  # fmt: skip
+        figure.update_xaxes(title_text="head" if site == "head" else attrs.get("by", ""),
+                            row=1, col=column)  # fmt: skip
+    figure.update_yaxes(title_text="layer", row=1, col=1)
+    figure.update_layout(
+        title=f"{_model_name(attrs.get('model'))}: activation patching, share of the clean "
+        f"metric restored (clean {attrs.get('clean', float('nan')):.2f}, corrupted "
+        f"{attrs.get('corrupted', float('nan')):.2f})",
+        width=max(500, 300 * len(sites) + 120),
+        height=420,
+    )
+    return figure
+
+
 def _model_name(name: Any) -> str:
     """A checkpoint's name for a title: its folder's name, not the whole path."""
     return Path(str(name)).name if name else "model"

@@ -63,7 +63,7 @@ import math
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from PIL import Image, ImageDraw
 
@@ -294,6 +294,50 @@ def make_sample(
                 index=index,
             )
     raise RuntimeError(f"could not build a {question_type} sample (seed {seed}, index {index})")
+
+
+def counterfactual(sample: ShapesSample) -> ShapesSample:
+    """The same scene and question with one attribute changed so that the answer changes: a
+    clean/corrupted pair for activation patching with a known answer change.
+
+    For a ChooseAttr colour question ("Is the star blue or red?") the asked object takes the other
+    option's colour; for a QueryAttr colour question ("What color is the star?") it takes the next
+    colour of `COLORS`. Nothing else moves: same objects, places and sizes, same words, so every
+    segment of the two prompts has the same length.
+
+    Raises:
+        ValueError: another question type or subtype (their answers do not follow from one
+            object's colour alone).
+
+    Examples:
+        >>> clean = generate(1, seed=0)[0]
+        >>> corrupted = counterfactual(clean)
+        >>> clean.question == corrupted.question, clean.answer, corrupted.answer
+        (True, 'red', 'blue')
+        >>> [obj.color for obj in clean.objects], [obj.color for obj in corrupted.objects]
+        (['red', 'green', 'purple', 'orange'], ['blue', 'green', 'purple', 'orange'])
+    """
+    if (sample.question_type, sample.subtype) == ("ChooseAttr", "color"):
+        new_color = next(option for option in sample.options if option != sample.answer)
+    elif (sample.question_type, sample.subtype) == ("QueryAttr", "color"):
+        colors = list(COLORS)
+        new_color = colors[(colors.index(sample.answer) + 1) % len(colors)]
+    else:
+        raise ValueError(
+            f"counterfactual pairs exist for ChooseAttr and QueryAttr colour questions; this is "
+            f"{sample.question_type} ({sample.subtype}). Pick samples with "
+            "generate(..., question_types=['ChooseAttr', 'QueryAttr']) and keep the colour ones"
+        )
+    (target,) = sample.referred
+    changed = replace(target, color=new_color)
+    objects = tuple(changed if obj == target else obj for obj in sample.objects)
+    return replace(
+        sample,
+        image=render_scene(objects),
+        answer=new_color,
+        referred=(changed,),
+        objects=objects,
+    )
 
 
 def vocabulary() -> list[str]:
