@@ -58,6 +58,33 @@ def test_knockout_tells_the_two_routings_apart(drops):
     assert direct["Image→Last"] < -50
     assert routed["Image→Last"] > -10
     # The routed one reads the image into the question tokens, the related patches above all.
-    assert routed["Image→Question"] < -15
-    assert routed["Related patches→Question"] < routed["Other patches→Question"]
+    assert routed["Image→Question"] < -30
+    assert routed["Related patches→Question"] < routed["Other patches→Question"] - 20
     assert direct["Image→Question"] > -10
+
+
+def test_the_training_mask_hides_the_image_from_the_assistant_rows_only():
+    """`shared_prefix_loss(mask_image=True)` (the routed recipe's first cycle) leaves the routed
+    organism's loss as it is (its answer rows do not read the image) and breaks tiny-shapes'
+    (which reads the image from the last position)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from mmlens.zoo import checkpoint_path
+    from mmlens.zoo.shapes import conversation
+    from train.train_shapes import make_processor, shared_prefix_loss
+
+    processor = make_processor()
+    samples = generate(3, seed=TEST_SEED + 2)
+    conversations = [conversation(sample, 4) for sample in samples]
+    losses = {}
+    for name in ("tiny-shapes", "tiny-shapes-routed"):
+        hf = LlavaForConditionalGeneration.from_pretrained(checkpoint_path(name))
+        with torch.no_grad():
+            losses[name] = [
+                shared_prefix_loss(hf, processor, samples, conversations, mask_image=mask).item()
+                for mask in (False, True)
+            ]
+    plain, masked = losses["tiny-shapes-routed"]
+    assert abs(masked - plain) < 1e-3 and plain < 0.5
+    plain, masked = losses["tiny-shapes"]
+    assert plain < 0.5 and masked > plain + 2

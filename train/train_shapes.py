@@ -2,6 +2,7 @@
 
     python -m train.train_shapes                       # writes mmlens/zoo/tiny-shapes/
     python -m train.train_shapes --out /tmp/ts --steps 200   # a quick try elsewhere
+    python -m train.train_shapes --routed              # mmlens/zoo/tiny-shapes-routed/ (`ROUTED`)
 
 The model is a llava-hf `LlavaForConditionalGeneration`: a CLIP vision tower (112 px images,
 14 px patches -> 8 x 8 = 64 image tokens), llava-1.5's two-layer GELU projector and a 6-layer
@@ -100,6 +101,30 @@ DEFAULTS = dict(
     threads=2,
 )
 """Training settings of the shipped checkpoint (`train`'s defaults, the CLI's defaults)."""
+
+ROUTED = dict(
+    source=DEFAULT_OUT,
+    out=DEFAULT_OUT.parent / "tiny-shapes-routed",
+    mask_steps=1500,
+    mask_lr=3e-4,
+    mask_follow_ups="ChooseRel,ChooseRel,LogicalObj,LogicalObj,LogicalObj,QueryAttr,QueryAttr",
+    penalty_steps=1000,
+    penalty_lr=3e-4,
+    penalty_follow_ups=DEFAULTS["extra_follow_ups"],
+    routing_weight=5.0,
+)
+"""Settings of `tiny-shapes-routed` (``--routed``): two cycles on top of the trained tiny-shapes.
+
+1. ``mask_steps`` with the image masked out of the assistant rows' attention ("ASSISTANT", ":"
+   and the answer) and the answer probe on the question's last token (`shared_prefix_loss`): the
+   model must move what it read from the image at the last position into the question tokens.
+2. ``penalty_steps`` without the mask, the assistant rows' attention to the image penalised
+   (`routing_weight`): the model learns to put no attention there, so that inference, where
+   nothing is masked, matches training.
+
+Why not from scratch: trained from random weights with the penalty alone, the question tokens
+learned colour and shape but never the objects' positions (a linear probe of the x-centre at the
+question tokens stayed at chance), and "left of" / "which part" stayed at chance; docs/zoo.md."""
 
 ARCHITECTURE = dict(
     d_model=128,
@@ -297,6 +322,8 @@ def shared_prefix_loss(
     conversations: list[list[Turn]],
     question_weight: float = 0.0,
     routing_weight: float = 0.0,
+    answer_probe: torch.nn.Linear | None = None,
+    mask_image: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy of the answer words and ``</s>`` of single-turn questions about each
     image (``conversations[i]`` about ``samples[i].image``, e.g. from
@@ -307,7 +334,12 @@ def shared_prefix_loss(
     times the attention that the assistant tokens ("ASSISTANT", ":", the answer; ":" is the last
     prompt position) pay to image tokens, summed over the image and averaged over rows, heads and
     layers (`tiny-shapes-routed`: image information must reach the answer through the question
-    tokens; needs eager attention, which returns the weights).
+    tokens; needs eager attention, which returns the weights); plus, with `answer_probe`, the
+    cross-entropy of that linear head's prediction of the answer word from the residual stream of
+    the question's last token ("?") entering the second-to-last layer (deep supervision that
+    makes the question tokens gather what the answer needs; the head is not part of the model);
+    with `mask_image`, the image keys are masked out of the assistant rows' attention in every
+    layer (a 4-D attention mask, which the model uses as given).
 
     Every question is the single-turn LLaVA-1.5 prompt that `model.prepare` renders,
     ``{system} USER: <image>\n{question} ASSISTANT: {answer}</s>``. Its prefix up to the last
@@ -357,6 +389,26 @@ def shared_prefix_loss(
     n_prefix = prefix_ids.shape[1]
     attention_mask = torch.cat([torch.ones((len(rows), n_prefix), dtype=torch.long), mask], dim=1)
     position_ids = n_prefix + torch.arange(length).expand(len(rows), length)
+    # Rows of "ASSISTANT", ":" and the answer: the last 2 + len(" ASSISTANT:") real tokens.
+    n_assistant = len(tokenizer(" ASSISTANT:", add_special_tokens=False)["input_ids"])
+    assistant = torch.zeros((len(rows), length), dtype=torch.bool)
+    for row, ids in enumerate(rows):
+        assistant[row, len(ids) - 2 - n_assistant : len(ids) - 1] = True
+    is_image = _repeat_per_image(prefix_ids == processor.image_token_id, repeats)
+    if mask_image:
+        # [row, 1, query, key]: causal over the suffix, padding out, and no image key for the
+        # assistant rows (a 4-D mask is used as given).
+        allowed = torch.cat(
+            [
+                (~(assistant[:, :, None] & is_image.cpu()[:, None, :])),
+                torch.ones(length, length, dtype=torch.bool).tril().expand(len(rows), -1, -1)
+                & mask.bool()[:, None, :],
+            ],
+            dim=2,
+        )
+        attention_mask = torch.zeros(allowed.shape, dtype=torch.float32)
+        attention_mask = attention_mask.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        attention_mask = attention_mask[:, None]
     out = model(
         input_ids=suffix_ids.to(device),
         attention_mask=attention_mask.to(device),
@@ -364,6 +416,7 @@ def shared_prefix_loss(
         past_key_values=cache,
         labels=labels.to(device),
         output_attentions=bool(routing_weight),
+        output_hidden_states=answer_probe is not None,
     )
     loss = out.loss
     if question_weight:
@@ -371,13 +424,14 @@ def shared_prefix_loss(
             out.logits[:, :-1].flatten(0, 1), question_labels[:, 1:].flatten().to(device)
         )
         loss = loss + question_weight * question_loss
+    if answer_probe is not None:
+        # The question's last token comes before " ASSISTANT:", the answer and "</s>".
+        question_end = torch.tensor([len(ids) - 3 - n_assistant for ids in rows], device=device)
+        hidden = out.hidden_states[model.config.text_config.num_hidden_layers - 1]
+        probed = answer_probe(hidden[torch.arange(len(rows), device=device), question_end])
+        answers = torch.tensor([ids[-2] for ids in rows], device=device)
+        loss = loss + torch.nn.functional.cross_entropy(probed, answers)
     if routing_weight:
-        # Rows of "ASSISTANT", ":" and the answer: the last 2 + len(" ASSISTANT:") real tokens.
-        n_assistant = len(tokenizer(" ASSISTANT:", add_special_tokens=False)["input_ids"])
-        assistant = torch.zeros((len(rows), length), dtype=torch.bool)
-        for row, ids in enumerate(rows):
-            assistant[row, len(ids) - 2 - n_assistant : len(ids) - 1] = True
-        is_image = _repeat_per_image(prefix_ids == processor.image_token_id, repeats)
         on_image = torch.stack(
             [
                 pattern[..., :n_prefix].mul(is_image[:, None, None]).sum(-1)
@@ -603,6 +657,8 @@ def train(
     vision_steps: int = 0,
     freeze_vision: bool = False,
     routing_weight: float = 0.0,
+    answer_probe: bool = False,
+    mask_image: bool = False,
     log=print,
 ) -> LlavaForConditionalGeneration:
     """Train tiny-shapes from scratch; save it (weights, config, tokenizer, processor) to `out`.
@@ -627,7 +683,11 @@ def train(
     `vision_steps` > 0 first runs `pretrain_vision` on the fresh model (not on a resumed one);
     `freeze_vision` keeps the vision tower's weights fixed in this cycle, as LLaVA keeps CLIP's.
     `routing_weight` > 0 penalises the assistant tokens' attention to the image
-    (`shared_prefix_loss`; `tiny-shapes-routed`), computed with eager attention.
+    (`shared_prefix_loss`; `tiny-shapes-routed`), computed with eager attention;
+    `answer_probe` adds a fresh linear head, trained with the model and then dropped, that
+    predicts the answer from the question's last token (`shared_prefix_loss`).
+    `mask_image` keeps the image keys out of the assistant rows' attention (`shared_prefix_loss`;
+    the first cycle of `ROUTED`).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -642,7 +702,17 @@ def train(
     if routing_weight:
         model.set_attn_implementation("eager")  # the penalty needs the attention weights
     model.model.vision_tower.requires_grad_(not freeze_vision)
+    probe = None
+    if answer_probe:
+        generator = torch.Generator().manual_seed(seed + 4000)
+        config = model.config.text_config
+        probe = torch.nn.Linear(config.hidden_size, config.vocab_size).to(device)
+        with torch.no_grad():
+            probe.weight.normal_(0.0, init_std, generator=generator)
+            probe.bias.zero_()
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if probe is not None:
+        trained += [(f"answer_probe.{n}", p) for n, p in probe.named_parameters()]
     decay = [p for n, p in trained if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in trained if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
@@ -669,7 +739,14 @@ def train(
             for sample in samples
         ]
         loss = shared_prefix_loss(
-            model, processor, samples, conversations, question_weight, routing_weight
+            model,
+            processor,
+            samples,
+            conversations,
+            question_weight,
+            routing_weight,
+            probe,
+            mask_image,
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -705,7 +782,10 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m train.train_shapes",
         description="Train the tiny-shapes LLaVA from scratch (see the module docstring).",
     )
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="checkpoint folder to write")
+    parser.add_argument("--out", help="checkpoint folder to write (default: the shipped folder, "
+                        "mmlens/zoo/tiny-shapes or, with --routed, mmlens/zoo/tiny-shapes-routed)")  # fmt: skip
+    parser.add_argument("--routed", action="store_true", help="train tiny-shapes-routed: two "
+                        "cycles on top of a trained tiny-shapes (--resume, default the shipped one)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])
     parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="images")
@@ -740,11 +820,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="torch CPU threads (the "
                         "shipped weights were trained with 2; another count gives other weights)")  # fmt: skip
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--routing-weight", type=float, default=0.0,
-                        help="penalty on the assistant tokens' attention to the image "
-                        "(tiny-shapes-routed: 5)")  # fmt: skip
     parser.add_argument("--eval-per-type", type=int, default=200, help="final evaluation size")
     args = parser.parse_args(argv)
+    args.out = args.out or str(ROUTED["out"] if args.routed else DEFAULT_OUT)
     started = time.time()
     common = dict(
         out=args.out,
@@ -752,10 +830,57 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         n_questions=args.questions,
         freeze_vision=args.freeze_vision,
-        routing_weight=args.routing_weight,
         threads=args.threads,
         device=args.device,
     )
+    if args.routed:
+        train_routed(args.resume or ROUTED["source"], **common)
+    else:
+        train_cycles(args, common)
+    seconds = time.time() - started
+    print(f"trained in {seconds / 60:.1f} min ({args.threads} thread(s)); saved to {args.out}")
+
+    import mmlens
+    from train.evaluate import evaluate
+
+    model = mmlens.from_pretrained(args.out)
+    model.default_template = TEMPLATE
+    samples = generate(args.eval_per_type * len(QUESTION_TYPES), seed=7)
+    result = evaluate(model, samples)
+    print(f"\nheld-out accuracy (dataset seed 7, {len(samples)} samples):\n")
+    print(result.accuracy_table())
+    print("\nlast-position attention over the image vs the question's boxes:\n")
+    print(result.attention_table())
+    print(json.dumps({"train_seconds": round(seconds), "accuracy": result.accuracy}))
+
+
+def train_routed(source: str | Path, **common) -> None:
+    """`tiny-shapes-routed` from the trained tiny-shapes in `source` (`ROUTED`'s two cycles)."""
+    first_step = 20_000  # an image stream that tiny-shapes' own cycles never reached
+    train(
+        steps=ROUTED["mask_steps"],
+        lr=ROUTED["mask_lr"],
+        resume_from=source,
+        first_step=first_step,
+        extra_follow_ups=_types(ROUTED["mask_follow_ups"]),
+        answer_probe=True,
+        mask_image=True,
+        **common,
+    )
+    train(
+        steps=ROUTED["penalty_steps"],
+        lr=ROUTED["penalty_lr"],
+        resume_from=common["out"],
+        first_step=first_step + ROUTED["mask_steps"],
+        extra_follow_ups=_types(ROUTED["penalty_follow_ups"]),
+        answer_probe=True,
+        routing_weight=ROUTED["routing_weight"],
+        **common,
+    )
+
+
+def train_cycles(args: argparse.Namespace, common: dict) -> None:
+    """tiny-shapes' three cycles (or the last ones, with ``--resume``)."""
     extra_follow_ups = _types(args.extra_follow_ups)
     first_cycle, source = (1, args.out) if args.resume is None else (args.resume_cycle, args.resume)
     if first_cycle == 1:
@@ -789,21 +914,6 @@ def main(argv: list[str] | None = None) -> None:
             question_weight=args.focus_question_weight,
             **common,
         )
-    seconds = time.time() - started
-    print(f"trained in {seconds / 60:.1f} min ({args.threads} thread(s)); saved to {args.out}")
-
-    import mmlens
-    from train.evaluate import evaluate
-
-    model = mmlens.from_pretrained(args.out)
-    model.default_template = TEMPLATE
-    samples = generate(args.eval_per_type * len(QUESTION_TYPES), seed=7)
-    result = evaluate(model, samples)
-    print(f"\nheld-out accuracy (dataset seed 7, {len(samples)} samples):\n")
-    print(result.accuracy_table())
-    print("\nlast-position attention over the image vs the question's boxes:\n")
-    print(result.attention_table())
-    print(json.dumps({"train_seconds": round(seconds), "accuracy": result.accuracy}))
 
 
 def _types(comma_separated: str) -> tuple[str, ...]:
