@@ -213,15 +213,15 @@ def test_find_uses_character_offsets(processor, images) -> None:
 
 def test_mismatched_images_and_placeholders_raise_helpful_errors(processor, images) -> None:
     image = images[0]
-    with pytest.raises(ValueError, match="inserts it itself.*template='plain'"):
+    with pytest.raises(ValueError, match="places 1 image.*0 image.*one image per placeholder"):
         MultimodalInput.from_processor(processor, None, "<image>\nWhat is this?")
     with pytest.raises(ValueError, match="1 '<image>' placeholder.*0 image.*pass an image"):
         MultimodalInput.from_processor(processor, None, "<image>\nWhat is this?", template="plain")
     with pytest.raises(ValueError, match="1 image.*0 '<image>' placeholder.*write one '<image>'"):
         MultimodalInput.from_processor(processor, image, "What is this?", template="plain")
-    with pytest.raises(ValueError, match="2 images for 1 prompt.*more images than prompts"):
+    with pytest.raises(ValueError, match="2 images were given.*one '<image>' per image in the"):
         MultimodalInput.from_processor(processor, [image, image], QUESTION)
-    with pytest.raises(ValueError, match="fewer images than prompts.*None for a text-only prompt"):
+    with pytest.raises(ValueError, match="1 image entries for 2 prompts.*None for a text-only"):
         MultimodalInput.from_processor(processor, [image], [QUESTION, QUESTION])
     with pytest.raises(ValueError, match="no system text"):
         MultimodalInput.from_processor(processor, image, "<image> Hi", template="plain", system="x")

@@ -122,12 +122,17 @@ class MultimodalInput:
             tokenization=self.tokenization,
         )
 
-    def positions(self, name: str, item: int = 0) -> Int[Tensor, "n_positions"]:
+    def positions(
+        self, name: str, item: int = 0, image: int | None = None
+    ) -> Int[Tensor, "n_positions"]:
         """Sorted sequence positions of segment `name` in batch item `item`.
 
         Args:
             name: one of "system", "image", "user", "question", "last" (see the module doc).
             item: batch item.
+            image: with ``name="image"``, only the tokens of this image (its index in the batch,
+                as in `patches_in_box`; for one prompt, its place in the prompt); `item` then
+                defaults to the image's item.
 
         Returns:
             1-D LongTensor of indices into ``input_ids[item]`` (padding included in the count).
@@ -135,11 +140,26 @@ class MultimodalInput:
         Examples:
             >>> inp.positions("last")  # tensor([n_pos - 1]) for a single prompt
             tensor([104])
+            >>> two = model.prepare([image, image], "Is the star in <image> as in <image>?")
+            >>> [len(two.positions("image", image=k)) for k in range(2)], len(two.positions("image"))
+            ([64, 64], 128)
         """
-        self._check_item(item)
         if name not in SEGMENTS:
             raise ValueError(f"unknown segment {name!r}; valid names: {', '.join(SEGMENTS)}")
-        return self.segments[item][name]
+        if image is None:
+            self._check_item(item)
+            return self.segments[item][name]
+        if name != "image":
+            raise ValueError(f"image= selects image tokens; segment {name!r} has none")
+        if not 0 <= image < self.n_images:
+            raise ValueError(
+                f"image {image} does not exist; this input has {self.n_images} image(s)"
+            )
+        owner = self.image_items[image]
+        if item not in (0, owner):
+            raise ValueError(f"image {image} belongs to batch item {owner}, not {item}")
+        layout = self.layout
+        return layout.position[(layout.image == image) & (layout.item == owner)].sort().values
 
     def find(self, substring: str, item: int = 0) -> Int[Tensor, "n_positions"]:
         """Positions of the tokens overlapping the first occurrence of `substring` in the prompt.
@@ -373,7 +393,10 @@ class MultimodalInput:
                 a fast tokenizer.
             images: one image (PIL image, local path, uint8 array or float array in [0, 1]; see
                 `mmlens.inputs.images.as_image`) or None for a single prompt; for a batch, a list with
-                one image or None (text-only) per prompt.
+                one entry per prompt: an image, None (text-only), or a list of images. A prompt
+                with several images places each with an ``<image>`` in its question ("Is the
+                <image> brighter than the <image>?"); for a single prompt, `images` may be that
+                list.
             prompts: a question, or a list of questions (a batch, left-padded). With
                 ``template="plain"`` the full prompt text, ``<image>`` placeholders included.
             system: replaces the template's system text.
@@ -421,19 +444,15 @@ class MultimodalInput:
         geometry_processor = with_image_mode(processor, image_mode)
         processor = with_anyres(geometry_processor, anyres)
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-        image_list = list(images) if isinstance(images, (list, tuple)) else [images]
-        image_list = [None if image is None else as_image(image) for image in image_list]
-        if len(image_list) > len(prompt_list):
+        image_groups = _image_groups(images, prompts)
+        if len(image_groups) != len(prompt_list):
             raise ValueError(
-                f"{len(image_list)} images for {len(prompt_list)} prompt(s): more images than "
-                "prompts (<image> slots); pass one image (or None) per prompt"
+                f"{len(image_groups)} image entries for {len(prompt_list)} prompts: pass one entry "
+                "per prompt (an image, None for a text-only prompt, or a list of images for a "
+                "prompt with one <image> per image), or [image] * n to ask several questions "
+                "about one image"
             )
-        if len(image_list) < len(prompt_list):
-            raise ValueError(
-                f"{len(image_list)} image(s) for {len(prompt_list)} prompts: fewer images than "
-                "prompts; pass one image per prompt, None for a text-only prompt, or [image] * n "
-                "to ask several questions about one image"
-            )
+        image_list = [image for group in image_groups for image in group]
         strategy = vision_feature_select_strategy or getattr(
             processor, "vision_feature_select_strategy", None
         )
@@ -450,14 +469,14 @@ class MultimodalInput:
             render(
                 template,
                 prompt,
-                n_images=int(image is not None),
+                n_images=len(group),
                 system=system,
                 image_token=image_token,
                 suffix=suffix,
             )
-            for prompt, image in zip(prompt_list, image_list, strict=True)
+            for prompt, group in zip(prompt_list, image_groups, strict=True)
         ]
-        given_images = [image for image in image_list if image is not None]
+        given_images = image_list
         encoded = processor(
             images=given_images or None,
             text=[prompt.text for prompt in rendered],
@@ -467,7 +486,7 @@ class MultimodalInput:
         )
         pixel_values = encoded.get("pixel_values")
 
-        image_items = [item for item, image in enumerate(image_list) if image is not None]
+        image_items = [item for item, group in enumerate(image_groups) for _ in group]
         original_sizes = [_image_size(image) for image in given_images]
         geometry = [
             processor_geometry(geometry_processor.image_processor, size, patch_size, anyres)
@@ -544,6 +563,23 @@ class MultimodalInput:
             suffix=suffix,
             image_processor=processor.image_processor,
         )
+
+
+def _image_groups(images: Any, prompts: str | Sequence[str]) -> list[list[Image.Image]]:
+    """The images of each prompt, in order: one entry per prompt (None, an image, or a list of
+    images); for a single prompt, `images` may be the list of its images."""
+
+    def group(entry: Any) -> list[Image.Image]:
+        if entry is None:
+            return []
+        entries = entry if isinstance(entry, (list, tuple)) else [entry]
+        return [as_image(image) for image in entries if image is not None]
+
+    if isinstance(prompts, str):
+        return [group(images)]
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    return [group(entry) for entry in images]
 
 
 def input_settings(inputs: MultimodalInput | Sequence[MultimodalInput]) -> dict[str, Any]:

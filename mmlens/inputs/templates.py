@@ -248,7 +248,9 @@ def render(
     Args:
         template: a registered name or a `ConversationTemplate`.
         question: the user's question (for ``"plain"``: the full prompt text).
-        n_images: images given with this prompt (a formatted template holds at most one).
+        n_images: images given with this prompt. One image goes where the template puts it,
+            unless the question places it; several images need one placeholder each in the
+            question, where each belongs ("Compare <image> with <image>.").
         system: replaces the template's system text.
         image_token: the processor's image placeholder.
         suffix: text that follows the question inside the user's turn but is not part of the
@@ -268,21 +270,22 @@ def render(
         if suffix:
             raise ValueError("template 'plain' takes the whole prompt text: write the suffix in it")
         return _render_verbatim(template, question, n_images, system, image_token)
-    if image_token in question:
+    placed = question.count(image_token)
+    if placed and placed != n_images:
         raise ValueError(
-            f"the question {question!r} contains the image placeholder {image_token!r}, but template "
-            f"{template.name!r} inserts it itself; pass the question without it, or use "
-            "template='plain' and write the whole prompt"
+            f"the question {question!r} places {placed} image(s) ({image_token!r}) but "
+            f"{n_images} image(s) were given for it; give one image per placeholder"
         )
-    if n_images > 1:
+    if n_images > 1 and not placed:
         raise ValueError(
-            f"template {template.name!r} has one image slot but {n_images} images were given for "
-            f"the prompt {question!r}; use template='plain' with one {image_token!r} per image"
+            f"{n_images} images were given for the question {question!r}; write one "
+            f"{image_token!r} per image in the question where it belongs, e.g. "
+            f"'Compare {image_token} with {image_token}.'"
         )
     system_text = template.default_system if system is None else system
     values = {
         "system": template.system_slot.format(text=system_text) if system_text else "",
-        "image": template.image_slot.format(token=image_token) if n_images else "",
+        "image": template.image_slot.format(token=image_token) if n_images and not placed else "",
         "question": question + suffix,
     }
     text, spans = "", {}
@@ -292,12 +295,24 @@ def render(
             spans[field] = (len(text), len(text) + len(values[field]))
             text += values[field]
     image_spans = ()
-    if n_images:
+    if placed:
+        start, end = spans["question"][0], spans["question"][0] + len(question)
+        image_spans = tuple(_placeholder_spans(text, image_token, start, end))
+    elif n_images:
         start = spans["image"][0] + template.image_slot.index("{token}")
         image_spans = ((start, start + len(image_token)),)
-    user_start = image_spans[0][0] if image_spans else spans["question"][0]
+    user_start = min([spans["question"][0], *(start for start, _ in image_spans)])
     question_span = (spans["question"][0], spans["question"][0] + len(question))
     return RenderedPrompt(text, question_span, user_start, image_spans)
+
+
+def _placeholder_spans(text: str, token: str, start: int, end: int) -> list[tuple[int, int]]:
+    """The spans of `token` in ``text[start:end]``, in order."""
+    spans, found = [], text.find(token, start, end)
+    while found >= 0:
+        spans.append((found, found + len(token)))
+        found = text.find(token, found + len(token), end)
+    return spans
 
 
 def _render_verbatim(
@@ -312,11 +327,7 @@ def _render_verbatim(
             f"template {template.name!r} uses the prompt verbatim and has no system text; put the "
             "system text into the prompt instead of passing system="
         )
-    image_spans = []
-    start = text.find(image_token)
-    while start >= 0:
-        image_spans.append((start, start + len(image_token)))
-        start = text.find(image_token, start + len(image_token))
+    image_spans = _placeholder_spans(text, image_token, 0, len(text))
     if len(image_spans) > n_images:
         raise ValueError(
             f"the prompt {text!r} has {len(image_spans)} {image_token!r} placeholder(s) but "

@@ -55,7 +55,8 @@ class HookedLlava(HookedTransformer):
         self, images: Any, prompts: str | list[str], *, preset: Any = None, **kwargs: Any
     ) -> MultimodalInput:
         """Build a `MultimodalInput` with this checkpoint's processor (see `mmlens.inputs`):
-        one image (or None) and a question, or lists of them for a padded batch.
+        one image (or None) and a question, or lists of them for a padded batch; several images
+        for one prompt as a list, each placed by an ``<image>`` in the question.
 
         `kwargs` go to `MultimodalInput.from_processor` (template, system, suffix, image_mode,
         anyres, tokenization); the template defaults to `default_template`. A `preset`
