@@ -136,13 +136,17 @@ CAM_COLOURS = [
 """LLaVA-CAM's colours: transparent where the map is low, so the image stays readable."""
 
 
-def llava_cam(result: CamResult, inp: Any, columns: int = 4, opacity: float = 1.0) -> go.Figure:
+def llava_cam(
+    result: CamResult, inp: Any, columns: int = 4, opacity: float = 1.0, highres: bool = True
+) -> go.Figure:
     """One panel per layer: the map over the image as the model saw it.
 
-    The image is `inp.pixel_values` un-normalised with the processor's mean and std, so the
-    panel shows the real input geometry: pad-to-square bars in the mean colour, resize and crop.
-    Each map cell covers its patch (smoothed for display). A dashed box marks where the original
-    image lies in that input; the caption says how it got there.
+    LLaVA-1.5: the image is `inp.pixel_values` un-normalised with the processor's mean and std,
+    so the panel shows the real input geometry: pad-to-square bars in the mean colour, resize and
+    crop. Each map cell covers its patch (smoothed for display). A dashed box marks where the
+    original image lies in that input; the caption says how it got there. LLaVA-NeXT: the maps
+    (the unpadded tile grid's, or with ``highres=False`` the base grid's) cover the whole image,
+    drawn at its original size and aspect from the base crop.
 
     Examples:
         >>> from mmlens.analysis import llava_cam as cam
@@ -150,9 +154,11 @@ def llava_cam(result: CamResult, inp: Any, columns: int = 4, opacity: float = 1.
     """
     settings = result.settings
     image = settings["image"]
+    geometry = inp.image_geometry[image]
+    if result.highres_maps is not None:
+        return _llava_next_cam(result, inp, columns, opacity, highres)
     pixels = _model_view(inp.pixel_values[image], settings["image_mean"], settings["image_std"])
     height, width = pixels.height, pixels.width
-    geometry = inp.image_geometry[image]
     patch = geometry.patch_size
     n_rows = math.ceil(len(result.layers) / columns)
     figure = make_subplots(
@@ -201,6 +207,53 @@ def llava_cam(result: CamResult, inp: Any, columns: int = 4, opacity: float = 1.
     figure.add_annotation(text=_geometry_note(geometry, inp.image_mode), xref="paper",
                           yref="paper", x=0, y=0,
                           yshift=-60, showarrow=False, xanchor="left", align="left")  # fmt: skip
+    return figure
+
+
+def _llava_next_cam(
+    result: CamResult, inp: Any, columns: int, opacity: float, highres: bool
+) -> go.Figure:
+    """`llava_cam` for LLaVA-NeXT: maps stretched over the original image."""
+    settings = result.settings
+    height, width = settings["original_size"]
+    base_crop = inp.pixel_values[settings["image"]][0]
+    pixels = _model_view(base_crop, settings["image_mean"], settings["image_std"])
+    pixels = pixels.resize((width, height), Image.Resampling.BICUBIC)
+    maps = result.highres_maps if highres else result.maps
+    rows, cols = maps.shape[1:]
+    n_rows = math.ceil(len(result.layers) / columns)
+    figure = make_subplots(
+        rows=n_rows, cols=min(columns, len(result.layers)), subplot_titles=result.layers,
+        horizontal_spacing=0.02, vertical_spacing=0.08,
+    )  # fmt: skip
+    source = _png_data_uri(pixels)
+    for index, layer_map in enumerate(maps):
+        row, col = index // columns + 1, index % columns + 1
+        figure.add_trace(go.Image(source=source, hoverinfo="skip"), row=row, col=col)
+        figure.add_heatmap(
+            z=layer_map.tolist(), x0=width / cols / 2 - 0.5, dx=width / cols,
+            y0=height / rows / 2 - 0.5, dy=height / rows, zmin=0, zmax=1, zsmooth="best",
+            colorscale=CAM_COLOURS, opacity=opacity, showscale=index == 0,
+            name=result.layers[index], row=row, col=col,
+        )  # fmt: skip
+        figure.update_xaxes(range=[-0.5, width - 0.5], visible=False, row=row, col=col)
+        figure.update_yaxes(range=[height - 0.5, -0.5], visible=False, row=row, col=col,
+                            scaleanchor=f"x{index + 1 if index else ''}")  # fmt: skip
+    grid = "unpadded tile grid" if highres else "base grid"
+    noise = f"SmoothGrad sigma={settings['noise_std']}, n={settings['n_samples']}"
+    panel_height = 240 * height / max(width, 1)
+    figure.update_layout(
+        title=f"LLaVA-CAM of {settings['answer']!r} ({settings['site']}, {noise}) - "
+        f"{_model_name(settings['model'])}",
+        height=int(panel_height * n_rows) + 160,
+        width=240 * min(columns, len(result.layers)) + 120,
+        margin={"b": 70},
+    )
+    figure.add_annotation(
+        text=f"original {width}x{height}; map on the {grid} ({rows}x{cols} patches), "
+        "stretched over the whole image",
+        xref="paper", yref="paper", x=0, y=0, yshift=-45, showarrow=False, xanchor="left",
+    )  # fmt: skip
     return figure
 
 

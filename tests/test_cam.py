@@ -183,3 +183,78 @@ def test_overlay_figure_shows_the_image_as_the_model_saw_it(model, inp, images):
     pixels = torch.tensor(list(Image.open(io.BytesIO(png)).convert("RGB").getdata()))
     pad_colour = torch.tensor([round(255 * m) for m in model.processor.image_processor.image_mean])
     assert (pixels[0] - pad_colour).abs().max() <= 2  # the padding is the mean colour
+
+
+# --- LLaVA-NeXT ----------------------------------------------------------------------------------
+
+
+def next_cam_by_hand(folder, inp, layers, answer):
+    """Grad-CAM through HF's LlavaNextForConditionalGeneration, on the base grid and on the
+    unpadded tile grid. Decoder maps read the positions `inp.layout` gives; vision maps take each
+    high-resolution cell from its tile crop, found from the layout's tile index and the cell's
+    place on the tile canvas (kept rows and columns offset), not by reshaping."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    hf = LlavaNextForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = inp.with_tokens(mmlens.analysis.answer_token_ids(mmlens.from_pretrained(folder), inp,
+                                                           answer)).model_kwargs()  # fmt: skip
+    n_prompt = inp.input_ids.shape[1]
+    decoder = [hf.model.language_model.layers[layer].post_attention_layernorm for layer in layers]
+    vision = hf.model.vision_tower.encoder.layers[0].layer_norm2
+    outputs = []
+    handles = [
+        m.register_forward_hook(lambda m, a, out: outputs.append(out)) for m in [vision] + decoder
+    ]
+    logits = hf(**ids).logits
+    for handle in handles:
+        handle.remove()
+    answer_ids = ids["input_ids"][0, n_prompt:]
+    target = logits[0, n_prompt - 1 + torch.arange(len(answer_ids)), answer_ids].sum()
+    gradients = torch.autograd.grad(target, outputs)
+    layout, grid = inp.layout, inp.image_geometry[0].grid
+    base, high = layout.patch_grid(0), layout.highres_grid(0)
+    side = grid.patches_per_tile
+    cells = torch.isin(layout.position, high.flatten())
+    order = torch.argsort(layout.position[cells])  # the high grid's positions are row-major
+    tiles, rows, cols = (t[cells][order] for t in (layout.tile, layout.row, layout.col))
+    canvas_rows, canvas_cols = rows + grid.kept_rows.start, cols + grid.kept_cols.start
+    within = 1 + (canvas_rows % side) * side + canvas_cols % side
+    maps = {"base": [], "high": []}
+    for index, (activation, gradient) in enumerate(zip(outputs, gradients, strict=True)):
+        if index == 0:  # vision: crop 0 is the base image, crop t the t-th tile, CLS first
+            views = {"base": (activation[0, 1:], gradient[0, 1:]),
+                     "high": (activation[tiles, within], gradient[tiles, within])}  # fmt: skip
+        else:
+            views = {name: (activation[0, g.flatten()], gradient[0, g.flatten()])
+                     for name, g in (("base", base), ("high", high))}  # fmt: skip
+        for name, (features, grads) in views.items():
+            shape = (base if name == "base" else high).shape
+            maps[name].append((features.detach() @ grads.mean(0)).relu().reshape(shape))
+    order = list(range(1, len(outputs))) + [0]  # the decoder layers first, as requested below
+    return {
+        name: normalise(torch.stack([values[i] for i in order])) for name, values in maps.items()
+    }
+
+
+def test_llava_next_maps_on_the_base_and_tile_grids_equal_hf_autograd(tiny_next_checkpoint):
+    folder = tiny_next_checkpoint()
+    model = mmlens.from_pretrained(folder)
+    inp = model.prepare(Image.new("RGB", (88, 48), "red").point(lambda v: v // 2), "What is it?")
+    assert inp.image_geometry[0].grid.tiles == (2, 2)  # tiles and unpadding both at work
+    cam = llava_cam(model, inp, ANSWER, layers=[0, 1, "vision.blocks.0"], noise_std=0)
+    expected = next_cam_by_hand(folder, inp, [0, 1], ANSWER)
+    torch.testing.assert_close(cam.maps, expected["base"], atol=5e-5, rtol=0)
+    torch.testing.assert_close(cam.highres_maps, expected["high"], atol=5e-5, rtol=0)
+    assert cam.highres_maps.shape[1:] == inp.layout.highres_grid(0).shape
+    # Both grids cover the whole image: stretched to its original size (height, width).
+    assert cam.on_image().shape == (3, 48, 88) and cam.on_image(highres=False).shape == (3, 48, 88)
+    figure = plot.llava_cam(cam, inp)
+    assert [trace.type for trace in figure.data[:2]] == ["image", "heatmap"]
+    assert "original 88x48" in figure.layout.annotations[-1].text
+
+
+def test_on_image_is_for_maps_that_cover_the_whole_image(model, inp):
+    cam = llava_cam(model, inp, ANSWER, layers=[0], noise_std=0)
+    assert cam.highres_maps is None
+    with pytest.raises(ValueError, match="covers the processed image"):
+        cam.on_image()

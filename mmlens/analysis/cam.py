@@ -12,10 +12,12 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import einops
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -41,9 +43,11 @@ class CamResult:
     """Maps of `llava_cam`.
 
     Attributes:
-        maps: ``[n_layers, rows, cols]`` on the image's patch grid, each max-normalised to [0, 1]
-            (all zero where the map is).
+        maps: ``[n_layers, rows, cols]`` on the image's patch grid (LLaVA-NeXT: the base
+            image's), each max-normalised to [0, 1] (all zero where the map is).
         layers: the layer of each map: "blocks.{l}" (decoder) or "vision.blocks.{l}".
+        highres_maps: LLaVA-NeXT only: ``[n_layers, rows, cols]`` on the unpadded tile grid
+            (`inp.layout.highres_grid`), normalised the same way; None for LLaVA-1.5.
         settings: model name, answer and its ids, site, noise_std, n_samples, relu_gradients,
             the input's settings (`inputs`),
             threshold, seed, image index, and the processor's image_mean / image_std (to draw
@@ -53,6 +57,26 @@ class CamResult:
     maps: Float[Tensor, "layer rows cols"]
     layers: list[str]
     settings: dict[str, Any]
+    highres_maps: Float[Tensor, "layer high_rows high_cols"] | None = None
+
+    def on_image(self, highres: bool = True) -> Float[Tensor, "layer height width"]:
+        """The maps stretched over the original image, ``[layer, height, width]`` (LLaVA-NeXT:
+        both grids cover the whole image; the high-resolution one by default).
+
+        Examples:
+            >>> cam = llava_cam(next_model, next_model.prepare(image, "Why?"), "red",
+            ...                 layers=[0, "vision.blocks.0"], noise_std=0, progress=False)
+            >>> cam.maps.shape, cam.highres_maps.shape, cam.on_image().shape
+            (torch.Size([2, 4, 4]), torch.Size([2, 8, 8]), torch.Size([2, 112, 112]))
+        """
+        if "original_size" not in self.settings:
+            raise ValueError(
+                "on_image stretches LLaVA-NeXT maps, which cover the whole image; a LLaVA-1.5 "
+                "map covers the processed image (pad, crop): draw it with mmlens.plot.llava_cam"
+            )
+        maps = self.highres_maps if highres else self.maps
+        size = tuple(self.settings["original_size"])
+        return F.interpolate(maps[:, None], size=size, mode="nearest")[:, 0]
 
 
 def llava_cam(
@@ -107,10 +131,8 @@ def llava_cam(
     """
     if inp.batch_size != 1:
         raise ValueError(f"llava_cam takes a single prompt; this input has {inp.batch_size}")
-    if inp.pixel_values is None or inp.pixel_values.ndim != 4:
-        raise ValueError(
-            "llava_cam needs LLaVA-1.5-style pixel_values [n_images, channel, height, width]"
-        )
+    if inp.pixel_values is None:
+        raise ValueError("llava_cam needs an input with an image")
     if site not in SITES:
         raise ValueError(f"site={site!r}: use one of {', '.join(SITES)}")
     layer_names = _layer_names(model, layers)
@@ -120,7 +142,7 @@ def llava_cam(
         if isinstance(answer, str)
         else [int(i) for i in answer]
     )
-    grid = inp.layout.patch_grid(image)
+    grids = _grids(inp, image)
     image_std = torch.tensor(model.processor.image_processor.image_std)
     image_mean = torch.tensor(model.processor.image_processor.image_mean)
 
@@ -130,24 +152,19 @@ def llava_cam(
     generator = torch.Generator(device=inp.pixel_values.device).manual_seed(seed)
     n_runs = n_samples if noise_std > 0 else 1
 
-    total = torch.zeros(len(layer_names), *grid.shape)
+    totals = None
     for _ in tqdm(range(n_runs), desc="LLaVA-CAM", disable=not progress):
         noise = torch.randn(inp.pixel_values.shape, generator=generator, device=inp.device)
         run["pixel_values"] = inp.pixel_values + noise.to(inp.pixel_values) * noise_scale
-        total += _raw_maps(
-            model,
-            run,
-            hook_names,
-            torch.tensor(ids, device=inp.device),
-            predicting,
-            grid,
-            image,
+        raw = _raw_maps(
+            model, run, hook_names, torch.tensor(ids, device=inp.device), predicting, grids,
             relu_gradients,
-        )
-    maps = total / n_runs
-    maps = maps / maps.amax((1, 2), keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
-    if threshold is not None:
-        maps = maps.where(maps >= threshold, 0.0)
+        )  # fmt: skip
+        if totals is None:
+            totals = raw
+        else:
+            totals = [None if t is None else t + r for t, r in zip(totals, raw, strict=True)]
+    maps, highres = (None if t is None else _normalised(t / n_runs, threshold) for t in totals)
     settings = {
         "analysis": "llava_cam",
         "model": model.cfg.model_name,
@@ -164,7 +181,35 @@ def llava_cam(
         "image_std": image_std.tolist(),
         "inputs": input_settings(inp),
     }
-    return CamResult(maps=maps, layers=layer_names, settings=settings)
+    if grids.highres is not None:
+        settings["original_size"] = list(inp.image_geometry[image].base.original_size)
+    return CamResult(maps=maps, layers=layer_names, settings=settings, highres_maps=highres)
+
+
+@dataclass(frozen=True)
+class _Grids:
+    """Where an image's patches are: sequence positions of the base grid (and, for LLaVA-NeXT,
+    of the unpadded tile grid) for decoder hooks; for vision hooks, the crops and the tile
+    layout (`AnyresGrid`) to assemble the tile canvas from."""
+
+    base: Int[Tensor, "rows cols"]
+    highres: Int[Tensor, "high_rows high_cols"] | None
+    first_crop: int
+    tiles: Any = None
+
+
+def _grids(inp: Any, image: int) -> _Grids:
+    if inp.pixel_values.ndim == 4:  # LLaVA-1.5: one crop per image
+        return _Grids(inp.layout.patch_grid(image), None, image)
+    geometries = inp.image_geometry
+    first_crop = sum(1 + math.prod(g.grid.tiles) for g in geometries[:image])
+    grid = geometries[image].grid
+    return _Grids(inp.layout.patch_grid(image), inp.layout.highres_grid(image), first_crop, grid)
+
+
+def _normalised(maps: Tensor, threshold: float | None) -> Tensor:
+    maps = maps / maps.amax((1, 2), keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
+    return maps if threshold is None else maps.where(maps >= threshold, 0.0)
 
 
 def _layer_names(model: Any, layers: Sequence[int | str] | None) -> list[str]:
@@ -191,11 +236,11 @@ def _raw_maps(
     hook_names: list[str],
     answer: Int[Tensor, "answer"],
     predicting: Int[Tensor, "answer"],
-    grid: Int[Tensor, "rows cols"],
-    image: int,
+    grids: _Grids,
     relu_gradients: bool,
-) -> Float[Tensor, "layer rows cols"]:
-    """One forward and one backward pass: the un-normalised map of every hooked layer."""
+) -> list[Float[Tensor, "layer rows cols"] | None]:
+    """One forward and one backward pass: the un-normalised maps of every hooked layer, on the
+    base grid and (LLaVA-NeXT) on the unpadded tile grid."""
     captured: dict[str, Tensor] = {}
 
     def capture(activation: Tensor, hook: Any) -> None:
@@ -214,27 +259,47 @@ def _raw_maps(
                 )
         gradients = torch.autograd.grad(target, [captured[name] for name in hook_names])
 
-    maps = []
-    for name, gradient in zip(hook_names, gradients, strict=True):
-        features, gradient = (
-            _patch_features(tensor, name, grid, image) for tensor in (captured[name], gradient)
-        )
-        if relu_gradients:
-            gradient = F.relu(gradient)
-        weights = gradient.mean(0)  # alpha: [channel]
-        maps.append(F.relu(features @ weights).reshape(grid.shape))
-    return torch.stack(maps).cpu()
+    results = []
+    for highres in (False, True):
+        grid = grids.highres if highres else grids.base
+        if grid is None:
+            results.append(None)
+            continue
+        maps = []
+        for name, gradient in zip(hook_names, gradients, strict=True):
+            features, gradient = (
+                _patch_features(tensor, name, grids, highres)
+                for tensor in (captured[name], gradient)
+            )
+            if relu_gradients:
+                gradient = F.relu(gradient)
+            weights = gradient.mean(0)  # alpha: [channel], over this grid's patches
+            maps.append(F.relu(features @ weights).reshape(grid.shape))
+        results.append(torch.stack(maps).cpu())
+    return results
 
 
 def _patch_features(
-    activation: Float[Tensor, "batch pos d"], name: str, grid: Int[Tensor, "rows cols"], image: int
+    activation: Float[Tensor, "batch pos d"], name: str, grids: _Grids, highres: bool
 ) -> Float[Tensor, "patch d"]:
     """The activation at the image's patches, in the grid's row-major order.
 
-    Decoder hooks hold the sequence (`grid` gives the positions); vision hooks hold one row per
-    image with CLS first and the patches in row-major order.
+    Decoder hooks hold the sequence (the grid gives the positions). Vision hooks hold one row
+    per crop, CLS first, then the patches row-major: the base crop's are the base grid; the
+    tiles' are laid side by side into the tile canvas, of which unpadding keeps
+    `kept_rows` x `kept_cols`, as the model packs them.
     """
     activation = activation.detach().float()
-    if name.startswith("vision."):
-        return activation[image, 1:]
-    return activation[0, grid.flatten().to(activation.device)]
+    if not name.startswith("vision."):
+        grid = grids.highres if highres else grids.base
+        return activation[0, grid.flatten().to(activation.device)]
+    if not highres:
+        return activation[grids.first_crop, 1:]
+    tiles, side = grids.tiles.tiles, grids.tiles.patches_per_tile
+    crops = activation[grids.first_crop + 1 : grids.first_crop + 1 + math.prod(tiles), 1:]
+    canvas = einops.rearrange(
+        crops, "(tr tc) (r c) d -> (tr r) (tc c) d", tr=tiles[0], tc=tiles[1], r=side, c=side
+    )
+    kept = canvas[grids.tiles.kept_rows.start : grids.tiles.kept_rows.stop,
+                  grids.tiles.kept_cols.start : grids.tiles.kept_cols.stop]  # fmt: skip
+    return kept.reshape(-1, kept.shape[-1])
