@@ -91,6 +91,8 @@ def test_docstring_example_runs(test, shared_names, workspace, next_model, monke
         "inp": model.prepare(sample.image, sample.question),
         "next_model": next_model,
     }
+    skipped = [example.source for example in test.examples if example.options.get(doctest.SKIP)]
+    assert not skipped, f"examples must run, not be skipped: {skipped}"
     report = io.StringIO()
     runner = doctest.DocTestRunner(optionflags=FLAGS)
     try:

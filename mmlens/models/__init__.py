@@ -32,7 +32,11 @@ def from_pretrained(
             (`mmlens.models.placement`).
 
     Examples:
-        >>> model = mmlens.from_pretrained("llava-hf/llava-1.5-7b-hf", dtype="bfloat16")  # doctest: +SKIP
+        >>> half = mmlens.from_pretrained(mmlens.zoo.checkpoint_path("tiny-shapes"), dtype="bfloat16")
+        >>> half.cfg.dtype, type(half).__name__
+        (torch.bfloat16, 'HookedLlava')
+
+        A hub id (``"llava-hf/llava-1.5-7b-hf"``) loads from the local Hugging Face cache.
     """
     return HookedTransformer.from_pretrained(
         path_or_id, dtype=dtype, device=device, device_map=device_map

@@ -28,9 +28,18 @@ def place(model: nn.Module, device_map: str | Mapping[str, Any]) -> dict[str, st
             an unknown string map.
 
     Examples:
-        >>> place(model, {"embed": "cuda:0", "vision": "cuda:0", "projector": "cuda:0",
-        ...               "blocks.0": "cuda:0", "blocks.1": "cuda:1", "ln_final": "cuda:1",
-        ...               "unembed": "cuda:1"})  # doctest: +SKIP
+        On two GPUs: ``{"embed": "cuda:0", "vision": "cuda:0", "projector": "cuda:0", "blocks.0":
+        "cuda:0", "blocks.1": "cuda:1", "ln_final": "cuda:1", "unembed": "cuda:1"}``. Here, the
+        same call with CPU devices:
+
+        >>> spread = mmlens.load("tiny-shapes")
+        >>> first = {"embed": "cpu", "vision": "cpu", "projector": "cpu", "ln_final": "cpu",
+        ...          "unembed": "cpu", **{f"blocks.{l}": "cpu" for l in range(6)}}
+        >>> placed = place(spread, first)                    # returns the map it applied
+        >>> sorted(set(placed.values()))
+        ['cpu']
+        >>> torch.equal(spread(inp), model(inp))
+        True
     """
     if isinstance(device_map, str):
         if device_map != "auto":

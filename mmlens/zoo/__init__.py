@@ -15,7 +15,7 @@ Examples:
     >>> model = mmlens.load("tiny-shapes")
     >>> sample = mmlens.zoo.shapes.generate(1, seed=0)[0]
     >>> inp = model.prepare(sample.image, sample.question)
-    >>> model.to_string(model(inp)[0, -1].argmax()) == sample.answer  # doctest: +SKIP
+    >>> model.to_string(model(inp)[0, -1].argmax()) == sample.answer
     True
 """
 
