@@ -117,8 +117,9 @@ def checkpoint_fingerprint(folder: str | os.PathLike) -> str:
     of its weight files (and index), without reading the weights (run manifests record it).
 
     Examples:
-        >>> checkpoint_fingerprint("path/to/llava-1.5-7b-hf")  # doctest: +SKIP
-        '9c0d41e2a7b35f18'
+        >>> fingerprint = checkpoint_fingerprint(mmlens.zoo.checkpoint_path("tiny-shapes"))
+        >>> len(fingerprint), fingerprint == checkpoint_fingerprint(mmlens.zoo.checkpoint_path("tiny-shapes"))
+        (16, True)
     """
     folder = Path(folder)
     digest = hashlib.sha256((folder / "config.json").read_bytes())
@@ -196,12 +197,30 @@ def checkpoint_tensors(
     return tensors
 
 
+def renamed_tensors(
+    hf_tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: str | torch.device
+) -> dict[str, torch.Tensor]:
+    """`hf_tensors` (llava-hf names) under mmlens names, cast and moved; unused ones dropped."""
+    tensors = {}
+    for hf_key, tensor in hf_tensors.items():
+        key = mmlens_key(hf_key)
+        if key is not None:
+            tensors[key] = tensor.to(device=device, dtype=dtype)
+    return tensors
+
+
 def read_checkpoint(path_or_id: str | os.PathLike) -> tuple[Path, Any]:
-    """The checkpoint's folder and HF config, refusing folders that ask to run their own code."""
+    """The checkpoint's folder and HF config, refusing folders that ask to run their own code.
+    An original-format LLaVA folder gets its equivalent llava-hf config
+    (`mmlens.models.original`)."""
     from transformers import AutoConfig
+
+    from mmlens.models.original import is_original, read_original
 
     folder = resolve_checkpoint(path_or_id)
     refuse_custom_code(folder)
+    if is_original(folder):
+        return folder, read_original(folder).hf_config
     return folder, AutoConfig.from_pretrained(folder, trust_remote_code=False)
 
 
@@ -218,11 +237,22 @@ def load_weights(
     and cast tensor by tensor (the class's `from_pretrained` calls this)."""
     from transformers import AutoProcessor, AutoTokenizer
 
+    from mmlens.models.original import (
+        is_original,
+        original_processor,
+        original_tensors,
+        read_original,
+    )
+
     dtype = as_dtype(dtype)
     cfg = MMConfig.from_hf(
         hf_config, dtype=dtype, device=device, model_name=model_name or str(folder)
     )
-    if cfg.vision is not None:
+    original = read_original(folder) if is_original(folder) else None
+    if original is not None:
+        processor = original_processor(folder, original)
+        extra = {"tokenizer": processor.tokenizer, "processor": processor}
+    elif cfg.vision is not None:
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
         extra = {"tokenizer": processor.tokenizer, "processor": processor}
     else:
@@ -230,7 +260,11 @@ def load_weights(
 
     with torch.device("meta"):
         model = model_cls(cfg, **extra)
-    tensors = checkpoint_tensors(folder, dtype, device)
+    if original is not None:
+        tensors = renamed_tensors(original_tensors(folder, original), dtype, device)
+        model.prepare_defaults = original.prepare_defaults(model.default_template)
+    else:
+        tensors = checkpoint_tensors(folder, dtype, device)
     if cfg.tie_word_embeddings or "unembed.weight" not in tensors:
         tensors["unembed.weight"] = tensors["embed.weight"]
     expected = set(model.state_dict())

@@ -562,7 +562,9 @@ class HookedTransformer(HookedRootModule):
         inputs.update({k: v for k, v in kwargs.items() if v is not None})
         if "input_ids" not in inputs:
             raise ValueError("no input: pass text, token ids, a MultimodalInput or input_ids=...")
-        largest = int(inputs["input_ids"].max()) if inputs["input_ids"].numel() else 0
+        ids = inputs["input_ids"]
+        placeholder = getattr(self.cfg, "image_token_id", None)  # may follow the vocabulary
+        largest = int(ids[ids != placeholder].max()) if (ids != placeholder).any() else 0
         if largest >= self.cfg.d_vocab:
             raise ValueError(
                 f"token id {largest} is outside this model's vocabulary of {self.cfg.d_vocab}; "

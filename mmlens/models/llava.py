@@ -44,6 +44,7 @@ class HookedLlava(HookedTransformer):
         )
         self.hook_image_embeds = HookPoint()  # [n_images, n_image_tokens, d_model]
         self.default_template = "vicuna_v1"
+        self.prepare_defaults: dict[str, str] = {}  # the checkpoint's own prompt settings
         """The conversation template `prepare` uses unless told otherwise (LLaVA-1.5 ran with
         ``vicuna_v1``; a shipped organism sets the one it was trained with)."""
         self.setup()
@@ -75,7 +76,7 @@ class HookedLlava(HookedTransformer):
             raise ValueError("this model has no processor; load it with from_pretrained(folder)")
         if preset is not None:
             kwargs = {**preset.prepare_kwargs(self), **kwargs}
-        kwargs.setdefault("template", self.default_template)
+        kwargs = {"template": self.default_template, **self.prepare_defaults, **kwargs}
         inp = MultimodalInput.from_processor(
             self.processor,
             images,
@@ -111,8 +112,15 @@ class HookedLlava(HookedTransformer):
         (`cache.decompose_resid()`) is what the model added, at text and image positions alike.
         `image_kwargs` (e.g. `image_sizes`) go to `encode_images`.
         """
-        embeds = self.hook_token_embed(self.embed(input_ids))
         image_slots = input_ids == self.cfg.image_token_id
+        # An original-format checkpoint's placeholder comes after its vocabulary: look up id 0
+        # there (the image features replace it).
+        lookup = (
+            input_ids.masked_fill(image_slots, 0)
+            if self.cfg.image_token_id >= self.cfg.d_vocab
+            else input_ids
+        )
+        embeds = self.hook_token_embed(self.embed(lookup))
         n_slots = int(image_slots.sum())
         if pixel_values is None:
             if n_slots:
