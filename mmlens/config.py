@@ -15,7 +15,9 @@ import torch
 
 @dataclass
 class VisionConfig:
-    """CLIP ViT vision tower (pre-layernorm, quick-gelu MLP, learned absolute positions)."""
+    """A ViT vision tower: CLIP (class token, pre-layernorm, quick-gelu MLP) or SigLIP (no class
+    token, no pre-layernorm, biased patch convolution, tanh-gelu MLP); learned absolute
+    positions for both."""
 
     n_layers: int
     d_model: int
@@ -26,6 +28,12 @@ class VisionConfig:
     eps: float = 1e-5
     act_fn: str = "quick_gelu"
     n_channels: int = 3
+    kind: str = "clip"  # "clip" or "siglip"
+
+    @property
+    def has_cls(self) -> bool:
+        """Whether token 0 is a class token (CLIP) rather than the first patch (SigLIP)."""
+        return self.kind == "clip"
 
     @property
     def d_head(self) -> int:
@@ -38,9 +46,10 @@ class VisionConfig:
 
     @classmethod
     def from_hf(cls, hf: Any) -> VisionConfig:
-        if hf.model_type not in ("clip_vision_model", "clip"):
+        kinds = {"clip_vision_model": "clip", "clip": "clip", "siglip_vision_model": "siglip"}
+        if hf.model_type not in kinds:
             raise NotImplementedError(
-                f"vision tower of type {hf.model_type!r} is not supported yet (CLIP only)"
+                f"vision tower of type {hf.model_type!r} is not supported yet (CLIP, SigLIP)"
             )
         return cls(
             n_layers=hf.num_hidden_layers,
@@ -52,6 +61,7 @@ class VisionConfig:
             eps=hf.layer_norm_eps,
             act_fn=hf.hidden_act,
             n_channels=hf.num_channels,
+            kind=kinds[hf.model_type],
         )
 
 
@@ -72,7 +82,8 @@ class MMConfig:
         default_factory=lambda: {"rope_type": "default", "rope_theta": 1e4}
     )
     max_position_embeddings: int = 4096
-    attention_bias: bool = False
+    attention_bias: bool = False  # every attention projection (Llama's attention_bias)
+    qkv_bias: bool = False  # query, key and value projections only (Qwen2)
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
@@ -119,9 +130,9 @@ class MMConfig:
     def from_hf(cls, hf: Any, **overrides: Any) -> MMConfig:
         """Build from a HF config: a text config, or a LLaVA config with `text_config`."""
         text = getattr(hf, "text_config", None) or hf
-        if text.model_type not in ("llama", "mistral"):
+        if text.model_type not in ("llama", "mistral", "qwen2"):
             raise NotImplementedError(
-                f"decoder of type {text.model_type!r} is not supported (llama, mistral)"
+                f"decoder of type {text.model_type!r} is not supported (llama, mistral, qwen2)"
             )
         if getattr(text, "hidden_act", "silu") != "silu":
             raise NotImplementedError(f"decoder activation {text.hidden_act!r} (silu only)")
@@ -142,7 +153,12 @@ class MMConfig:
                 getattr(hf, "tie_word_embeddings", False)
                 or getattr(text, "tie_word_embeddings", False)
             ),
-            sliding_window=getattr(text, "sliding_window", None),
+            qkv_bias=text.model_type == "qwen2",
+            # Qwen2 configs name a window even when use_sliding_window is off (and then none is
+            # used); Mistral's is used whenever it is set.
+            sliding_window=getattr(text, "sliding_window", None)
+            if getattr(text, "use_sliding_window", True)
+            else None,
             pad_token_id=text.pad_token_id,
             bos_token_id=text.bos_token_id,
             eos_token_id=text.eos_token_id,

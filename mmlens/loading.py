@@ -45,7 +45,7 @@ _RENAMES = [
     (r"^vision\.encoder\.layers\.(\d+)\.mlp\.", r"vision.blocks.\1.mlp."),
 ]
 # Weights LLaVA never uses (CLIP's pooled-output norm) and non-weight buffers.
-_UNUSED = re.compile(r"^vision\.post_layernorm\.|position_ids$")
+_UNUSED = re.compile(r"^vision\.post_layernorm\.|^vision\.head\.|position_ids$")
 
 
 def mmlens_key(hf_key: str) -> str | None:

@@ -215,6 +215,7 @@ def test_the_registry_knows_every_model_type():
     assert MODEL_TYPES == {
         "llama": mmlens.HookedTransformer,
         "mistral": mmlens.HookedTransformer,
+        "qwen2": mmlens.HookedTransformer,
         "llava": mmlens.HookedLlava,
         "llava_next": mmlens.HookedLlavaNext,
     }

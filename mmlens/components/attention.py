@@ -46,13 +46,18 @@ class Attention(nn.Module):
         d_head: int,
         bias: bool,
         rotary: bool,
+        output_bias: bool | None = None,
     ):
+        """`bias` for the query, key and value projections; `output_bias` for the output
+        projection (default: `bias`; Qwen2 has the first, not the second)."""
         super().__init__()
         self.n_heads, self.n_key_value_heads, self.d_head = n_heads, n_key_value_heads, d_head
         self.q_proj = nn.Linear(d_model, n_heads * d_head, bias=bias)
         self.k_proj = nn.Linear(d_model, n_key_value_heads * d_head, bias=bias)
         self.v_proj = nn.Linear(d_model, n_key_value_heads * d_head, bias=bias)
-        self.o_proj = nn.Linear(n_heads * d_head, d_model, bias=bias)
+        self.o_proj = nn.Linear(
+            n_heads * d_head, d_model, bias=bias if output_bias is None else output_bias
+        )
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
         self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]

@@ -499,7 +499,9 @@ class MultimodalInput:
                     f"pixels but its settings predict {image_geometry.processed_size}"
                 )
 
-        has_cls = strategy == "full"
+        # A CLS token in the sequence: kept ("full") and counted by the processor (CLIP: 1;
+        # SigLIP towers have none, and their processors add no extra token).
+        has_cls = strategy == "full" and getattr(processor, "num_additional_image_tokens", 1) == 1
         item_images = [
             [index for index, owner in enumerate(image_items) if owner == item]
             for item in range(len(rendered))

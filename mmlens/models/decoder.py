@@ -60,7 +60,7 @@ def _stacked_weight(module: str, name: str, shape: str, note: str = "") -> prope
     return property(stacked, doc=f"`{shape}`{': ' + note if note else ''}.")
 
 
-@register("llama", "mistral")
+@register("llama", "mistral", "qwen2")
 class HookedTransformer(HookedRootModule):
     """Decoder-only LM with TransformerLens hook names (docs/hooks.md).
 
@@ -89,8 +89,9 @@ class HookedTransformer(HookedRootModule):
                     cfg.n_heads,
                     cfg.n_key_value_heads,
                     cfg.d_head,
-                    bias=cfg.attention_bias,
+                    bias=cfg.attention_bias or cfg.qkv_bias,
                     rotary=True,
+                    output_bias=cfg.attention_bias,
                 ),
                 RMSNorm(cfg.d_model, cfg.eps),
                 GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, cfg.mlp_bias),
@@ -563,8 +564,9 @@ class HookedTransformer(HookedRootModule):
         if "input_ids" not in inputs:
             raise ValueError("no input: pass text, token ids, a MultimodalInput or input_ids=...")
         ids = inputs["input_ids"]
-        placeholder = getattr(self.cfg, "image_token_id", None)  # may follow the vocabulary
-        largest = int(ids[ids != placeholder].max()) if (ids != placeholder).any() else 0
+        placeholder = self.cfg.image_token_id  # may follow the vocabulary (original releases)
+        checked = ids if placeholder is None else ids[ids != placeholder]
+        largest = int(checked.max()) if checked.numel() else 0
         if largest >= self.cfg.d_vocab:
             raise ValueError(
                 f"token id {largest} is outside this model's vocabulary of {self.cfg.d_vocab}; "

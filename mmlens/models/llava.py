@@ -10,6 +10,7 @@ from transformer_lens.hook_points import HookPoint
 
 from mmlens.config import MMConfig
 from mmlens.inputs import MultimodalInput
+from mmlens.inputs.templates import default_template
 from mmlens.models.decoder import HookedTransformer
 from mmlens.models.projector import Projector
 from mmlens.models.registry import register
@@ -43,10 +44,12 @@ class HookedLlava(HookedTransformer):
             cfg.projector_bias,
         )
         self.hook_image_embeds = HookPoint()  # [n_images, n_image_tokens, d_model]
-        self.default_template = "vicuna_v1"
-        self.prepare_defaults: dict[str, str] = {}  # the checkpoint's own prompt settings
+        family = default_template(self.tokenizer, cfg.decoder_model_type)
+        self.default_template = family if family in ("chatml", "llama3") else "vicuna_v1"
         """The conversation template `prepare` uses unless told otherwise (LLaVA-1.5 ran with
-        ``vicuna_v1``; a shipped organism sets the one it was trained with)."""
+        ``vicuna_v1``, LLaVA-Interleave's Qwen checkpoints with ChatML; a shipped organism sets
+        the one it was trained with)."""
+        self.prepare_defaults: dict[str, str] = {}  # the checkpoint's own prompt settings
         self.setup()
 
     def _layer_counts(self) -> dict[str, int]:

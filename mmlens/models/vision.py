@@ -12,7 +12,8 @@ from mmlens.config import VisionConfig
 
 
 class PatchEmbed(nn.Module):
-    """Patch convolution + class token + learned absolute positions (CLIP)."""
+    """Patch convolution + learned absolute positions, after a class token for CLIP (SigLIP has
+    none, and a bias on the convolution)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -21,25 +22,29 @@ class PatchEmbed(nn.Module):
             cfg.d_model,
             kernel_size=cfg.patch_size,
             stride=cfg.patch_size,
-            bias=False,
+            bias=not cfg.has_cls,
         )
-        self.class_embedding = nn.Parameter(torch.empty(cfg.d_model))
-        self.position_embedding = nn.Embedding(cfg.grid_size**2 + 1, cfg.d_model)
+        if cfg.has_cls:
+            self.class_embedding = nn.Parameter(torch.empty(cfg.d_model))
+        self.position_embedding = nn.Embedding(cfg.grid_size**2 + cfg.has_cls, cfg.d_model)
 
     def forward(
         self, pixel_values: Float[torch.Tensor, "image channel height width"]
     ) -> Float[torch.Tensor, "image token d_vision"]:
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
         patches = patches.flatten(2).transpose(1, 2)  # row-major over the patch grid
-        cls = self.class_embedding.expand(patches.shape[0], 1, -1)
-        return torch.cat((cls, patches), dim=1) + self.position_embedding.weight
+        if hasattr(self, "class_embedding"):
+            cls = self.class_embedding.expand(patches.shape[0], 1, -1)
+            patches = torch.cat((cls, patches), dim=1)
+        return patches + self.position_embedding.weight
 
 
 class HookedVisionTower(nn.Module):
-    """CLIP vision encoder; token 0 is CLS, tokens 1.. are patches in row-major order.
+    """CLIP or SigLIP vision encoder. CLIP: token 0 is CLS, tokens 1.. are patches in row-major
+    order; SigLIP: every token is a patch, row-major.
 
-    Hooks: `hook_embed`, `ln_pre.*`, `blocks.{l}.*` (decoder names, LayerNorm, no rotary),
-    `hook_features` (the selected layers' features that go to the projector).
+    Hooks: `hook_embed`, `ln_pre.*` (CLIP only), `blocks.{l}.*` (decoder names, LayerNorm, no
+    rotary), `hook_features` (the selected layers' features that go to the projector).
     """
 
     def __init__(self, cfg: VisionConfig):
@@ -47,7 +52,7 @@ class HookedVisionTower(nn.Module):
         self.cfg = cfg
         self.embed = PatchEmbed(cfg)
         self.hook_embed = HookPoint()
-        self.ln_pre = LayerNorm(cfg.d_model, cfg.eps)
+        self.ln_pre = LayerNorm(cfg.d_model, cfg.eps) if cfg.has_cls else nn.Identity()
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 LayerNorm(cfg.d_model, cfg.eps),
@@ -72,7 +77,8 @@ class HookedVisionTower(nn.Module):
         Layer indices follow HF's `hidden_states`: 0 is the pre-layernorm output, `l` the output
         of block `l - 1`, negative indices count from the end (-1 = last block). Blocks after the
         last selected one cannot affect the features and are not run (their hooks do not fire).
-        `select_strategy="default"` drops the CLS token, `"full"` keeps it.
+        `select_strategy="default"` drops the CLS token, `"full"` keeps it (SigLIP has none:
+        "default" would drop a patch, so both keep every token, as HF's LLaVA-OneVision does).
         """
         n_states = self.cfg.n_layers + 1
         for layer in feature_layers:
@@ -87,7 +93,7 @@ class HookedVisionTower(nn.Module):
             resid, _ = block(resid)
             states.append(resid)
         features = torch.cat([states[index] for index in state_indices], dim=-1)
-        if select_strategy == "default":
+        if select_strategy == "default" and self.cfg.has_cls:
             features = features[:, 1:]
         elif select_strategy != "full":
             raise ValueError(

@@ -678,6 +678,78 @@ def _decoder_config(
     return LlamaConfig(**shape)
 
 
+def build_tiny_llava_interleave(
+    path: str | Path,
+    *,
+    n_layers: int = 2,
+    d_model: int = 64,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    d_mlp: int = 128,
+    vision_layers: int = 2,
+    vision_d_model: int = 32,
+    vision_heads: int = 4,
+    image_size: int = 28,
+    patch_size: int = 7,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write a random llava-hf LLaVA-Interleave checkpoint (``llava-interleave-qwen-*-hf``):
+    model type ``llava`` with a SigLIP tower (no class token; every token, last layer,
+    ``vision_feature_select_strategy="full"``), the two-layer GELU projector and a Qwen2 decoder
+    (biases on the query, key and value projections, grouped-query attention, rotary base 10^6,
+    tied embeddings as in the 0.5B model). The tokenizer is the SentencePiece-style one with
+    ChatML's ``<|im_start|>`` and ``<|im_end|>`` (the conversation the checkpoints use); the
+    image processor squashes to ``image_size`` with SigLIP's 0.5 mean and std.
+
+    Examples:
+        >>> folder = build_tiny_llava_interleave("checkpoints/interleave")
+        >>> type(mmlens.from_pretrained(folder)).__name__, mmlens.from_pretrained(folder).cfg.qkv_bias
+        ('HookedLlava', True)
+    """
+    from transformers import Qwen2Config, SiglipImageProcessor, SiglipVisionConfig
+
+    path = Path(path)
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    config = LlavaConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=vision_d_model, intermediate_size=4 * vision_d_model,
+            num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
+            image_size=image_size, patch_size=patch_size, hidden_act="gelu_pytorch_tanh",
+            layer_norm_eps=1e-6,
+        ),
+        text_config=Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp,
+            num_hidden_layers=n_layers, num_attention_heads=n_heads,
+            num_key_value_heads=n_kv_heads, max_position_embeddings=512, rope_theta=1e6,
+            rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, use_sliding_window=False, sliding_window=64,
+        ),
+        image_token_id=tokenizer.image_token_id,
+        image_seq_length=(image_size // patch_size) ** 2,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        tie_word_embeddings=tie_word_embeddings,
+    )  # fmt: skip
+    _save_random_model(LlavaForConditionalGeneration, config, path, seed)
+    image_processor = SiglipImageProcessor(
+        size={"height": image_size, "width": image_size}, resample=PILImageResampling.BICUBIC,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )  # fmt: skip
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+    )
+    processor.save_pretrained(path)
+    return path
+
+
 def _save_random_model(model_class: type, config: Any, path: Path, seed: int) -> None:
     """Build `model_class(config)` with weights drawn from `seed` (see `build_tiny_llava`), save it."""
     torch.manual_seed(seed)
