@@ -208,3 +208,15 @@ def test_unsupported_settings_are_named(checkpoints, tmp_path):
         (broken / "config.json").write_text(json.dumps({**config, key: value}))
         with pytest.raises(NotImplementedError, match=message):
             mmlens.from_pretrained(broken)
+
+
+def test_the_runner_and_the_analyses_run_on_an_original_release(checkpoints, tmp_path):
+    _, folder, settings = checkpoints
+    result = mmlens.run(
+        "knockout", folder, "shapes:7", tmp_path / "run", window_size=1, progress=False
+    )
+    assert len(result) > 0 and result.attrs["model"] == str(folder)
+    model = mmlens.from_pretrained(folder)
+    inp = model.prepare(make_test_image(64, 48, 2), PROMPTS[0])
+    cam = mmlens.analysis.llava_cam(model, inp, "red", layers=[0], noise_std=0, progress=False)
+    assert cam.maps.shape[0] == 1 and (cam.highres_maps is not None) == ("anyres" in settings)
