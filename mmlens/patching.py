@@ -7,9 +7,15 @@ one position (``by="position"``), or, for heads, every aligned position. The cle
 prompts need not have the same length: positions are aligned segment by segment (system, image,
 question, the text between the question and the last position, last), and a segment whose
 length differs between the two (a longer question) has no counterpart and is not patched; the
-result's ``attrs["unaligned"]`` names it. Cells run side by side as rows of one batch, so a
-whole layer × segment sweep costs a few forward passes, not one per cell. Semantics in
-docs/analyses.md ("Activation patching").
+result's ``attrs["unaligned"]`` names it.
+
+A cell changes nothing below its layer and nothing before its first patched position, so the
+corrupted prompt runs once (`model.run_prefix`) and every cell recomputes only its own layers
+from its own first position on, the cells side by side in one suffix run (`model.run_suffix`,
+`batch_size` cells at a time) that computes only the last position's logits. A whole
+layer × segment sweep therefore costs two full forward passes (clean and corrupted) and a few
+partial ones, not one forward pass per cell. Semantics in docs/analyses.md ("Activation
+patching").
 
 Examples:
     >>> from mmlens.zoo.shapes import counterfactual, generate
@@ -21,12 +27,10 @@ Examples:
     >>> result = activation_patching(model, clean, corrupted, metric, progress=False)
     >>> table = result[result.site == "resid_pre"].pivot(index="layer", columns="unit",
     ...                                                  values="normalized")
-    >>> table[["image", "question", "last"]].round(2).loc[[0, 3, 5]]
-    unit   image  question  last
-    layer
-    0       1.00       0.0  0.00
-    3       0.06      -0.0  0.92
-    5       0.00       0.0  0.99
+    >>> round(table.loc[0, "image"], 2), round(table.loc[3, "last"], 2), round(table.loc[5, "last"], 2)
+    (1.0, 0.92, 0.99)
+    >>> bool(table["question"].abs().max() < 0.01)     # the question carries no colour
+    True
 
     The image carries the colour until layer 2; from then on the last position does.
 """
@@ -45,6 +49,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mmlens.analysis.probability import answer_token_ids
+from mmlens.sequence import sequence_of
 
 SITES = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",
@@ -141,6 +146,8 @@ def activation_patching(
     Raises:
         ValueError: a batch of more than one prompt, an unknown site or unit, or clean and
             corrupted runs with the same metric (nothing to restore).
+
+    `metric` receives the last position's logits only (``[rows, 1, d_vocab]``).
     """
     for name, inp in (("clean", clean), ("corrupted", corrupted)):
         if inp.batch_size != 1:
@@ -157,16 +164,16 @@ def activation_patching(
     names = sorted({SITES[cell.site].format(layer=cell.layer) for cell in cells})
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(clean, names_filter=names)
-        corrupted_logits = model(corrupted)
-    clean_score, corrupted_score = metric(clean_logits).item(), metric(corrupted_logits).item()
-    if math.isclose(clean_score, corrupted_score):
+        prefix = model.run_prefix(corrupted, logits="last")
+    clean_score, corrupted_score = metric(clean_logits).item(), metric(prefix.logits).item()
+    if math.isclose(clean_score, corrupted_score, rel_tol=1e-5, abs_tol=1e-6):
         raise ValueError(
             f"the metric is {clean_score:.4g} on both inputs: nothing for patching to restore"
         )
     scores = []
     chunks = [cells[start : start + batch_size] for start in range(0, len(cells), batch_size)]
     for chunk in tqdm(chunks, desc="activation patching", disable=not progress):
-        scores.append(_run_chunk(model, corrupted, chunk, clean_cache, metric))
+        scores.append(_run_chunk(model, prefix, chunk, clean_cache, metric))
     values = torch.cat(scores).cpu() if scores else torch.zeros(0)
     result = pd.DataFrame(
         {
@@ -185,7 +192,7 @@ def activation_patching(
         corrupted=corrupted_score,
         by=by,
         unaligned=unaligned,
-        forward_passes=len(chunks) + 2,
+        suffix_runs=len(chunks),
     )
     return result
 
@@ -219,30 +226,40 @@ def _cells(
 
 
 def _run_chunk(
-    model: Any, corrupted: Any, chunk: list[_Cell], clean_cache: Any, metric: Metric
+    model: Any, prefix: Any, chunk: list[_Cell], clean_cache: Any, metric: Metric
 ) -> Float[Tensor, "rows"]:
-    """The corrupted prompt once per cell of `chunk`, each row patched at its own cell."""
-    rows = len(chunk)
-    kwargs = {
-        key: value.repeat(rows, *[1] * (value.ndim - 1)) if isinstance(value, Tensor) else value
-        for key, value in corrupted.model_kwargs().items()
-    }
+    """One suffix run of the corrupted prompt's prefix: variant v is cell ``chunk[v]``, entering
+    at the cell's layer from its first patched position on, patched there by one hook per hook
+    point (each row finds its variant and position in `SequenceState`)."""
     by_hook: dict[str, list[tuple[int, _Cell]]] = {}
-    for row, cell in enumerate(chunk):
-        by_hook.setdefault(SITES[cell.site].format(layer=cell.layer), []).append((row, cell))
+    for variant, cell in enumerate(chunk):
+        by_hook.setdefault(SITES[cell.site].format(layer=cell.layer), []).append((variant, cell))
 
     def patch(activation: Tensor, hook: Any) -> Tensor:
+        state = sequence_of(hook)
         source = clean_cache[hook.name][0]
         activation = activation.clone()  # the block's own tensor may be read again
-        for row, cell in by_hook[hook.name]:
+        for variant, cell in by_hook[hook.name]:
             there = cell.corrupted_positions.to(activation.device)
-            here = cell.clean_positions.to(source.device)
+            rows = (state.variant[0] == variant) & torch.isin(state.query_positions[0], there)
+            if not rows.any():  # the final block computes the last position alone
+                continue
+            # each patched row's corrupted position -> the aligned clean position
+            index = (state.query_positions[0][rows][:, None] == there[None]).int().argmax(1)
+            here = cell.clean_positions.to(source.device)[index.to(source.device)]
             if cell.head is None:
-                activation[row, there] = source[here].to(activation.dtype)
+                activation[0, rows] = source[here].to(activation.dtype)
             else:
-                activation[row, there, cell.head] = source[here, cell.head].to(activation.dtype)
+                activation[0, rows, cell.head] = source[here, cell.head].to(activation.dtype)
         return activation
 
     with torch.no_grad():
-        logits = model.run_with_hooks(**kwargs, fwd_hooks=[(name, patch) for name in by_hook])
-    return metric(logits)
+        logits = model.run_suffix(
+            prefix,
+            [int(cell.corrupted_positions.min()) for cell in chunk],
+            n_variants=len(chunk),
+            entry_layers=[cell.layer for cell in chunk],
+            fwd_hooks=[(name, patch) for name in by_hook],
+            only_last=True,
+        )
+    return metric(logits[:, None])

@@ -51,7 +51,7 @@ def test_patching_equals_the_explicit_loop(model, pair, by):
     clean, corrupted, metric = pair
     sites = ("resid_pre", "attn_out", "mlp_out", "head")
     result = activation_patching(
-        model, clean, corrupted, metric, sites=sites, by=by, layers=[1, 4], progress=False
+        model, clean, corrupted, metric, sites=sites, by=by, layers=[1, 5], progress=False
     )
     pairs, unaligned = aligned_positions(clean, corrupted)
     assert unaligned == {}
@@ -78,15 +78,21 @@ def test_patching_equals_the_explicit_loop(model, pair, by):
 
 def test_a_sweep_costs_a_few_batched_forwards(model, pair):
     clean, corrupted, metric = pair
-    calls = []
-    handle = model.hook_embed.register_forward_hook(lambda *args: calls.append(1))
+    full, first_blocks = [], []
+    handles = [
+        model.hook_embed.register_forward_hook(lambda *args: full.append(1)),
+        model.blocks[0].hook_resid_pre.register_forward_hook(lambda *args: first_blocks.append(1)),
+    ]
     try:
         result = activation_patching(model, clean, corrupted, metric, batch_size=32, progress=False)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     cells = len(result)
     assert cells == 3 * model.cfg.n_layers * 5  # system, image, question, between, last
-    assert len(calls) == result.attrs["forward_passes"] == math.ceil(cells / 32) + 2
+    # Two full passes (clean, corrupted prefix), then one suffix run per 32 cells.
+    assert len(full) == 2 and result.attrs["suffix_runs"] == math.ceil(cells / 32)
+    assert len(first_blocks) == 2 + result.attrs["suffix_runs"]
 
 
 def test_clean_and_corrupted_differ_only_in_the_image(model, pair):

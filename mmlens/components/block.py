@@ -9,6 +9,13 @@ from transformer_lens.hook_points import HookPoint
 
 from mmlens.components.attention import Attention, KeyValue
 
+EVERY_ROW_HOOKS = frozenset(
+    ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_k", "attn.hook_v",
+     "attn.hook_rot_k"]
+)  # fmt: skip
+"""Hook points that see every row even when only some rows are queried: the block's input, its
+norm, and the keys and values every row gives."""
+
 
 class TransformerBlock(nn.Module):
     """One layer, shared by the decoder (RMSNorm, gated MLP) and the vision tower (LayerNorm).
@@ -46,13 +53,19 @@ class TransformerBlock(nn.Module):
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
         # A plain list: these modules are registered once, as the submodules above.
-        self._hook_points = [m for m in self.modules() if isinstance(m, HookPoint)]
+        self._hook_points = [
+            (name, m) for name, m in self.named_modules() if isinstance(m, HookPoint)
+        ]
 
-    def publish(self, state: object) -> None:
+    def publish(self, state: object, every_row_state: object | None = None) -> None:
         """Put `state` (a `mmlens.sequence.SequenceState`) on the context of every hook point of
-        this block, where hooks find it as `hook.ctx["sequence"]`."""
-        for point in self._hook_points:
-            point.ctx["sequence"] = state
+        this block, where hooks find it as `hook.ctx["sequence"]`.
+
+        `every_row_state`: when only some rows go on past the attention (`query_index`), the
+        state of all rows, for the hook points that still see every row (`EVERY_ROW_HOOKS`)."""
+        for name, point in self._hook_points:
+            every_row = every_row_state is not None and name in EVERY_ROW_HOOKS
+            point.ctx["sequence"] = every_row_state if every_row else state
 
     def forward(
         self,

@@ -726,7 +726,7 @@ class HookedTransformer(HookedRootModule):
             rows.keep(survivor_index(rows.positions, kept, layer, rows.variant is not None))
         query_index = rows.last_rows() if last_rows else None
         state = rows.state(layer, past, query_index)
-        block.publish(state)
+        block.publish(state, rows.state(layer, past) if query_index is not None else None)
         block.hook_positions(state.query_positions)
         block.hook_key_positions(state.key_positions)
         window = self.cfg.sliding_window
