@@ -18,13 +18,12 @@ import tempfile
 import time
 
 import torch
-from timing import LLAVA_15_SHAPE
+from timing import bench_model
 
 import mmlens
 from mmlens.ablations import attention_knockout, window
 from mmlens.analysis import PAPER_FLOWS
 from mmlens.data import load
-from mmlens.testing import build_tiny_llava
 
 
 def papers_loop(model, samples, window_size: int) -> list[float]:
@@ -61,14 +60,8 @@ def main() -> None:
     parser.add_argument("--llava-shaped", action="store_true")
     args = parser.parse_args()
 
-    if args.llava_shaped:
-        folder = tempfile.mkdtemp()
-        build_tiny_llava(folder, **LLAVA_15_SHAPE)
-        model = mmlens.from_pretrained(folder, device=args.device)
-        data = load(f"shapes:{args.samples}")
-    else:
-        model = mmlens.load("tiny-shapes", device=args.device)
-        data = load(f"shapes:{args.samples}")
+    model = bench_model(args.llava_shaped, args.device)
+    data = load(f"shapes:{args.samples}")
     print(
         f"device={args.device} model={model.cfg.model_name} layers={model.cfg.n_layers} "
         f"samples={len(data)} flows={list(PAPER_FLOWS)} window={args.window_size} "

@@ -14,15 +14,12 @@ two arbitrary tokens, which is enough to time and check the two methods.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import torch
-from timing import LLAVA_15_SHAPE
+from timing import bench_model
 
-import mmlens
 from mmlens.patching import SITES, activation_patching, aligned_positions, logit_difference
-from mmlens.testing import build_tiny_llava
 from mmlens.zoo.shapes import counterfactual, generate
 
 PATCHED_SITES = ("resid_pre", "attn_out", "mlp_out")
@@ -61,12 +58,7 @@ def main() -> None:
     parser.add_argument("--llava-shaped", action="store_true")
     args = parser.parse_args()
 
-    if args.llava_shaped:
-        folder = tempfile.mkdtemp()
-        build_tiny_llava(folder, **LLAVA_15_SHAPE)
-        model = mmlens.from_pretrained(folder, device=args.device)
-    else:
-        model = mmlens.load("tiny-shapes", device=args.device)
+    model = bench_model(args.llava_shaped, args.device)
     clean_sample = generate(1, seed=0)[0]
     corrupted_sample = counterfactual(clean_sample)
     clean = model.prepare(clean_sample.image, clean_sample.question).to(args.device)

@@ -22,6 +22,21 @@ LLAVA_15_SHAPE = dict(
 )
 
 
+def bench_model(llava_shaped: bool, device: str):
+    """The shipped tiny-shapes, or with `llava_shaped` a random checkpoint of `LLAVA_15_SHAPE`
+    (576 image tokens), loaded on `device`."""
+    import tempfile
+
+    import mmlens
+    from mmlens.testing import build_tiny_llava
+
+    if not llava_shaped:
+        return mmlens.load("tiny-shapes", device=device)
+    with tempfile.TemporaryDirectory() as folder:
+        build_tiny_llava(folder, **LLAVA_15_SHAPE)
+        return mmlens.from_pretrained(folder, device=device)
+
+
 def timed(fn: Callable[[], object], device: str) -> float:
     """Seconds one call of `fn` takes (GPU work included)."""
     if device.startswith("cuda"):

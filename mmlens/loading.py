@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,22 +188,24 @@ def checkpoint_tensors(
             f"{folder} has no *.safetensors weights; mmlens loads safetensors only "
             "(re-save a .bin checkpoint with save_pretrained(safe_serialization=True))"
         )
-    tensors: dict[str, torch.Tensor] = {}
+    return renamed_tensors(safetensors_items([folder / shard for shard in shards]), dtype, device)
+
+
+def safetensors_items(shards: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of every tensor of the safetensors `shards`, read one at a time."""
     for shard in shards:
-        with safe_open(folder / shard, framework="pt", device="cpu") as f:
-            for hf_key in f.keys():
-                key = mmlens_key(hf_key)
-                if key is not None:
-                    tensors[key] = f.get_tensor(hf_key).to(device=device, dtype=dtype)
-    return tensors
+        with safe_open(shard, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
 
 
 def renamed_tensors(
-    hf_tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: str | torch.device
+    hf_tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, device: str | torch.device
 ) -> dict[str, torch.Tensor]:
-    """`hf_tensors` (llava-hf names) under mmlens names, cast and moved; unused ones dropped."""
+    """`hf_tensors` (``(llava-hf name, tensor)`` pairs) under mmlens names, cast and moved one
+    by one; tensors LLaVA never uses are dropped."""
     tensors = {}
-    for hf_key, tensor in hf_tensors.items():
+    for hf_key, tensor in hf_tensors:
         key = mmlens_key(hf_key)
         if key is not None:
             tensors[key] = tensor.to(device=device, dtype=dtype)
@@ -261,7 +264,7 @@ def load_weights(
     with torch.device("meta"):
         model = model_cls(cfg, **extra)
     if original is not None:
-        tensors = renamed_tensors(original_tensors(folder, original), dtype, device)
+        tensors = renamed_tensors(original_tensors(folder, original).items(), dtype, device)
         model.prepare_defaults = original.prepare_defaults(model.default_template)
     else:
         tensors = checkpoint_tensors(folder, dtype, device)

@@ -131,23 +131,22 @@ def activation_patching(
 
     Args:
         model: a model; `clean` and `corrupted` are single prompts it prepared.
-        metric: logits ``[rows, pos, d_vocab]`` -> one number per row (`logit_difference`).
+        metric: logits ``[rows, pos, d_vocab]`` -> one number per row (`logit_difference`); it
+            must read the last position only (the suffix runs compute no other).
         sites: names in `SITES`.
         by: unit of positions for the non-head sites: a segment of `UNITS`, or one position.
         layers: the layers to patch (default: all).
-        batch_size: cells per forward pass.
+        batch_size: cells per suffix run.
 
     Returns:
         One row per cell: `site`, `layer`, `unit` (a segment name, a corrupted-prompt position,
         or "all" for heads), `head` (heads only), `metric`, and `normalized` = (metric −
         corrupted) / (clean − corrupted): 0 is the corrupted run, 1 the clean one. `attrs`: the
-        model name, the two baselines, `unaligned` and the number of forward passes.
+        model name, the two baselines, `unaligned` and the number of suffix runs.
 
     Raises:
         ValueError: a batch of more than one prompt, an unknown site or unit, or clean and
             corrupted runs with the same metric (nothing to restore).
-
-    `metric` receives the last position's logits only (``[rows, 1, d_vocab]``).
     """
     for name, inp in (("clean", clean), ("corrupted", corrupted)):
         if inp.batch_size != 1:

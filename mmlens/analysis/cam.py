@@ -195,7 +195,7 @@ class _Grids:
     base: Int[Tensor, "rows cols"]
     highres: Int[Tensor, "high_rows high_cols"] | None
     first_crop: int
-    tiles: Any = None
+    anyres_grid: Any = None
 
 
 def _grids(inp: Any, image: int) -> _Grids:
@@ -295,11 +295,11 @@ def _patch_features(
         return activation[0, grid.flatten().to(activation.device)]
     if not highres:
         return activation[grids.first_crop, 1:]
-    tiles, side = grids.tiles.tiles, grids.tiles.patches_per_tile
+    tiles, side = grids.anyres_grid.tiles, grids.anyres_grid.patches_per_tile
     crops = activation[grids.first_crop + 1 : grids.first_crop + 1 + math.prod(tiles), 1:]
     canvas = einops.rearrange(
         crops, "(tr tc) (r c) d -> (tr r) (tc c) d", tr=tiles[0], tc=tiles[1], r=side, c=side
     )
-    kept = canvas[grids.tiles.kept_rows.start : grids.tiles.kept_rows.stop,
-                  grids.tiles.kept_cols.start : grids.tiles.kept_cols.stop]  # fmt: skip
+    rows, cols = grids.anyres_grid.kept_rows, grids.anyres_grid.kept_cols
+    kept = canvas[rows.start : rows.stop, cols.start : cols.stop]
     return kept.reshape(-1, kept.shape[-1])

@@ -52,10 +52,10 @@ class TransformerBlock(nn.Module):
         self.hook_resid_mid = HookPoint()
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
-        # A plain list: these modules are registered once, as the submodules above.
-        self._hook_points = [
-            (name, m) for name, m in self.named_modules() if isinstance(m, HookPoint)
-        ]
+        # Plain lists: these modules are registered once, as the submodules above.
+        points = [(name, m) for name, m in self.named_modules() if isinstance(m, HookPoint)]
+        self._every_row_points = [m for name, m in points if name in EVERY_ROW_HOOKS]
+        self._query_row_points = [m for name, m in points if name not in EVERY_ROW_HOOKS]
 
     def publish(self, state: object, every_row_state: object | None = None) -> None:
         """Put `state` (a `mmlens.sequence.SequenceState`) on the context of every hook point of
@@ -63,9 +63,10 @@ class TransformerBlock(nn.Module):
 
         `every_row_state`: when only some rows go on past the attention (`query_index`), the
         state of all rows, for the hook points that still see every row (`EVERY_ROW_HOOKS`)."""
-        for name, point in self._hook_points:
-            every_row = every_row_state is not None and name in EVERY_ROW_HOOKS
-            point.ctx["sequence"] = every_row_state if every_row else state
+        for point in self._query_row_points:
+            point.ctx["sequence"] = state
+        for point in self._every_row_points:
+            point.ctx["sequence"] = state if every_row_state is None else every_row_state
 
     def forward(
         self,

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 PROJECTORS = {"mlp2x_gelu": "gelu"}
 """``mm_projector_type`` values mmlens reads: LLaVA-1.5's two-layer GELU MLP."""
@@ -189,13 +188,11 @@ def original_tensors(folder: Path, checkpoint: OriginalCheckpoint) -> dict[str, 
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from mmlens.loading import safetensors_items
+
     shards = sorted(folder.glob("*.safetensors"))
     if shards:
-        tensors = {}
-        for shard in shards:
-            with safe_open(shard, framework="pt", device="cpu") as f:
-                tensors.update({key: f.get_tensor(key) for key in f.keys()})
-        return tensors
+        return dict(safetensors_items(shards))
     shards = sorted(folder.glob("pytorch_model*.bin"))
     if not shards:
         raise FileNotFoundError(f"{folder} has no *.safetensors or pytorch_model*.bin weights")
