@@ -24,13 +24,20 @@ from mmlens import (
 from mmlens.config import MMConfig, VisionConfig
 from mmlens.experiments import run
 from mmlens.inputs import MultimodalInput
-from mmlens.models import HookedLlava, HookedLlavaNext, HookedTransformer, from_pretrained
+from mmlens.models import (
+    HookedLlava,
+    HookedLlavaNext,
+    HookedLlavaOnevision,
+    HookedTransformer,
+    from_pretrained,
+)
 from mmlens.sequence import KVCache, PrefixState, SequenceState
 from mmlens.zoo import load
 
 __all__ = [
     "HookedLlava",
     "HookedLlavaNext",
+    "HookedLlavaOnevision",
     "HookedTransformer",
     "KVCache",
     "MMConfig",

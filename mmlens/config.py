@@ -104,6 +104,9 @@ class MMConfig:
     image_token_id: int | None = None
     # LLaVA-NeXT ("anyres"): candidate canvas sizes [height, width] for the tiles; None for LLaVA-1.5.
     image_grid_pinpoints: list[list[int]] | None = None
+    # LLaVA-OneVision: "anyres_max_N" (tile grids above N tiles' worth of patches are
+    # downsampled); None for LLaVA-1.5 and LLaVA-NeXT.
+    vision_aspect_ratio: str | None = None
     # Fixed for this architecture family; read by transformer_lens.ActivationCache.
     normalization_type: str = "RMS"
     attn_only: bool = False
@@ -175,6 +178,7 @@ class MMConfig:
                 projector_bias=getattr(hf, "multimodal_projector_bias", True),
                 image_token_id=hf.image_token_id,
                 image_grid_pinpoints=getattr(hf, "image_grid_pinpoints", None),
+                vision_aspect_ratio=getattr(hf, "vision_aspect_ratio", None),
             )
         fields.update(overrides)
         return cls(**fields)

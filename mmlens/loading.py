@@ -238,7 +238,7 @@ def load_weights(
 ) -> Any:
     """Build `model_cls` for the checkpoint on the meta device and assign its weights, renamed
     and cast tensor by tensor (the class's `from_pretrained` calls this)."""
-    from transformers import AutoProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from mmlens.models.original import (
         is_original,
@@ -256,7 +256,7 @@ def load_weights(
         processor = original_processor(folder, original)
         extra = {"tokenizer": processor.tokenizer, "processor": processor}
     elif cfg.vision is not None:
-        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+        processor = model_cls.load_processor(folder, hf_config)
         extra = {"tokenizer": processor.tokenizer, "processor": processor}
     else:
         extra = {"tokenizer": AutoTokenizer.from_pretrained(folder, trust_remote_code=False)}

@@ -68,6 +68,11 @@ def test_each_template_renders_its_checkpoints_prompt() -> None:
             f"<|im_start|>system\n{LLAVA_NEXT_34B_SYSTEM_PROMPT}<|im_end|><|im_start|>user\n"
             f"<image>\n{QUESTION}<|im_end|><|im_start|>assistant\n"
         ),
+        # LLaVA-NeXT's conv_qwen (SeparatorStyle.CHATML, sep "<|im_end|>"), written out by hand.
+        "qwen_1_5": (
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            f"<image>\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+        ),
     }
     for name, text in expected.items():
         rendered = render(name, QUESTION, n_images=1)
@@ -91,6 +96,10 @@ def test_system_text_goes_into_each_templates_system_slot() -> None:
         ),
         "chatml": (
             f"<|im_start|>system\nBe brief.<|im_end|><|im_start|>user\n{QUESTION}<|im_end|>"
+            "<|im_start|>assistant\n"
+        ),
+        "qwen_1_5": (
+            f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{QUESTION}<|im_end|>\n"
             "<|im_start|>assistant\n"
         ),
     }

@@ -37,6 +37,8 @@ class ImageGeometry:
             crop is larger than the image).
         processed_size: the pixel values the vision tower sees.
         patch_size: side of a patch in processed pixels.
+        newline: whether the model ends the image's tokens with one `image_newline` token
+            (LLaVA-OneVision's images in a prompt with several images).
 
     Examples:
         >>> processor = model.processor.image_processor   # llava-1.5's, at 112 px
@@ -52,6 +54,7 @@ class ImageGeometry:
     crop_offset: tuple[int, int]
     processed_size: tuple[int, int]
     patch_size: int
+    newline: bool = False
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -117,16 +120,50 @@ class ImageGeometry:
             patch_size=patch_size,
         )
 
+    @classmethod
+    def padded_square(
+        cls,
+        original_size: tuple[int, int],
+        processed_size: tuple[int, int],
+        patch_size: int,
+        newline: bool = False,
+    ) -> ImageGeometry:
+        """An image padded to a square (centred, as `expand2square` and HF's `pad_to_square`)
+        and resized to `processed_size`, no crop: LLaVA-OneVision's images in a prompt with
+        several images (with `newline`).
+
+        >>> ImageGeometry.padded_square((50, 90), (28, 28), 7).pad_offset
+        (20, 0)
+        """
+        height, width = original_size
+        side = max(height, width)
+        return cls(
+            original_size=tuple(original_size),
+            pad_offset=((side - height) // 2, (side - width) // 2),
+            padded_size=(side, side),
+            resized_size=tuple(processed_size),
+            crop_offset=(0, 0),
+            processed_size=tuple(processed_size),
+            patch_size=patch_size,
+            newline=newline,
+        )
+
     def n_image_tokens(self, has_cls: bool) -> int:
-        """Image tokens of this image: one per patch, plus the CLS token if `has_cls`."""
-        return self.grid_size[0] * self.grid_size[1] + has_cls
+        """Image tokens of this image: one per patch, plus the CLS token if `has_cls` and the
+        newline token if `newline`."""
+        return self.grid_size[0] * self.grid_size[1] + has_cls + self.newline
 
     def token_layout(
         self, *, item: int, image: int, positions: Int[Tensor, "n_image_tokens"], has_cls: bool
     ) -> ImageTokenLayout:
         """The layout of this image's tokens at `positions` of batch item `item`."""
         return ImageTokenLayout.for_image(
-            item=item, image=image, positions=positions, grid_size=self.grid_size, has_cls=has_cls
+            item=item,
+            image=image,
+            positions=positions,
+            grid_size=self.grid_size,
+            has_cls=has_cls,
+            newline=self.newline,
         )
 
     def patch_ranges_per_grid(self, box: Box) -> dict[str, tuple[range, range]]:
@@ -259,8 +296,11 @@ class AnyresGrid:
     features, side by side, form the canvas grid of ``rows * patches_per_tile`` by
     ``cols * patches_per_tile`` patches, of which unpadding keeps `kept_rows` x `kept_cols`: the
     rows (or columns) that show the centred image, computed in patch units with HF's
-    `unpad_image` arithmetic. The model reads the kept grid row by row, each row followed by one
-    newline token. The model (`HookedLlavaNext`) and the inputs (`AnyresGeometry`) both use this
+    `unpad_image` arithmetic. LLaVA-OneVision then shrinks a kept grid of more than about
+    `max_tile_patches` patches (``anyres_max_9``: nine tiles' worth) by bilinear interpolation to
+    `token_grid` (HF's `pack_image_features`); otherwise the token grid is the kept grid. The
+    model reads the token grid row by row, each row followed by one newline token. The model
+    (`HookedLlavaNext`, `HookedLlavaOnevision`) and the inputs (`AnyresGeometry`) both use this
     class, so they cannot disagree.
 
     Examples:
@@ -269,12 +309,22 @@ class AnyresGrid:
         ((2, 2), range(6, 42), range(0, 48))
         >>> grid.unpadded_size, grid.n_tokens
         ((36, 48), 1764)
+        >>> pinpoints = [[384 * rows, 384 * cols] for rows in range(1, 7) for cols in range(1, 7)]
+        >>> onevision = AnyresGrid.for_image((480, 640), pinpoints, 384, 14, max_tile_patches=9)
+        >>> onevision.tiles, onevision.unpadded_size, onevision.token_grid_size, onevision.n_tokens
+        ((2, 2), (40, 54), (40, 54), 2200)
+        >>> full_hd = AnyresGrid.for_image((1080, 1920), pinpoints, 384, 14, max_tile_patches=9)
+        >>> full_hd.tiles, full_hd.unpadded_size, full_hd.token_grid_size   # downsampled
+        ((3, 5), (75, 135), (60, 108))
     """
 
     tiles: tuple[int, int]
     patches_per_tile: int
     kept_rows: range
     kept_cols: range
+    token_grid: tuple[int, int] | None = None
+    """Rows and columns of tokens the model reads: the kept grid, or (LLaVA-OneVision) its
+    bilinear downsampling; None means the kept grid."""
 
     @classmethod
     def for_image(
@@ -284,6 +334,7 @@ class AnyresGrid:
         tile_size: int,
         patch_size: int,
         anyres: str = "hf",
+        max_tile_patches: int | None = None,
     ) -> AnyresGrid:
         """The grid for an image of ``(height, width)`` `image_size`.
 
@@ -295,6 +346,9 @@ class AnyresGrid:
             patch_size: side of a vision patch in pixels.
             anyres: ``"hf"`` (Hugging Face's LLaVA-NeXT) or ``"llava"`` (the original code):
                 see `ANYRES_RULES`.
+            max_tile_patches: LLaVA-OneVision's ``anyres_max_N``: N, the number of tiles' worth
+                of patches above which (by a factor 1.1 in side) the kept grid is downsampled;
+                None (LLaVA-NeXT) keeps it.
 
         Examples:
             >>> pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -311,7 +365,14 @@ class AnyresGrid:
         per_tile = tile_size // patch_size
         rows, cols = tiles[0] * per_tile, tiles[1] * per_tile
         kept_rows, kept_cols = unpadded_ranges((height, width), (rows, cols), anyres)
-        return cls(tiles, per_tile, kept_rows, kept_cols)
+        token_grid = None
+        if max_tile_patches is not None:
+            kept = len(kept_rows) * len(kept_cols)
+            # HF's pack_image_features (and its processor's token count), float for float
+            ratio = math.sqrt(kept / (max_tile_patches * per_tile**2))
+            if ratio > 1.1:
+                token_grid = (int(len(kept_rows) // ratio), int(len(kept_cols) // ratio))
+        return cls(tiles, per_tile, kept_rows, kept_cols, token_grid)
 
     @property
     def n_tiles(self) -> int:
@@ -323,16 +384,70 @@ class AnyresGrid:
         return len(self.kept_rows), len(self.kept_cols)
 
     @property
+    def downsampled(self) -> bool:
+        """Whether the model reads a bilinear downsampling of the unpadded grid (OneVision)."""
+        return self.token_grid is not None and self.token_grid != self.unpadded_size
+
+    @property
+    def token_grid_size(self) -> tuple[int, int]:
+        """Rows and columns of the tile tokens the model reads (before the newlines)."""
+        return self.token_grid or self.unpadded_size
+
+    @property
     def n_tokens(self) -> int:
-        """Tokens of the tile part: every kept patch plus one newline per kept row."""
-        rows, cols = self.unpadded_size
+        """Tokens of the tile part: every token-grid cell plus one newline per row."""
+        rows, cols = self.token_grid_size
         return rows * (cols + 1)
 
     def tile_of(self, row: Int[Tensor, "n"], col: Int[Tensor, "n"]) -> Int[Tensor, "n"]:
-        """The tile (1, 2, ... row-major) holding unpadded-grid patch (`row`, `col`)."""
+        """The tile (1, 2, ... row-major) holding token-grid cell (`row`, `col`): the tile of
+        that unpadded-grid patch or, for a downsampled grid, of the patch under the cell's
+        centre."""
+        if self.downsampled:
+            (rows, cols), (token_rows, token_cols) = self.unpadded_size, self.token_grid_size
+            row = ((2 * row + 1) * rows) // (2 * token_rows)
+            col = ((2 * col + 1) * cols) // (2 * token_cols)
         tile_row = (row + self.kept_rows.start) // self.patches_per_tile
         tile_col = (col + self.kept_cols.start) // self.patches_per_tile
         return 1 + tile_row * self.tiles[1] + tile_col
+
+    def token_ranges(self, rows: range, cols: range) -> tuple[range, range]:
+        """The token-grid rows and columns whose features draw on unpadded-grid patches
+        ``rows`` x ``cols``: the ranges themselves, or for a downsampled grid every cell whose
+        bilinear interpolation gives some weight to one of them (`bilinear_sources`)."""
+        if not self.downsampled:
+            return rows, cols
+        (source_rows, source_cols), (token_rows, token_cols) = (
+            self.unpadded_size,
+            self.token_grid_size,
+        )
+        return (
+            _cells_reading(rows, source_rows, token_rows),
+            _cells_reading(cols, source_cols, token_cols),
+        )
+
+
+def bilinear_sources(index: int, source: int, target: int) -> list[int]:
+    """The source indices that output `index` of a bilinear resize from `source` to `target`
+    samples with a non-zero weight (PyTorch's ``interpolate(mode="bilinear",
+    align_corners=False)`` along one axis, given the output size).
+
+    >>> bilinear_sources(0, 10, 5), bilinear_sources(4, 10, 5)  # centres at 0.5 and 8.5
+    ([0, 1], [8, 9])
+    >>> bilinear_sources(1, 9, 3)                               # centre exactly on source 4
+    [4]
+    """
+    position = max((index + 0.5) * (source / target) - 0.5, 0.0)
+    first = int(position)
+    second = min(first + 1, source - 1)
+    return [first] if second == first or position == first else [first, second]
+
+
+def _cells_reading(hit: range, source: int, target: int) -> range:
+    """Output cells of a `source` -> `target` bilinear resize that read a source index in `hit`
+    (contiguous, since the sources move monotonically with the output index)."""
+    cells = [i for i in range(target) if any(s in hit for s in bilinear_sources(i, source, target))]
+    return range(cells[0], cells[-1] + 1) if cells else range(0)
 
 
 @dataclass(frozen=True)
@@ -378,9 +493,12 @@ class AnyresGeometry:
         original_size: tuple[int, int],
         patch_size: int,
         anyres: str = "hf",
+        max_tile_patches: int | None = None,
     ) -> AnyresGeometry:
         """The geometry that a llava-hf LLaVA-NeXT image processor applies (with the canvas and
-        unpadding of rule `anyres`, `ANYRES_RULES`; `image_processor` is the checkpoint's).
+        unpadding of rule `anyres`, `ANYRES_RULES`; `image_processor` is the checkpoint's), or
+        LLaVA-OneVision's, whose tile grid is downsampled above `max_tile_patches` tiles' worth
+        of patches (`AnyresGrid.for_image`).
 
         Supports the llava-v1.6 settings: the crop size (``size`` as ``shortest_edge`` or a
         square ``height``/``width``, and ``crop_size`` if centre cropping) is one square side,
@@ -404,7 +522,12 @@ class AnyresGeometry:
                 "llava-v1.6) is modelled"
             )
         grid = AnyresGrid.for_image(
-            original_size, image_processor.image_grid_pinpoints, side, patch_size, anyres
+            original_size,
+            image_processor.image_grid_pinpoints,
+            side,
+            patch_size,
+            anyres,
+            max_tile_patches,
         )
         canvas_size = (grid.tiles[0] * side, grid.tiles[1] * side)
         resized = _fit_keeping_aspect_ratio(original_size, canvas_size)
@@ -457,15 +580,20 @@ class AnyresGeometry:
         )
 
     def patch_ranges_per_grid(self, box: Box) -> dict[str, tuple[range, range]]:
-        """Patch ranges that `box` hits: ``"base"`` in the base grid, ``"tiles"`` in the
-        unpadded grid (empty where the box only reaches canvas rows or columns that unpadding
-        removed). Pixel rule as in `ImageGeometry.patch_ranges`."""
+        """Patch ranges that `box` hits: ``"base"`` in the base grid, ``"tiles"`` in the token
+        grid: the unpadded grid (empty where the box only reaches canvas rows or columns that
+        unpadding removed) or, where LLaVA-OneVision downsamples it, the cells that interpolate
+        from a hit patch (`AnyresGrid.token_ranges`). Pixel rule as in
+        `ImageGeometry.patch_ranges`."""
         rows, cols = self.canvas.patch_ranges(box)
         kept_rows = _shifted_intersection(rows, self.grid.kept_rows)
         kept_cols = _shifted_intersection(cols, self.grid.kept_cols)
         if not kept_rows or not kept_cols:
-            kept_rows = kept_cols = range(0)
-        return {"base": self.base.patch_ranges(box), "tiles": (kept_rows, kept_cols)}
+            return {"base": self.base.patch_ranges(box), "tiles": (range(0), range(0))}
+        return {
+            "base": self.base.patch_ranges(box),
+            "tiles": self.grid.token_ranges(kept_rows, kept_cols),
+        }
 
 
 def processor_geometry(

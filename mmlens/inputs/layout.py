@@ -34,8 +34,10 @@ class ImageTokenLayout:
       newline token.
     - `row` and `col`: for the base image, the patch grid (CLS: -1, -1). For NeXT tile patches,
       the unpadded high-resolution grid: all tiles side by side, minus the rows (or columns) that
-      unpadding removed, so row 0 is the first row the model kept. A newline token has the `row`
-      it ends and `col` -1.
+      unpadding removed, so row 0 is the first row the model kept. Where LLaVA-OneVision
+      downsamples that grid, the cells of the downsampled grid (`AnyresGrid.token_grid`; their
+      `tile` is the one under the cell's centre). A newline token has the `row` it ends and
+      `col` -1.
 
     The entries of one image are in the model's order: base grid row-major, then each kept row of
     the tile grid followed by its newline. The layout of the whole batch lists the image tokens
@@ -135,21 +137,33 @@ class ImageTokenLayout:
         positions: Int[Tensor, "n_image_tokens"],
         grid_size: tuple[int, int],
         has_cls: bool,
+        newline: bool = False,
     ) -> ImageTokenLayout:
-        """The layout of one LLaVA-1.5 image: [CLS] then the patches in row-major order."""
+        """The layout of one LLaVA-1.5 image: [CLS] then the patches in row-major order (then,
+        for a LLaVA-OneVision image of a several-image prompt, one newline token, tile -1,
+        ending the last row)."""
         rows, cols = grid_size
         row = torch.arange(rows).repeat_interleave(cols)
         col = torch.arange(cols).repeat(rows)
         kind = torch.full((rows * cols,), PATCH)
+        tile = torch.zeros(rows * cols, dtype=torch.long)
         if has_cls:
             row, col = torch.cat([torch.tensor([-1]), row]), torch.cat([torch.tensor([-1]), col])
             kind = torch.cat([torch.tensor([CLS]), kind])
+            tile = torch.cat([torch.tensor([0]), tile])
+        if newline:
+            row, col = (
+                torch.cat([row, torch.tensor([rows - 1])]),
+                torch.cat([col, torch.tensor([-1])]),
+            )
+            kind = torch.cat([kind, torch.tensor([NEWLINE])])
+            tile = torch.cat([tile, torch.tensor([-1])])
         n_tokens = kind.numel()
         return cls(
             item=torch.full((n_tokens,), item),
             position=positions.to(torch.long),
             image=torch.full((n_tokens,), image),
-            tile=torch.zeros(n_tokens, dtype=torch.long),
+            tile=tile,
             row=row,
             col=col,
             kind=kind,
@@ -165,8 +179,9 @@ class ImageTokenLayout:
         base_grid_size: tuple[int, int],
         grid: AnyresGrid,
     ) -> ImageTokenLayout:
-        """The layout of one LLaVA-NeXT image: the base grid row-major, then each kept row of
-        the unpadded tile grid followed by a newline token (HF's `pack_image_features`)."""
+        """The layout of one LLaVA-NeXT image: the base grid row-major, then each row of the
+        tile token grid (the unpadded grid; OneVision: its downsampling) followed by a newline
+        token (HF's `pack_image_features`)."""
         n_base = base_grid_size[0] * base_grid_size[1]
         base = cls.for_image(
             item=item,
@@ -175,7 +190,7 @@ class ImageTokenLayout:
             grid_size=base_grid_size,
             has_cls=False,
         )
-        rows, cols = grid.unpadded_size
+        rows, cols = grid.token_grid_size
         row = torch.arange(rows).repeat_interleave(cols + 1)
         col = torch.arange(cols + 1).repeat(rows)
         is_newline = col == cols

@@ -53,6 +53,9 @@ class MultimodalInput:
         image_sizes_for_model: whether `model_kwargs` passes `image_sizes` (when the processor
             returns them, as LLaVA-NeXT's does; LLaVA-1.5's does not, and its vision tower would
             not accept them).
+        batch_num_images_for_model: whether `model_kwargs` passes `batch_num_images` (the
+            number of images of each item that has any, from `image_items`; LLaVA-OneVision's
+            processor returns it, and its model tiles only an image alone in its prompt).
         processor_fingerprint: `processor_fingerprint` of the processor that made the input; a
             model refuses an input made by a different processor (None: not checked).
         image_mode: the LLaVA-1.5 image geometry used ("pad", "crop", "squash"), or None for
@@ -85,6 +88,7 @@ class MultimodalInput:
     token_spans: list[Int[Tensor, "pos 2"]]
     template: str
     image_sizes_for_model: bool = False
+    batch_num_images_for_model: bool = False
     processor_fingerprint: str | None = None
     image_mode: str | None = None
     anyres: str = "hf"
@@ -364,6 +368,9 @@ class MultimodalInput:
             kwargs["image_sizes"] = self.image_sizes
             if self.anyres != "hf":
                 kwargs["anyres"] = self.anyres
+        if self.batch_num_images_for_model and self.image_items:
+            counts = torch.bincount(torch.tensor(self.image_items), minlength=self.batch_size)
+            kwargs["batch_num_images"] = counts[counts > 0].to(self.input_ids.device)
         return kwargs
 
     def _check_item(self, item: int) -> None:
@@ -441,6 +448,11 @@ class MultimodalInput:
             raise ValueError(
                 f"tokenization={tokenization!r}: use one of {', '.join(TOKENIZATIONS)}"
             )
+        if hasattr(processor, "image_geometry") and (image_mode is not None or anyres != "hf"):
+            raise ValueError(
+                f"image_mode={image_mode!r}, anyres={anyres!r}: this checkpoint's processor "
+                "(LLaVA-OneVision) has one geometry of its own; leave both at their defaults"
+            )
         geometry_processor = with_image_mode(processor, image_mode)
         processor = with_anyres(geometry_processor, anyres)
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -488,10 +500,16 @@ class MultimodalInput:
 
         image_items = [item for item, group in enumerate(image_groups) for _ in group]
         original_sizes = [_image_size(image) for image in given_images]
-        geometry = [
-            processor_geometry(geometry_processor.image_processor, size, patch_size, anyres)
-            for size in original_sizes
-        ]
+        if hasattr(processor, "image_geometry"):  # mmlens' own (LLaVA-OneVision's)
+            geometry = [
+                processor.image_geometry(size, tiled=len(image_groups[item]) == 1)
+                for size, item in zip(original_sizes, image_items, strict=True)
+            ]
+        else:
+            geometry = [
+                processor_geometry(geometry_processor.image_processor, size, patch_size, anyres)
+                for size in original_sizes
+            ]
         for image_index, image_geometry in enumerate(geometry):
             if image_geometry.processed_size != tuple(pixel_values.shape[-2:]):
                 raise ValueError(
@@ -558,6 +576,7 @@ class MultimodalInput:
             token_spans=token_spans,
             template=template if isinstance(template, str) else template.name,
             image_sizes_for_model=image_sizes_for_model,
+            batch_num_images_for_model="batch_num_images" in encoded,
             processor_fingerprint=fingerprint,
             image_mode=image_mode,
             anyres=anyres,
@@ -634,6 +653,8 @@ def processor_fingerprint(processor: Any) -> str:
         "patch_size": getattr(processor, "patch_size", None),
         "strategy": getattr(processor, "vision_feature_select_strategy", None),
     }
+    if hasattr(processor, "vision_aspect_ratio"):  # LLaVA-OneVision's downsampling
+        parts["vision_aspect_ratio"] = processor.vision_aspect_ratio
     encoded = json.dumps(parts, sort_keys=True, default=str).encode()
     fingerprint = hashlib.sha256(encoded).hexdigest()[:16]
     try:

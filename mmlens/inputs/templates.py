@@ -76,6 +76,9 @@ CROSS_MODAL_SUFFIX = " \nAnswer the question using a single word or phrase."
 LLAVA_NEXT_34B_SYSTEM_PROMPT = "Answer the questions."
 """The system prompt of llava-v1.6-34b's ChatML conversations."""
 
+QWEN_SYSTEM_PROMPT = "You are a helpful assistant."
+"""The system text of the original `conv_qwen` (``qwen_1_5``), which LLaVA-OneVision used."""
+
 LLAVA_LLAMA_3_SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual "
     "content that the user provides, and assist the user with a variety of tasks using natural "
@@ -211,6 +214,16 @@ register_template(
         image_slot="{token}\n",
         last_token="the '\\n' ending '<|im_start|>assistant\\n' (the last prompt token)",
         system_slot="<|im_start|>system\n{text}<|im_end|>",
+    )
+)
+register_template(  # the original `conv_qwen` ("qwen_1_5"): LLaVA-OneVision's training format
+    ConversationTemplate(
+        name="qwen_1_5",
+        pattern=("{system}<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n"),
+        default_system=QWEN_SYSTEM_PROMPT,
+        image_slot="{token}\n",
+        last_token="the '\\n' ending '<|im_start|>assistant\\n' (the last prompt token)",
+        system_slot="<|im_start|>system\n{text}<|im_end|>\n",
     )
 )
 register_template(  # the text of the original `conv_llava_llama_3.get_prompt()`

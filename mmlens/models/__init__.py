@@ -1,5 +1,5 @@
 """Every model mmlens builds: the decoder (`HookedTransformer`), the vision tower, the projector,
-LLaVA-1.5 and LLaVA-NeXT. Each class registers the HF `config.model_type`s it loads
+LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision. Each class registers the HF `config.model_type`s it loads
 (`mmlens.models.registry`), so `from_pretrained` dispatches without a list of models."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 from mmlens.models.decoder import HookedTransformer
 from mmlens.models.llava import HookedLlava
 from mmlens.models.llava_next import HookedLlavaNext
+from mmlens.models.llava_onevision import HookedLlavaOnevision
 from mmlens.models.registry import MODEL_TYPES, model_class_for, register
 
 
@@ -20,7 +21,7 @@ def from_pretrained(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     device_map: str | dict | None = None,
-) -> HookedLlava | HookedLlavaNext | HookedTransformer:
+) -> HookedLlava | HookedTransformer:
     """Load any supported checkpoint as the class registered for its `config.model_type`.
 
     Args:
@@ -47,6 +48,7 @@ __all__ = [
     "MODEL_TYPES",
     "HookedLlava",
     "HookedLlavaNext",
+    "HookedLlavaOnevision",
     "HookedTransformer",
     "from_pretrained",
     "model_class_for",

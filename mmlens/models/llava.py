@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,6 +52,13 @@ class HookedLlava(HookedTransformer):
         the one it was trained with)."""
         self.prepare_defaults: dict[str, str] = {}  # the checkpoint's own prompt settings
         self.setup()
+
+    @classmethod
+    def load_processor(cls, folder: Path, hf_config: Any) -> Any:
+        """The checkpoint's processor (transformers' `AutoProcessor`; never remote code)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(folder, trust_remote_code=False)
 
     def _layer_counts(self) -> dict[str, int]:
         return {"": self.cfg.n_layers, "vision.": self.cfg.vision.n_layers}

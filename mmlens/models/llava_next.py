@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Float, Int
 from torch import nn
@@ -46,6 +47,8 @@ class HookedLlavaNext(HookedLlava):
     """
 
     image_inputs = ("pixel_values", "image_sizes", "anyres")
+    tile_feature_strategy = "default"
+    """The vision features the tiles are packed from (CLIP's patches, class token dropped)."""
 
     def __init__(self, cfg: MMConfig, tokenizer: Any = None, processor: Any = None):
         if not cfg.image_grid_pinpoints:
@@ -53,10 +56,11 @@ class HookedLlavaNext(HookedLlava):
                 "HookedLlavaNext needs cfg.image_grid_pinpoints (the anyres canvas sizes); load a "
                 "llava_next checkpoint with mmlens.from_pretrained"
             )
-        if cfg.vision_feature_select_strategy != "default":
+        if cfg.vision_feature_select_strategy != self.tile_feature_strategy:
             raise NotImplementedError(
                 f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}: "
-                "LLaVA-NeXT tiles can only be packed without the CLS token ('default'), as in HF"
+                f"{type(self).__name__} packs tiles with {self.tile_feature_strategy!r} features "
+                "only ('default': the CLIP class token dropped), as in HF"
             )
         super().__init__(cfg, tokenizer, processor)
         self.image_newline = nn.Parameter(torch.empty(cfg.d_model))  # ends each tile-grid row
@@ -71,12 +75,22 @@ class HookedLlavaNext(HookedLlava):
             image_size, self.cfg.image_grid_pinpoints, vision.image_size, vision.patch_size, anyres
         )
 
+    def tile_grids(
+        self,
+        image_sizes: list[list[int]],
+        anyres: str = "hf",
+        batch_num_images: Int[torch.Tensor, "item"] | None = None,
+    ) -> list[AnyresGrid | None]:
+        """The tile grid of each image (LLaVA-NeXT tiles them all; see `HookedLlavaOnevision`)."""
+        return [self.tile_grid(size, anyres) for size in image_sizes]
+
     def encode_images(
         self,
         pixel_values: Float[torch.Tensor, "image crop channel height width"]
         | Float[torch.Tensor, "crop channel height width"],
         image_sizes: Int[torch.Tensor, "image 2"] | list | None = None,
         anyres: str = "hf",
+        batch_num_images: Int[torch.Tensor, "item"] | None = None,
         **unused: Any,
     ) -> Float[torch.Tensor, "1 image_token d_model"]:
         """Every crop through the vision tower and projector, then each image packed.
@@ -87,6 +101,8 @@ class HookedLlavaNext(HookedLlava):
             image_sizes: ``(height, width)`` of each original image (a tensor or a list).
             anyres: the tiling rule the pixels were made with (``inp.anyres``): ``"hf"`` or
                 ``"llava"`` (the original code's canvas choice and unpadding).
+            batch_num_images: LLaVA-OneVision: the number of images of each prompt that has
+                any (an image among several is not tiled); LLaVA-NeXT tiles every image.
 
         Returns:
             the packed image sequences of all images, concatenated (see the class doc).
@@ -97,8 +113,8 @@ class HookedLlavaNext(HookedLlava):
                 "pixel_values; pass inp = model.prepare(...) or the processor's image_sizes"
             )
         image_sizes = torch.as_tensor(image_sizes).reshape(-1, 2)
-        grids = [self.tile_grid(size, anyres) for size in image_sizes.tolist()]
-        n_crops = [1 + grid.n_tiles for grid in grids]
+        grids = self.tile_grids(image_sizes.tolist(), anyres, batch_num_images)
+        n_crops = [1 + (grid.n_tiles if grid is not None else 0) for grid in grids]
         crop_embeds = super().encode_images(_real_crops(pixel_values, n_crops))
         packed = [
             self.pack_image(embeds, grid)
@@ -107,9 +123,15 @@ class HookedLlavaNext(HookedLlava):
         return torch.cat(packed)[None]
 
     def pack_image(
-        self, crop_embeds: Float[torch.Tensor, "crop patch d_model"], grid: AnyresGrid
+        self, crop_embeds: Float[torch.Tensor, "crop patch d_model"], grid: AnyresGrid | None
     ) -> Float[torch.Tensor, "image_token d_model"]:
-        """One image's tokens: base grid, then each kept tile-grid row and a newline embedding."""
+        """One image's tokens: base grid, then each row of the tile token grid (the kept grid;
+        OneVision: its bilinear downsampling, `AnyresGrid.token_grid`) and a newline embedding.
+        An image without tiles (OneVision, several images in a prompt): base grid, then one
+        newline embedding."""
+        if grid is None:
+            newline = self.image_newline.to(crop_embeds.dtype)[None]
+            return torch.cat([crop_embeds[0], newline])
         tiles_high, _ = grid.tiles
         canvas = rearrange(
             crop_embeds[1:],
@@ -120,6 +142,10 @@ class HookedLlavaNext(HookedLlava):
         kept = canvas[
             grid.kept_rows.start : grid.kept_rows.stop, grid.kept_cols.start : grid.kept_cols.stop
         ]
+        if grid.downsampled:
+            channels_first = rearrange(kept, "row col d -> 1 d row col")
+            shrunk = F.interpolate(channels_first, list(grid.token_grid), mode="bilinear")
+            kept = rearrange(shrunk, "1 d row col -> row col d")
         newlines = self.image_newline.to(kept.dtype).expand(kept.shape[0], 1, -1)
         return torch.cat([crop_embeds[0], torch.cat([kept, newlines], dim=1).flatten(0, 1)])
 
