@@ -1,5 +1,5 @@
-"""Forward-pass speed: HF `LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration`
-(sdpa) vs mmlens, side by side.
+"""Forward-pass speed: HF `LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration` /
+`LlavaOnevisionForConditionalGeneration` (sdpa) vs mmlens, side by side.
 
 Builds a random checkpoint in a temporary folder, loads it with both libraries and times,
 interleaved in one run: HF forward, mmlens forward, and mmlens `run_with_cache` with every hook
@@ -10,8 +10,12 @@ cached. Prints medians and the ratios against HF; also checks that the logits ag
   image -> 2 x 2 tiles -> 576 base + 36 x 48 unpadded tile tokens + 36 newlines = 2,340 image
   tokens). Its cache skips attention scores and patterns (16 x 2,400² floats per layer, twice:
   ~6 GB in fp32) unless ``--cache-patterns``.
+- ``--family onevision``: LLaVA-OneVision-shaped (SigLIP, 384 px crops of 27 x 27 patches, tile
+  grids up to 6 x 6, ``anyres_max_9``, a Qwen2 decoder); a 1920 x 1080 image -> 3 x 5 tiles,
+  unpadded to 75 x 135 patches and downsampled to 60 x 108 -> 729 base + 60 x 109 = 7,269 image
+  tokens (OneVision only downsamples above ~7,000). Patterns are skipped as for ``next``.
 
-Both use a decoder of width 1024 (8 layers) and a 4-layer CLIP tower of width 256
+All use a decoder of width 1024 (8 layers) and a 4-layer vision tower of width 256
 (`timing.LLAVA_15_SHAPE`).
 
     python bench/forward.py [--family next] [--device cuda] [--dtype bfloat16] [--repeats 7]
@@ -28,14 +32,24 @@ import numpy as np
 import torch
 from PIL import Image
 from timing import LLAVA_15_SHAPE, measure, report
-from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+)
 
 import mmlens
-from mmlens.testing import build_tiny_llava, build_tiny_llava_next
+from mmlens.testing import build_tiny_llava, build_tiny_llava_next, build_tiny_llava_onevision
 
-FAMILIES = {  # name: (checkpoint builder, HF class, image (height, width))
-    "llava": (build_tiny_llava, LlavaForConditionalGeneration, (400, 300)),
-    "next": (build_tiny_llava_next, LlavaNextForConditionalGeneration, (480, 640)),
+FAMILIES = {  # name: (checkpoint builder, HF class, image (height, width), shape overrides)
+    "llava": (build_tiny_llava, LlavaForConditionalGeneration, (400, 300), {}),
+    "next": (build_tiny_llava_next, LlavaNextForConditionalGeneration, (480, 640), {}),
+    "onevision": (
+        build_tiny_llava_onevision,
+        LlavaOnevisionForConditionalGeneration,
+        (1080, 1920),
+        dict(image_size=384, max_tiles=6, vision_aspect_ratio="anyres_max_9", n_kv_heads=4),
+    ),
 }
 DECODER_FIELDS = ("d_model", "n_layers", "n_heads", "d_mlp")
 
@@ -51,14 +65,15 @@ def main() -> None:
     parser.add_argument(
         "--cache-patterns",
         action="store_true",
-        help="--family next: also cache attention scores and patterns (~6 GB in fp32)",
+        help="--family next / onevision: also cache attention scores and patterns",
     )
     for field in DECODER_FIELDS:
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=LLAVA_15_SHAPE[field])
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     shape = {**LLAVA_15_SHAPE, **{field: getattr(args, field) for field in DECODER_FIELDS}}
-    build, hf_class, image_size = FAMILIES[args.family]
+    build, hf_class, image_size, overrides = FAMILIES[args.family]
+    shape = {**shape, **overrides}
 
     with tempfile.TemporaryDirectory() as folder:
         build(folder, **shape)
@@ -78,7 +93,7 @@ def main() -> None:
         f"image_tokens={n_image} {shape}"
     )
 
-    if args.family == "next" and not args.cache_patterns:
+    if args.family in ("next", "onevision") and not args.cache_patterns:
         cache_name, names_filter = "mmlens_run_with_cache_no_patterns", _not_attention_pattern
     else:
         cache_name, names_filter = "mmlens_run_with_cache_all_hooks", None

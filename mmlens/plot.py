@@ -157,7 +157,10 @@ def llava_cam(
     geometry = inp.image_geometry[image]
     if result.highres_maps is not None:
         return _llava_next_cam(result, inp, columns, opacity, highres)
-    pixels = _model_view(inp.pixel_values[image], settings["image_mean"], settings["image_std"])
+    crop = inp.pixel_values[image]
+    if crop.ndim == 4:  # LLaVA-OneVision, an image among several: its one (padded) crop
+        crop = crop[0]
+    pixels = _model_view(crop, settings["image_mean"], settings["image_std"])
     height, width = pixels.height, pixels.width
     patch = geometry.patch_size
     n_rows = math.ceil(len(result.layers) / columns)
@@ -239,7 +242,10 @@ def _llava_next_cam(
         figure.update_xaxes(range=[-0.5, width - 0.5], visible=False, row=row, col=col)
         figure.update_yaxes(range=[height - 0.5, -0.5], visible=False, row=row, col=col,
                             scaleanchor=f"x{index + 1 if index else ''}")  # fmt: skip
+    anyres_grid = inp.image_geometry[settings["image"]].grid
     grid = "unpadded tile grid" if highres else "base grid"
+    if highres and anyres_grid.downsampled:
+        grid = f"tile grid ({anyres_grid.unpadded_size[0]}x{anyres_grid.unpadded_size[1]} patches) downsampled"
     noise = f"SmoothGrad sigma={settings['noise_std']}, n={settings['n_samples']}"
     panel_height = 240 * height / max(width, 1)
     figure.update_layout(
@@ -250,7 +256,7 @@ def _llava_next_cam(
         margin={"b": 70},
     )
     figure.add_annotation(
-        text=f"original {width}x{height}; map on the {grid} ({rows}x{cols} patches), "
+        text=f"original {width}x{height}; map on the {grid} ({rows}x{cols} cells), "
         "stretched over the whole image",
         xref="paper", yref="paper", x=0, y=0, yshift=-45, showarrow=False, xanchor="left",
     )  # fmt: skip

@@ -218,6 +218,7 @@ def test_the_registry_knows_every_model_type():
         "qwen2": mmlens.HookedTransformer,
         "llava": mmlens.HookedLlava,
         "llava_next": mmlens.HookedLlavaNext,
+        "llava_onevision": mmlens.HookedLlavaOnevision,
     }
 
 

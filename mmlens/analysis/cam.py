@@ -46,8 +46,10 @@ class CamResult:
         maps: ``[n_layers, rows, cols]`` on the image's patch grid (LLaVA-NeXT: the base
             image's), each max-normalised to [0, 1] (all zero where the map is).
         layers: the layer of each map: "blocks.{l}" (decoder) or "vision.blocks.{l}".
-        highres_maps: LLaVA-NeXT only: ``[n_layers, rows, cols]`` on the unpadded tile grid
-            (`inp.layout.highres_grid`), normalised the same way; None for LLaVA-1.5.
+        highres_maps: LLaVA-NeXT only: ``[n_layers, rows, cols]`` on the tile token grid
+            (`inp.layout.highres_grid`: the unpadded grid; LLaVA-OneVision's downsampled one),
+            normalised the same way; None for LLaVA-1.5 and for a OneVision image that is not
+            tiled (one of several in its prompt).
         settings: model name, answer and its ids, site, noise_std, n_samples, relu_gradients,
             the input's settings (`inputs`),
             threshold, seed, image index, and the processor's image_mean / image_std (to draw
@@ -142,7 +144,7 @@ def llava_cam(
         if isinstance(answer, str)
         else [int(i) for i in answer]
     )
-    grids = _grids(inp, image)
+    grids = _grids(inp, image, model.cfg.vision.has_cls)
     image_std = torch.tensor(model.processor.image_processor.image_std)
     image_mean = torch.tensor(model.processor.image_processor.image_mean)
 
@@ -189,22 +191,33 @@ def llava_cam(
 @dataclass(frozen=True)
 class _Grids:
     """Where an image's patches are: sequence positions of the base grid (and, for LLaVA-NeXT,
-    of the unpadded tile grid) for decoder hooks; for vision hooks, the crops and the tile
-    layout (`AnyresGrid`) to assemble the tile canvas from."""
+    of the tile token grid) for decoder hooks; for vision hooks, the crops, whether each starts
+    with a class token (CLIP) or not (SigLIP), and the tile layout (`AnyresGrid`) to assemble
+    the tile canvas from."""
 
     base: Int[Tensor, "rows cols"]
     highres: Int[Tensor, "high_rows high_cols"] | None
     first_crop: int
+    has_cls: bool
     anyres_grid: Any = None
 
 
-def _grids(inp: Any, image: int) -> _Grids:
+def _grids(inp: Any, image: int, has_cls: bool) -> _Grids:
     if inp.pixel_values.ndim == 4:  # LLaVA-1.5: one crop per image
-        return _Grids(inp.layout.patch_grid(image), None, image)
+        return _Grids(inp.layout.patch_grid(image), None, image, has_cls)
     geometries = inp.image_geometry
-    first_crop = sum(1 + math.prod(g.grid.tiles) for g in geometries[:image])
-    grid = geometries[image].grid
-    return _Grids(inp.layout.patch_grid(image), inp.layout.highres_grid(image), first_crop, grid)
+    first_crop = sum(_n_crops(geometry) for geometry in geometries[:image])
+    grid = getattr(geometries[image], "grid", None)
+    if grid is None:  # OneVision, an image among several: its base crop only
+        return _Grids(inp.layout.patch_grid(image), None, first_crop, has_cls)
+    highres = inp.layout.highres_grid(image)
+    return _Grids(inp.layout.patch_grid(image), highres, first_crop, has_cls, grid)
+
+
+def _n_crops(geometry: Any) -> int:
+    """The crops the vision tower sees for an image: its base crop and its tiles, if any."""
+    grid = getattr(geometry, "grid", None)
+    return 1 + (grid.n_tiles if grid is not None else 0)
 
 
 def _normalised(maps: Tensor, threshold: float | None) -> Tensor:
@@ -285,21 +298,30 @@ def _patch_features(
     """The activation at the image's patches, in the grid's row-major order.
 
     Decoder hooks hold the sequence (the grid gives the positions). Vision hooks hold one row
-    per crop, CLS first, then the patches row-major: the base crop's are the base grid; the
-    tiles' are laid side by side into the tile canvas, of which unpadding keeps
-    `kept_rows` x `kept_cols`, as the model packs them.
+    per crop (CLIP: CLS first), then the patches row-major: the base crop's are the base grid;
+    the tiles' are laid side by side into the tile canvas, of which unpadding keeps
+    `kept_rows` x `kept_cols`, as the model packs them; where LLaVA-OneVision downsamples that
+    grid, the features are resampled bilinearly to the token grid as the model resamples its
+    projected features (docs/analyses.md).
     """
     activation = activation.detach().float()
     if not name.startswith("vision."):
         grid = grids.highres if highres else grids.base
         return activation[0, grid.flatten().to(activation.device)]
+    first_patch = int(grids.has_cls)
     if not highres:
-        return activation[grids.first_crop, 1:]
-    tiles, side = grids.anyres_grid.tiles, grids.anyres_grid.patches_per_tile
-    crops = activation[grids.first_crop + 1 : grids.first_crop + 1 + math.prod(tiles), 1:]
+        return activation[grids.first_crop, first_patch:]
+    anyres_grid = grids.anyres_grid
+    tiles, side = anyres_grid.tiles, anyres_grid.patches_per_tile
+    first_tile = grids.first_crop + 1
+    crops = activation[first_tile : first_tile + math.prod(tiles), first_patch:]
     canvas = einops.rearrange(
         crops, "(tr tc) (r c) d -> (tr r) (tc c) d", tr=tiles[0], tc=tiles[1], r=side, c=side
     )
-    rows, cols = grids.anyres_grid.kept_rows, grids.anyres_grid.kept_cols
+    rows, cols = anyres_grid.kept_rows, anyres_grid.kept_cols
     kept = canvas[rows.start : rows.stop, cols.start : cols.stop]
+    if anyres_grid.downsampled:
+        channels_first = einops.rearrange(kept, "r c d -> 1 d r c")
+        shrunk = F.interpolate(channels_first, list(anyres_grid.token_grid), mode="bilinear")
+        kept = einops.rearrange(shrunk, "1 d r c -> r c d")
     return kept.reshape(-1, kept.shape[-1])

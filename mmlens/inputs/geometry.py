@@ -430,17 +430,23 @@ class AnyresGrid:
 def bilinear_sources(index: int, source: int, target: int) -> list[int]:
     """The source indices that output `index` of a bilinear resize from `source` to `target`
     samples with a non-zero weight (PyTorch's ``interpolate(mode="bilinear",
-    align_corners=False)`` along one axis, given the output size).
+    align_corners=False)`` along one axis, given the output size), in exact arithmetic: where
+    the sampling point falls on a source centre, floating point may give the neighbour a
+    weight of order 1e-7 (float32), which is not counted.
 
     >>> bilinear_sources(0, 10, 5), bilinear_sources(4, 10, 5)  # centres at 0.5 and 8.5
     ([0, 1], [8, 9])
     >>> bilinear_sources(1, 9, 3)                               # centre exactly on source 4
     [4]
     """
-    position = max((index + 0.5) * (source / target) - 0.5, 0.0)
-    first = int(position)
-    second = min(first + 1, source - 1)
-    return [first] if second == first or position == first else [first, second]
+    # Sampling point (index + 1/2) * source / target - 1/2 = numerator / denominator, clamped at 0
+    numerator, denominator = (2 * index + 1) * source - target, 2 * target
+    if numerator <= 0:
+        return [0]
+    first = numerator // denominator
+    if numerator % denominator == 0 or first >= source - 1:
+        return [min(first, source - 1)]
+    return [first, first + 1]
 
 
 def _cells_reading(hit: range, source: int, target: int) -> range:
