@@ -1004,7 +1004,9 @@ class HookedTransformer(HookedRootModule):
                 input_ids=step_ids, attention_mask=step_mask, past_kv_cache=cache, **inputs
             )
             inputs = {}  # images are encoded once, in the prefill step
-            next_logits = logits[:, -1].float()
+            # The logits come out on the unembedding's device, which a device map may put
+            # elsewhere than the ids (docs/checkpoints.md, "Several devices").
+            next_logits = logits[:, -1].float().to(input_ids.device)
             if do_sample:
                 next_ids = torch.multinomial(F.softmax(next_logits / temperature, dim=-1), 1)[:, 0]
             else:
