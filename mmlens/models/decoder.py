@@ -923,7 +923,10 @@ class HookedTransformer(HookedRootModule):
     ) -> _Rows:
         """`rows` with `variants` added after them, entering at `layer` with the prefix's
         residual stream there at their positions (>= their start)."""
-        positions = prefix.positions[layer]
+        positions = prefix.positions[layer]  # on this layer's device
+        if rows is not None:
+            rows.move_to(positions.device)
+        variant_start = variant_start.to(positions.device)
         segments = []
         for variant in variants:
             first = int((positions[0] < starts[variant]).sum())
@@ -933,12 +936,15 @@ class HookedTransformer(HookedRootModule):
                     "pruning; run these samples one at a time"
                 )
             held = positions[:, first:]
+            # The mask and rotary ids stay where the prefix started; `held` is on this layer's
+            # device, which a device map may make another one.
+            on_first = held.to(prefix.attention_mask.device)
             segments.append(
                 _Rows(
                     prefix.resid_pre[layer][:, first:],
                     held,
-                    prefix.attention_mask.gather(1, held).bool(),
-                    prefix.rotary_ids.gather(1, held),
+                    prefix.attention_mask.gather(1, on_first).bool().to(held.device),
+                    prefix.rotary_ids.gather(1, on_first).to(held.device),
                     variant=torch.full_like(held, variant),
                     variant_start=variant_start,
                 )
