@@ -25,6 +25,7 @@ from mmlens.config import MMConfig, VisionConfig
 from mmlens.experiments import run
 from mmlens.inputs import MultimodalInput
 from mmlens.models import (
+    HookedInstructBlip,
     HookedLlava,
     HookedLlavaNext,
     HookedLlavaOnevision,
@@ -35,6 +36,7 @@ from mmlens.sequence import KVCache, PrefixState, SequenceState
 from mmlens.zoo import load
 
 __all__ = [
+    "HookedInstructBlip",
     "HookedLlava",
     "HookedLlavaNext",
     "HookedLlavaOnevision",

@@ -15,9 +15,10 @@ import torch
 
 @dataclass
 class VisionConfig:
-    """A ViT vision tower: CLIP (class token, pre-layernorm, quick-gelu MLP) or SigLIP (no class
-    token, no pre-layernorm, biased patch convolution, tanh-gelu MLP); learned absolute
-    positions for both."""
+    """A ViT vision tower: CLIP (class token, pre-layernorm, quick-gelu MLP), SigLIP (no class
+    token, no pre-layernorm, biased patch convolution, tanh-gelu MLP) or BLIP-2's EVA ViT
+    (class token, biased patch convolution, no pre-layernorm, a post-layernorm on the output
+    features, gelu MLP); learned absolute positions for all."""
 
     n_layers: int
     d_model: int
@@ -28,12 +29,28 @@ class VisionConfig:
     eps: float = 1e-5
     act_fn: str = "quick_gelu"
     n_channels: int = 3
-    kind: str = "clip"  # "clip" or "siglip"
+    kind: str = "clip"  # "clip", "siglip" or "blip"
 
     @property
     def has_cls(self) -> bool:
-        """Whether token 0 is a class token (CLIP) rather than the first patch (SigLIP)."""
+        """Whether token 0 is a class token (CLIP, BLIP) rather than the first patch (SigLIP)."""
+        return self.kind in ("clip", "blip")
+
+    @property
+    def has_ln_pre(self) -> bool:
+        """Whether a layernorm precedes the first block (CLIP's `pre_layrnorm`)."""
         return self.kind == "clip"
+
+    @property
+    def has_ln_post(self) -> bool:
+        """Whether the output features pass the tower's final layernorm (BLIP: the Q-Former
+        reads the post-layernormed last layer)."""
+        return self.kind == "blip"
+
+    @property
+    def conv_bias(self) -> bool:
+        """Whether the patch convolution has a bias (SigLIP, BLIP; not CLIP)."""
+        return self.kind != "clip"
 
     @property
     def d_head(self) -> int:
@@ -46,10 +63,16 @@ class VisionConfig:
 
     @classmethod
     def from_hf(cls, hf: Any) -> VisionConfig:
-        kinds = {"clip_vision_model": "clip", "clip": "clip", "siglip_vision_model": "siglip"}
+        kinds = {
+            "clip_vision_model": "clip",
+            "clip": "clip",
+            "siglip_vision_model": "siglip",
+            "instructblip_vision_model": "blip",
+        }
         if hf.model_type not in kinds:
             raise NotImplementedError(
-                f"vision tower of type {hf.model_type!r} is not supported yet (CLIP, SigLIP)"
+                f"vision tower of type {hf.model_type!r} is not supported yet (CLIP, SigLIP, "
+                "InstructBLIP's)"
             )
         return cls(
             n_layers=hf.num_hidden_layers,
@@ -60,8 +83,51 @@ class VisionConfig:
             patch_size=hf.patch_size,
             eps=hf.layer_norm_eps,
             act_fn=hf.hidden_act,
-            n_channels=hf.num_channels,
+            n_channels=getattr(hf, "num_channels", 3),
             kind=kinds[hf.model_type],
+        )
+
+
+@dataclass
+class QFormerConfig:
+    """InstructBLIP's Q-Former: a BERT encoder (post-layernorm blocks) over learned query tokens
+    followed by the instruction's tokens; every `cross_attention_frequency`-th block (0, f, 2f,
+    ...) lets the queries attend to the vision tower's features (`d_encoder` wide); queries and
+    text have separate MLPs."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_mlp: int
+    d_vocab: int
+    n_positions: int
+    d_encoder: int
+    n_query_tokens: int
+    cross_attention_frequency: int = 2
+    eps: float = 1e-12
+    act_fn: str = "gelu"
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    def has_cross_attention(self, layer: int) -> bool:
+        return layer % self.cross_attention_frequency == 0
+
+    @classmethod
+    def from_hf(cls, hf: Any, n_query_tokens: int) -> QFormerConfig:
+        return cls(
+            n_layers=hf.num_hidden_layers,
+            d_model=hf.hidden_size,
+            n_heads=hf.num_attention_heads,
+            d_mlp=hf.intermediate_size,
+            d_vocab=hf.vocab_size,
+            n_positions=hf.max_position_embeddings,
+            d_encoder=hf.encoder_hidden_size,
+            n_query_tokens=n_query_tokens,
+            cross_attention_frequency=hf.cross_attention_frequency,
+            eps=hf.layer_norm_eps,
+            act_fn=hf.hidden_act,
         )
 
 
@@ -107,6 +173,8 @@ class MMConfig:
     # LLaVA-OneVision: "anyres_max_N" (tile grids above N tiles' worth of patches are
     # downsampled); None for LLaVA-1.5 and LLaVA-NeXT.
     vision_aspect_ratio: str | None = None
+    # InstructBLIP: the Q-Former between the vision tower and the decoder; None for LLaVA.
+    qformer: QFormerConfig | None = None
     # Fixed for this architecture family; read by transformer_lens.ActivationCache.
     normalization_type: str = "RMS"
     attn_only: bool = False
@@ -169,7 +237,15 @@ class MMConfig:
             decoder_model_type=text.model_type,
             model_name=getattr(hf, "name_or_path", "") or hf.model_type,
         )
-        if hasattr(hf, "vision_config"):
+        if hasattr(hf, "qformer_config"):  # InstructBLIP: the Q-Former reads the last layer
+            fields.update(
+                vision=VisionConfig.from_hf(hf.vision_config),
+                vision_feature_layer=-1,
+                vision_feature_select_strategy="full",
+                image_token_id=hf.image_token_id,
+                qformer=QFormerConfig.from_hf(hf.qformer_config, hf.num_query_tokens),
+            )
+        elif hasattr(hf, "vision_config"):
             fields.update(
                 vision=VisionConfig.from_hf(hf.vision_config),
                 vision_feature_layer=hf.vision_feature_layer,

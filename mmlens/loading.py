@@ -27,6 +27,12 @@ _PREFIXES = [
     (r"^(?:model\.)?language_model\.(?:model\.)?", "lm."),
     (r"^model\.(?=layers\.|embed_tokens\.|norm\.)", "lm."),  # text-only Llama/Mistral checkpoints
     (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?", "vision."),
+    # InstructBLIP: its tower's final norm is used (the Q-Former reads it), unlike CLIP's.
+    (r"^(?:model\.)?vision_model\.post_layernorm\.", "vision.ln_post."),
+    (r"^(?:model\.)?vision_model\.", "vision."),
+    (r"^(?:model\.)?qformer\.", "qformer."),
+    (r"^(?:model\.)?query_tokens$", "qformer.query_tokens"),
+    (r"^(?:model\.)?language_projection\.", "language_projection."),
     (r"^(?:model\.)?multi_modal_projector\.", "projector."),
     (r"^(?:model\.)?image_newline$", "image_newline"),
 ]
@@ -40,10 +46,50 @@ _RENAMES = [
     (r"^vision\.embeddings\.", "vision.embed."),
     (r"^vision\.pre_layrnorm\.", "vision.ln_pre."),
     (r"^vision\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"vision.blocks.\1.attn.o_proj."),
+    (r"^vision\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"vision.blocks.\1.attn.o_proj."),
     (r"^vision\.encoder\.layers\.(\d+)\.self_attn\.", r"vision.blocks.\1.attn."),
     (r"^vision\.encoder\.layers\.(\d+)\.layer_norm1\.", r"vision.blocks.\1.ln1."),
     (r"^vision\.encoder\.layers\.(\d+)\.layer_norm2\.", r"vision.blocks.\1.ln2."),
     (r"^vision\.encoder\.layers\.(\d+)\.mlp\.", r"vision.blocks.\1.mlp."),
+    (r"^qformer\.embeddings\.word_embeddings\.", "qformer.word_embed."),
+    (r"^qformer\.embeddings\.position_embeddings\.", "qformer.pos_embed."),
+    (r"^qformer\.embeddings\.layernorm\.", "qformer.ln_embed."),
+    (r"^qformer\.encoder\.layer\.(\d+)\.attention\.attention\.", r"qformer.blocks.\1.attn."),
+    (
+        r"^qformer\.encoder\.layer\.(\d+)\.attention\.output\.dense\.",
+        r"qformer.blocks.\1.attn.out.",
+    ),
+    (
+        r"^qformer\.encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.",
+        r"qformer.blocks.\1.ln_attn.",
+    ),
+    (
+        r"^qformer\.encoder\.layer\.(\d+)\.crossattention\.attention\.",
+        r"qformer.blocks.\1.cross_attn.",
+    ),
+    (
+        r"^qformer\.encoder\.layer\.(\d+)\.crossattention\.output\.dense\.",
+        r"qformer.blocks.\1.cross_attn.out.",
+    ),
+    (
+        r"^qformer\.encoder\.layer\.(\d+)\.crossattention\.output\.LayerNorm\.",
+        r"qformer.blocks.\1.ln_cross.",
+    ),
+    (
+        r"^qformer\.encoder\.layer\.(\d+)\.intermediate_query\.dense\.",
+        r"qformer.blocks.\1.mlp_query.fc1.",
+    ),
+    (
+        r"^qformer\.encoder\.layer\.(\d+)\.output_query\.dense\.",
+        r"qformer.blocks.\1.mlp_query.fc2.",
+    ),
+    (
+        r"^qformer\.encoder\.layer\.(\d+)\.output_query\.LayerNorm\.",
+        r"qformer.blocks.\1.ln_mlp_query.",
+    ),
+    (r"^qformer\.encoder\.layer\.(\d+)\.intermediate\.dense\.", r"qformer.blocks.\1.mlp_text.fc1."),
+    (r"^qformer\.encoder\.layer\.(\d+)\.output\.dense\.", r"qformer.blocks.\1.mlp_text.fc2."),
+    (r"^qformer\.encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"qformer.blocks.\1.ln_mlp_text."),
 ]
 # Weights LLaVA never uses (CLIP's pooled-output norm) and non-weight buffers.
 _UNUSED = re.compile(r"^vision\.post_layernorm\.|^vision\.head\.|position_ids$")
@@ -208,8 +254,26 @@ def renamed_tensors(
     for hf_key, tensor in hf_tensors:
         key = mmlens_key(hf_key)
         if key is not None:
-            tensors[key] = tensor.to(device=device, dtype=dtype)
+            for name, part in _in_mmlens_layout(key, tensor):
+                tensors[name] = part.to(device=device, dtype=dtype)
     return tensors
+
+
+def _in_mmlens_layout(key: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """`tensor` as the mmlens module holds it: BLIP's fused query/key/value projection split
+    into three (its key bias is zero, HF fills it with zeros), and BLIP's batch-shaped
+    position, class and query-token parameters without their leading 1s."""
+    if re.search(r"\.attn\.qkv\.(weight|bias)$", key):
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3), strict=True):
+            yield key.replace(".qkv.", f".{name}."), part
+    elif key == "vision.embed.position_embedding":  # CLIP's is an nn.Embedding already
+        yield f"{key}.weight", tensor.reshape(-1, tensor.shape[-1])
+    elif key == "vision.embed.class_embedding":
+        yield key, tensor.reshape(-1)
+    elif key == "qformer.query_tokens":
+        yield key, tensor.reshape(-1, tensor.shape[-1])
+    else:
+        yield key, tensor
 
 
 def read_checkpoint(path_or_id: str | os.PathLike) -> tuple[Path, Any]:

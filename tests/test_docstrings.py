@@ -5,7 +5,8 @@ Examples share the names the API reference states (docs/api/index.md): `model` i
 ("Is the star blue or red?", answer "red"), `image` its image and `inp` ``model.prepare(image,
 sample.question)``, and `next_model` a random LLaVA-NeXT (`mmlens.testing.build_tiny_llava_next`,
 28 px base crop, 7 px patches) and `onevision_model` a random LLaVA-OneVision
-(`build_tiny_llava_onevision`, at "tiny-llava-onevision" in the workspace). They run in a scratch folder that holds small files in the published layouts at
+(`build_tiny_llava_onevision`, at "tiny-llava-onevision" in the workspace) and `blip_model` a
+random InstructBLIP (`build_tiny_instructblip`, 8 query tokens, at "tiny-instructblip"). They run in a scratch folder that holds small files in the published layouts at
 the paths the examples name (`docs_workspace.build`), so a loader's example reads a real file.
 """
 
@@ -22,7 +23,11 @@ import torch
 from published_formats import build_workspace
 
 import mmlens
-from mmlens.testing import build_tiny_llava_next, build_tiny_llava_onevision
+from mmlens.testing import (
+    build_tiny_instructblip,
+    build_tiny_llava_next,
+    build_tiny_llava_onevision,
+)
 from mmlens.zoo.shapes import generate
 
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
@@ -85,9 +90,14 @@ def onevision_model(workspace):
     return mmlens.from_pretrained(build_tiny_llava_onevision(workspace / "tiny-llava-onevision"))
 
 
+@pytest.fixture(scope="module")
+def blip_model(workspace):
+    return mmlens.from_pretrained(build_tiny_instructblip(workspace / "tiny-instructblip"))
+
+
 @pytest.mark.parametrize("test", DOCTESTS, ids=[test.name for test in DOCTESTS])
 def test_docstring_example_runs(
-    test, shared_names, workspace, next_model, onevision_model, monkeypatch
+    test, shared_names, workspace, next_model, onevision_model, blip_model, monkeypatch
 ):
     monkeypatch.chdir(workspace)
     model, sample = shared_names["model"], shared_names["sample"]
@@ -99,6 +109,7 @@ def test_docstring_example_runs(
         "inp": model.prepare(sample.image, sample.question),
         "next_model": next_model,
         "onevision_model": onevision_model,
+        "blip_model": blip_model,
     }
     skipped = [example.source for example in test.examples if example.options.get(doctest.SKIP)]
     assert not skipped, f"examples must run, not be skipped: {skipped}"

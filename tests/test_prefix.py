@@ -219,6 +219,7 @@ def test_the_registry_knows_every_model_type():
         "llava": mmlens.HookedLlava,
         "llava_next": mmlens.HookedLlavaNext,
         "llava_onevision": mmlens.HookedLlavaOnevision,
+        "instructblip": mmlens.HookedInstructBlip,
     }
 
 

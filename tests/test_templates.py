@@ -68,6 +68,8 @@ def test_each_template_renders_its_checkpoints_prompt() -> None:
             f"<|im_start|>system\n{LLAVA_NEXT_34B_SYSTEM_PROMPT}<|im_end|><|im_start|>user\n"
             f"<image>\n{QUESTION}<|im_end|><|im_start|>assistant\n"
         ),
+        # InstructBLIP: the image's queries, then the instruction as it is.
+        "instructblip": f"<image>{QUESTION}",
         # LLaVA-NeXT's conv_qwen (SeparatorStyle.CHATML, sep "<|im_end|>"), written out by hand.
         "qwen_1_5": (
             "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"

@@ -602,6 +602,48 @@ class AnyresGeometry:
         }
 
 
+@dataclass(frozen=True)
+class QueryGeometry:
+    """An InstructBLIP image: the vision tower sees its pixels as `vision` says, but the
+    decoder receives `n_queries` Q-Former query tokens, each a mixture over every patch (through
+    the Q-Former's cross-attention), so decoder positions have no patch grid.
+
+    Examples:
+        >>> geometry = blip_model.prepare(image, "What is it?").image_geometry[0]
+        >>> geometry.n_queries, geometry.vision.grid_size
+        (8, (4, 4))
+    """
+
+    vision: ImageGeometry
+    n_queries: int
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        return self.vision.original_size
+
+    @property
+    def processed_size(self) -> tuple[int, int]:
+        return self.vision.processed_size
+
+    def n_image_tokens(self, has_cls: bool) -> int:
+        """The decoder's image tokens: one per query."""
+        return self.n_queries
+
+    def token_layout(
+        self, *, item: int, image: int, positions: Int[Tensor, "n_image_tokens"], has_cls: bool
+    ) -> ImageTokenLayout:
+        return ImageTokenLayout.for_queries(item=item, image=image, positions=positions)
+
+    def patch_ranges_per_grid(self, box: Box) -> dict[str, tuple[range, range]]:
+        raise ValueError(
+            "this model's image tokens are InstructBLIP's Q-Former queries, not patches: no "
+            "decoder position shows a box. The vision tower's patches do "
+            "(inp.image_geometry[image].vision.patch_ranges(box) on its patch grid), and the "
+            "queries' cross-attention to them is qformer.blocks.{l}.cross_attn.hook_pattern "
+            "(docs/checkpoints.md, InstructBLIP)"
+        )
+
+
 def processor_geometry(
     image_processor: Any, original_size: tuple[int, int], patch_size: int, anyres: str = "hf"
 ) -> ImageGeometry | AnyresGeometry:

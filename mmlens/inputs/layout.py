@@ -15,9 +15,10 @@ from torch import Tensor
 if TYPE_CHECKING:
     from mmlens.inputs.geometry import AnyresGeometry, AnyresGrid, ImageGeometry
 
-TOKEN_KINDS = ("patch", "cls", "newline")
-"""Names of the `ImageTokenLayout.kind` codes: ``TOKEN_KINDS[code]``."""
-PATCH, CLS, NEWLINE = range(len(TOKEN_KINDS))
+TOKEN_KINDS = ("patch", "cls", "newline", "query")
+"""Names of the `ImageTokenLayout.kind` codes: ``TOKEN_KINDS[code]`` ("query": an InstructBLIP
+Q-Former query, which shows no one patch)."""
+PATCH, CLS, NEWLINE, QUERY = range(len(TOKEN_KINDS))
 
 Box = tuple[int, int, int, int]
 
@@ -167,6 +168,23 @@ class ImageTokenLayout:
             row=row,
             col=col,
             kind=kind,
+        )
+
+    @classmethod
+    def for_queries(
+        cls, *, item: int, image: int, positions: Int[Tensor, "n_image_tokens"]
+    ) -> ImageTokenLayout:
+        """The layout of one InstructBLIP image: its Q-Former queries in order (`col` is the
+        query's index, `row` -1, tile 0, kind `QUERY`)."""
+        n_tokens = positions.numel()
+        return cls(
+            item=torch.full((n_tokens,), item),
+            position=positions.to(torch.long),
+            image=torch.full((n_tokens,), image),
+            tile=torch.zeros(n_tokens, dtype=torch.long),
+            row=torch.full((n_tokens,), -1),
+            col=torch.arange(n_tokens),
+            kind=torch.full((n_tokens,), QUERY),
         )
 
     @classmethod

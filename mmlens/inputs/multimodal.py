@@ -68,6 +68,8 @@ class MultimodalInput:
             segment).
         image_processor: the image processor that made `pixel_values` (for
             ``patches_in_box(rule="mask")``).
+        extra_inputs: further per-item model inputs the processor made (InstructBLIP's
+            ``qformer_input_ids`` and ``qformer_attention_mask``), passed by `model_kwargs`.
 
     Examples:
         >>> inp = MultimodalInput.from_processor(model.processor, [image, None], ["What is it?", "Hi"])
@@ -95,6 +97,7 @@ class MultimodalInput:
     tokenization: str = "hf"
     suffix: str = ""
     image_processor: Any = field(default=None, repr=False, compare=False)
+    extra_inputs: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -307,6 +310,9 @@ class MultimodalInput:
             image_geometry=[self.image_geometry[image] for image in images],
             image_items=[0] * len(images),
             token_spans=[self.token_spans[index][pad:]],
+            extra_inputs={
+                name: value[index : index + 1] for name, value in self.extra_inputs.items()
+            },
         )
 
     def with_tokens(self, tokens: Int[Tensor, "batch n"] | Sequence[int]) -> MultimodalInput:
@@ -347,6 +353,7 @@ class MultimodalInput:
             image_sizes=None if self.image_sizes is None else self.image_sizes.to(device),
             segments=[{name: pos.to(device) for name, pos in seg.items()} for seg in self.segments],
             layout=self.layout.to(device),
+            extra_inputs={name: value.to(device) for name, value in self.extra_inputs.items()},
         )
 
     def model_kwargs(self) -> dict[str, Tensor | str]:
@@ -368,6 +375,7 @@ class MultimodalInput:
             kwargs["image_sizes"] = self.image_sizes
             if self.anyres != "hf":
                 kwargs["anyres"] = self.anyres
+        kwargs.update(self.extra_inputs)
         if self.batch_num_images_for_model and self.image_items:
             counts = torch.bincount(torch.tensor(self.image_items), minlength=self.batch_size)
             kwargs["batch_num_images"] = counts[counts > 0].to(self.input_ids.device)
@@ -528,6 +536,11 @@ class MultimodalInput:
             [geometry[index].n_image_tokens(has_cls) for index in indices]
             for indices in item_images
         ]
+        if tokenization == "llava" and hasattr(processor, "token_spans"):
+            raise ValueError(
+                "tokenization='llava' is the original LLaVA code's; this checkpoint's processor "
+                "(InstructBLIP) places its image tokens itself: use tokenization='hf'"
+            )
         if tokenization == "llava":
             input_ids, attention_mask, token_spans = llava_token_ids(
                 processor.tokenizer, rendered, image_token_counts, image_token_id
@@ -543,7 +556,11 @@ class MultimodalInput:
                     f"{strategy!r}; check patch_size, the strategy and the processor's "
                     "num_additional_image_tokens against the model config"
                 )
-        if tokenization == "hf":
+        if hasattr(processor, "token_spans"):  # mmlens' own (InstructBLIP's image-first ids)
+            token_spans = processor.token_spans(
+                [prompt.text for prompt in rendered], input_ids, attention_mask
+            )
+        elif tokenization == "hf":
             token_spans = hf_token_spans(
                 processor.tokenizer, rendered, input_ids, attention_mask, image_token_counts
             )
@@ -583,6 +600,9 @@ class MultimodalInput:
             tokenization=tokenization,
             suffix=suffix,
             image_processor=processor.image_processor,
+            extra_inputs={
+                name: encoded[name] for name in getattr(processor, "extra_model_inputs", ())
+            },
         )
 
 
@@ -655,6 +675,9 @@ def processor_fingerprint(processor: Any) -> str:
     }
     if hasattr(processor, "vision_aspect_ratio"):  # LLaVA-OneVision's downsampling
         parts["vision_aspect_ratio"] = processor.vision_aspect_ratio
+    if hasattr(processor, "qformer_tokenizer"):  # InstructBLIP's second vocabulary
+        parts["qformer_vocab"] = sorted(processor.qformer_tokenizer.get_vocab().items())
+        parts["num_query_tokens"] = processor.num_query_tokens
     encoded = json.dumps(parts, sort_keys=True, default=str).encode()
     fingerprint = hashlib.sha256(encoded).hexdigest()[:16]
     try:

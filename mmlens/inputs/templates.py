@@ -235,6 +235,15 @@ register_template(  # the text of the original `conv_llava_llama_3.get_prompt()`
     )
 )
 register_template(dataclasses.replace(TEMPLATES["chatml"], name="chatml_direct"))
+register_template(  # InstructBLIP has no conversation: the instruction is the prompt
+    ConversationTemplate(
+        name="instructblip",
+        pattern="{image}{system}{question}",
+        default_system="",
+        image_slot="{token}",
+        last_token="the last token of the instruction (the last prompt token)",
+    )
+)
 register_template(
     ConversationTemplate(
         name="plain",

@@ -1,5 +1,5 @@
 """Every model mmlens builds: the decoder (`HookedTransformer`), the vision tower, the projector,
-LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision. Each class registers the HF `config.model_type`s it loads
+LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision and InstructBLIP. Each class registers the HF `config.model_type`s it loads
 (`mmlens.models.registry`), so `from_pretrained` dispatches without a list of models."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import os
 import torch
 
 from mmlens.models.decoder import HookedTransformer
+from mmlens.models.instructblip import HookedInstructBlip
 from mmlens.models.llava import HookedLlava
 from mmlens.models.llava_next import HookedLlavaNext
 from mmlens.models.llava_onevision import HookedLlavaOnevision
@@ -46,6 +47,7 @@ def from_pretrained(
 
 __all__ = [
     "MODEL_TYPES",
+    "HookedInstructBlip",
     "HookedLlava",
     "HookedLlavaNext",
     "HookedLlavaOnevision",

@@ -38,12 +38,7 @@ class HookedLlava(HookedTransformer):
         super().__init__(cfg, tokenizer)
         self.processor = processor
         self.vision = HookedVisionTower(cfg.vision)
-        self.projector = Projector(
-            cfg.vision.d_model * len(cfg.vision_feature_layers),
-            cfg.d_model,
-            cfg.projector_hidden_act,
-            cfg.projector_bias,
-        )
+        self.build_connector(cfg)
         self.hook_image_embeds = HookPoint()  # [n_images, n_image_tokens, d_model]
         family = default_template(self.tokenizer, cfg.decoder_model_type)
         self.default_template = family if family in ("chatml", "llama3") else "vicuna_v1"
@@ -52,6 +47,15 @@ class HookedLlava(HookedTransformer):
         the one it was trained with)."""
         self.prepare_defaults: dict[str, str] = {}  # the checkpoint's own prompt settings
         self.setup()
+
+    def build_connector(self, cfg: MMConfig) -> None:
+        """The modules between the vision tower and the decoder: LLaVA's `projector`."""
+        self.projector = Projector(
+            cfg.vision.d_model * len(cfg.vision_feature_layers),
+            cfg.d_model,
+            cfg.projector_hidden_act,
+            cfg.projector_bias,
+        )
 
     @classmethod
     def load_processor(cls, folder: Path, hf_config: Any) -> Any:

@@ -1,4 +1,4 @@
-"""HookedVisionTower: CLIP ViT with TransformerLens hook names under `vision.`."""
+"""HookedVisionTower: a CLIP, SigLIP or BLIP ViT with TransformerLens hook names under `vision.`."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from mmlens.config import VisionConfig
 
 
 class PatchEmbed(nn.Module):
-    """Patch convolution + learned absolute positions, after a class token for CLIP (SigLIP has
-    none, and a bias on the convolution)."""
+    """Patch convolution + learned absolute positions, after a class token for CLIP and BLIP
+    (SigLIP has none; SigLIP and BLIP have a bias on the convolution)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -22,7 +22,7 @@ class PatchEmbed(nn.Module):
             cfg.d_model,
             kernel_size=cfg.patch_size,
             stride=cfg.patch_size,
-            bias=not cfg.has_cls,
+            bias=cfg.conv_bias,
         )
         if cfg.has_cls:
             self.class_embedding = nn.Parameter(torch.empty(cfg.d_model))
@@ -40,11 +40,12 @@ class PatchEmbed(nn.Module):
 
 
 class HookedVisionTower(nn.Module):
-    """CLIP or SigLIP vision encoder. CLIP: token 0 is CLS, tokens 1.. are patches in row-major
-    order; SigLIP: every token is a patch, row-major.
+    """CLIP, SigLIP or BLIP vision encoder. CLIP and BLIP: token 0 is CLS, tokens 1.. are
+    patches in row-major order; SigLIP: every token is a patch, row-major.
 
     Hooks: `hook_embed`, `ln_pre.*` (CLIP only), `blocks.{l}.*` (decoder names, LayerNorm, no
-    rotary), `hook_features` (the selected layers' features that go to the projector).
+    rotary), `ln_post.*` (BLIP only: the last layer's output normed, what the Q-Former reads),
+    `hook_features` (the selected layers' features that go to the projector or Q-Former).
     """
 
     def __init__(self, cfg: VisionConfig):
@@ -52,7 +53,7 @@ class HookedVisionTower(nn.Module):
         self.cfg = cfg
         self.embed = PatchEmbed(cfg)
         self.hook_embed = HookPoint()
-        self.ln_pre = LayerNorm(cfg.d_model, cfg.eps) if cfg.has_cls else nn.Identity()
+        self.ln_pre = LayerNorm(cfg.d_model, cfg.eps) if cfg.has_ln_pre else nn.Identity()
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 LayerNorm(cfg.d_model, cfg.eps),
@@ -64,6 +65,8 @@ class HookedVisionTower(nn.Module):
             )
             for _ in range(cfg.n_layers)
         )
+        if cfg.has_ln_post:
+            self.ln_post = LayerNorm(cfg.d_model, cfg.eps)
         self.hook_features = HookPoint()
 
     def forward(
@@ -92,6 +95,13 @@ class HookedVisionTower(nn.Module):
         for block in self.blocks[: max(state_indices)]:
             resid, _ = block(resid)
             states.append(resid)
+        if self.cfg.has_ln_post:
+            if state_indices != [self.cfg.n_layers]:
+                raise ValueError(
+                    f"vision_feature_layer {feature_layers}: a BLIP tower's features are its "
+                    "last layer after the final layernorm (-1)"
+                )
+            states[-1] = self.ln_post(states[-1])
         features = torch.cat([states[index] for index in state_indices], dim=-1)
         if select_strategy == "default" and self.cfg.has_cls:
             features = features[:, 1:]

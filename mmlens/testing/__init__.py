@@ -32,6 +32,7 @@ from tokenizers import (
     Tokenizer,
     decoders,
     models,
+    normalizers,
     pre_tokenizers,
     processors,
     trainers,
@@ -863,6 +864,117 @@ def _qwen2_config(
     )  # fmt: skip
 
 
+def make_bert_tokenizer() -> PreTrainedTokenizerFast:
+    """A small BERT WordPiece tokenizer (lower-cased, ``[CLS] ... [SEP]``, right padding), as
+    InstructBLIP's Q-Former uses, trained in-process on `tokenizer_corpus()` (deterministic).
+
+    Examples:
+        >>> make_bert_tokenizer()("What colour is the door?").input_ids[0] == 101
+        True
+    """
+    from transformers import BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # BERT's ids: [PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103; the learned pieces after.
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=900, special_tokens=specials, show_progress=False
+    )
+    backend.train_from_iterator(tokenizer_corpus(), trainer)
+    vocab = backend.get_vocab()
+    learned = sorted((token for token in vocab if token not in specials), key=vocab.get)
+    order = ["[PAD]", *(f"[unused{i}]" for i in range(99)), *specials[1:], *learned]
+    backend = Tokenizer(models.WordPiece({t: i for i, t in enumerate(order)}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", 101), ("[SEP]", 102)],
+    )
+    backend.decoder = decoders.WordPiece()
+    return BertTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+        cls_token="[CLS]", mask_token="[MASK]", padding_side="right", model_max_length=512,
+    )  # fmt: skip
+
+
+def build_tiny_instructblip(
+    path: str | Path,
+    *,
+    n_layers: int = 2,
+    d_model: int = 64,
+    n_heads: int = 4,
+    d_mlp: int = 128,
+    vision_layers: int = 2,
+    vision_d_model: int = 32,
+    vision_heads: int = 4,
+    image_size: int = 28,
+    patch_size: int = 7,
+    qformer_layers: int = 2,
+    qformer_d_model: int = 32,
+    qformer_heads: int = 4,
+    num_query_tokens: int = 8,
+    seed: int = 0,
+) -> Path:
+    """Write a random InstructBLIP checkpoint (``Salesforce/instructblip-vicuna-*`` layout as
+    transformers saves it): BLIP-2's ViT (class token, fused query/key/value with query and value
+    biases, post-layernorm), the Q-Former (BERT blocks, cross-attention every second block,
+    `num_query_tokens` queries; the real ones have 32 over 12 blocks), the linear language
+    projection and a Vicuna-style Llama decoder; the processor files with the Q-Former's BERT
+    tokenizer in ``qformer_tokenizer/`` and ``<image>`` in the decoder's tokenizer.
+
+    Examples:
+        >>> folder = build_tiny_instructblip("checkpoints/instructblip")
+        >>> type(mmlens.from_pretrained(folder)).__name__
+        'HookedInstructBlip'
+    """
+    from transformers import (
+        BlipImageProcessorPil,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+        InstructBlipQFormerConfig,
+        InstructBlipVisionConfig,
+    )
+
+    path = Path(path)
+    tokenizer = make_tokenizer()
+    qformer_tokenizer = make_bert_tokenizer()
+    config = InstructBlipConfig(
+        vision_config=InstructBlipVisionConfig(
+            hidden_size=vision_d_model, intermediate_size=4 * vision_d_model,
+            num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
+            image_size=image_size, patch_size=patch_size,
+        ).to_dict(),
+        qformer_config=InstructBlipQFormerConfig(
+            vocab_size=len(qformer_tokenizer), hidden_size=qformer_d_model,
+            num_hidden_layers=qformer_layers, num_attention_heads=qformer_heads,
+            intermediate_size=4 * qformer_d_model, max_position_embeddings=128,
+            pad_token_id=qformer_tokenizer.pad_token_id,
+        ).to_dict(),
+        text_config=_decoder_config(
+            "vicuna", tokenizer, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
+            n_kv_heads=None, d_mlp=d_mlp, rope_theta=None,
+        ).to_dict(),
+        num_query_tokens=num_query_tokens,
+        image_token_index=tokenizer.image_token_id,
+    )  # fmt: skip
+    _save_random_model(InstructBlipForConditionalGeneration, config, path, seed)
+    processor = InstructBlipProcessor(
+        image_processor=BlipImageProcessorPil(
+            size={"height": image_size, "width": image_size}, **_CLIP_PIXELS
+        ),
+        tokenizer=tokenizer,
+        qformer_tokenizer=qformer_tokenizer,
+        num_query_tokens=num_query_tokens,
+    )
+    processor.save_pretrained(path)
+    return path
+
+
 def _save_random_model(model_class: type, config: Any, path: Path, seed: int) -> None:
     """Build `model_class(config)` with weights drawn from `seed` (see `build_tiny_llava`), save it."""
     torch.manual_seed(seed)
@@ -876,7 +988,8 @@ def _randomize_weights(model: torch.nn.Module) -> None:
     """Non-trivial random weights (see `build_tiny_llava`), drawn from the global torch RNG."""
     for name, parameter in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
-        is_norm = "norm" in name.split(".")[-2]
+        owner = name.rsplit(".", 2)[-2] if "." in name else ""
+        is_norm = "norm" in owner.lower()  # BERT's (the Q-Former's) are "LayerNorm"
         if is_norm and leaf == "weight":
             parameter.copy_(1 + 0.2 * torch.randn_like(parameter))
         elif is_norm and leaf == "bias":

@@ -1,0 +1,93 @@
+"""HookedInstructBlip: InstructBLIP = BLIP-2's ViT + the Q-Former (which reads the instruction)
++ a linear `language_projection` + a hooked Vicuna/Llama decoder.
+
+The vision tower's last layer, layernormed, is read by the Q-Former's learned query tokens through
+cross-attention while they also attend to the instruction's tokens; the queries' last states are
+projected to the decoder's width and fill the image slots, which come first in the prompt. The
+decoder therefore sees `num_query_tokens` (32) image tokens whatever the image, none of which is
+a patch: `patches_in_box` on decoder positions is an error, and maps over the image go through the
+Q-Former's cross-attention (docs/checkpoints.md). Flan-T5 InstructBLIP checkpoints (an
+encoder-decoder language model) are not supported. HF: `InstructBlipForConditionalGeneration`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import nn
+
+from mmlens.config import MMConfig
+from mmlens.inputs.instructblip import QFormerProcessor
+from mmlens.models.llava import HookedLlava
+from mmlens.models.qformer import HookedQFormer
+from mmlens.models.registry import register
+
+
+@register("instructblip")
+class HookedInstructBlip(HookedLlava):
+    """InstructBLIP (Vicuna/Llama decoder) with hooks in the decoder, the vision tower
+    (`vision.`, its final norm `vision.ln_post`) and the Q-Former (`qformer.`).
+
+    `hook_image_embeds` holds ``[n_images, n_query_tokens, d_model]``: the projected queries, in
+    the order of the image slots (`inp.layout` kind "query", `col` the query's index).
+
+    Examples:
+        >>> blip_model = mmlens.from_pretrained("tiny-instructblip")   # a random one
+        >>> inp = blip_model.prepare(image, "What colour is the star?")
+        >>> logits, cache = blip_model.run_with_cache(inp)
+        >>> inp.positions("image").tolist() == list(range(8))   # the queries come first
+        True
+        >>> cache["qformer.blocks.0.cross_attn.hook_pattern"].shape  # [image, head, query, CLS + patches]
+        torch.Size([1, 4, 8, 17])
+    """
+
+    image_inputs = ("pixel_values", "qformer_input_ids", "qformer_attention_mask")
+
+    def __init__(self, cfg: MMConfig, tokenizer: Any = None, processor: Any = None):
+        if cfg.qformer is None:
+            raise ValueError("HookedInstructBlip needs cfg.qformer (load an instructblip folder)")
+        super().__init__(cfg, tokenizer, processor)
+        self.default_template = "instructblip"
+
+    def build_connector(self, cfg: MMConfig) -> None:
+        """The Q-Former and the linear projection to the decoder's width."""
+        self.qformer = HookedQFormer(cfg.qformer)
+        self.language_projection = nn.Linear(cfg.qformer.d_model, cfg.d_model)
+
+    @classmethod
+    def load_processor(cls, folder: Path, hf_config: Any) -> QFormerProcessor:
+        """mmlens' `QFormerProcessor` (image tokens first, batches left-padded before them)."""
+        if not hf_config.use_decoder_only_language_model:
+            raise NotImplementedError(
+                "InstructBLIP with a Flan-T5 (encoder-decoder) language model is not supported; "
+                "the Vicuna/Llama checkpoints are (Salesforce/instructblip-vicuna-7b, -13b)"
+            )
+        return QFormerProcessor.from_pretrained(
+            folder, hf_config.num_query_tokens, hf_config.vision_config.patch_size
+        )
+
+    def _layer_counts(self) -> dict[str, int]:
+        return {**super()._layer_counts(), "qformer.": self.cfg.qformer.n_layers}
+
+    def encode_images(
+        self,
+        pixel_values: Float[torch.Tensor, "image channel height width"],
+        qformer_input_ids: Int[torch.Tensor, "image text_pos"] | None = None,
+        qformer_attention_mask: Int[torch.Tensor, "image text_pos"] | None = None,
+        **unused: Any,
+    ) -> Float[torch.Tensor, "image query d_model"]:
+        """Vision tower -> Q-Former (queries reading the image and the instruction) ->
+        `language_projection`: the embeddings of the image slots, one image per prompt."""
+        if qformer_input_ids is None:
+            raise ValueError(
+                "InstructBLIP's Q-Former reads the instruction: pass qformer_input_ids (and "
+                "qformer_attention_mask) with pixel_values, or inp = model.prepare(image, prompt)"
+            )
+        if qformer_attention_mask is None:
+            qformer_attention_mask = torch.ones_like(qformer_input_ids)
+        features = self.vision(pixel_values, [-1], "full")
+        queries = self.qformer(features, qformer_input_ids, qformer_attention_mask)
+        return self.language_projection(queries)

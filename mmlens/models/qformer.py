@@ -1,0 +1,147 @@
+"""HookedQFormer: InstructBLIP's Querying Transformer with TransformerLens hook names under
+`qformer.`.
+
+A BERT encoder (post-layernorm blocks) over a sequence of learned query tokens followed by the
+instruction's tokens (its own BERT vocabulary and absolute positions; the queries get no
+position embedding). Queries and text attend to each other (padding excluded). In blocks 0, f,
+2f, ... (f = `cross_attention_frequency`) the queries alone then attend to the vision tower's
+features; queries and text have their own MLPs. The queries' last states are what the decoder
+receives (through `language_projection`). HF: `InstructBlipQFormerModel`.
+
+Hooks, per block `qformer.blocks.{l}`: `hook_resid_pre`, `attn.hook_q/k/v`, `attn.hook_pattern`
+(``[batch, head, query_and_text, query_and_text]``), `attn.hook_z`, `hook_resid_mid` (after the
+self-attention's layernorm); in cross-attention blocks `cross_attn.hook_q/k/v`,
+`cross_attn.hook_pattern` (``[batch, head, query, vision_token]``: how much each query reads
+each vision token, CLS first, then the patches row-major), `cross_attn.hook_z` and
+`hook_resid_cross`; then `hook_resid_post`. Plus `qformer.hook_embed` (after the embedding
+layernorm) and `qformer.hook_query_out` (``[batch, query, d_qformer]``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Float, Int
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+
+from mmlens.components import MLP, LayerNorm
+from mmlens.config import QFormerConfig
+
+
+class QFormerAttention(nn.Module):
+    """BERT multi-head attention: `query`, `key`, `value`, `out` projections with biases; keys
+    and values from the same sequence (self-attention) or from `d_kv`-wide encoder features
+    (cross-attention). Scores and pattern are always materialised (the sequences are short)."""
+
+    def __init__(self, d_model: int, n_heads: int, d_kv: int):
+        super().__init__()
+        self.n_heads, self.d_head = n_heads, d_model // n_heads
+        self.query = nn.Linear(d_model, d_model)
+        self.key = nn.Linear(d_kv, d_model)
+        self.value = nn.Linear(d_kv, d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.hook_q = HookPoint()  # [batch, q_pos, head, d_head]
+        self.hook_k = HookPoint()  # [batch, k_pos, head, d_head]
+        self.hook_v = HookPoint()  # [batch, k_pos, head, d_head]
+        self.hook_attn_scores = HookPoint()  # [batch, head, q_pos, k_pos], masked, pre-softmax
+        self.hook_pattern = HookPoint()  # [batch, head, q_pos, k_pos]
+        self.hook_z = HookPoint()  # [batch, q_pos, head, d_head]
+
+    def forward(
+        self,
+        x: Float[torch.Tensor, "batch q_pos d_model"],
+        keys_from: Float[torch.Tensor, "batch k_pos d_kv"],
+        key_is_real: torch.Tensor | None = None,
+    ) -> Float[torch.Tensor, "batch q_pos d_model"]:
+        def heads(linear: nn.Linear, states: torch.Tensor) -> torch.Tensor:
+            return rearrange(linear(states), "b p (h d) -> b p h d", h=self.n_heads)
+
+        q = self.hook_q(heads(self.query, x))
+        k = self.hook_k(heads(self.key, keys_from))
+        v = self.hook_v(heads(self.value, keys_from))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.d_head**-0.5
+        if key_is_real is not None:  # padding never attended to
+            scores = scores.masked_fill(
+                ~key_is_real[:, None, None, :], torch.finfo(scores.dtype).min
+            )
+        pattern = self.hook_pattern(F.softmax(self.hook_attn_scores(scores), dim=-1))
+        z = self.hook_z(torch.einsum("bhqk,bkhd->bqhd", pattern, v))
+        return self.out(rearrange(z, "b q h d -> b q (h d)"))
+
+
+class QFormerBlock(nn.Module):
+    """Self-attention over queries and text, cross-attention of the queries to the image (where
+    the block has one), and separate MLPs for queries and text; each sub-layer is added to its
+    input and layernormed (BERT's post-layernorm)."""
+
+    def __init__(self, cfg: QFormerConfig, cross_attention: bool):
+        super().__init__()
+        self.attn = QFormerAttention(cfg.d_model, cfg.n_heads, cfg.d_model)
+        self.ln_attn = LayerNorm(cfg.d_model, cfg.eps)
+        if cross_attention:
+            self.cross_attn = QFormerAttention(cfg.d_model, cfg.n_heads, cfg.d_encoder)
+            self.ln_cross = LayerNorm(cfg.d_model, cfg.eps)
+            self.hook_resid_cross = HookPoint()  # [batch, query, d]
+        self.mlp_query = MLP(cfg.d_model, cfg.d_mlp, cfg.act_fn)
+        self.ln_mlp_query = LayerNorm(cfg.d_model, cfg.eps)
+        self.mlp_text = MLP(cfg.d_model, cfg.d_mlp, cfg.act_fn)
+        self.ln_mlp_text = LayerNorm(cfg.d_model, cfg.eps)
+        self.hook_resid_pre = HookPoint()  # [batch, query_and_text, d]
+        self.hook_resid_mid = HookPoint()  # [batch, query_and_text, d]
+        self.hook_resid_post = HookPoint()  # [batch, query_and_text, d]
+
+    def forward(
+        self,
+        resid: Float[torch.Tensor, "batch pos d"],
+        is_real: torch.Tensor,
+        image_features: Float[torch.Tensor, "batch vision_token d_encoder"],
+        n_queries: int,
+    ) -> Float[torch.Tensor, "batch pos d"]:
+        resid = self.hook_resid_pre(resid)
+        resid = self.hook_resid_mid(self.ln_attn(resid + self.attn(resid, resid, is_real)))
+        queries, text = resid[:, :n_queries], resid[:, n_queries:]
+        if hasattr(self, "cross_attn"):
+            queries = self.ln_cross(queries + self.cross_attn(queries, image_features))
+            queries = self.hook_resid_cross(queries)
+        queries = self.ln_mlp_query(queries + self.mlp_query(queries))
+        text = self.ln_mlp_text(text + self.mlp_text(text))
+        return self.hook_resid_post(torch.cat([queries, text], dim=1))
+
+
+class HookedQFormer(nn.Module):
+    """The Q-Former (see the module doc): ``qformer(image_features, input_ids, attention_mask)``
+    gives the queries' last states, ``[batch, n_query_tokens, d_qformer]``."""
+
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.query_tokens = nn.Parameter(torch.empty(cfg.n_query_tokens, cfg.d_model))
+        self.word_embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.n_positions, cfg.d_model)
+        self.ln_embed = LayerNorm(cfg.d_model, cfg.eps)
+        self.hook_embed = HookPoint()  # [batch, query_and_text, d]
+        self.blocks = nn.ModuleList(
+            QFormerBlock(cfg, cfg.has_cross_attention(layer)) for layer in range(cfg.n_layers)
+        )
+        self.hook_query_out = HookPoint()  # [batch, query, d]
+
+    def forward(
+        self,
+        image_features: Float[torch.Tensor, "batch vision_token d_encoder"],
+        input_ids: Int[torch.Tensor, "batch text_pos"],
+        attention_mask: Int[torch.Tensor, "batch text_pos"],
+    ) -> Float[torch.Tensor, "batch query d"]:
+        batch, n_text = input_ids.shape
+        n_queries = self.cfg.n_query_tokens
+        text = self.word_embed(input_ids) + self.pos_embed.weight[:n_text]
+        queries = self.query_tokens.to(text.dtype).expand(batch, -1, -1)
+        resid = self.hook_embed(self.ln_embed(torch.cat([queries, text], dim=1)))
+        is_real = torch.cat(
+            [attention_mask.new_ones(batch, n_queries), attention_mask], dim=1
+        ).bool()
+        image_features = image_features.to(resid.dtype)
+        for block in self.blocks:
+            resid = block(resid, is_real, image_features, n_queries)
+        return self.hook_query_out(resid[:, :n_queries])
