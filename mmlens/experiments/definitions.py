@@ -95,12 +95,21 @@ def _sample_columns(sample: Sample) -> dict[str, Any]:
 
 def _knockout(context: Context, samples: Sequence[Sample]) -> tuple[Rows, dict]:
     """Cross-modal Figures 3-5: `knockout_sweep` over the batch. Flows that need boxes are run
-    only for samples that have them."""
+    only for samples that have them, and only where image tokens are patches (not for
+    InstructBLIP's queries)."""
     options = context.options
     flows = dict(context.preset.flows if context.preset else {**PAPER_FLOWS, **PATCH_FLOWS})
     if options["flows"]:
         flows = {name: flows[name] for name in options["flows"]}
     needs_boxes = {name for name, pair in flows.items() if set(pair) & BOX_POSITION_SETS}
+    if needs_boxes and not context.model.image_tokens_are_patches:
+        if options["flows"]:
+            raise ValueError(
+                f"flows {sorted(needs_boxes)} need the image tokens a box covers, and this "
+                "model's image tokens are not patches (InstructBLIP's Q-Former queries); leave "
+                "them out"
+            )
+        flows = {name: pair for name, pair in flows.items() if name not in needs_boxes}
     rows: Rows = []
     for with_boxes in (True, False):
         group = [sample for sample in samples if bool(sample.boxes) == with_boxes]

@@ -35,12 +35,13 @@ from mmlens.inputs.geometry import (
     AnyresGeometry,
     AnyresGrid,
     ImageGeometry,
+    QueryGeometry,
     box_from_xywh,
     processor_geometry,
     with_image_mode,
 )
 from mmlens.inputs.images import as_image
-from mmlens.inputs.layout import CLS, NEWLINE, PATCH, TOKEN_KINDS, Box, ImageTokenLayout
+from mmlens.inputs.layout import CLS, NEWLINE, PATCH, QUERY, TOKEN_KINDS, Box, ImageTokenLayout
 from mmlens.inputs.multimodal import MultimodalInput, input_settings, processor_fingerprint
 from mmlens.inputs.segments import SEGMENTS
 from mmlens.inputs.templates import ConversationTemplate, get_template, register_template, render
@@ -49,6 +50,7 @@ __all__ = [
     "CLS",
     "NEWLINE",
     "PATCH",
+    "QUERY",
     "SEGMENTS",
     "TOKEN_KINDS",
     "AnyresGeometry",
@@ -57,6 +59,7 @@ __all__ = [
     "ConversationTemplate",
     "ImageGeometry",
     "ImageTokenLayout",
+    "QueryGeometry",
     "MultimodalInput",
     "input_settings",
     "as_image",

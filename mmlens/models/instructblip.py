@@ -45,6 +45,7 @@ class HookedInstructBlip(HookedLlava):
     """
 
     image_inputs = ("pixel_values", "qformer_input_ids", "qformer_attention_mask")
+    image_tokens_are_patches = False  # each query mixes every patch
 
     def __init__(self, cfg: MMConfig, tokenizer: Any = None, processor: Any = None):
         if cfg.qformer is None:

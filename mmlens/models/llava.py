@@ -31,6 +31,8 @@ class HookedLlava(HookedTransformer):
     """
 
     image_inputs = ("pixel_values",)
+    image_tokens_are_patches = True
+    """Whether each image token shows a patch (LLaVA), so that boxes select image tokens."""
 
     def __init__(self, cfg: MMConfig, tokenizer: Any = None, processor: Any = None):
         if cfg.vision is None:
