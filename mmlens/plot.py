@@ -155,6 +155,7 @@ def llava_cam(
     settings = result.settings
     image = settings["image"]
     geometry = inp.image_geometry[image]
+    geometry = getattr(geometry, "vision", geometry)  # InstructBLIP: the vision tower's view
     if result.highres_maps is not None:
         return _llava_next_cam(result, inp, columns, opacity, highres)
     crop = inp.pixel_values[image]
@@ -207,7 +208,11 @@ def llava_cam(
         width=240 * min(columns, len(result.layers)) + 120,
         margin={"b": 90},
     )
-    figure.add_annotation(text=_geometry_note(geometry, inp.image_mode), xref="paper",
+    note = _geometry_note(geometry, inp.image_mode)
+    if not hasattr(inp.image_geometry[image], "grid_size"):  # InstructBLIP's queries
+        note += ("<br>Decoder layers: each query token's relevance, spread over the patches by "
+                 "the Q-Former's cross-attention (mean over heads and blocks).")  # fmt: skip
+    figure.add_annotation(text=note, xref="paper",
                           yref="paper", x=0, y=0,
                           yshift=-60, showarrow=False, xanchor="left", align="left")  # fmt: skip
     return figure

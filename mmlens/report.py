@@ -29,14 +29,10 @@ from mmlens.analysis import (
     logit_lens,
 )
 from mmlens.analysis.grounding import box_scores, last_row_attention_maps
-from mmlens.analysis.sweep import PAPER_FLOWS
+from mmlens.analysis.sweep import PAPER_FLOWS, PATCH_FLOWS
 from mmlens.inputs import input_settings
 
-REPORT_FLOWS = {
-    **PAPER_FLOWS,
-    "Related patches→Question": ("related_patches", "question"),
-    "Other patches→Question": ("other_patches", "question"),
-}
+REPORT_FLOWS = {**PAPER_FLOWS, **PATCH_FLOWS}
 
 
 @dataclass
@@ -76,10 +72,12 @@ def write_report(
     if not used:
         raise ValueError("no sample refers to an object in its image (all have empty boxes)")
 
+    # InstructBLIP's image tokens are queries: no image token shows a box.
+    flows = REPORT_FLOWS if model.image_tokens_are_patches else PAPER_FLOWS
     sweep = knockout_sweep(
         model,
         [inputs[i] for i in used],
-        REPORT_FLOWS,
+        flows,
         window_size,
         boxes=[samples[i].boxes for i in used],
         progress=progress,

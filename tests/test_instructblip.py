@@ -149,3 +149,51 @@ def test_the_runner_runs_on_it_without_the_box_flows(folder, tmp_path):
         "knockout", folder, "shapes:7", tmp_path / "run", window_size=1, progress=False
     )
     assert set(result["flow"]) == {"Image→Last", "Question→Last", "Last→Last", "Image→Question"}
+
+
+def test_llava_cam_goes_through_the_qformers_cross_attention(hf, model, images):
+    """Decoder maps: Grad-CAM relevance of each query, spread over the patches by the mean
+    cross-attention; vision maps: Grad-CAM on the patches. Both against autograd through HF."""
+    inp = model.prepare(images[0], PROMPTS[0])
+    cam = mmlens.analysis.llava_cam(
+        model, inp, "red", layers=[0, 1, "vision.blocks.0"], noise_std=0, progress=False
+    )
+    kwargs = inp.with_tokens(mmlens.analysis.answer_token_ids(model, inp, "red")).model_kwargs()
+    n_prompt = inp.input_ids.shape[1]
+    decoder = [hf.language_model.model.layers[layer].post_attention_layernorm for layer in (0, 1)]
+    vision = hf.vision_model.encoder.layers[0].layer_norm2
+    cross = [hf.qformer.encoder.layer[0].crossattention.attention]  # blocks 0 of 2 read the image
+    outputs, patterns = [], []
+    handles = [
+        m.register_forward_hook(lambda m, a, out: outputs.append(out)) for m in [vision, *decoder]
+    ]
+    handles += [m.register_forward_hook(lambda m, a, out: patterns.append(out[1])) for m in cross]
+    logits = hf(**kwargs).logits
+    for handle in handles:
+        handle.remove()
+    answer = kwargs["input_ids"][0, n_prompt:]
+    target = logits[0, n_prompt - 1 + torch.arange(len(answer)), answer].sum()
+    gradients = torch.autograd.grad(target, outputs)
+    spread = torch.stack(patterns).mean((0, 2))[0, :, 1:].detach()  # [query, patch], CLS dropped
+    queries = inp.positions("image")
+    expected = []
+    for activation, gradient in zip(outputs[1:], gradients[1:], strict=True):
+        relevance = (activation[0, queries].detach() @ gradient[0, queries].mean(0)).relu()
+        expected.append((relevance @ spread).reshape(4, 4))
+    features, gradient = outputs[0][0, 1:], gradients[0][0, 1:]
+    expected.append((features.detach() @ gradient.mean(0)).relu().reshape(4, 4))
+    expected = torch.stack(expected)
+    expected = expected / expected.amax((1, 2), keepdim=True).clamp_min(1e-30)
+    torch.testing.assert_close(cam.maps, expected, atol=5e-5, rtol=0)
+    scores = mmlens.analysis.box_scores(model, inp, [(0, 0, 28, 20)], cam.maps)
+    assert scores["area_share"] == 4 / 16  # the top-left 2 x 2 patches of the 4 x 4 grid
+    caption = mmlens.plot.llava_cam(cam, inp).layout.annotations[-1].text
+    assert "Q-Former" in caption
+
+
+def test_the_demo_report_runs_on_it(model, tmp_path):
+    from mmlens.report import write_report
+    from mmlens.zoo.shapes import generate
+
+    html = write_report(model, generate(4, seed=1), tmp_path / "r.html", progress=False).read_text()
+    assert "LLaVA-CAM" in html and "Related patches" not in html

@@ -24,6 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mmlens.analysis.grounding import queries_to_patches
 from mmlens.analysis.probability import answer_token_ids
 from mmlens.inputs import input_settings
 
@@ -200,9 +201,16 @@ class _Grids:
     first_crop: int
     has_cls: bool
     anyres_grid: Any = None
+    queries: Int[Tensor, "query"] | None = None  # InstructBLIP: the query tokens' positions
 
 
 def _grids(inp: Any, image: int, has_cls: bool) -> _Grids:
+    vision = getattr(inp.image_geometry[image], "vision", None)
+    if vision is not None:  # InstructBLIP: maps on the vision tower's grid, through the queries
+        rows, cols = vision.grid_size
+        queries = inp.layout.position[inp.layout.image == image]
+        return _Grids(torch.arange(rows * cols).reshape(rows, cols), None, image, has_cls, None,
+                      queries)  # fmt: skip
     if inp.pixel_values.ndim == 4:  # LLaVA-1.5: one crop per image
         return _Grids(inp.layout.patch_grid(image), None, image, has_cls)
     geometries = inp.image_geometry
@@ -253,16 +261,21 @@ def _raw_maps(
     relu_gradients: bool,
 ) -> list[Float[Tensor, "layer rows cols"] | None]:
     """One forward and one backward pass: the un-normalised maps of every hooked layer, on the
-    base grid and (LLaVA-NeXT) on the unpadded tile grid."""
+    base grid and (LLaVA-NeXT) on the unpadded tile grid. InstructBLIP's decoder layers give a
+    Grad-CAM relevance per query token, spread over the patches by the Q-Former's
+    cross-attention of the same pass (`queries_to_patches`)."""
     captured: dict[str, Tensor] = {}
 
     def capture(activation: Tensor, hook: Any) -> None:
         captured[hook.name] = activation
 
+    hooks = [(name, capture) for name in hook_names]
+    if grids.queries is not None:
+        hooks += [(n, capture) for n in model.hook_dict if n.endswith("cross_attn.hook_pattern")]
     with torch.enable_grad():
         # Pixels that require grad give the activations a graph even if the weights do not.
         run = dict(run, pixel_values=run["pixel_values"].detach().requires_grad_())
-        logits = model.run_with_hooks(**run, fwd_hooks=[(name, capture) for name in hook_names])
+        logits = model.run_with_hooks(**run, fwd_hooks=hooks)
         target = logits[0, predicting, answer].float().sum()
         for name in hook_names:
             if name not in captured:
@@ -280,6 +293,9 @@ def _raw_maps(
             continue
         maps = []
         for name, gradient in zip(hook_names, gradients, strict=True):
+            if grids.queries is not None and not name.startswith("vision."):
+                maps.append(_query_map(captured, name, gradient, grids, model, relu_gradients))
+                continue
             features, gradient = (
                 _patch_features(tensor, name, grids, highres)
                 for tensor in (captured[name], gradient)
@@ -290,6 +306,25 @@ def _raw_maps(
             maps.append(F.relu(features @ weights).reshape(grid.shape))
         results.append(torch.stack(maps).cpu())
     return results
+
+
+def _query_map(
+    captured: dict[str, Tensor],
+    name: str,
+    gradient: Tensor,
+    grids: _Grids,
+    model: Any,
+    relu_gradients: bool,
+) -> Float[Tensor, "rows cols"]:
+    """InstructBLIP, a decoder layer: Grad-CAM over the query tokens (their relevance
+    ``ReLU(A_q . alpha)``), times how each query reads the patches."""
+    features = captured[name][0, grids.queries].detach().float()
+    gradient = gradient[0, grids.queries].float()
+    if relu_gradients:
+        gradient = F.relu(gradient)
+    relevance = F.relu(features @ gradient.mean(0))
+    spread = queries_to_patches(model, captured).to(relevance.device)
+    return (relevance @ spread).reshape(grids.base.shape)
 
 
 def _patch_features(
