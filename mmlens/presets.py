@@ -76,7 +76,9 @@ class Preset:
     def prepare_kwargs(self, model: Any) -> dict[str, Any]:
         """The keyword arguments of `model.prepare` under this preset: template, tokenisation,
         the suffix if the preset fixes one; the image mode for single-crop models (LLaVA-1.5),
-        the anyres rule for tiling ones (LLaVA-NeXT).
+        the anyres rule for tiling ones (LLaVA-NeXT). Models whose processor has one geometry
+        of its own and places its image tokens itself (LLaVA-OneVision, InstructBLIP) get
+        their template, the suffix and Hugging Face's tokenisation.
 
         Examples:
             >>> CROSS_MODAL_FLOW.prepare_kwargs(model)["template"]  # "vicuna_v1" for LLaVA-1.5
@@ -85,7 +87,9 @@ class Preset:
         kwargs: dict[str, Any] = dict(template=self.template(model), tokenization=self.tokenization)
         if self.suffix is not None:
             kwargs["suffix"] = self.suffix
-        if tiles_images(model.processor.image_processor):
+        if hasattr(model.processor, "image_geometry"):  # mmlens' own processors
+            kwargs["tokenization"] = "hf"
+        elif tiles_images(model.processor.image_processor):
             kwargs["anyres"] = self.anyres
         else:
             kwargs["image_mode"] = self.image_mode

@@ -102,3 +102,44 @@ def test_text_only_qwen2_matches_hf(tmp_path):
     with torch.no_grad():
         expected = hf(ids).logits
     assert (model(ids) - expected).abs().max() < 1e-4
+
+
+def test_llava_cam_reads_every_siglip_token_as_a_patch(models, images):
+    """SigLIP has no class token: the vision-layer map takes every token (a CLIP-style `1:`
+    would drop the first patch and fail to reshape), equal to autograd through HF."""
+    hf, model, _ = models
+    inp = model.prepare(images[0], PROMPTS[0])
+    cam = mmlens.analysis.llava_cam(
+        model, inp, "red", layers=[0, "vision.blocks.0"], noise_std=0, progress=False
+    )
+    kwargs = inp.with_tokens(mmlens.analysis.answer_token_ids(model, inp, "red")).model_kwargs()
+    n_prompt = inp.input_ids.shape[1]
+    modules = [
+        hf.model.vision_tower.encoder.layers[0].layer_norm2,
+        hf.model.language_model.layers[0].post_attention_layernorm,
+    ]
+    outputs = []
+    handles = [m.register_forward_hook(lambda m, a, out: outputs.append(out)) for m in modules]
+    logits = hf(**kwargs).logits
+    for handle in handles:
+        handle.remove()
+    answer = kwargs["input_ids"][0, n_prompt:]
+    target = logits[0, n_prompt - 1 + torch.arange(len(answer)), answer].sum()
+    vision, decoder = torch.autograd.grad(target, outputs)
+    patches = inp.layout.patch_grid(0).flatten()
+    expected = [
+        (outputs[1][0, patches].detach() @ decoder[0, patches].mean(0)).relu(),
+        (outputs[0][0].detach() @ vision[0].mean(0)).relu(),
+    ]
+    expected = torch.stack(expected).reshape(2, 4, 4)
+    expected = expected / expected.amax((1, 2), keepdim=True)
+    torch.testing.assert_close(cam.maps, expected, atol=5e-5, rtol=0)
+
+
+def test_the_demo_report_runs_on_it(models, tmp_path):
+    from mmlens.report import write_report
+    from mmlens.zoo.shapes import generate
+
+    _, model, _ = models
+    html = write_report(model, generate(4, seed=1), tmp_path / "r.html", progress=False).read_text()
+    assert "LLaVA-CAM" in html and "Related patches" in html

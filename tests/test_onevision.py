@@ -284,3 +284,10 @@ def test_the_demo_report_runs_on_it(model, tmp_path):
     path = write_report(model, generate(4, seed=1), tmp_path / "report.html", progress=False)
     html = path.read_text()
     assert "LLaVA-CAM" in html and "knockout" in html.lower() and len(html) > 100_000
+
+
+def test_the_papers_presets_keep_its_own_geometry(model, images):
+    for preset in (mmlens.presets.CROSS_MODAL_FLOW, mmlens.presets.REDUNDANCY_TO_RELEVANCE):
+        inp = model.prepare(images["square"], "Is the door red?", preset=preset)
+        assert inp.settings["tokenization"] == "hf" and inp.settings["image_mode"] is None
+        preset.check_input(model, inp)
