@@ -12,6 +12,7 @@ from transformer_lens import FactoredMatrix
 from transformer_lens.utilities import get_act_name
 
 import mmlens
+from mmlens.testing import build_tiny_instructblip, build_tiny_llava_onevision
 from mmlens.zoo.shapes import generate
 
 TOLERANCE = 1e-5
@@ -166,9 +167,15 @@ def test_hook_result_is_opt_in(model, images):
     torch.testing.assert_close(with_results, model(inp), rtol=0, atol=1e-4)
 
 
-def test_decomposition_holds_on_tiny_shapes_and_llava_next(tiny_next_checkpoint):
+def test_decomposition_holds_on_every_family(tiny_next_checkpoint, tmp_path):
     sample = generate(1, seed=0)[0]
-    for model in (mmlens.load("tiny-shapes"), mmlens.from_pretrained(tiny_next_checkpoint())):
+    models = [
+        mmlens.load("tiny-shapes"),
+        mmlens.from_pretrained(tiny_next_checkpoint()),
+        mmlens.from_pretrained(build_tiny_llava_onevision(tmp_path / "onevision")),
+        mmlens.from_pretrained(build_tiny_instructblip(tmp_path / "instructblip")),
+    ]
+    for model in models:
         inp = model.prepare(sample.image, sample.question)
         _, cache = model.run_with_cache(inp)
         final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
