@@ -9,7 +9,7 @@ import torch
 
 import mmlens
 from mmlens.models.placement import place
-from mmlens.testing import make_test_image
+from mmlens.testing import build_tiny_instructblip, make_test_image
 
 EXPLICIT = {
     "embed": "cpu",
@@ -53,3 +53,13 @@ def test_bad_maps_are_refused(folder):
         place(model, {"": "cpu", "blockz": "cpu"})
     with pytest.raises(ValueError, match="device_map='balanced'"):
         place(model, "balanced")
+
+
+def test_instructblips_qformer_and_projection_are_placed_units(tmp_path):
+    folder = build_tiny_instructblip(tmp_path)
+    reference = mmlens.from_pretrained(folder)
+    placed = mmlens.from_pretrained(folder, device_map="auto")
+    assert {"qformer", "language_projection", "vision"} <= set(placed.device_map)
+    inp = placed.prepare(make_test_image(40, 30), "Why?")
+    with torch.no_grad():
+        assert torch.equal(placed(inp), reference(inp))

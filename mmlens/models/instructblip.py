@@ -21,7 +21,7 @@ from torch import nn
 
 from mmlens.config import MMConfig
 from mmlens.inputs.instructblip import QFormerProcessor
-from mmlens.models.llava import HookedLlava
+from mmlens.models.llava import HookedLlava, on_device_of
 from mmlens.models.qformer import HookedQFormer
 from mmlens.models.registry import register
 
@@ -90,5 +90,9 @@ class HookedInstructBlip(HookedLlava):
         if qformer_attention_mask is None:
             qformer_attention_mask = torch.ones_like(qformer_input_ids)
         features = self.vision(pixel_values, [-1], "full")
-        queries = self.qformer(features, qformer_input_ids, qformer_attention_mask)
-        return self.language_projection(queries)
+        queries = self.qformer(
+            on_device_of(self.qformer, features),
+            on_device_of(self.qformer, qformer_input_ids),
+            on_device_of(self.qformer, qformer_attention_mask),
+        )
+        return self.language_projection(on_device_of(self.language_projection, queries))

@@ -18,6 +18,12 @@ from mmlens.models.registry import register
 from mmlens.models.vision import HookedVisionTower
 
 
+def on_device_of(module: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` on `module`'s device (a device map may put consecutive modules on different
+    devices, docs/checkpoints.md "Several devices")."""
+    return tensor.to(next(module.parameters()).device)
+
+
 @register("llava")
 class HookedLlava(HookedTransformer):
     """LLaVA with hooks in the decoder, the vision tower (`vision.`) and the projector.
@@ -112,7 +118,7 @@ class HookedLlava(HookedTransformer):
         features = self.vision(
             pixel_values, self.cfg.vision_feature_layers, self.cfg.vision_feature_select_strategy
         )
-        return self.projector(features)
+        return self.projector(on_device_of(self.projector, features))
 
     def embed_input(
         self,

@@ -2,9 +2,10 @@
 conventions), the residual stream moved at block boundaries (docs/checkpoints.md, "Several
 devices").
 
-A device map names mmlens modules (``"embed"``, ``"vision"``, ``"projector"``,
-``"image_newline"``, ``"blocks.{l}"``, ``"ln_final"``, ``"unembed"``; a prefix such as ``"blocks"``
-covers all of them) and gives each a device. ``"auto"`` asks accelerate's
+A device map names mmlens modules (``"embed"``, ``"vision"``, ``"projector"`` or
+InstructBLIP's ``"qformer"`` and ``"language_projection"``, ``"image_newline"``,
+``"blocks.{l}"``, ``"ln_final"``, ``"unembed"``; a prefix such as ``"blocks"`` covers all of
+them) and gives each a device. ``"auto"`` asks accelerate's
 `infer_auto_device_map` to fill the GPUs in order without splitting a block. The decoder moves
 its rows (residual stream, positions, masks) to each block's device before running it, so every
 hook sees tensors on its own block's device; keys and values of a block stay on it.
@@ -92,7 +93,11 @@ def _auto(model: nn.Module) -> dict[str, Any]:
 
     whole = [
         model.blocks[0],
-        *(getattr(model, name) for name in ("vision", "projector") if hasattr(model, name)),
+        *(
+            getattr(model, name)
+            for name in ("vision", "projector", "qformer")
+            if hasattr(model, name)
+        ),
     ]
     return infer_auto_device_map(
         model, no_split_module_classes=sorted({type(module).__name__ for module in whole})
