@@ -4,7 +4,9 @@ Loads a LLaVA-1.5-shaped random checkpoint once on the GPU and once with a devic
 the vision tower, projector, embedding and the first half of the blocks on the GPU and the rest
 on the CPU; checks logits, greedy generation, a knockout sweep, and that hooks see tensors on
 their own block's device. Then runs the `knockout` experiment through the runner on the GPU and
-on the CPU and compares the rows. Prints each check with its measured difference.
+on the CPU and compares the rows. Last, InstructBLIP with its vision tower, Q-Former and
+embedding on the GPU and the language projection and decoder on the CPU. Prints each check with
+its measured difference.
 
     python bench/devices.py [--n-layers 8]
 """
@@ -20,7 +22,7 @@ from timing import LLAVA_15_SHAPE
 import mmlens
 from mmlens.analysis import PAPER_FLOWS, knockout_sweep
 from mmlens.data import load
-from mmlens.testing import build_tiny_llava
+from mmlens.testing import build_tiny_instructblip, build_tiny_llava
 
 
 def main() -> None:
@@ -78,6 +80,28 @@ def main() -> None:
     runner_difference = (on_gpu.relative_change - on_cpu.relative_change).abs().max()
     print(
         f"runner knockout rows, GPU vs CPU: {len(on_gpu)} rows, max |difference| {runner_difference:.2e} pp"
+    )
+    instructblip_split(samples)
+
+
+def instructblip_split(samples) -> None:
+    """InstructBLIP with its vision tower and Q-Former on the GPU, the language projection,
+    the decoder and the unembedding on the CPU, against the same model on the GPU."""
+    folder = build_tiny_instructblip(tempfile.mkdtemp())
+    on_gpu = ("vision", "qformer", "embed")
+    device_map = {"": "cpu", **{name: "cuda:0" for name in on_gpu}}
+    single = mmlens.from_pretrained(folder, device="cuda")
+    split = mmlens.from_pretrained(folder, device_map=device_map)
+    inp = single.prepare([s.load_image() for s in samples], [s.question for s in samples])
+    with torch.no_grad():
+        difference = (single(inp).cpu() - split(inp).cpu()).abs().max().item()
+        same = torch.equal(
+            single.generate(inp, max_new_tokens=6).cpu(),
+            split.generate(inp, max_new_tokens=6).cpu(),
+        )
+    print(
+        f"InstructBLIP, GPU vs {'+'.join(on_gpu)} on the GPU and the rest on the CPU: logits max "
+        f"|difference| {difference:.2e} (fp32); greedy generation identical: {same}"
     )
 
 
