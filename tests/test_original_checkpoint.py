@@ -210,6 +210,33 @@ def test_unsupported_settings_are_named(checkpoints, tmp_path):
             mmlens.from_pretrained(broken)
 
 
+def test_every_experiment_and_the_demo_report_run_on_an_original_release(checkpoints, tmp_path):
+    import warnings
+
+    from mmlens.experiments import EXPERIMENTS
+    from mmlens.report import write_report
+    from mmlens.zoo.shapes import generate
+
+    small = {  # a few forward passes each on these 2-layer decoders
+        "knockout": dict(window_size=1),
+        "module-jaccard": dict(window=1),
+        "cam": dict(layers=[0], noise_std=0.0, n_samples=1),
+        "truncation": dict(layers=[0], keep=0),
+        "fastv": dict(k=1),
+    }
+    model = mmlens.from_pretrained(checkpoints[1])
+    for experiment in sorted(EXPERIMENTS):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a failed sample is a warning
+            result = mmlens.run(
+                experiment, model, "shapes:2", tmp_path / experiment, correct_only=False,
+                progress=False, **small.get(experiment, {}),
+            )  # fmt: skip
+        assert result["sample_id"].nunique() == 2, experiment
+    html = write_report(model, generate(3, seed=1), tmp_path / "r.html", progress=False)
+    assert "LLaVA-CAM" in html.read_text()
+
+
 def test_the_runner_and_the_analyses_run_on_an_original_release(checkpoints, tmp_path):
     _, folder, settings = checkpoints
     result = mmlens.run(
