@@ -16,6 +16,7 @@ from mmlens.inputs import QUERY
 from mmlens.testing import (
     assert_matches_hf,
     build_tiny_instructblip,
+    hf_answer_gradients,
     hf_position_ids,
     make_test_image,
 )
@@ -159,21 +160,17 @@ def test_llava_cam_goes_through_the_qformers_cross_attention(hf, model, images):
         model, inp, "red", layers=[0, 1, "vision.blocks.0"], noise_std=0, progress=False
     )
     kwargs = inp.with_tokens(mmlens.analysis.answer_token_ids(model, inp, "red")).model_kwargs()
-    n_prompt = inp.input_ids.shape[1]
     decoder = [hf.language_model.model.layers[layer].post_attention_layernorm for layer in (0, 1)]
     vision = hf.vision_model.encoder.layers[0].layer_norm2
-    cross = [hf.qformer.encoder.layer[0].crossattention.attention]  # blocks 0 of 2 read the image
-    outputs, patterns = [], []
-    handles = [
-        m.register_forward_hook(lambda m, a, out: outputs.append(out)) for m in [vision, *decoder]
-    ]
-    handles += [m.register_forward_hook(lambda m, a, out: patterns.append(out[1])) for m in cross]
-    logits = hf(**kwargs).logits
-    for handle in handles:
+    cross = hf.qformer.encoder.layer[0].crossattention.attention  # blocks 0 of 2 read the image
+    patterns = []
+    handle = cross.register_forward_hook(lambda m, a, out: patterns.append(out[1]))
+    try:
+        outputs, gradients = hf_answer_gradients(
+            hf, kwargs, [vision, *decoder], inp.input_ids.shape[1]
+        )
+    finally:
         handle.remove()
-    answer = kwargs["input_ids"][0, n_prompt:]
-    target = logits[0, n_prompt - 1 + torch.arange(len(answer)), answer].sum()
-    gradients = torch.autograd.grad(target, outputs)
     spread = torch.stack(patterns).mean((0, 2))[0, :, 1:].detach()  # [query, patch], CLS dropped
     queries = inp.positions("image")
     expected = []

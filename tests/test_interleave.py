@@ -14,6 +14,7 @@ from mmlens.testing import (
     _randomize_weights,
     assert_matches_hf,
     build_tiny_llava_interleave,
+    hf_answer_gradients,
     make_test_image,
     make_tokenizer,
 )
@@ -113,19 +114,11 @@ def test_llava_cam_reads_every_siglip_token_as_a_patch(models, images):
         model, inp, "red", layers=[0, "vision.blocks.0"], noise_std=0, progress=False
     )
     kwargs = inp.with_tokens(mmlens.analysis.answer_token_ids(model, inp, "red")).model_kwargs()
-    n_prompt = inp.input_ids.shape[1]
     modules = [
         hf.model.vision_tower.encoder.layers[0].layer_norm2,
         hf.model.language_model.layers[0].post_attention_layernorm,
     ]
-    outputs = []
-    handles = [m.register_forward_hook(lambda m, a, out: outputs.append(out)) for m in modules]
-    logits = hf(**kwargs).logits
-    for handle in handles:
-        handle.remove()
-    answer = kwargs["input_ids"][0, n_prompt:]
-    target = logits[0, n_prompt - 1 + torch.arange(len(answer)), answer].sum()
-    vision, decoder = torch.autograd.grad(target, outputs)
+    outputs, (vision, decoder) = hf_answer_gradients(hf, kwargs, modules, inp.input_ids.shape[1])
     patches = inp.layout.patch_grid(0).flatten()
     expected = [
         (outputs[1][0, patches].detach() @ decoder[0, patches].mean(0)).relu(),

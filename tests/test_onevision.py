@@ -22,7 +22,12 @@ import mmlens
 from mmlens.analysis.cam import llava_cam
 from mmlens.inputs import NEWLINE, PATCH, AnyresGrid
 from mmlens.inputs.geometry import bilinear_sources
-from mmlens.testing import assert_matches_hf, build_tiny_llava_onevision, make_test_image
+from mmlens.testing import (
+    assert_matches_hf,
+    build_tiny_llava_onevision,
+    hf_answer_gradients,
+    make_test_image,
+)
 
 ANSWER = "red car"
 
@@ -203,17 +208,9 @@ def cam_by_hand(hf, model, inp):
     each unpadded cell's tile crop (tile and place found by index arithmetic, no class token),
     features and gradients then resized bilinearly to the token grid."""
     ids = inp.with_tokens(mmlens.analysis.answer_token_ids(model, inp, ANSWER)).model_kwargs()
-    n_prompt = inp.input_ids.shape[1]
     modules = [hf.model.vision_tower.encoder.layers[0].layer_norm2]
     modules += [hf.model.language_model.layers[layer].post_attention_layernorm for layer in (0, 1)]
-    outputs = []
-    handles = [m.register_forward_hook(lambda m, a, out: outputs.append(out)) for m in modules]
-    logits = hf(**ids).logits
-    for handle in handles:
-        handle.remove()
-    answer = ids["input_ids"][0, n_prompt:]
-    target = logits[0, n_prompt - 1 + torch.arange(len(answer)), answer].sum()
-    gradients = torch.autograd.grad(target, outputs)
+    outputs, gradients = hf_answer_gradients(hf, ids, modules, inp.input_ids.shape[1])
     grid = inp.image_geometry[0].grid
     base, high = inp.layout.patch_grid(0), inp.layout.highres_grid(0)
     side, (_, tiles_wide) = grid.patches_per_tile, grid.tiles

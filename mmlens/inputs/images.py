@@ -48,6 +48,19 @@ def as_image(image: Any) -> Image.Image | np.ndarray:
     )
 
 
+def processor_arguments(images: Any, text: Any) -> tuple[list, list[str]]:
+    """A processor call's `images` (None, one image, or a list) and `text` (a string or a list)
+    as two lists, as HF processors accept them.
+
+    >>> processor_arguments(None, "Why?")
+    ([], ['Why?'])
+    """
+    texts = [text] if isinstance(text, str) else list(text or [])
+    if images is None:
+        return [], texts
+    return (list(images) if isinstance(images, (list, tuple)) else [images]), texts
+
+
 def _open(path: str | os.PathLike) -> Image.Image:
     text = os.fspath(path)
     if _URL.match(text):

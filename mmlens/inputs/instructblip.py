@@ -19,6 +19,7 @@ import torch
 from transformers import AutoTokenizer, BatchFeature, BlipImageProcessorPil
 
 from mmlens.inputs.geometry import ImageGeometry, QueryGeometry
+from mmlens.inputs.images import processor_arguments
 
 
 class QFormerProcessor:
@@ -119,14 +120,7 @@ class QFormerProcessor:
         padding_side: str = "left",
         return_tensors: str = "pt",
     ) -> BatchFeature:
-        texts = [text] if isinstance(text, str) else list(text or [])
-        image_list = (
-            []
-            if images is None
-            else list(images)
-            if isinstance(images, (list, tuple))
-            else [images]
-        )
+        image_list, texts = processor_arguments(images, text)
         instructions = [self._instruction(prompt) for prompt in texts]
         if len(image_list) != len(texts):
             raise ValueError(f"{len(image_list)} image(s) for {len(texts)} prompt(s): one each")

@@ -27,6 +27,7 @@ from typing import Any
 from transformers import AutoTokenizer, BatchFeature, LlavaOnevisionImageProcessorPil
 
 from mmlens.inputs.geometry import AnyresGeometry, ImageGeometry, _image_size, _size_field
+from mmlens.inputs.images import processor_arguments
 
 
 def max_tile_patches(vision_aspect_ratio: str) -> int:
@@ -150,14 +151,7 @@ class OnevisionProcessor:
         Raises:
             ValueError: the number of images differs from the number of placeholders.
         """
-        texts = [text] if isinstance(text, str) else list(text or [])
-        image_list = (
-            []
-            if images is None
-            else list(images)
-            if isinstance(images, (list, tuple))
-            else [images]
-        )
+        image_list, texts = processor_arguments(images, text)
         counts = [prompt.count(self.image_token) for prompt in texts]
         if sum(counts) != len(image_list):
             raise ValueError(

@@ -1031,6 +1031,35 @@ def hf_image_features(output: Any) -> torch.Tensor:
     return features.reshape(-1, features.shape[-1])
 
 
+def hf_answer_gradients(
+    hf_model: torch.nn.Module, kwargs: dict, modules: list[torch.nn.Module], n_prompt: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Grad-CAM's ingredients through a Hugging Face model, independently of mmlens: the
+    outputs of `modules` (in the order they run) in one forward pass on `kwargs` (a batch-1
+    prompt of `n_prompt` tokens followed by a teacher-forced answer) and the gradients of the
+    summed logits of the answer's tokens with respect to them.
+
+    Examples:
+        >>> from transformers import LlavaForConditionalGeneration
+        >>> hf = LlavaForConditionalGeneration.from_pretrained(mmlens.zoo.checkpoint_path("tiny-shapes"))
+        >>> forced = inp.with_tokens(mmlens.analysis.answer_token_ids(model, inp, "red"))
+        >>> norm = hf.model.language_model.layers[0].post_attention_layernorm
+        >>> outputs, gradients = hf_answer_gradients(hf, forced.model_kwargs(), [norm], inp.input_ids.shape[1])
+        >>> outputs[0].shape == gradients[0].shape == forced.input_ids.shape + (128,)
+        True
+    """
+    outputs: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda m, a, out: outputs.append(out)) for m in modules]
+    try:
+        logits = hf_model(**kwargs).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    answer = kwargs["input_ids"][0, n_prompt:]
+    target = logits[0, n_prompt - 1 + torch.arange(len(answer)), answer].sum()
+    return outputs, list(torch.autograd.grad(target, outputs))
+
+
 def assert_matches_hf(
     hf_model: torch.nn.Module, model: torch.nn.Module, inp: Any, tolerance: float = 1e-4
 ) -> tuple:
