@@ -201,3 +201,24 @@ def test_the_papers_presets_keep_its_own_geometry(model, images):
         inp = model.prepare(images[0], "Is the door red?", preset=preset)
         assert inp.settings["tokenization"] == "hf" and inp.settings["image_mode"] is None
         preset.check_input(model, inp)
+
+
+def test_reads_the_hubs_layout_of_processor_files(folder, model, images, tmp_path):
+    """Salesforce/instructblip-vicuna-* keep the image settings in preprocessor_config.json and
+    only num_query_tokens in processor_config.json (transformers 5 nests them in one file)."""
+    import json
+    import shutil
+
+    hub = tmp_path / "hub-layout"
+    shutil.copytree(folder, hub)
+    nested = json.loads((hub / "processor_config.json").read_text())
+    image_settings = {**nested.pop("image_processor"), "processor_class": "InstructBlipProcessor"}
+    (hub / "preprocessor_config.json").write_text(json.dumps(image_settings))
+    (hub / "processor_config.json").write_text(json.dumps(nested))
+    from_hub_layout = mmlens.from_pretrained(hub)
+    inp = from_hub_layout.prepare(images[0], PROMPTS[0])
+    expected = model.prepare(images[0], PROMPTS[0])
+    assert torch.equal(inp.pixel_values, expected.pixel_values)
+    assert torch.equal(inp.input_ids, expected.input_ids)
+    with torch.no_grad():
+        assert torch.equal(from_hub_layout(inp), model(expected))
