@@ -83,7 +83,7 @@ def write_report(
         progress=progress,
     )
     sweep["question_type"] = [samples[used[row]].question_type for row in sweep["sample"]]
-    sections.append(_sweep_section(sweep))
+    sections.append(_sweep_section(sweep, answered_correctly=bool(correct)))
     first = used[0]
     lens = logit_lens(
         model, inputs[first], answer_token_variants(model, inputs[first], answers[first])
@@ -134,7 +134,9 @@ def _accuracy_section(model: Any, samples: Sequence[Any], inputs: Sequence[Any])
     return Section("Model and samples", text)
 
 
-def _sweep_section(sweep: Any) -> Section:
+def _sweep_section(sweep: Any, answered_correctly: bool) -> Section:
+    # With no correct answer (an untrained model), every sample with boxes is used: say so.
+    which = "correctly answered" if answered_correctly else "(none answered correctly: all)"
     means = sweep.groupby(["flow", "layer"]).relative_change.mean()
     lines = []
     for flow in sweep.flow.unique():
@@ -145,7 +147,7 @@ def _sweep_section(sweep: Any) -> Section:
     text = (
         f"Attention knockout (Cross-modal Information Flow, eq. 7): each flow's edges are blocked in a "
         f"window of {sweep.attrs['window_size']} layers centred on each layer; the curve is the mean relative "
-        f"change of the probability of the clean prediction over {sweep['sample'].nunique()} correctly answered "
+        f"change of the probability of the clean prediction over {sweep['sample'].nunique()} {which} "
         "samples, with a 95% interval, one panel per question type. Over all types: "
         + "; ".join(lines)
         + "."

@@ -32,3 +32,11 @@ def test_report_is_self_contained_with_every_section(tiny_checkpoint, tmp_path):
         "anyres hf, tokenization hf"
     )
     assert expected in text
+
+
+def test_the_knockout_text_says_which_samples_it_averages(tmp_path):
+    trained = write_report(
+        mmlens.load("tiny-shapes"), generate(4, seed=3), tmp_path / "r.html", n_cam_samples=1,
+        progress=False,
+    ).read_text()  # fmt: skip
+    assert " correctly answered samples" in trained and "none answered correctly" not in trained
