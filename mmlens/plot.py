@@ -200,21 +200,21 @@ def llava_cam(
         figure.update_xaxes(range=[-0.5, width - 0.5], visible=False, row=row, col=col)
         figure.update_yaxes(range=[height - 0.5, -0.5], visible=False, row=row, col=col,
                             scaleanchor=f"x{index + 1 if index else ''}")  # fmt: skip
+    note = _geometry_note(geometry, inp.image_mode)
+    if not hasattr(inp.image_geometry[image], "grid_size"):  # InstructBLIP's queries
+        note += ("<br>Decoder layers: each query token's relevance, spread over the"
+                 "<br>patches by the Q-Former's cross-attention (mean over heads, blocks).")  # fmt: skip
+    note_height = 18 * (note.count("<br>") + 1)
     noise = f"SmoothGrad sigma={settings['noise_std']}, n={settings['n_samples']}"
     figure.update_layout(
         title=f"LLaVA-CAM of {settings['answer']!r} ({settings['site']}, {noise}) - "
         f"{_model_name(settings['model'])}",
-        height=260 * n_rows + 120,
+        height=260 * n_rows + 66 + note_height,
         width=240 * min(columns, len(result.layers)) + 120,
-        margin={"b": 90},
+        margin={"b": 36 + note_height},
     )
-    note = _geometry_note(geometry, inp.image_mode)
-    if not hasattr(inp.image_geometry[image], "grid_size"):  # InstructBLIP's queries
-        note += ("<br>Decoder layers: each query token's relevance, spread over the patches by "
-                 "the Q-Former's cross-attention (mean over heads and blocks).")  # fmt: skip
-    figure.add_annotation(text=note, xref="paper",
-                          yref="paper", x=0, y=0,
-                          yshift=-60, showarrow=False, xanchor="left", align="left")  # fmt: skip
+    figure.add_annotation(text=note, xref="paper", yref="paper", x=0, y=0, yanchor="top",
+                          yshift=-24, showarrow=False, xanchor="left", align="left")  # fmt: skip
     return figure
 
 
