@@ -154,8 +154,9 @@ def llava_cam(
     """
     settings = result.settings
     image = settings["image"]
+    through_queries = hasattr(inp.image_geometry[image], "vision")  # InstructBLIP
     geometry = inp.image_geometry[image]
-    geometry = getattr(geometry, "vision", geometry)  # InstructBLIP: the vision tower's view
+    geometry = geometry.vision if through_queries else geometry  # the vision tower's view
     if result.highres_maps is not None:
         return _llava_next_cam(result, inp, columns, opacity, highres)
     crop = inp.pixel_values[image]
@@ -201,7 +202,7 @@ def llava_cam(
         figure.update_yaxes(range=[height - 0.5, -0.5], visible=False, row=row, col=col,
                             scaleanchor=f"x{index + 1 if index else ''}")  # fmt: skip
     note = _geometry_note(geometry, inp.image_mode)
-    if not hasattr(inp.image_geometry[image], "grid_size"):  # InstructBLIP's queries
+    if through_queries:
         note += ("<br>Decoder layers: each query token's relevance, spread over the"
                  "<br>patches by the Q-Former's cross-attention (mean over heads, blocks).")  # fmt: skip
     note_height = 18 * (note.count("<br>") + 1)
@@ -250,7 +251,8 @@ def _llava_next_cam(
     anyres_grid = inp.image_geometry[settings["image"]].grid
     grid = "unpadded tile grid" if highres else "base grid"
     if highres and anyres_grid.downsampled:
-        grid = f"tile grid ({anyres_grid.unpadded_size[0]}x{anyres_grid.unpadded_size[1]} patches) downsampled"
+        unpadded_rows, unpadded_cols = anyres_grid.unpadded_size
+        grid = f"tile grid ({unpadded_rows}x{unpadded_cols} patches) downsampled"
     noise = f"SmoothGrad sigma={settings['noise_std']}, n={settings['n_samples']}"
     panel_height = 240 * height / max(width, 1)
     figure.update_layout(

@@ -209,8 +209,8 @@ def _grids(inp: Any, image: int, has_cls: bool) -> _Grids:
     if vision is not None:  # InstructBLIP: maps on the vision tower's grid, through the queries
         rows, cols = vision.grid_size
         queries = inp.layout.position[inp.layout.image == image]
-        return _Grids(torch.arange(rows * cols).reshape(rows, cols), None, image, has_cls, None,
-                      queries)  # fmt: skip
+        vision_grid = torch.arange(rows * cols).reshape(rows, cols)
+        return _Grids(vision_grid, None, first_crop=image, has_cls=has_cls, queries=queries)
     if inp.pixel_values.ndim == 4:  # LLaVA-1.5: one crop per image
         return _Grids(inp.layout.patch_grid(image), None, image, has_cls)
     geometries = inp.image_geometry
@@ -285,6 +285,8 @@ def _raw_maps(
                 )
         gradients = torch.autograd.grad(target, [captured[name] for name in hook_names])
 
+    # InstructBLIP: how the queries read the patches, once for every decoder layer's map.
+    spread = queries_to_patches(model, captured) if grids.queries is not None else None
     results = []
     for highres in (False, True):
         grid = grids.highres if highres else grids.base
@@ -293,8 +295,8 @@ def _raw_maps(
             continue
         maps = []
         for name, gradient in zip(hook_names, gradients, strict=True):
-            if grids.queries is not None and not name.startswith("vision."):
-                maps.append(_query_map(captured, name, gradient, grids, model, relu_gradients))
+            if spread is not None and not name.startswith("vision."):
+                maps.append(_query_map(captured[name], gradient, grids, spread, relu_gradients))
                 continue
             features, gradient = (
                 _patch_features(tensor, name, grids, highres)
@@ -309,22 +311,20 @@ def _raw_maps(
 
 
 def _query_map(
-    captured: dict[str, Tensor],
-    name: str,
-    gradient: Tensor,
+    activation: Float[Tensor, "batch pos d"],
+    gradient: Float[Tensor, "batch pos d"],
     grids: _Grids,
-    model: Any,
+    spread: Float[Tensor, "query patch"],
     relu_gradients: bool,
 ) -> Float[Tensor, "rows cols"]:
     """InstructBLIP, a decoder layer: Grad-CAM over the query tokens (their relevance
-    ``ReLU(A_q . alpha)``), times how each query reads the patches."""
-    features = captured[name][0, grids.queries].detach().float()
+    ``ReLU(A_q . alpha)``), times how each query reads the patches (`spread`)."""
+    features = activation[0, grids.queries].detach().float()
     gradient = gradient[0, grids.queries].float()
     if relu_gradients:
         gradient = F.relu(gradient)
     relevance = F.relu(features @ gradient.mean(0))
-    spread = queries_to_patches(model, captured).to(relevance.device)
-    return (relevance @ spread).reshape(grids.base.shape)
+    return (relevance @ spread.to(relevance.device)).reshape(grids.base.shape)
 
 
 def _patch_features(

@@ -22,8 +22,9 @@ def box_scores(
     """How much of each map's mass lies on the patches of `boxes`, against their area share.
 
     `maps`: `[layer, rows, cols]` on the patch grid of image `image` of `inp` (LLaVA-CAM maps or
-    attention to the image reshaped to the grid; InstructBLIP: the vision tower's patch grid). Returns per-layer mass share, the area share,
-    and whether each layer's maximum (the pointing game) falls inside the boxes.
+    attention to the image reshaped to the grid; InstructBLIP: the vision tower's patch grid).
+    Returns per-layer mass share, the area share, and whether each layer's maximum (the
+    pointing game) falls inside the boxes.
     """
     vision = getattr(inp.image_geometry[image], "vision", None)
     if vision is not None:  # InstructBLIP: the maps are on the vision tower's patch grid
@@ -75,16 +76,17 @@ def last_row_attention_maps(model: Any, inp: Any) -> Float[torch.Tensor, "layer 
         tensor([False,  True,  True, False, False, False])
     """
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
-    if model.image_tokens_are_patches:
-        grid = inp.layout.patch_grid(0)
-        with torch.no_grad():
-            _, cache = model.run_with_cache(inp, names_filter=names)
-        rows = torch.stack([cache[name][0, :, -1].mean(0) for name in names])  # [layer, k_pos]
-        return rows[:, grid.flatten()].reshape(len(names), *grid.shape)
-    spread_names = [name for name in model.hook_dict if name.endswith("cross_attn.hook_pattern")]
+    spread_names = (
+        []
+        if model.image_tokens_are_patches
+        else [name for name in model.hook_dict if name.endswith("cross_attn.hook_pattern")]
+    )
     with torch.no_grad():
         _, cache = model.run_with_cache(inp, names_filter=names + spread_names)
-    queries = inp.positions("image")
-    rows = torch.stack([cache[name][0, :, -1].mean(0)[queries] for name in names]).float()
+    rows = torch.stack([cache[name][0, :, -1].mean(0) for name in names])  # [layer, k_pos]
+    if model.image_tokens_are_patches:
+        grid = inp.layout.patch_grid(0)
+        return rows[:, grid.flatten()].reshape(len(names), *grid.shape)
+    queries = rows[:, inp.positions("image")].float().cpu()
     grid_size = inp.image_geometry[0].vision.grid_size
-    return (rows.cpu() @ queries_to_patches(model, cache)).reshape(len(names), *grid_size)
+    return (queries @ queries_to_patches(model, cache)).reshape(len(names), *grid_size)

@@ -386,7 +386,7 @@ class AnyresGrid:
     @property
     def downsampled(self) -> bool:
         """Whether the model reads a bilinear downsampling of the unpadded grid (OneVision)."""
-        return self.token_grid is not None and self.token_grid != self.unpadded_size
+        return self.token_grid is not None  # only set when the grid shrinks
 
     @property
     def token_grid_size(self) -> tuple[int, int]:

@@ -91,7 +91,8 @@ class QFormerProcessor:
 
     def image_geometry(self, original_size: tuple[int, int], tiled: bool) -> QueryGeometry:
         """The vision tower's geometry of an image of ``(height, width)`` `original_size` (BLIP
-        squashes it to the input size), behind `num_query_tokens` query tokens."""
+        squashes it to the input size), behind `num_query_tokens` query tokens (`tiled`, which
+        `MultimodalInput` passes to every mmlens processor, does not apply: one crop)."""
         vision = ImageGeometry.from_image_processor(
             self.image_processor, original_size, self.patch_size
         )
@@ -127,9 +128,12 @@ class QFormerProcessor:
         image_block = [self.image_token_id] * self.num_query_tokens
         ids = [image_block + self.tokenizer(line)["input_ids"] for line in instructions]
         encoded = self.tokenizer.pad(
-            {"input_ids": ids}, padding=padding, padding_side=padding_side, return_tensors="pt"
+            {"input_ids": ids},
+            padding=padding,
+            padding_side=padding_side,
+            return_tensors=return_tensors,
         )
-        qformer = self.qformer_tokenizer(instructions, padding=True, return_tensors="pt")
+        qformer = self.qformer_tokenizer(instructions, padding=True, return_tensors=return_tensors)
         pixels = self.image_processor(image_list, return_tensors=return_tensors)
         return BatchFeature(
             {

@@ -459,7 +459,8 @@ class MultimodalInput:
         if hasattr(processor, "image_geometry") and (image_mode is not None or anyres != "hf"):
             raise ValueError(
                 f"image_mode={image_mode!r}, anyres={anyres!r}: this checkpoint's processor "
-                "(LLaVA-OneVision, InstructBLIP) has one geometry of its own; leave both at their defaults"
+                "(LLaVA-OneVision, InstructBLIP) has one geometry of its own; leave both at "
+                "their defaults"
             )
         geometry_processor = with_image_mode(processor, image_mode)
         processor = with_anyres(geometry_processor, anyres)
