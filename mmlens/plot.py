@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -201,19 +202,26 @@ def llava_cam(
         figure.update_xaxes(range=[-0.5, width - 0.5], visible=False, row=row, col=col)
         figure.update_yaxes(range=[height - 0.5, -0.5], visible=False, row=row, col=col,
                             scaleanchor=f"x{index + 1 if index else ''}")  # fmt: skip
-    note = _geometry_note(geometry, inp.image_mode)
+    figure_width = 240 * min(columns, len(result.layers)) + 120
+    lines = _geometry_note(geometry, inp.image_mode).split("<br>")
     if through_queries:
-        note += ("<br>Decoder layers: each query token's relevance, spread over the"
-                 "<br>patches by the Q-Former's cross-attention (mean over heads, blocks).")  # fmt: skip
-    note_height = 18 * (note.count("<br>") + 1)
+        lines.append(
+            "Decoder layers: each query token's relevance, spread over the patches by the "
+            "Q-Former's cross-attention (mean over heads and blocks)."
+        )
+    # Wrapped to the figure's width (~6.5 px a character at the caption's size): a narrow
+    # figure of one or two panels would cut a long line off.
+    lines = [part for line in lines for part in textwrap.wrap(line, int((figure_width - 60) / 6.5))]
+    note_height = 18 * len(lines)
     noise = f"SmoothGrad sigma={settings['noise_std']}, n={settings['n_samples']}"
     figure.update_layout(
         title=f"LLaVA-CAM of {settings['answer']!r} ({settings['site']}, {noise}) - "
         f"{_model_name(settings['model'])}",
         height=260 * n_rows + 66 + note_height,
-        width=240 * min(columns, len(result.layers)) + 120,
+        width=figure_width,
         margin={"b": 36 + note_height},
     )
+    note = "<br>".join(lines)
     figure.add_annotation(text=note, xref="paper", yref="paper", x=0, y=0, yanchor="top",
                           yshift=-24, showarrow=False, xanchor="left", align="left")  # fmt: skip
     return figure

@@ -251,7 +251,10 @@ def test_cam_of_an_image_among_several_has_the_base_map_only(model, images):
     cam = llava_cam(model, inp, ANSWER, layers=[0, "vision.blocks.0"], noise_std=0, image=1)
     assert cam.maps.shape == (2, 4, 4) and cam.highres_maps is None
     figure = mmlens.plot.llava_cam(cam, inp)  # over its padded crop, as LLaVA-1.5's
-    assert "padded to 30x30" in figure.layout.annotations[-1].text
+    lines = figure.layout.annotations[-1].text.split("<br>")
+    assert "padded to 30x30" in " ".join(lines)
+    # Wrapped to the narrow two-panel figure (~6.5 px a character), not cut off at its edge.
+    assert len(lines) > 2 and max(map(len, lines)) * 6.5 <= figure.layout.width - 60
 
 
 def test_errors(model, images):
