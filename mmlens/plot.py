@@ -142,12 +142,14 @@ def llava_cam(
 ) -> go.Figure:
     """One panel per layer: the map over the image as the model saw it.
 
-    LLaVA-1.5: the image is `inp.pixel_values` un-normalised with the processor's mean and std,
-    so the panel shows the real input geometry: pad-to-square bars in the mean colour, resize and
-    crop. Each map cell covers its patch (smoothed for display). A dashed box marks where the
-    original image lies in that input; the caption says how it got there. LLaVA-NeXT: the maps
-    (the unpadded tile grid's, or with ``highres=False`` the base grid's) cover the whole image,
-    drawn at its original size and aspect from the base crop.
+    A single crop: the image is `inp.pixel_values` un-normalised with the processor's mean and
+    std, so the panel shows the real input geometry: pad-to-square bars in the mean colour,
+    resize and crop. Each map cell covers its patch (smoothed for display). A dashed box marks
+    where the original image lies in that input; the caption says how it got there. A tiled
+    image: the maps (the tile token grid's, or with ``highres=False`` the base grid's) cover the
+    whole image, drawn at its original size and aspect from the base crop. Where image tokens
+    are not patches, the maps are on the vision tower's crop and the caption says how decoder
+    layers reached it (`CamResult.settings["spread"]`).
 
     Examples:
         >>> from mmlens.analysis import llava_cam as cam
@@ -155,13 +157,11 @@ def llava_cam(
     """
     settings = result.settings
     image = settings["image"]
-    through_queries = hasattr(inp.image_geometry[image], "vision")  # InstructBLIP
-    geometry = inp.image_geometry[image]
-    geometry = geometry.vision if through_queries else geometry  # the vision tower's view
+    geometry = inp.image_geometry[image].vision_view  # the first crop, as the tower saw it
     if result.highres_maps is not None:
-        return _llava_next_cam(result, inp, columns, opacity, highres)
+        return _tiled_cam(result, inp, columns, opacity, highres)
     crop = inp.pixel_values[image]
-    if crop.ndim == 4:  # LLaVA-OneVision, an image among several: its one (padded) crop
+    if crop.ndim == 4:  # pixels of a tiling processor, [image, crop, ...]: the first crop
         crop = crop[0]
     pixels = _model_view(crop, settings["image_mean"], settings["image_std"])
     height, width = pixels.height, pixels.width
@@ -204,11 +204,8 @@ def llava_cam(
                             scaleanchor=f"x{index + 1 if index else ''}")  # fmt: skip
     figure_width = 240 * min(columns, len(result.layers)) + 120
     lines = _geometry_note(geometry, inp.image_mode).split("<br>")
-    if through_queries:
-        lines.append(
-            "Decoder layers: each query token's relevance, spread over the patches by the "
-            "Q-Former's cross-attention (mean over heads and blocks)."
-        )
+    if settings.get("spread"):
+        lines.append(f"Decoder layers: {settings['spread']}")
     # Wrapped to the figure's width (~6.5 px a character at the caption's size): a narrow
     # figure of one or two panels would cut a long line off.
     lines = [part for line in lines for part in textwrap.wrap(line, int((figure_width - 60) / 6.5))]
@@ -227,10 +224,10 @@ def llava_cam(
     return figure
 
 
-def _llava_next_cam(
+def _tiled_cam(
     result: CamResult, inp: Any, columns: int, opacity: float, highres: bool
 ) -> go.Figure:
-    """`llava_cam` for LLaVA-NeXT: maps stretched over the original image."""
+    """`llava_cam` for a tiled image: maps stretched over the original image."""
     settings = result.settings
     height, width = settings["original_size"]
     base_crop = inp.pixel_values[settings["image"]][0]
@@ -256,11 +253,8 @@ def _llava_next_cam(
         figure.update_xaxes(range=[-0.5, width - 0.5], visible=False, row=row, col=col)
         figure.update_yaxes(range=[height - 0.5, -0.5], visible=False, row=row, col=col,
                             scaleanchor=f"x{index + 1 if index else ''}")  # fmt: skip
-    anyres_grid = inp.image_geometry[settings["image"]].grid
-    grid = "unpadded tile grid" if highres else "base grid"
-    if highres and anyres_grid.downsampled:
-        unpadded_rows, unpadded_cols = anyres_grid.unpadded_size
-        grid = f"tile grid ({unpadded_rows}x{unpadded_cols} patches) downsampled"
+    tile_grid = inp.image_geometry[settings["image"]].tile_grid
+    grid = tile_grid.describe() if highres else "base grid"
     noise = f"SmoothGrad sigma={settings['noise_std']}, n={settings['n_samples']}"
     panel_height = 240 * height / max(width, 1)
     figure.update_layout(

@@ -1,7 +1,7 @@
 """Paper presets: every setting a paper's code fixed, as one object for `prepare` and the analyses.
 
-mmlens' defaults equal Hugging Face's implementation; both papers ran the original LLaVA /
-LLaVA-NeXT code, which differs in image geometry, tiling, tokenisation and prompt (the table in
+mmlens' defaults equal Hugging Face's implementation; both papers ran the original LLaVA
+code, which differs in image geometry, tiling, tokenisation and prompt (the table in
 docs/semantics.md, "Reproducing the papers' settings"). A preset holds what the paper's code did:
 
     >>> from mmlens.analysis import knockout_sweep
@@ -24,7 +24,7 @@ from pathlib import PurePath
 from typing import Any
 
 from mmlens.analysis.sweep import PAPER_FLOWS, PATCH_FLOWS
-from mmlens.inputs.geometry import tiles_images
+from mmlens.inputs.adapters import processor_adapter
 from mmlens.inputs.templates import CROSS_MODAL_SUFFIX, ORIGINAL_TEMPLATES
 
 
@@ -38,12 +38,15 @@ class Preset:
         suffix: the answer-format instruction after the question (outside the `question`
             segment), or None: the data set's own (`mmlens.data.Sample.suffix`, or what
             `prepare` is given).
-        image_mode: LLaVA-1.5 image geometry (`mmlens.inputs.geometry.IMAGE_MODES`).
-        anyres: LLaVA-NeXT tiling rule (`mmlens.inputs.geometry.ANYRES_RULES`).
+        image_mode: single-crop image geometry (`mmlens.inputs.geometry.IMAGE_MODES`), for
+            models whose processor takes it.
+        anyres: tiling rule ("hf" or "llava"), for models whose processor tiles.
         tokenization: `mmlens.inputs.tokenization.TOKENIZATIONS`.
         flows: the knockout flows (name -> (source, target)), as `knockout_sweep` takes them.
         patch_rule: the `patches_in_box` rule for "related_patches" / "other_patches".
-        window_sizes: checkpoint name (a part of the model's name, lower case) -> knockout window.
+        window_sizes: checkpoint name (a part of the model's name, lower case) -> knockout
+            window, ahead of the windows the model's family declares for this preset
+            (`paper_window_sizes`, `mmlens.models.family`).
         default_window_size: the window of any other model.
         correct_only: whether the paper analysed only samples the model answers correctly.
         subword: which sub-word of the answer is scored ("first", or "final" for appendix-style
@@ -75,35 +78,36 @@ class Preset:
 
     def prepare_kwargs(self, model: Any) -> dict[str, Any]:
         """The keyword arguments of `model.prepare` under this preset: template, tokenisation,
-        the suffix if the preset fixes one; the image mode for single-crop models (LLaVA-1.5),
-        the anyres rule for tiling ones (LLaVA-NeXT). Models whose processor has one geometry
-        of its own and places its image tokens itself (LLaVA-OneVision, InstructBLIP) get
-        their template, the suffix and Hugging Face's tokenisation.
+        the suffix if the preset fixes one; of `image_mode` and `anyres`, those the model's
+        processor takes (`mmlens.inputs.adapters.ProcessorAdapter.options`). A processor with
+        one geometry of its own, or one that places its image tokens itself, gets its template,
+        the suffix and Hugging Face's tokenisation.
 
         Examples:
-            >>> CROSS_MODAL_FLOW.prepare_kwargs(model)["template"]  # "vicuna_v1" for LLaVA-1.5
+            >>> CROSS_MODAL_FLOW.prepare_kwargs(model)["template"]  # "vicuna_v1" for a Vicuna LLaVA
             'llava_v1'
         """
         kwargs: dict[str, Any] = dict(template=self.template(model), tokenization=self.tokenization)
         if self.suffix is not None:
             kwargs["suffix"] = self.suffix
-        if hasattr(model.processor, "image_geometry"):  # mmlens' own processors
+        adapter = processor_adapter(model.processor)
+        if adapter.places_image_tokens or not adapter.options:
             kwargs["tokenization"] = "hf"
-        elif tiles_images(model.processor.image_processor):
-            kwargs["anyres"] = self.anyres
-        else:
-            kwargs["image_mode"] = self.image_mode
+        for option in adapter.options:
+            kwargs[option] = getattr(self, option)
         return kwargs
 
     def window_size(self, model: Any) -> int:
-        """The knockout window for `model`: by its checkpoint name, else `default_window_size`.
+        """The knockout window for `model`: by its checkpoint name (`window_sizes`, then its
+        family's `paper_window_sizes` for this preset), else `default_window_size`.
 
         Examples:
-            >>> CROSS_MODAL_FLOW.window_size(model)  # 9 for llava-1.5-13b-hf, 7 for llava-1.5-7b-hf
+            >>> CROSS_MODAL_FLOW.window_size(model)  # the paper's 7 or 9 for its checkpoints
             9
         """
         name = PurePath(str(model.cfg.model_name)).name.lower()
-        for checkpoint, size in self.window_sizes.items():
+        declared = model.paper_window_sizes.get(self.name, {})
+        for checkpoint, size in {**declared, **self.window_sizes}.items():
             if checkpoint in name:
                 return size
         return self.default_window_size
@@ -132,15 +136,7 @@ CROSS_MODAL_FLOW = Preset(
     suffix=CROSS_MODAL_SUFFIX,
     flows={**PAPER_FLOWS, **PATCH_FLOWS},
     patch_rule="mask",
-    # Its plots: window 9 for LLaVA-1.5-13B, 7 for the other three models (the text says 9).
-    window_sizes={
-        "llava-1.5-13b": 9,
-        "llava-v1.5-13b": 9,
-        "llava-1.5-7b": 7,
-        "llava-v1.5-7b": 7,
-        "llava-v1.6-vicuna-7b": 7,
-        "llama3-llava-next-8b": 7,
-    },
+    # Its plotted windows per checkpoint are declared by the families (`paper_window_sizes`).
     default_window_size=9,
     correct_only=True,
     subword="first",

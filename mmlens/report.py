@@ -72,7 +72,7 @@ def write_report(
     if not used:
         raise ValueError("no sample refers to an object in its image (all have empty boxes)")
 
-    # InstructBLIP's image tokens are queries: no image token shows a box.
+    # Where image tokens are not patches (learned queries), no image token shows a box.
     flows = REPORT_FLOWS if model.image_tokens_are_patches else PAPER_FLOWS
     sweep = knockout_sweep(
         model,

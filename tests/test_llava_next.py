@@ -19,7 +19,8 @@ from transformers.image_utils import PILImageResampling
 
 import mmlens
 from mmlens import testing as mmlens_testing
-from mmlens.inputs import NEWLINE, PATCH, AnyresGeometry, MultimodalInput
+from mmlens.inputs import NEWLINE, PATCH, MultimodalInput
+from mmlens.models.llava_next.geometry import AnyresGeometry
 from mmlens.testing import make_test_image
 
 TOLERANCE = 1e-4

@@ -20,8 +20,9 @@ from transformers import (
 
 import mmlens
 from mmlens.analysis.cam import llava_cam
-from mmlens.inputs import NEWLINE, PATCH, AnyresGrid
-from mmlens.inputs.geometry import bilinear_sources
+from mmlens.inputs import NEWLINE, PATCH
+from mmlens.models.llava_next.geometry import AnyresGrid
+from mmlens.models.llava_next.geometry import bilinear_sources
 from mmlens.testing import (
     assert_matches_hf,
     build_tiny_llava_onevision,
@@ -267,7 +268,7 @@ def test_errors(model, images):
     with pytest.raises(ValueError, match="1 image\\(s\\) for 2 '<image>' placeholder"):
         model.processor(images=[images["square"]], text=["<image> and <image>"])
     with pytest.raises(ValueError, match="anyres_max_N"):
-        mmlens.inputs.onevision.max_tile_patches("anyres")
+        mmlens.models.llava_onevision.processor.max_tile_patches("anyres")
 
 
 def test_the_runner_runs_on_it(folder, tmp_path):

@@ -17,7 +17,7 @@ from transformers import AutoProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 import mmlens
-from mmlens.inputs import AnyresGrid
+from mmlens.models.llava_next.geometry import AnyresGrid
 from mmlens.testing import make_test_image
 
 V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -157,7 +157,7 @@ def test_anyres_is_checked_where_it_applies(tiny_next, tiny_llava_dir):
     with pytest.raises(ValueError, match="anyres='tiles'"):
         model.prepare(make_test_image(20, 14), "What?", anyres="tiles")
     llava = mmlens.from_pretrained(tiny_llava_dir)
-    with pytest.raises(ValueError, match="anyres applies to LLaVA-NeXT"):
+    with pytest.raises(ValueError, match="anyres='llava' does not apply to this checkpoint's single-crop"):
         llava.prepare(make_test_image(20, 14), "What?", anyres="llava")
 
 

@@ -78,18 +78,22 @@ def test_an_organism_keeps_the_template_it_was_trained_with(shapes):
 
 
 @pytest.mark.parametrize(
-    ("name", "window"),
+    ("family", "name", "window"),
     [
-        ("llava-hf/llava-1.5-13b-hf", 9),
-        ("/models/llava-1.5-7b-hf", 7),
-        ("liuhaotian/llava-v1.5-13b", 9),
-        ("llava-hf/llava-v1.6-vicuna-7b-hf", 7),
-        ("/data/llama3-llava-next-8b-hf", 7),
-        ("tiny-shapes", 9),
+        (mmlens.HookedLlava, "llava-hf/llava-1.5-13b-hf", 9),
+        (mmlens.HookedLlava, "/models/llava-1.5-7b-hf", 7),
+        (mmlens.HookedLlava, "liuhaotian/llava-v1.5-13b", 9),
+        (mmlens.HookedLlavaNext, "llava-hf/llava-v1.6-vicuna-7b-hf", 7),
+        (mmlens.HookedLlavaNext, "/data/llama3-llava-next-8b-hf", 7),
+        (mmlens.HookedLlava, "tiny-shapes", 9),
+        (mmlens.HookedLlava, "llava-hf/llava-v1.6-vicuna-7b-hf", 9),  # another family's window
     ],
 )
-def test_the_cross_modal_window_follows_the_checkpoint(name, window):
-    model = SimpleNamespace(cfg=SimpleNamespace(model_name=name))
+def test_the_cross_modal_window_follows_the_checkpoint(family, name, window):
+    """The windows are declared by each family (`paper_window_sizes`) and read by the preset."""
+    model = SimpleNamespace(
+        cfg=SimpleNamespace(model_name=name), paper_window_sizes=family.paper_window_sizes
+    )
     assert CROSS_MODAL_FLOW.window_size(model) == window
 
 

@@ -5,26 +5,23 @@ From Redundancy to Relevance (section 3.1, appendix A.1); semantics in docs/anal
 Examples:
     >>> cam = llava_cam(model, inp, "red", layers=[0, 3, 5, "vision.blocks.2"], n_samples=2,
     ...                 progress=False)
-    >>> cam.maps.shape          # [layer, rows, cols]: 8 x 8 patches here, 24 x 24 for llava-1.5
+    >>> cam.maps.shape          # [layer, rows, cols]: 8 x 8 patches here, 24 x 24 at 336 px
     torch.Size([4, 8, 8])
     >>> figure = mmlens.plot.llava_cam(cam, inp)      # figure.show() in a notebook
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import einops
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmlens.analysis.grounding import queries_to_patches
 from mmlens.analysis.probability import answer_token_ids
 from mmlens.inputs import input_settings
 
@@ -44,14 +41,16 @@ class CamResult:
     """Maps of `llava_cam`.
 
     Attributes:
-        maps: ``[n_layers, rows, cols]`` on the image's patch grid (LLaVA-NeXT: the base
-            image's), each max-normalised to [0, 1] (all zero where the map is).
+        maps: ``[n_layers, rows, cols]`` on the image's patch grid (a tiled image: the base
+            crop's; image tokens that are not patches: the vision tower's), each
+            max-normalised to [0, 1] (all zero where the map is).
         layers: the layer of each map: "blocks.{l}" (decoder) or "vision.blocks.{l}".
-        highres_maps: LLaVA-NeXT only: ``[n_layers, rows, cols]`` on the tile token grid
-            (`inp.layout.highres_grid`: the unpadded grid; LLaVA-OneVision's downsampled one),
-            normalised the same way; None for LLaVA-1.5 and for a OneVision image that is not
-            tiled (one of several in its prompt).
+        highres_maps: a tiled image only: ``[n_layers, rows, cols]`` on its tile token grid
+            (`inp.layout.highres_grid`, the geometry's `tile_grid`), normalised the same way;
+            None for an image that is not tiled.
         settings: model name, answer and its ids, site, noise_std, n_samples, relu_gradients,
+            how decoder maps reached the patches where image tokens are not patches
+            (``"spread"``, the family's `spread_note`),
             the input's settings (`inputs`),
             threshold, seed, image index, and the processor's image_mean / image_std (to draw
             the image as the model saw it).
@@ -63,8 +62,8 @@ class CamResult:
     highres_maps: Float[Tensor, "layer high_rows high_cols"] | None = None
 
     def on_image(self, highres: bool = True) -> Float[Tensor, "layer height width"]:
-        """The maps stretched over the original image, ``[layer, height, width]`` (LLaVA-NeXT:
-        both grids cover the whole image; the high-resolution one by default).
+        """The maps stretched over the original image, ``[layer, height, width]``, for a tiled
+        image (both of its grids cover the whole image; the high-resolution one by default).
 
         Examples:
             >>> cam = llava_cam(next_model, next_model.prepare(image, "Why?"), "red",
@@ -74,8 +73,9 @@ class CamResult:
         """
         if "original_size" not in self.settings:
             raise ValueError(
-                "on_image stretches LLaVA-NeXT maps, which cover the whole image; a LLaVA-1.5 "
-                "map covers the processed image (pad, crop): draw it with mmlens.plot.llava_cam"
+                "on_image stretches a tiled image's maps, which cover the whole image; a "
+                "single crop's map covers the processed image (pad, crop): draw it with "
+                "mmlens.plot.llava_cam"
             )
         maps = self.highres_maps if highres else self.maps
         size = tuple(self.settings["original_size"])
@@ -145,7 +145,7 @@ def llava_cam(
         if isinstance(answer, str)
         else [int(i) for i in answer]
     )
-    grids = _grids(inp, image, model.cfg.vision.has_cls)
+    grids = _grids(model, inp, image)
     image_std = torch.tensor(model.processor.image_processor.image_std)
     image_mean = torch.tensor(model.processor.image_processor.image_mean)
 
@@ -185,47 +185,40 @@ def llava_cam(
         "inputs": input_settings(inp),
     }
     if grids.highres is not None:
-        settings["original_size"] = list(inp.image_geometry[image].base.original_size)
+        settings["original_size"] = list(inp.image_geometry[image].original_size)
+    if grids.tokens is not None:
+        settings["spread"] = model.spread_note
     return CamResult(maps=maps, layers=layer_names, settings=settings, highres_maps=highres)
 
 
 @dataclass(frozen=True)
 class _Grids:
-    """Where an image's patches are: sequence positions of the base grid (and, for LLaVA-NeXT,
-    of the tile token grid) for decoder hooks; for vision hooks, the crops, whether each starts
-    with a class token (CLIP) or not (SigLIP), and the tile layout (`AnyresGrid`) to assemble
-    the tile canvas from."""
+    """Where an image's patches are: the sequence positions of its base grid (and of a tiled
+    image's tile token grid) for decoder hooks; for vision hooks, its first crop, whether crops
+    start with a class token, and its geometry (whose `tile_grid` packs the tile crops). Where
+    image tokens are not patches, `base` numbers the vision grid's patches and `tokens` holds
+    the image tokens' positions."""
 
     base: Int[Tensor, "rows cols"]
     highres: Int[Tensor, "high_rows high_cols"] | None
     first_crop: int
     has_cls: bool
-    anyres_grid: Any = None
-    queries: Int[Tensor, "query"] | None = None  # InstructBLIP: the query tokens' positions
+    geometry: Any
+    tokens: Int[Tensor, "token"] | None = None
 
 
-def _grids(inp: Any, image: int, has_cls: bool) -> _Grids:
-    vision = getattr(inp.image_geometry[image], "vision", None)
-    if vision is not None:  # InstructBLIP: maps on the vision tower's grid, through the queries
-        rows, cols = vision.grid_size
-        queries = inp.layout.position[inp.layout.image == image]
-        vision_grid = torch.arange(rows * cols).reshape(rows, cols)
-        return _Grids(vision_grid, None, first_crop=image, has_cls=has_cls, queries=queries)
-    if inp.pixel_values.ndim == 4:  # LLaVA-1.5: one crop per image
-        return _Grids(inp.layout.patch_grid(image), None, image, has_cls)
+def _grids(model: Any, inp: Any, image: int) -> _Grids:
     geometries = inp.image_geometry
-    first_crop = sum(_n_crops(geometry) for geometry in geometries[:image])
-    grid = getattr(geometries[image], "grid", None)
-    if grid is None:  # OneVision, an image among several: its base crop only
-        return _Grids(inp.layout.patch_grid(image), None, first_crop, has_cls)
-    highres = inp.layout.highres_grid(image)
-    return _Grids(inp.layout.patch_grid(image), highres, first_crop, has_cls, grid)
-
-
-def _n_crops(geometry: Any) -> int:
-    """The crops the vision tower sees for an image: its base crop and its tiles, if any."""
-    grid = getattr(geometry, "grid", None)
-    return 1 + (grid.n_tiles if grid is not None else 0)
+    geometry = geometries[image]
+    first_crop = sum(other.n_crops for other in geometries[:image])
+    has_cls = model.cfg.vision.has_cls
+    if not model.image_tokens_are_patches:  # maps on the vision grid, through the tokens
+        rows, cols = geometry.vision_view.grid_size
+        tokens = inp.layout.position[inp.layout.image == image]
+        vision_grid = torch.arange(rows * cols).reshape(rows, cols)
+        return _Grids(vision_grid, None, first_crop, has_cls, geometry, tokens)
+    highres = inp.layout.highres_grid(image) if geometry.tile_grid is not None else None
+    return _Grids(inp.layout.patch_grid(image), highres, first_crop, has_cls, geometry)
 
 
 def _normalised(maps: Tensor, threshold: float | None) -> Tensor:
@@ -261,17 +254,17 @@ def _raw_maps(
     relu_gradients: bool,
 ) -> list[Float[Tensor, "layer rows cols"] | None]:
     """One forward and one backward pass: the un-normalised maps of every hooked layer, on the
-    base grid and (LLaVA-NeXT) on the unpadded tile grid. InstructBLIP's decoder layers give a
-    Grad-CAM relevance per query token, spread over the patches by the Q-Former's
-    cross-attention of the same pass (`queries_to_patches`)."""
+    base grid and (a tiled image) on its tile token grid. Where image tokens are not patches,
+    decoder layers give a Grad-CAM relevance per image token, spread over the patches by the
+    family's `tokens_to_patches` from the same pass."""
     captured: dict[str, Tensor] = {}
 
     def capture(activation: Tensor, hook: Any) -> None:
         captured[hook.name] = activation
 
     hooks = [(name, capture) for name in hook_names]
-    if grids.queries is not None:
-        hooks += [(n, capture) for n in model.hook_dict if n.endswith("cross_attn.hook_pattern")]
+    if grids.tokens is not None:
+        hooks += [(name, capture) for name in model.spread_hook_names()]
     with torch.enable_grad():
         # Pixels that require grad give the activations a graph even if the weights do not.
         run = dict(run, pixel_values=run["pixel_values"].detach().requires_grad_())
@@ -285,8 +278,8 @@ def _raw_maps(
                 )
         gradients = torch.autograd.grad(target, [captured[name] for name in hook_names])
 
-    # InstructBLIP: how the queries read the patches, once for every decoder layer's map.
-    spread = queries_to_patches(model, captured) if grids.queries is not None else None
+    # How the image tokens read the patches, once for every decoder layer's map.
+    spread = model.tokens_to_patches(captured) if grids.tokens is not None else None
     results = []
     for highres in (False, True):
         grid = grids.highres if highres else grids.base
@@ -296,7 +289,7 @@ def _raw_maps(
         maps = []
         for name, gradient in zip(hook_names, gradients, strict=True):
             if spread is not None and not name.startswith("vision."):
-                maps.append(_query_map(captured[name], gradient, grids, spread, relu_gradients))
+                maps.append(_token_map(captured[name], gradient, grids, spread, relu_gradients))
                 continue
             features, gradient = (
                 _patch_features(tensor, name, grids, highres)
@@ -310,17 +303,17 @@ def _raw_maps(
     return results
 
 
-def _query_map(
+def _token_map(
     activation: Float[Tensor, "batch pos d"],
     gradient: Float[Tensor, "batch pos d"],
     grids: _Grids,
-    spread: Float[Tensor, "query patch"],
+    spread: Float[Tensor, "token patch"],
     relu_gradients: bool,
 ) -> Float[Tensor, "rows cols"]:
-    """InstructBLIP, a decoder layer: Grad-CAM over the query tokens (their relevance
-    ``ReLU(A_q . alpha)``), times how each query reads the patches (`spread`)."""
-    features = activation[0, grids.queries].detach().float()
-    gradient = gradient[0, grids.queries].float()
+    """A decoder layer where image tokens are not patches: Grad-CAM over the image tokens
+    (their relevance ``ReLU(A_t . alpha)``), times how each token reads the patches (`spread`)."""
+    features = activation[0, grids.tokens].detach().float()
+    gradient = gradient[0, grids.tokens].float()
     if relu_gradients:
         gradient = F.relu(gradient)
     relevance = F.relu(features @ gradient.mean(0))
@@ -333,11 +326,10 @@ def _patch_features(
     """The activation at the image's patches, in the grid's row-major order.
 
     Decoder hooks hold the sequence (the grid gives the positions). Vision hooks hold one row
-    per crop (CLIP: CLS first), then the patches row-major: the base crop's are the base grid;
-    the tiles' are laid side by side into the tile canvas, of which unpadding keeps
-    `kept_rows` x `kept_cols`, as the model packs them; where LLaVA-OneVision downsamples that
-    grid, the features are resampled bilinearly to the token grid as the model resamples its
-    projected features (docs/analyses.md).
+    per crop (a class token first where the tower has one), then the patches row-major: the
+    first crop's are the base grid; a tiled image's tile crops are packed into its token grid
+    by its geometry's `tile_grid.pack`, as the model packs its projected features
+    (docs/analyses.md).
     """
     activation = activation.detach().float()
     if not name.startswith("vision."):
@@ -346,17 +338,8 @@ def _patch_features(
     first_patch = int(grids.has_cls)
     if not highres:
         return activation[grids.first_crop, first_patch:]
-    anyres_grid = grids.anyres_grid
-    tiles, side = anyres_grid.tiles, anyres_grid.patches_per_tile
+    tile_grid = grids.geometry.tile_grid
     first_tile = grids.first_crop + 1
-    crops = activation[first_tile : first_tile + math.prod(tiles), first_patch:]
-    canvas = einops.rearrange(
-        crops, "(tr tc) (r c) d -> (tr r) (tc c) d", tr=tiles[0], tc=tiles[1], r=side, c=side
-    )
-    rows, cols = anyres_grid.kept_rows, anyres_grid.kept_cols
-    kept = canvas[rows.start : rows.stop, cols.start : cols.stop]
-    if anyres_grid.downsampled:
-        channels_first = einops.rearrange(kept, "r c d -> 1 d r c")
-        shrunk = F.interpolate(channels_first, list(anyres_grid.token_grid), mode="bilinear")
-        kept = einops.rearrange(shrunk, "1 d r c -> r c d")
-    return kept.reshape(-1, kept.shape[-1])
+    tiles = activation[first_tile : first_tile + tile_grid.n_tiles, first_patch:]
+    packed = tile_grid.pack(tiles)
+    return packed.reshape(-1, packed.shape[-1])

@@ -95,8 +95,8 @@ def _sample_columns(sample: Sample) -> dict[str, Any]:
 
 def _knockout(context: Context, samples: Sequence[Sample]) -> tuple[Rows, dict]:
     """Cross-modal Figures 3-5: `knockout_sweep` over the batch. Flows that need boxes are run
-    only for samples that have them, and only where image tokens are patches (not for
-    InstructBLIP's queries)."""
+    only for samples that have them, and only where image tokens are patches (not for a
+    family whose image tokens are learned queries)."""
     options = context.options
     flows = dict(context.preset.flows if context.preset else {**PAPER_FLOWS, **PATCH_FLOWS})
     if options["flows"]:
@@ -106,8 +106,8 @@ def _knockout(context: Context, samples: Sequence[Sample]) -> tuple[Rows, dict]:
         if options["flows"]:
             raise ValueError(
                 f"flows {sorted(needs_boxes)} need the image tokens a box covers, and this "
-                "model's image tokens are not patches (InstructBLIP's Q-Former queries); leave "
-                "them out"
+                "model's image tokens are not patches (they are learned queries); leave them "
+                "out"
             )
         flows = {name: pair for name, pair in flows.items() if name not in needs_boxes}
     rows: Rows = []

@@ -12,13 +12,17 @@ the same text give the segments. Semantics (docs/semantics.md):
   ``question`` = the tokens overlapping the question's characters; ``last`` = the last prompt
   position. Text-only prompts have no image block: ``system`` ends, and ``user`` starts, at the
   first token that reaches into the user's content.
-  For LLaVA-NeXT, ``image`` holds the base grid, the tiles and the newline tokens, in model order.
+  For a tiled image, ``image`` holds the base grid, the tiles and the newline tokens, in model
+  order.
 - Image-token layout (`ImageTokenLayout`): for every image token its batch item, image, tile
-  (0 = the base image, 1.. = LLaVA-NeXT's tiles, -1 = a newline token), patch row and column, and
-  kind (patch, CLS, newline).
-- `MultimodalInput.patches_in_box` maps a box in original-image pixels through the processor's
-  geometry (`ImageGeometry`; `AnyresGeometry` for LLaVA-NeXT's tiles) to the image tokens whose
-  patches it touches.
+  (0 = the base image, 1.. = tiles, -1 = a newline token), patch row and column, and kind
+  (patch, CLS, newline, query).
+- `MultimodalInput.patches_in_box` maps a box in original-image pixels through the image's
+  geometry (`ImageGeometry` for one crop; a family's own for tiles or queries, read through its
+  processor adapter, `mmlens.inputs.adapters`) to the image tokens whose patches it touches.
+
+This package names no model family: what differs between families comes through
+`mmlens.models.family` (docs/architecture.md).
 
 Examples:
     >>> inp = MultimodalInput.from_processor(model.processor, image, "What color is the star?")
@@ -31,15 +35,8 @@ Examples:
     >>> logits = model(inp)
 """
 
-from mmlens.inputs.geometry import (
-    AnyresGeometry,
-    AnyresGrid,
-    ImageGeometry,
-    QueryGeometry,
-    box_from_xywh,
-    processor_geometry,
-    with_image_mode,
-)
+from mmlens.inputs.adapters import ProcessorAdapter, processor_adapter, register_adapter
+from mmlens.inputs.geometry import ImageGeometry, box_from_xywh, with_image_mode
 from mmlens.inputs.images import as_image
 from mmlens.inputs.layout import CLS, NEWLINE, PATCH, QUERY, TOKEN_KINDS, Box, ImageTokenLayout
 from mmlens.inputs.multimodal import MultimodalInput, input_settings, processor_fingerprint
@@ -53,20 +50,19 @@ __all__ = [
     "QUERY",
     "SEGMENTS",
     "TOKEN_KINDS",
-    "AnyresGeometry",
-    "AnyresGrid",
     "Box",
     "ConversationTemplate",
     "ImageGeometry",
     "ImageTokenLayout",
-    "QueryGeometry",
     "MultimodalInput",
+    "ProcessorAdapter",
     "input_settings",
     "as_image",
     "box_from_xywh",
     "get_template",
+    "processor_adapter",
     "processor_fingerprint",
-    "processor_geometry",
+    "register_adapter",
     "register_template",
     "render",
     "with_image_mode",

@@ -6,18 +6,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from mmlens.inputs.geometry import AnyresGeometry, AnyresGrid, ImageGeometry
 
 TOKEN_KINDS = ("patch", "cls", "newline", "query")
-"""Names of the `ImageTokenLayout.kind` codes: ``TOKEN_KINDS[code]`` ("query": an InstructBLIP
-Q-Former query, which shows no one patch)."""
+"""Names of the `ImageTokenLayout.kind` codes: ``TOKEN_KINDS[code]`` ("query": a learned query
+token that reads every patch, as a Q-Former's or a resampler's, and shows no one patch)."""
 PATCH, CLS, NEWLINE, QUERY = range(len(TOKEN_KINDS))
 
 Box = tuple[int, int, int, int]
@@ -30,26 +28,26 @@ class ImageTokenLayout:
     All fields are LongTensors of shape ``[n_image_tokens]``; `kind` holds `PATCH`, `CLS` or
     `NEWLINE` (names in `TOKEN_KINDS`).
 
-    - `tile` is 0 for the base image (LLaVA-1.5's only image); for LLaVA-NeXT, 1, 2, ... is the
-      tile a patch came from (row-major over the tile grid, HF's crop order) and -1 marks a
-      newline token.
-    - `row` and `col`: for the base image, the patch grid (CLS: -1, -1). For NeXT tile patches,
-      the unpadded high-resolution grid: all tiles side by side, minus the rows (or columns) that
-      unpadding removed, so row 0 is the first row the model kept. Where LLaVA-OneVision
-      downsamples that grid, the cells of the downsampled grid (`AnyresGrid.token_grid`; their
-      `tile` is the one under the cell's centre). A newline token has the `row` it ends and
-      `col` -1.
+    - `tile` is 0 for the base image (a single-crop image's only one); for a tiled image, 1, 2,
+      ... is the tile a patch came from (row-major over the tile grid, the processor's crop
+      order) and -1 marks a newline token.
+    - `row` and `col`: for the base image, the patch grid (CLS: -1, -1). For tile patches, the
+      family's high-resolution token grid (for instance the unpadded grid of all tiles side by
+      side, row 0 being the first row the model kept; where the family downsamples it, the
+      cells of the downsampled grid, whose `tile` is the one under the cell's centre). A newline
+      token has the `row` it ends and `col` -1. A query token (`QUERY`) has `row` -1 and its
+      query index as `col`.
 
-    The entries of one image are in the model's order: base grid row-major, then each kept row of
-    the tile grid followed by its newline. The layout of the whole batch lists the image tokens
-    in the order `hook_image_embeds` holds them.
+    The entries of one image are in the model's order, as the family's geometry lays them out
+    (`token_layout`, docs/architecture.md). The layout of the whole batch lists the image
+    tokens in the order `hook_image_embeds` holds them.
 
     Examples:
         >>> layout = inp.layout
         >>> layout.position[(layout.image == 0) & (layout.tile == 0) & (layout.row == 0)]  # top row
         tensor([32, 33, 34, 35, 36, 37, 38, 39])
         >>> layout = next_model.prepare(image, "What is it?").layout
-        >>> len(layout.position[layout.kind == NEWLINE])  # LLaVA-NeXT's newline tokens
+        >>> len(layout.position[layout.kind == NEWLINE])  # a tiled image's newline tokens
         8
     """
 
@@ -71,8 +69,8 @@ class ImageTokenLayout:
     def patch_grid(self, image: int = 0, tile: int = 0) -> Int[Tensor, "rows cols"]:
         """Sequence positions of the patch tokens of `image` / `tile`, arranged as their grid.
 
-        Tile 0 is the base image's full patch grid. A LLaVA-NeXT tile (1, 2, ...) gives the part
-        of the unpadded grid it covers: its patches that unpadding kept, as a rectangle.
+        Tile 0 is the base image's full patch grid. A tile (1, 2, ...) of a tiled image gives
+        the part of the high-resolution token grid it covers, as a rectangle.
 
         Examples:
             >>> inp.layout.patch_grid(0).shape  # (24, 24) for llava-1.5 at 336 px
@@ -82,7 +80,7 @@ class ImageTokenLayout:
         return self._grid(selected, f"image {image}, tile {tile}")
 
     def highres_grid(self, image: int = 0) -> Int[Tensor, "rows cols"]:
-        """Sequence positions of all tile patches of a LLaVA-NeXT `image`, as the unpadded grid.
+        """Sequence positions of all tile patches of a tiled `image`, as the token grid.
 
         The grid the model reads row by row (each row then followed by a newline token); newline
         tokens are not in it. ``grid[r, c]`` is the token with ``row == r`` and ``col == c``.
@@ -91,7 +89,7 @@ class ImageTokenLayout:
             >>> next_model.prepare(image, "What is it?").layout.highres_grid(0).shape
             torch.Size([8, 8])
 
-            (36, 48) for a 640 x 480 image with llava-v1.6.
+            (36, 48) for a 640 x 480 image on 336-pixel tiles of 14-pixel patches.
         """
         selected = (self.image == image) & (self.tile >= 1) & (self.kind == PATCH)
         return self._grid(selected, f"the tiles of image {image}")
@@ -103,7 +101,7 @@ class ImageTokenLayout:
             raise ValueError(
                 f"no patch tokens for {what}; this layout has images "
                 f"{sorted(set(self.image.tolist()))} and tiles {sorted(set(self.tile.tolist()) - {-1})}"
-                " (only LLaVA-NeXT images have tiles 1, 2, ...)"
+                " (only tiled images have tiles 1, 2, ...)"
             )
         rows, cols = self.row[selected], self.col[selected]
         first_row, first_col = int(rows.min()), int(cols.min())
@@ -140,9 +138,8 @@ class ImageTokenLayout:
         has_cls: bool,
         newline: bool = False,
     ) -> ImageTokenLayout:
-        """The layout of one LLaVA-1.5 image: [CLS] then the patches in row-major order (then,
-        for a LLaVA-OneVision image of a several-image prompt, one newline token, tile -1,
-        ending the last row)."""
+        """The layout of one single-crop image: [CLS] then the patches in row-major order (then,
+        with `newline`, one newline token, tile -1, ending the last row)."""
         rows, cols = grid_size
         row = torch.arange(rows).repeat_interleave(cols)
         col = torch.arange(cols).repeat(rows)
@@ -170,67 +167,12 @@ class ImageTokenLayout:
             kind=kind,
         )
 
-    @classmethod
-    def for_queries(
-        cls, *, item: int, image: int, positions: Int[Tensor, "n_image_tokens"]
-    ) -> ImageTokenLayout:
-        """The layout of one InstructBLIP image: its Q-Former queries in order (`col` is the
-        query's index, `row` -1, tile 0, kind `QUERY`)."""
-        n_tokens = positions.numel()
-        return cls(
-            item=torch.full((n_tokens,), item),
-            position=positions.to(torch.long),
-            image=torch.full((n_tokens,), image),
-            tile=torch.zeros(n_tokens, dtype=torch.long),
-            row=torch.full((n_tokens,), -1),
-            col=torch.arange(n_tokens),
-            kind=torch.full((n_tokens,), QUERY),
-        )
-
-    @classmethod
-    def for_anyres_image(
-        cls,
-        *,
-        item: int,
-        image: int,
-        positions: Int[Tensor, "n_image_tokens"],
-        base_grid_size: tuple[int, int],
-        grid: AnyresGrid,
-    ) -> ImageTokenLayout:
-        """The layout of one LLaVA-NeXT image: the base grid row-major, then each row of the
-        tile token grid (the unpadded grid; OneVision: its downsampling) followed by a newline
-        token (HF's `pack_image_features`)."""
-        n_base = base_grid_size[0] * base_grid_size[1]
-        base = cls.for_image(
-            item=item,
-            image=image,
-            positions=positions[:n_base],
-            grid_size=base_grid_size,
-            has_cls=False,
-        )
-        rows, cols = grid.token_grid_size
-        row = torch.arange(rows).repeat_interleave(cols + 1)
-        col = torch.arange(cols + 1).repeat(rows)
-        is_newline = col == cols
-        col = col.masked_fill(is_newline, -1)
-        tile = grid.tile_of(row, col).masked_fill(is_newline, -1)
-        tiles = cls(
-            item=torch.full((row.numel(),), item),
-            position=positions[n_base:].to(torch.long),
-            image=torch.full((row.numel(),), image),
-            tile=tile,
-            row=row,
-            col=col,
-            kind=torch.where(is_newline, NEWLINE, PATCH),
-        )
-        return cls.concatenate([base, tiles])
-
 
 def _item_layouts(
     item: int,
     item_images: list[int],
     image_positions: Int[Tensor, "n_image_tokens"],
-    geometry: list[ImageGeometry | AnyresGeometry],
+    geometry: list[Any],
     has_cls: bool,
 ) -> list[ImageTokenLayout]:
     """Layouts of the images of one batch item, whose tokens follow each other in order."""

@@ -15,14 +15,8 @@ from jaxtyping import Float, Int
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from mmlens.inputs.geometry import (
-    AnyresGeometry,
-    ImageGeometry,
-    _image_size,
-    processor_geometry,
-    with_anyres,
-    with_image_mode,
-)
+from mmlens.inputs.adapters import processor_adapter
+from mmlens.inputs.geometry import ImageGeometry, image_size_of
 from mmlens.inputs.images import as_image
 from mmlens.inputs.layout import PATCH, Box, ImageTokenLayout, _item_layouts
 from mmlens.inputs.segments import SEGMENTS, _segments
@@ -45,31 +39,31 @@ class MultimodalInput:
         segments: per item, segment name -> sorted positions (see `positions`).
         layout: the image-token layout of the whole batch.
         image_geometry: per image, how the processor maps its pixels (see `patches_in_box`):
-            `AnyresGeometry` for LLaVA-NeXT, else `ImageGeometry`.
+            the family's `ImageTokenGeometry` (`ImageGeometry` for a single crop).
         image_items: per image, the batch item that holds it.
         token_spans: per item, ``[pos, 2]`` character span (start, end) of each token in
             `prompts[item]` (image tokens: their placeholder's span; specials, padding: (0, 0)).
         template: name of the conversation template used.
         image_sizes_for_model: whether `model_kwargs` passes `image_sizes` (when the processor
-            returns them, as LLaVA-NeXT's does; LLaVA-1.5's does not, and its vision tower would
-            not accept them).
+            returns them, as a tiling processor does; a single-crop one does not, and its vision
+            tower would not accept them).
         batch_num_images_for_model: whether `model_kwargs` passes `batch_num_images` (the
-            number of images of each item that has any, from `image_items`; LLaVA-OneVision's
-            processor returns it, and its model tiles only an image alone in its prompt).
+            number of images of each item that has any, from `image_items`; a processor that
+            tiles only an image alone in its prompt returns it).
         processor_fingerprint: `processor_fingerprint` of the processor that made the input; a
             model refuses an input made by a different processor (None: not checked).
-        image_mode: the LLaVA-1.5 image geometry used ("pad", "crop", "squash"), or None for
+        image_mode: the single-crop image geometry used ("pad", "crop", "squash"), or None for
             the checkpoint's processor as it is.
-        anyres: LLaVA-NeXT's tile canvas and unpadding rule, "hf" or "llava"
-            (`mmlens.inputs.geometry.ANYRES_RULES`); `model_kwargs` passes "llava" to the model.
+        anyres: a tiling family's tile canvas and unpadding rule, "hf" or "llava" (the
+            family's `ANYRES_RULES`); `model_kwargs` passes "llava" to the model.
         tokenization: how the prompt was tokenised, "hf" or "llava"
             (`mmlens.inputs.tokenization.TOKENIZATIONS`).
         suffix: the text after the question in the user's turn (outside the `question`
             segment).
         image_processor: the image processor that made `pixel_values` (for
             ``patches_in_box(rule="mask")``).
-        extra_inputs: further per-item model inputs the processor made (InstructBLIP's
-            ``qformer_input_ids`` and ``qformer_attention_mask``), passed by `model_kwargs`.
+        extra_inputs: further per-item model inputs the processor made (a Q-Former's
+            instruction ids and mask, say), passed by `model_kwargs`.
 
     Examples:
         >>> inp = MultimodalInput.from_processor(model.processor, [image, None], ["What is it?", "Hi"])
@@ -85,7 +79,7 @@ class MultimodalInput:
     image_token_id: int
     segments: list[dict[str, Int[Tensor, "n_positions"]]]
     layout: ImageTokenLayout
-    image_geometry: list[ImageGeometry | AnyresGeometry]
+    image_geometry: list[Any]
     image_items: list[int]
     token_spans: list[Int[Tensor, "pos 2"]]
     template: str
@@ -204,18 +198,17 @@ class MultimodalInput:
                 image of the original size, preprocess it as the image was (without rescaling
                 or normalising), and keep the patches that hold a pure-red pixel. Resampling
                 blurs thin boxes, so the mask rule gives a subset, and nothing for boxes of a
-                pixel or two (LLaVA-1.5 inputs only).
+                pixel or two (single-crop inputs only).
 
         Returns:
             sorted 1-D LongTensor of positions in ``input_ids[inp.image_items[image]]``; the CLS
-            token and LLaVA-NeXT's newline tokens are never included; empty if the box lies
+            token and newline tokens are never included; empty if the box lies
             entirely in a cropped-away margin.
 
         The mapping follows the processor (pad to square, resize, centre crop); a patch counts if
-        any pixel of the box lands in it (precise rule: `ImageGeometry.patch_ranges`). For
-        LLaVA-NeXT both views count: the base-grid patches the box lands in (whole image squashed
-        to one crop) and the tile patches it lands in (image fitted into the tile canvas), minus
-        tile rows or columns that unpadding removed.
+        any pixel of the box lands in it (precise rule: `ImageGeometry.patch_ranges`). For a
+        tiled image both views count: the base-grid patches the box lands in and the tile
+        patches it lands in (the family's `patch_ranges_per_grid`).
 
         Raises:
             ValueError: unknown image, or an empty box / a box not inside the image.
@@ -251,7 +244,7 @@ class MultimodalInput:
         preprocessed box."""
         geometry = self.image_geometry[image]
         if not isinstance(geometry, ImageGeometry) or self.image_processor is None:
-            raise ValueError("rule='mask' needs a LLaVA-1.5 input made by from_processor/prepare")
+            raise ValueError("rule='mask' needs a single-crop input made by from_processor/prepare")
         height, width = geometry.original_size
         mask = Image.new("RGB", (width, height))
         ImageDraw.Draw(mask).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=(255, 0, 0))
@@ -361,7 +354,7 @@ class MultimodalInput:
 
         `input_ids` and `attention_mask`; `pixel_values` when there are images; `image_sizes`
         only for models that take them (`image_sizes_for_model`); ``anyres="llava"`` when the
-        images were tiled by the original rule (mmlens' LLaVA-NeXT takes it; HF's model has no
+        images were tiled by the original rule (mmlens' tiling models take it; HF's have no
         such rule: it ignores the keyword and, where the two rules differ, stops at the image
         token count).
         """
@@ -404,8 +397,8 @@ class MultimodalInput:
         """Render the prompts, run the HF processor, and locate segments and image tokens.
 
         Args:
-            processor: the checkpoint's HF processor (`LlavaProcessor`, `LlavaNextProcessor`) with
-                a fast tokenizer.
+            processor: the checkpoint's processor with a fast tokenizer, read through its
+                `mmlens.inputs.adapters.ProcessorAdapter`.
             images: one image (PIL image, local path, uint8 array or float array in [0, 1]; see
                 `mmlens.inputs.images.as_image`) or None for a single prompt; for a batch, a list with
                 one entry per prompt: an image, None (text-only), or a list of images. A prompt
@@ -415,10 +408,10 @@ class MultimodalInput:
             prompts: a question, or a list of questions (a batch, left-padded). With
                 ``template="plain"`` the full prompt text, ``<image>`` placeholders included.
             system: replaces the template's system text.
-            image_mode: LLaVA-1.5 image geometry, ``"pad"``, ``"crop"`` or ``"squash"``
+            image_mode: single-crop image geometry, ``"pad"``, ``"crop"`` or ``"squash"``
                 (`mmlens.inputs.geometry.with_image_mode`); None: the checkpoint's processor.
-            anyres: LLaVA-NeXT's tile canvas and unpadding, ``"hf"`` (default) or ``"llava"``
-                (the original code's; `mmlens.inputs.geometry.ANYRES_RULES`).
+            anyres: a tiling family's tile canvas and unpadding rule, ``"hf"`` (default) or
+                ``"llava"`` (the original code's; the family's `ANYRES_RULES`).
             tokenization: ``"hf"`` (the processor tokenises the whole prompt) or ``"llava"``
                 (the original `tokenizer_image_token`; `mmlens.inputs.tokenization`).
             suffix: text after the question in the user's turn that is not part of the
@@ -427,7 +420,7 @@ class MultimodalInput:
             template: a name registered in `mmlens.inputs.templates` or a `ConversationTemplate`
                 (`HookedLlavaNext.prepare` passes its checkpoint's template).
             vision_feature_select_strategy: "default" (patch tokens only) or "full" (CLS first;
-                LLaVA-1.5 only); default: the processor's.
+                single-crop processors only); default: the processor's.
             patch_size: the vision tower's patch size; default: the processor's.
 
         Returns:
@@ -448,22 +441,28 @@ class MultimodalInput:
             >>> MultimodalInput.from_processor(next_model.processor, image, "Q1?").pixel_values.shape
             torch.Size([1, 5, 3, 28, 28])
 
-            LLaVA-NeXT's pixels are ``[n_images, max_crops, 3, side, side]``: the base crop, then
-            the tiles.
+            A tiling processor's pixels are ``[n_images, max_crops, 3, side, side]``: the base
+            crop, then the tiles.
         """
         fingerprint = processor_fingerprint(processor)  # the checkpoint's, whatever the mode
         if tokenization not in TOKENIZATIONS:
             raise ValueError(
                 f"tokenization={tokenization!r}: use one of {', '.join(TOKENIZATIONS)}"
             )
-        if hasattr(processor, "image_geometry") and (image_mode is not None or anyres != "hf"):
-            raise ValueError(
-                f"image_mode={image_mode!r}, anyres={anyres!r}: this checkpoint's processor "
-                "(LLaVA-OneVision, InstructBLIP) has one geometry of its own; leave both at "
-                "their defaults"
-            )
-        geometry_processor = with_image_mode(processor, image_mode)
-        processor = with_anyres(geometry_processor, anyres)
+        adapter = processor_adapter(processor)
+        for option, value, default in (("image_mode", image_mode, None), ("anyres", anyres, "hf")):
+            if value != default and option not in adapter.options:
+                applies = (
+                    f"only {' and '.join(adapter.options)} applies"
+                    if adapter.options
+                    else "it has one geometry of its own"
+                )
+                raise ValueError(
+                    f"{option}={value!r} does not apply to this checkpoint's {adapter.name} "
+                    f"processor ({applies}); leave {option} at {default!r}"
+                )
+        geometry_processor = adapter.with_image_mode(processor, image_mode)
+        processor = adapter.with_anyres(geometry_processor, anyres)
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         image_groups = _image_groups(images, prompts)
         if len(image_groups) != len(prompt_list):
@@ -508,17 +507,13 @@ class MultimodalInput:
         pixel_values = encoded.get("pixel_values")
 
         image_items = [item for item, group in enumerate(image_groups) for _ in group]
-        original_sizes = [_image_size(image) for image in given_images]
-        if hasattr(processor, "image_geometry"):  # mmlens' own (LLaVA-OneVision's)
-            geometry = [
-                processor.image_geometry(size, tiled=len(image_groups[item]) == 1)
-                for size, item in zip(original_sizes, image_items, strict=True)
-            ]
-        else:
-            geometry = [
-                processor_geometry(geometry_processor.image_processor, size, patch_size, anyres)
-                for size in original_sizes
-            ]
+        original_sizes = [image_size_of(image) for image in given_images]
+        geometry = [
+            adapter.geometry(
+                geometry_processor, size, len(image_groups[item]) == 1, patch_size, anyres
+            )
+            for size, item in zip(original_sizes, image_items, strict=True)
+        ]
         for image_index, image_geometry in enumerate(geometry):
             if image_geometry.processed_size != tuple(pixel_values.shape[-2:]):
                 raise ValueError(
@@ -537,10 +532,10 @@ class MultimodalInput:
             [geometry[index].n_image_tokens(has_cls) for index in indices]
             for indices in item_images
         ]
-        if tokenization == "llava" and hasattr(processor, "token_spans"):
+        if tokenization == "llava" and adapter.places_image_tokens:
             raise ValueError(
-                "tokenization='llava' is the original LLaVA code's; this checkpoint's processor "
-                "(InstructBLIP) places its image tokens itself: use tokenization='hf'"
+                "tokenization='llava' is the original LLaVA code's; this checkpoint's "
+                f"{adapter.name} processor places its image tokens itself: use tokenization='hf'"
             )
         if tokenization == "llava":
             input_ids, attention_mask, token_spans = llava_token_ids(
@@ -557,7 +552,7 @@ class MultimodalInput:
                     f"{strategy!r}; check patch_size, the strategy and the processor's "
                     "num_additional_image_tokens against the model config"
                 )
-        if hasattr(processor, "token_spans"):  # mmlens' own (InstructBLIP's image-first ids)
+        if adapter.places_image_tokens:
             token_spans = processor.token_spans(
                 [prompt.text for prompt in rendered], input_ids, attention_mask
             )
@@ -574,7 +569,7 @@ class MultimodalInput:
             )
 
         image_sizes = torch.tensor(original_sizes, dtype=torch.long) if original_sizes else None
-        image_sizes_for_model = "image_sizes" in encoded  # LLaVA-NeXT's processor returns them
+        image_sizes_for_model = "image_sizes" in encoded  # tiling processors return them
         if image_sizes_for_model and not torch.equal(encoded["image_sizes"].cpu(), image_sizes):
             raise ValueError(
                 f"the processor reports image sizes {encoded['image_sizes'].tolist()}, but the "
@@ -674,11 +669,7 @@ def processor_fingerprint(processor: Any) -> str:
         "patch_size": getattr(processor, "patch_size", None),
         "strategy": getattr(processor, "vision_feature_select_strategy", None),
     }
-    if hasattr(processor, "vision_aspect_ratio"):  # LLaVA-OneVision's downsampling
-        parts["vision_aspect_ratio"] = processor.vision_aspect_ratio
-    if hasattr(processor, "qformer_tokenizer"):  # InstructBLIP's second vocabulary
-        parts["qformer_vocab"] = sorted(processor.qformer_tokenizer.get_vocab().items())
-        parts["num_query_tokens"] = processor.num_query_tokens
+    parts.update(processor_adapter(processor).fingerprint_parts(processor))
     encoded = json.dumps(parts, sort_keys=True, default=str).encode()
     fingerprint = hashlib.sha256(encoded).hexdigest()[:16]
     try:

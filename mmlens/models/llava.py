@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,20 @@ class HookedLlava(HookedTransformer):
     image_inputs = ("pixel_values",)
     image_tokens_are_patches = True
     """Whether each image token shows a patch (LLaVA), so that boxes select image tokens."""
+    spread_note = ""
+    """How `tokens_to_patches` takes a map over the image tokens to the patches, in words
+    (figure captions); empty where image tokens are patches."""
+    paper_window_sizes: Mapping[str, Mapping[str, int]] = {
+        # The Cross-modal paper's plots: window 9 for LLaVA-1.5-13B, 7 for 7B (its text says 9).
+        "cross_modal_flow": {
+            "llava-1.5-13b": 9,
+            "llava-v1.5-13b": 9,
+            "llava-1.5-7b": 7,
+            "llava-v1.5-7b": 7,
+        }
+    }
+    """Preset name -> checkpoint name (a part of the model's name, lower case) -> the knockout
+    window that paper's code used for it (`mmlens.presets.Preset.window_size`)."""
 
     def __init__(self, cfg: MMConfig, tokenizer: Any = None, processor: Any = None):
         if cfg.vision is None:
@@ -55,6 +70,21 @@ class HookedLlava(HookedTransformer):
         the one it was trained with)."""
         self.prepare_defaults: dict[str, str] = {}  # the checkpoint's own prompt settings
         self.setup()
+
+    def spread_hook_names(self) -> list[str]:
+        """The hooks whose activations `tokens_to_patches` reads: none, image tokens being
+        patches."""
+        return []
+
+    def tokens_to_patches(
+        self, activations: Mapping[str, torch.Tensor], image: int = 0
+    ) -> Float[torch.Tensor, "image_token patch"]:
+        """How image `image`'s tokens read the vision tower's patches, for a family whose
+        image tokens are not patches (`image_tokens_are_patches` False); `activations` holds
+        `spread_hook_names` of one forward pass. Here each token is a patch: an error."""
+        raise ValueError(
+            f"{type(self).__name__}'s image tokens are patches: use inp.layout.patch_grid(image)"
+        )
 
     def build_connector(self, cfg: MMConfig) -> None:
         """The modules between the vision tower and the decoder: LLaVA's `projector`."""

@@ -12,6 +12,7 @@ encoder-decoder language model) are not supported. HF: `InstructBlipForCondition
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,9 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from mmlens.config import MMConfig
-from mmlens.inputs.instructblip import QFormerProcessor
+from mmlens.models.instructblip.processor import QFormerProcessor
+from mmlens.models.instructblip.qformer import HookedQFormer
 from mmlens.models.llava import HookedLlava, on_device_of
-from mmlens.models.qformer import HookedQFormer
 from mmlens.models.registry import register
 
 
@@ -46,12 +47,40 @@ class HookedInstructBlip(HookedLlava):
 
     image_inputs = ("pixel_values", "qformer_input_ids", "qformer_attention_mask")
     image_tokens_are_patches = False  # each query mixes every patch
+    spread_note = (
+        "each query token's relevance, spread over the patches by the Q-Former's "
+        "cross-attention (mean over heads and blocks)."
+    )
+    """How `tokens_to_patches` takes a map over the queries to the patches, in words."""
 
     def __init__(self, cfg: MMConfig, tokenizer: Any = None, processor: Any = None):
         if cfg.qformer is None:
             raise ValueError("HookedInstructBlip needs cfg.qformer (load an instructblip folder)")
         super().__init__(cfg, tokenizer, processor)
         self.default_template = "instructblip"
+
+    def spread_hook_names(self) -> list[str]:
+        """The Q-Former's cross-attention patterns (what `tokens_to_patches` reads)."""
+        return [name for name in self.hook_dict if name.endswith("cross_attn.hook_pattern")]
+
+    def tokens_to_patches(
+        self, activations: Mapping[str, torch.Tensor], image: int = 0
+    ) -> Float[torch.Tensor, "query patch"]:
+        """How the queries read the patches of image `image`: the Q-Former's cross-attention
+        patterns (`spread_hook_names` in `activations`, a cache or a dict), mean over heads and
+        cross-attention blocks, the class token's column dropped; each query's row sums to its
+        attention on patches (below 1 by what it gave the class token). A map over the queries
+        times this matrix is a map over the patches (row-major on the vision grid).
+
+        Examples:
+            >>> blip_inp = blip_model.prepare(image, "What colour is the star?")
+            >>> _, cache = blip_model.run_with_cache(blip_inp)
+            >>> blip_model.tokens_to_patches(cache).shape     # 8 queries, 4 x 4 patches
+            torch.Size([8, 16])
+        """
+        names = self.spread_hook_names()
+        stacked = torch.stack([activations[name][image].detach().float() for name in names])
+        return stacked.mean((0, 1))[:, int(self.cfg.vision.has_cls) :].cpu()
 
     def build_connector(self, cfg: MMConfig) -> None:
         """The Q-Former and the linear projection to the decoder's width."""

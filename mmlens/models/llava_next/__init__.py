@@ -14,13 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from jaxtyping import Float, Int
 from torch import nn
 
 from mmlens.config import MMConfig
-from mmlens.inputs import AnyresGrid
+from mmlens.models.llava_next.geometry import AnyresGrid
 from mmlens.inputs.templates import default_template
 from mmlens.models.llava import HookedLlava
 from mmlens.models.registry import register
@@ -47,6 +45,10 @@ class HookedLlavaNext(HookedLlava):
     """
 
     image_inputs = ("pixel_values", "image_sizes", "anyres")
+    paper_window_sizes = {
+        # The Cross-modal paper plotted window 7 for both of its LLaVA-NeXT checkpoints.
+        "cross_modal_flow": {"llava-v1.6-vicuna-7b": 7, "llama3-llava-next-8b": 7}
+    }
     tile_feature_strategy = "default"
     """The vision features the tiles are packed from (CLIP's patches, class token dropped)."""
 
@@ -69,7 +71,7 @@ class HookedLlavaNext(HookedLlava):
 
     def tile_grid(self, image_size: tuple[int, int], anyres: str = "hf") -> AnyresGrid:
         """Tiles and unpadding of an image of ``(height, width)`` `image_size` (rule `anyres`,
-        `mmlens.inputs.geometry.ANYRES_RULES`)."""
+        `mmlens.models.llava_next.geometry.ANYRES_RULES`)."""
         vision = self.cfg.vision
         return AnyresGrid.for_image(
             image_size, self.cfg.image_grid_pinpoints, vision.image_size, vision.patch_size, anyres
@@ -132,20 +134,7 @@ class HookedLlavaNext(HookedLlava):
         if grid is None:
             newline = self.image_newline.to(crop_embeds.dtype)[None]
             return torch.cat([crop_embeds[0], newline])
-        tiles_high, _ = grid.tiles
-        canvas = rearrange(
-            crop_embeds[1:],
-            "(tile_row tile_col) (row col) d -> (tile_row row) (tile_col col) d",
-            tile_row=tiles_high,
-            row=grid.patches_per_tile,
-        )
-        kept = canvas[
-            grid.kept_rows.start : grid.kept_rows.stop, grid.kept_cols.start : grid.kept_cols.stop
-        ]
-        if grid.downsampled:
-            channels_first = rearrange(kept, "row col d -> 1 d row col")
-            shrunk = F.interpolate(channels_first, list(grid.token_grid), mode="bilinear")
-            kept = rearrange(shrunk, "1 d row col -> row col d")
+        kept = grid.pack(crop_embeds[1:])
         newlines = self.image_newline.to(kept.dtype).expand(kept.shape[0], 1, -1)
         return torch.cat([crop_embeds[0], torch.cat([kept, newlines], dim=1).flatten(0, 1)])
 

@@ -11,7 +11,7 @@ model, which refuses a prompt whose image-token count differs from its features.
 
 - An image alone in its prompt is tiled (anyres): base crop, then the best canvas' tiles,
   unpadded and, above ``anyres_max_N`` tiles' worth of patches, downsampled
-  (`mmlens.inputs.geometry.AnyresGrid`), each row followed by a newline token.
+  (`mmlens.models.llava_next.geometry.AnyresGrid`), each row followed by a newline token.
 - An image among several in one prompt is padded to a square with the mean colour, resized, and
   gives its patch grid and one newline token (HF's ``batch_num_images``).
 """
@@ -26,8 +26,10 @@ from typing import Any
 
 from transformers import AutoTokenizer, BatchFeature, LlavaOnevisionImageProcessorPil
 
-from mmlens.inputs.geometry import AnyresGeometry, ImageGeometry, _image_size, _size_field
+from mmlens.inputs.adapters import ProcessorAdapter, register_adapter
+from mmlens.inputs.geometry import ImageGeometry, image_size_of, size_field
 from mmlens.inputs.images import processor_arguments
+from mmlens.models.llava_next.geometry import AnyresGeometry
 
 
 def max_tile_patches(vision_aspect_ratio: str) -> int:
@@ -133,7 +135,7 @@ class OnevisionProcessor:
                 max_tile_patches=self.max_tile_patches,
             )
         size = self.image_processor.size
-        processed = (_size_field(size, "height"), _size_field(size, "width"))
+        processed = (size_field(size, "height"), size_field(size, "width"))
         return ImageGeometry.padded_square(original_size, processed, self.patch_size, newline=True)
 
     def __call__(
@@ -167,7 +169,7 @@ class OnevisionProcessor:
                     cursor += count
             data = dict(self.image_processor(groups, return_tensors=return_tensors))
             token_counts = iter(
-                self.image_geometry(_image_size(image), tiled=len(group) == 1).n_image_tokens(
+                self.image_geometry(image_size_of(image), tiled=len(group) == 1).n_image_tokens(
                     has_cls=False
                 )
                 for group in groups
@@ -192,3 +194,18 @@ def _image_settings(settings: dict[str, Any]) -> dict[str, Any]:
     for key in ("image_processor_type", "processor_class"):
         nested.pop(key, None)
     return nested
+
+
+register_adapter(
+    ProcessorAdapter(
+        name="LLaVA-OneVision",
+        matches=lambda processor: isinstance(processor, OnevisionProcessor),
+        geometry=lambda processor, size, alone, patch_size, anyres: processor.image_geometry(
+            size, tiled=alone
+        ),
+        fingerprint_parts=lambda processor: {
+            "vision_aspect_ratio": processor.vision_aspect_ratio
+        },
+    )
+)
+

@@ -4,7 +4,7 @@ tile grids downsampled above ``anyres_max_N`` and untiled images in several-imag
 An image alone in its prompt is seen as in LLaVA-NeXT (base crop, then the tiles of the best of
 `image_grid_pinpoints`, unpadded), except that a kept tile grid of more than about N tiles' worth
 of patches (``vision_aspect_ratio="anyres_max_9"``) is shrunk by bilinear interpolation before
-the newline embeddings are added (`mmlens.inputs.geometry.AnyresGrid`). An image among several in
+the newline embeddings are added (`mmlens.models.llava_next.geometry.AnyresGrid`). An image among several in
 one prompt is padded to a square and gives only its patch grid and one newline embedding (HF's
 `LlavaOnevisionModel.pack_image_features` with ``batch_num_images``). Videos are not supported.
 """
@@ -18,9 +18,9 @@ import torch
 from jaxtyping import Int
 
 from mmlens.config import MMConfig
-from mmlens.inputs import AnyresGrid
-from mmlens.inputs.onevision import OnevisionProcessor, max_tile_patches
 from mmlens.models.llava_next import HookedLlavaNext
+from mmlens.models.llava_next.geometry import AnyresGrid
+from mmlens.models.llava_onevision.processor import OnevisionProcessor, max_tile_patches
 from mmlens.models.registry import register
 
 

@@ -1,0 +1,127 @@
+"""The family contract: what a model family provides, so that loading, `prepare`, the
+analyses, the plots, the presets and the runner never name a family (docs/architecture.md,
+"The family contract" and "Adding a model family").
+
+A family is one module (or folder) under `mmlens/models/` holding a `HookedLlava` subclass
+registered for its HF `model_type`s (`mmlens.models.registry.register`). The class satisfies
+`VisionLanguageFamily`; each `MultimodalInput.image_geometry` entry its `prepare` makes
+satisfies `ImageTokenGeometry`. Both are `typing.Protocol`s, checked structurally
+(tests/test_architecture.py checks every registered class and every geometry).
+
+Examples:
+    >>> from mmlens.models import MODEL_TYPES
+    >>> all(isinstance(cls, VisionLanguageFamily) for cls in set(MODEL_TYPES.values()))
+    True
+    >>> isinstance(inp.image_geometry[0], ImageTokenGeometry)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mmlens.config import MMConfig
+from mmlens.inputs.geometry import ImageGeometry
+from mmlens.inputs.layout import Box, ImageTokenLayout
+
+
+@runtime_checkable
+class TileGrid(Protocol):
+    """How a tiled image's crops become its high-resolution token grid (LLaVA-NeXT's
+    `AnyresGrid`). The model packs its projected tile features with `pack`, and LLaVA-CAM packs
+    vision-layer features with the same method, so the two cannot disagree."""
+
+    n_tiles: int
+    token_grid_size: tuple[int, int]
+
+    def pack(
+        self, tile_features: Float[Tensor, "tile patch d"]
+    ) -> Float[Tensor, "token_rows token_cols d"]:
+        """The tiles' patch features (crop order, row-major patches) as the token grid."""
+        ...
+
+    def describe(self) -> str:
+        """The token grid in words, for figure captions ("unpadded tile grid", ...)."""
+        ...
+
+
+@runtime_checkable
+class ImageTokenGeometry(Protocol):
+    """Where one image's pixels go and which decoder tokens show them.
+
+    `mmlens.inputs.ImageGeometry` (one crop, a token per patch) is the simplest; a family
+    whose images are tiled or read through learned queries wraps it.
+    """
+
+    original_size: tuple[int, int]
+    processed_size: tuple[int, int]
+    n_crops: int
+    """Crops the vision tower sees for this image (its pixel rows in `pixel_values`)."""
+    vision_view: ImageGeometry
+    """The first crop as the vision tower sees it: what vision-layer maps and figures show."""
+    tile_grid: TileGrid | None
+    """The high-resolution token grid of a tiled image, None otherwise."""
+
+    def n_image_tokens(self, has_cls: bool) -> int:
+        """The decoder's image tokens for this image."""
+        ...
+
+    def token_layout(
+        self, *, item: int, image: int, positions: Int[Tensor, "n_image_tokens"], has_cls: bool
+    ) -> ImageTokenLayout:
+        """What each of this image's tokens (at `positions` of batch item `item`) shows."""
+        ...
+
+    def patch_ranges_per_grid(self, box: Box) -> dict[str, tuple[range, range]]:
+        """Rows and columns of each token grid (``"base"``, ``"tiles"``) that `box` touches;
+        an error that says why when no decoder token shows a patch."""
+        ...
+
+
+@runtime_checkable
+class VisionLanguageFamily(Protocol):
+    """What a family's model class provides beyond `HookedTransformer`.
+
+    Loading: `config_from_hf` (its HF config as `MMConfig`), `weight_renames` (HF tensor names
+    to mmlens ones, tried before the shared decoder and tower renames), `load_processor`.
+    Modules: `build_connector` (projector, Q-Former, ...), `encode_images` (pixels to the
+    embeddings of the image slots). Inputs: `prepare` (through `processor_for`, the family's
+    variant of its processor for the image options, and `image_geometry`). Image tokens:
+    `image_tokens_are_patches`, and for tokens that are not patches `spread_hook_names` and
+    `tokens_to_patches`. Papers: `paper_prepare_options` and `paper_window_sizes` (the presets
+    read them). Position ids: `position_ids` (`HookedTransformer`).
+    """
+
+    image_inputs: tuple[str, ...]
+    image_tokens_are_patches: bool
+    weight_renames: tuple[tuple[str, str], ...]
+    paper_window_sizes: Mapping[str, Mapping[str, int]]
+
+    @classmethod
+    def config_from_hf(cls, hf_config: Any, **overrides: Any) -> MMConfig: ...
+
+    @classmethod
+    def load_processor(cls, folder: Path, hf_config: Any) -> Any: ...
+
+    def build_connector(self, cfg: MMConfig) -> None: ...
+
+    def encode_images(self, pixel_values: Tensor, **image_kwargs: Any) -> Tensor: ...
+
+    def processor_for(self, image_mode: str | None, anyres: str) -> Any: ...
+
+    def image_geometry(
+        self, processor: Any, original_size: tuple[int, int], n_images_in_prompt: int, anyres: str
+    ) -> ImageTokenGeometry: ...
+
+    def spread_hook_names(self) -> list[str]: ...
+
+    def tokens_to_patches(
+        self, activations: Mapping[str, Tensor], image: int = 0
+    ) -> Float[Tensor, "image_token patch"]: ...
+
+    def paper_prepare_options(self, preset: Any) -> dict[str, Any]: ...
