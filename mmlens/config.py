@@ -2,7 +2,8 @@
 
 Field names follow TransformerLens (`n_layers`, `d_model`, ...) so that
 `transformer_lens.ActivationCache` helpers work unchanged; `from_hf` reads a Hugging Face
-config (`LlamaConfig`, `MistralConfig`, `LlavaConfig`, `LlavaNextConfig`).
+config (a decoder's, or a vision-language model's with `text_config`); a family's
+`config_from_hf` adds its vision tower and connector (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import torch
 
 @dataclass
 class VisionConfig:
-    """A ViT vision tower: CLIP (class token, pre-layernorm, quick-gelu MLP), SigLIP (no class
-    token, no pre-layernorm, biased patch convolution, tanh-gelu MLP) or BLIP-2's EVA ViT
-    (class token, biased patch convolution, no pre-layernorm, a post-layernorm on the output
-    features, gelu MLP); learned absolute positions for all."""
+    """A ViT vision tower with learned absolute positions. What differs between the HF tower
+    types (a class token, a layernorm before the first block or after the last, a bias on the
+    patch convolution, the MLP's activation) is a field; `mmlens.models.vision.TOWER_TYPES`
+    sets them for each HF vision `model_type`."""
 
     n_layers: int
     d_model: int
@@ -29,28 +30,15 @@ class VisionConfig:
     eps: float = 1e-5
     act_fn: str = "quick_gelu"
     n_channels: int = 3
-    kind: str = "clip"  # "clip", "siglip" or "blip"
-
-    @property
-    def has_cls(self) -> bool:
-        """Whether token 0 is a class token (CLIP, BLIP) rather than the first patch (SigLIP)."""
-        return self.kind in ("clip", "blip")
-
-    @property
-    def has_ln_pre(self) -> bool:
-        """Whether a layernorm precedes the first block (CLIP's `pre_layrnorm`)."""
-        return self.kind == "clip"
-
-    @property
-    def has_ln_post(self) -> bool:
-        """Whether the output features pass the tower's final layernorm (BLIP: the Q-Former
-        reads the post-layernormed last layer)."""
-        return self.kind == "blip"
-
-    @property
-    def conv_bias(self) -> bool:
-        """Whether the patch convolution has a bias (SigLIP, BLIP; not CLIP)."""
-        return self.kind != "clip"
+    kind: str = "clip"  # the tower type's short name (`TOWER_TYPES`), for messages and tests
+    has_cls: bool = True
+    """Whether token 0 is a class token rather than the first patch."""
+    has_ln_pre: bool = True
+    """Whether a layernorm precedes the first block."""
+    has_ln_post: bool = False
+    """Whether the output features pass the tower's final layernorm."""
+    conv_bias: bool = False
+    """Whether the patch convolution has a bias."""
 
     @property
     def d_head(self) -> int:
@@ -60,75 +48,6 @@ class VisionConfig:
     def grid_size(self) -> int:
         """Patches per side of the (square) input image."""
         return self.image_size // self.patch_size
-
-    @classmethod
-    def from_hf(cls, hf: Any) -> VisionConfig:
-        kinds = {
-            "clip_vision_model": "clip",
-            "clip": "clip",
-            "siglip_vision_model": "siglip",
-            "instructblip_vision_model": "blip",
-        }
-        if hf.model_type not in kinds:
-            raise NotImplementedError(
-                f"vision tower of type {hf.model_type!r} is not supported yet (CLIP, SigLIP, "
-                "InstructBLIP's)"
-            )
-        return cls(
-            n_layers=hf.num_hidden_layers,
-            d_model=hf.hidden_size,
-            n_heads=hf.num_attention_heads,
-            d_mlp=hf.intermediate_size,
-            image_size=hf.image_size,
-            patch_size=hf.patch_size,
-            eps=hf.layer_norm_eps,
-            act_fn=hf.hidden_act,
-            n_channels=getattr(hf, "num_channels", 3),
-            kind=kinds[hf.model_type],
-        )
-
-
-@dataclass
-class QFormerConfig:
-    """InstructBLIP's Q-Former: a BERT encoder (post-layernorm blocks) over learned query tokens
-    followed by the instruction's tokens; every `cross_attention_frequency`-th block (0, f, 2f,
-    ...) lets the queries attend to the vision tower's features (`d_encoder` wide); queries and
-    text have separate MLPs."""
-
-    n_layers: int
-    d_model: int
-    n_heads: int
-    d_mlp: int
-    d_vocab: int
-    n_positions: int
-    d_encoder: int
-    n_query_tokens: int
-    cross_attention_frequency: int = 2
-    eps: float = 1e-12
-    act_fn: str = "gelu"
-
-    @property
-    def d_head(self) -> int:
-        return self.d_model // self.n_heads
-
-    def has_cross_attention(self, layer: int) -> bool:
-        return layer % self.cross_attention_frequency == 0
-
-    @classmethod
-    def from_hf(cls, hf: Any, n_query_tokens: int) -> QFormerConfig:
-        return cls(
-            n_layers=hf.num_hidden_layers,
-            d_model=hf.hidden_size,
-            n_heads=hf.num_attention_heads,
-            d_mlp=hf.intermediate_size,
-            d_vocab=hf.vocab_size,
-            n_positions=hf.max_position_embeddings,
-            d_encoder=hf.encoder_hidden_size,
-            n_query_tokens=n_query_tokens,
-            cross_attention_frequency=hf.cross_attention_frequency,
-            eps=hf.layer_norm_eps,
-            act_fn=hf.hidden_act,
-        )
 
 
 @dataclass
@@ -149,7 +68,7 @@ class MMConfig:
     )
     max_position_embeddings: int = 4096
     attention_bias: bool = False  # every attention projection (Llama's attention_bias)
-    qkv_bias: bool = False  # query, key and value projections only (Qwen2)
+    qkv_bias: bool = False  # query, key and value projections only (a Qwen2 decoder)
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
@@ -158,7 +77,7 @@ class MMConfig:
     eos_token_id: int | list[int] | None = None
     model_name: str = "custom"
     model_type: str = "llama"
-    decoder_model_type: str = "llama"  # the decoder's HF model_type (LLaVA-NeXT picks its template)
+    decoder_model_type: str = "llama"  # the decoder's HF model_type (some families pick a template by it)
     dtype: torch.dtype = torch.float32
     device: str | torch.device = "cpu"
     # Multimodal (LLaVA) fields; `vision is None` for a text-only model.
@@ -168,13 +87,12 @@ class MMConfig:
     projector_hidden_act: str = "gelu"
     projector_bias: bool = True
     image_token_id: int | None = None
-    # LLaVA-NeXT ("anyres"): candidate canvas sizes [height, width] for the tiles; None for LLaVA-1.5.
+    # Tiling families: candidate canvas sizes [height, width] for the tiles; None: one crop.
     image_grid_pinpoints: list[list[int]] | None = None
-    # LLaVA-OneVision: "anyres_max_N" (tile grids above N tiles' worth of patches are
-    # downsampled); None for LLaVA-1.5 and LLaVA-NeXT.
+    # "anyres_max_N": tile grids above N tiles' worth of patches are downsampled; None: never.
     vision_aspect_ratio: str | None = None
-    # InstructBLIP: the Q-Former between the vision tower and the decoder; None for LLaVA.
-    qformer: QFormerConfig | None = None
+    # The connector's own config where it is more than a projector (a Q-Former's), else None.
+    connector: Any = None
     # Fixed for this architecture family; read by transformer_lens.ActivationCache.
     normalization_type: str = "RMS"
     attn_only: bool = False
@@ -199,7 +117,9 @@ class MMConfig:
 
     @classmethod
     def from_hf(cls, hf: Any, **overrides: Any) -> MMConfig:
-        """Build from a HF config: a text config, or a LLaVA config with `text_config`."""
+        """Build from a HF config: a text config, or a vision-language config with
+        `text_config` (its LLaVA-style multimodal fields read where present). `overrides` set
+        any field; a family's `config_from_hf` passes its `vision` (and `connector`) here."""
         text = getattr(hf, "text_config", None) or hf
         if text.model_type not in ("llama", "mistral", "qwen2"):
             raise NotImplementedError(
@@ -237,22 +157,15 @@ class MMConfig:
             decoder_model_type=text.model_type,
             model_name=getattr(hf, "name_or_path", "") or hf.model_type,
         )
-        if hasattr(hf, "qformer_config"):  # InstructBLIP: the Q-Former reads the last layer
+        if hasattr(hf, "vision_config"):  # the multimodal fields a LLaVA-style config names
             fields.update(
-                vision=VisionConfig.from_hf(hf.vision_config),
-                vision_feature_layer=-1,
-                vision_feature_select_strategy="full",
-                image_token_id=hf.image_token_id,
-                qformer=QFormerConfig.from_hf(hf.qformer_config, hf.num_query_tokens),
-            )
-        elif hasattr(hf, "vision_config"):
-            fields.update(
-                vision=VisionConfig.from_hf(hf.vision_config),
-                vision_feature_layer=hf.vision_feature_layer,
-                vision_feature_select_strategy=hf.vision_feature_select_strategy,
-                projector_hidden_act=hf.projector_hidden_act,
+                vision_feature_layer=getattr(hf, "vision_feature_layer", -2),
+                vision_feature_select_strategy=getattr(
+                    hf, "vision_feature_select_strategy", "default"
+                ),
+                projector_hidden_act=getattr(hf, "projector_hidden_act", "gelu"),
                 projector_bias=getattr(hf, "multimodal_projector_bias", True),
-                image_token_id=hf.image_token_id,
+                image_token_id=getattr(hf, "image_token_id", None),
                 image_grid_pinpoints=getattr(hf, "image_grid_pinpoints", None),
                 vision_aspect_ratio=getattr(hf, "vision_aspect_ratio", None),
             )

@@ -1,4 +1,5 @@
-"""Load Hugging Face checkpoints (llava-hf folders or cached hub ids) into mmlens models.
+"""Load Hugging Face checkpoints (llava-hf folders or cached hub ids), or a registered release
+format (`CheckpointFormat`), into mmlens models.
 
 The HF model is never instantiated: mmlens builds its own modules on the meta device and
 assigns each safetensors tensor, renamed and cast, straight into them. No remote code runs.
@@ -10,7 +11,8 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +23,16 @@ from mmlens.config import MMConfig
 
 # Checkpoint prefixes differ between transformers versions (llava-hf hub checkpoints use
 # `language_model.model.`, transformers >= 4.52 saves `model.language_model.`); normalise first.
+Rule = tuple[str, str]
+"""A rename: a regular expression over a tensor name and its replacement."""
+
 _PREFIXES = [
     (r"^(?:model\.)?language_model\.lm_head\.", "unembed."),
     (r"^lm_head\.", "unembed."),
     (r"^(?:model\.)?language_model\.(?:model\.)?", "lm."),
     (r"^model\.(?=layers\.|embed_tokens\.|norm\.)", "lm."),  # text-only Llama/Mistral checkpoints
     (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?", "vision."),
-    # InstructBLIP: its tower's final norm is used (the Q-Former reads it), unlike CLIP's.
-    (r"^(?:model\.)?vision_model\.post_layernorm\.", "vision.ln_post."),
     (r"^(?:model\.)?vision_model\.", "vision."),
-    (r"^(?:model\.)?qformer\.", "qformer."),
-    (r"^(?:model\.)?query_tokens$", "qformer.query_tokens"),
-    (r"^(?:model\.)?language_projection\.", "language_projection."),
     (r"^(?:model\.)?multi_modal_projector\.", "projector."),
     (r"^(?:model\.)?image_newline$", "image_newline"),
 ]
@@ -51,64 +51,30 @@ _RENAMES = [
     (r"^vision\.encoder\.layers\.(\d+)\.layer_norm1\.", r"vision.blocks.\1.ln1."),
     (r"^vision\.encoder\.layers\.(\d+)\.layer_norm2\.", r"vision.blocks.\1.ln2."),
     (r"^vision\.encoder\.layers\.(\d+)\.mlp\.", r"vision.blocks.\1.mlp."),
-    (r"^qformer\.embeddings\.word_embeddings\.", "qformer.word_embed."),
-    (r"^qformer\.embeddings\.position_embeddings\.", "qformer.pos_embed."),
-    (r"^qformer\.embeddings\.layernorm\.", "qformer.ln_embed."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.attention\.attention\.", r"qformer.blocks.\1.attn."),
-    (
-        r"^qformer\.encoder\.layer\.(\d+)\.attention\.output\.dense\.",
-        r"qformer.blocks.\1.attn.out.",
-    ),
-    (
-        r"^qformer\.encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.",
-        r"qformer.blocks.\1.ln_attn.",
-    ),
-    (
-        r"^qformer\.encoder\.layer\.(\d+)\.crossattention\.attention\.",
-        r"qformer.blocks.\1.cross_attn.",
-    ),
-    (
-        r"^qformer\.encoder\.layer\.(\d+)\.crossattention\.output\.dense\.",
-        r"qformer.blocks.\1.cross_attn.out.",
-    ),
-    (
-        r"^qformer\.encoder\.layer\.(\d+)\.crossattention\.output\.LayerNorm\.",
-        r"qformer.blocks.\1.ln_cross.",
-    ),
-    (
-        r"^qformer\.encoder\.layer\.(\d+)\.intermediate_query\.dense\.",
-        r"qformer.blocks.\1.mlp_query.fc1.",
-    ),
-    (
-        r"^qformer\.encoder\.layer\.(\d+)\.output_query\.dense\.",
-        r"qformer.blocks.\1.mlp_query.fc2.",
-    ),
-    (
-        r"^qformer\.encoder\.layer\.(\d+)\.output_query\.LayerNorm\.",
-        r"qformer.blocks.\1.ln_mlp_query.",
-    ),
-    (r"^qformer\.encoder\.layer\.(\d+)\.intermediate\.dense\.", r"qformer.blocks.\1.mlp_text.fc1."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.output\.dense\.", r"qformer.blocks.\1.mlp_text.fc2."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"qformer.blocks.\1.ln_mlp_text."),
 ]
 # Weights LLaVA never uses (CLIP's pooled-output norm) and non-weight buffers.
 _UNUSED = re.compile(r"^vision\.post_layernorm\.|^vision\.head\.|position_ids$")
 
 
-def mmlens_key(hf_key: str) -> str | None:
-    """The mmlens state-dict name of a HF checkpoint tensor, or None if LLaVA never uses it.
+def mmlens_key(
+    hf_key: str, prefixes: Sequence[Rule] = (), renames: Sequence[Rule] = ()
+) -> str | None:
+    """The mmlens state-dict name of a HF checkpoint tensor, or None if mmlens never uses it.
+
+    `prefixes` and `renames` are a family's own rules (its class's `weight_prefixes` and
+    `weight_renames`), tried before the shared decoder, tower and projector rules.
 
     >>> mmlens_key("model.language_model.layers.3.self_attn.q_proj.weight")
     'blocks.3.attn.q_proj.weight'
     """
     key = hf_key
-    for pattern, replacement in _PREFIXES:
+    for pattern, replacement in [*prefixes, *_PREFIXES]:
         key, n = re.subn(pattern, replacement, key)
         if n:
             break
     if _UNUSED.search(key):
         return None
-    for pattern, replacement in _RENAMES:
+    for pattern, replacement in [*renames, *_RENAMES]:
         key, n = re.subn(pattern, replacement, key)
         if n:
             break
@@ -221,9 +187,14 @@ def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def checkpoint_tensors(
-    folder: Path, dtype: torch.dtype, device: str | torch.device
+    folder: Path,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    prefixes: Sequence[Rule] = (),
+    renames: Sequence[Rule] = (),
 ) -> dict[str, torch.Tensor]:
-    """Every used tensor of the checkpoint under its mmlens name, cast and moved one by one."""
+    """Every used tensor of the checkpoint under its mmlens name (`mmlens_key` with a family's
+    `prefixes` and `renames`), cast and moved one by one."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -234,7 +205,8 @@ def checkpoint_tensors(
             f"{folder} has no *.safetensors weights; mmlens loads safetensors only "
             "(re-save a .bin checkpoint with save_pretrained(safe_serialization=True))"
         )
-    return renamed_tensors(safetensors_items([folder / shard for shard in shards]), dtype, device)
+    items = safetensors_items([folder / shard for shard in shards])
+    return renamed_tensors(items, dtype, device, prefixes, renames)
 
 
 def safetensors_items(shards: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -246,13 +218,17 @@ def safetensors_items(shards: Iterable[Path]) -> Iterator[tuple[str, torch.Tenso
 
 
 def renamed_tensors(
-    hf_tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, device: str | torch.device
+    hf_tensors: Iterable[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    device: str | torch.device,
+    prefixes: Sequence[Rule] = (),
+    renames: Sequence[Rule] = (),
 ) -> dict[str, torch.Tensor]:
-    """`hf_tensors` (``(llava-hf name, tensor)`` pairs) under mmlens names, cast and moved one
-    by one; tensors LLaVA never uses are dropped."""
+    """`hf_tensors` (``(llava-hf name, tensor)`` pairs) under mmlens names (`mmlens_key`), cast
+    and moved one by one; tensors mmlens never uses are dropped."""
     tensors = {}
     for hf_key, tensor in hf_tensors:
-        key = mmlens_key(hf_key)
+        key = mmlens_key(hf_key, prefixes, renames)
         if key is not None:
             for name, part in _in_mmlens_layout(key, tensor):
                 tensors[name] = part.to(device=device, dtype=dtype)
@@ -260,34 +236,68 @@ def renamed_tensors(
 
 
 def _in_mmlens_layout(key: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """`tensor` as the mmlens module holds it: BLIP's fused query/key/value projection split
-    into three (its key bias is zero, HF fills it with zeros), and BLIP's batch-shaped
-    position, class and query-token parameters without their leading 1s."""
+    """`tensor` as the mmlens module holds it: a tower's fused query/key/value projection split
+    into three (a missing key bias is stored as zeros), and a tower's position table as the
+    weight of an embedding."""
     if re.search(r"\.attn\.qkv\.(weight|bias)$", key):
         for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3), strict=True):
             yield key.replace(".qkv.", f".{name}."), part
     elif key == "vision.embed.position_embedding":  # CLIP's is an nn.Embedding already
         yield f"{key}.weight", tensor.reshape(-1, tensor.shape[-1])
-    elif key == "vision.embed.class_embedding":
-        yield key, tensor.reshape(-1)
-    elif key == "qformer.query_tokens":
-        yield key, tensor.reshape(-1, tensor.shape[-1])
     else:
         yield key, tensor
 
 
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """A release format other than the Hugging Face layout, registered by the module that
+    reads it (`register_checkpoint_format`; the original LLaVA releases:
+    `mmlens.models.original`), so that loading names no format of its own.
+
+    Attributes:
+        name: in messages.
+        matches: whether a folder holds this format.
+        hf_config: folder -> the equivalent HF config (its `model_type` picks the class).
+        processor: folder -> the processor `prepare` uses.
+        tensors: folder -> ``(HF name, tensor)`` pairs, renamed from there as an HF folder's.
+        prepare_defaults: ``(folder, the class's default template)`` -> `prepare`'s defaults
+            (the prompt and image settings the release was trained with).
+    """
+
+    name: str
+    matches: Callable[[Path], bool]
+    hf_config: Callable[[Path], Any]
+    processor: Callable[[Path], Any]
+    tensors: Callable[[Path], Iterable[tuple[str, torch.Tensor]]]
+    prepare_defaults: Callable[[Path, str], dict[str, str]]
+
+
+CHECKPOINT_FORMATS: list[CheckpointFormat] = []
+"""The registered release formats, tried in order before the Hugging Face layout."""
+
+
+def register_checkpoint_format(checkpoint_format: CheckpointFormat) -> CheckpointFormat:
+    """Add a release format (its module calls this once)."""
+    CHECKPOINT_FORMATS.append(checkpoint_format)
+    return checkpoint_format
+
+
+def checkpoint_format(folder: Path) -> CheckpointFormat | None:
+    """The registered format of `folder`, None for the Hugging Face layout."""
+    return next((fmt for fmt in CHECKPOINT_FORMATS if fmt.matches(folder)), None)
+
+
 def read_checkpoint(path_or_id: str | os.PathLike) -> tuple[Path, Any]:
     """The checkpoint's folder and HF config, refusing folders that ask to run their own code.
-    An original-format LLaVA folder gets its equivalent llava-hf config
-    (`mmlens.models.original`)."""
+    A folder in a registered release format gets its equivalent HF config
+    (`CheckpointFormat.hf_config`)."""
     from transformers import AutoConfig
-
-    from mmlens.models.original import is_original, read_original
 
     folder = resolve_checkpoint(path_or_id)
     refuse_custom_code(folder)
-    if is_original(folder):
-        return folder, read_original(folder).hf_config
+    release = checkpoint_format(folder)
+    if release is not None:
+        return folder, release.hf_config(folder)
     return folder, AutoConfig.from_pretrained(folder, trust_remote_code=False)
 
 
@@ -301,23 +311,18 @@ def load_weights(
     model_name: str | None = None,
 ) -> Any:
     """Build `model_cls` for the checkpoint on the meta device and assign its weights, renamed
-    and cast tensor by tensor (the class's `from_pretrained` calls this)."""
+    (the class's `weight_prefixes` and `weight_renames`, then the shared rules) and cast tensor
+    by tensor (the class's `from_pretrained` calls this). The config is the class's
+    `config_from_hf`; parameters HF stores with leading batch dimensions of 1 lose them."""
     from transformers import AutoTokenizer
 
-    from mmlens.models.original import (
-        is_original,
-        original_processor,
-        original_tensors,
-        read_original,
-    )
-
     dtype = as_dtype(dtype)
-    cfg = MMConfig.from_hf(
+    cfg = model_cls.config_from_hf(
         hf_config, dtype=dtype, device=device, model_name=model_name or str(folder)
     )
-    original = read_original(folder) if is_original(folder) else None
-    if original is not None:
-        processor = original_processor(folder, original)
+    release = checkpoint_format(folder)
+    if release is not None:
+        processor = release.processor(folder)
         extra = {"tokenizer": processor.tokenizer, "processor": processor}
     elif cfg.vision is not None:
         processor = model_cls.load_processor(folder, hf_config)
@@ -327,19 +332,24 @@ def load_weights(
 
     with torch.device("meta"):
         model = model_cls(cfg, **extra)
-    if original is not None:
-        tensors = renamed_tensors(original_tensors(folder, original).items(), dtype, device)
-        model.prepare_defaults = original.prepare_defaults(model.default_template)
+    rules = (model_cls.weight_prefixes, model_cls.weight_renames)
+    if release is not None:
+        tensors = renamed_tensors(release.tensors(folder), dtype, device, *rules)
+        model.prepare_defaults = release.prepare_defaults(folder, model.default_template)
     else:
-        tensors = checkpoint_tensors(folder, dtype, device)
+        tensors = checkpoint_tensors(folder, dtype, device, *rules)
     if cfg.tie_word_embeddings or "unembed.weight" not in tensors:
         tensors["unembed.weight"] = tensors["embed.weight"]
-    expected = set(model.state_dict())
-    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    expected = model.state_dict()
+    missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {folder} does not match {model_cls.__name__}: "
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
+    for name, tensor in tensors.items():
+        shape = expected[name].shape
+        if tensor.shape != shape and tensor.shape == (1,) * (tensor.ndim - len(shape)) + shape:
+            tensors[name] = tensor.reshape(shape)  # e.g. a [1, 1, d] class embedding
     model.load_state_dict(tensors, strict=True, assign=True)
     return model.to(device).eval()

@@ -58,7 +58,7 @@ def images():
 def test_loads_as_instructblip(model):
     assert type(model).__name__ == "HookedInstructBlip"
     assert model.cfg.vision.kind == "blip" and model.cfg.vision.has_cls
-    assert model.cfg.qformer.n_query_tokens == 8 and model.default_template == "instructblip"
+    assert model.cfg.connector.n_query_tokens == 8 and model.default_template == "instructblip"
     hooks = model.hook_dict
     assert (
         "vision.ln_post.hook_normalized" in hooks and "vision.ln_pre.hook_normalized" not in hooks

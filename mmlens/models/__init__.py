@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from mmlens.models import original  # noqa: F401  (registers the original LLaVA release format)
 from mmlens.models.decoder import HookedTransformer
 from mmlens.models.instructblip import HookedInstructBlip
 from mmlens.models.llava import HookedLlava

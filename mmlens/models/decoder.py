@@ -105,6 +105,17 @@ class HookedTransformer(HookedRootModule):
         self.setup()
 
     # ------------------------------------------------------------------ loading
+    weight_prefixes: tuple[tuple[str, str], ...] = ()
+    """A family's own checkpoint-prefix rules, tried before the shared ones
+    (`mmlens.loading.mmlens_key`)."""
+    weight_renames: tuple[tuple[str, str], ...] = ()
+    """A family's own tensor renames, tried before the shared ones."""
+
+    @classmethod
+    def config_from_hf(cls, hf_config: Any, **overrides: Any) -> MMConfig:
+        """This class's `MMConfig` for a HF config (a decoder's: `MMConfig.from_hf`)."""
+        return MMConfig.from_hf(hf_config, **overrides)
+
     @classmethod
     def from_pretrained(
         cls,

@@ -16,7 +16,7 @@ from mmlens.inputs.templates import default_template
 from mmlens.models.decoder import HookedTransformer
 from mmlens.models.projector import Projector
 from mmlens.models.registry import register
-from mmlens.models.vision import HookedVisionTower
+from mmlens.models.vision import HookedVisionTower, vision_config_from_hf
 
 
 def on_device_of(module: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:
@@ -94,6 +94,13 @@ class HookedLlava(HookedTransformer):
             cfg.projector_hidden_act,
             cfg.projector_bias,
         )
+
+    @classmethod
+    def config_from_hf(cls, hf_config: Any, **overrides: Any) -> MMConfig:
+        """The decoder's and the LLaVA-style multimodal fields (`MMConfig.from_hf`) and the
+        vision tower (`mmlens.models.vision.TOWER_TYPES`)."""
+        vision = vision_config_from_hf(hf_config.vision_config)
+        return MMConfig.from_hf(hf_config, vision=vision, **overrides)
 
     @classmethod
     def load_processor(cls, folder: Path, hf_config: Any) -> Any:

@@ -25,6 +25,14 @@ from typing import Any
 
 import torch
 
+from mmlens.inputs.templates import ORIGINAL_TEMPLATES
+from mmlens.loading import (
+    CheckpointFormat,
+    register_checkpoint_format,
+    resolve_checkpoint,
+    safetensors_items,
+)
+
 PROJECTORS = {"mlp2x_gelu": "gelu"}
 """``mm_projector_type`` values mmlens reads: LLaVA-1.5's two-layer GELU MLP."""
 
@@ -60,8 +68,6 @@ class OriginalCheckpoint:
         defaults; explicit keywords and presets win): ``tokenizer_image_token`` tokenisation,
         the original conversation of the tokenizer's family (`ORIGINAL_TEMPLATES`: vicuna_v1,
         llava_llama_3), and pad-to-square images or the original tiling rule."""
-        from mmlens.inputs.templates import ORIGINAL_TEMPLATES
-
         template = ORIGINAL_TEMPLATES.get(family_template, family_template)
         defaults = {"tokenization": "llava", "template": template}
         if self.anyres:
@@ -80,8 +86,6 @@ def read_original(folder: Path) -> OriginalCheckpoint:
         FileNotFoundError: the tower named by ``mm_vision_tower`` is not on disk.
     """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
-
-    from mmlens.loading import resolve_checkpoint
 
     raw = json.loads((folder / "config.json").read_text())
     projector = raw.get("mm_projector_type", "linear")
@@ -188,8 +192,6 @@ def original_tensors(folder: Path, checkpoint: OriginalCheckpoint) -> dict[str, 
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from mmlens.loading import safetensors_items
-
     shards = sorted(folder.glob("*.safetensors"))
     if shards:
         return dict(safetensors_items(shards))
@@ -200,3 +202,16 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     for shard in shards:  # tensors only: weights_only refuses any other pickled object
         tensors.update(torch.load(shard, map_location="cpu", weights_only=True))
     return tensors
+
+
+register_checkpoint_format(
+    CheckpointFormat(
+        name="original LLaVA release",
+        matches=is_original,
+        hf_config=lambda folder: read_original(folder).hf_config,
+        processor=lambda folder: original_processor(folder, read_original(folder)),
+        tensors=lambda folder: original_tensors(folder, read_original(folder)).items(),
+        prepare_defaults=lambda folder, template: read_original(folder).prepare_defaults(template),
+    )
+)
+

@@ -1,6 +1,9 @@
-"""HookedVisionTower: a CLIP, SigLIP or BLIP ViT with TransformerLens hook names under `vision.`."""
+"""HookedVisionTower: a CLIP, SigLIP or BLIP-2 ViT with TransformerLens hook names under
+`vision.`; `TOWER_TYPES` reads each HF vision config into a `VisionConfig`."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -9,6 +12,46 @@ from transformer_lens.hook_points import HookPoint
 
 from mmlens.components import MLP, Attention, LayerNorm, TransformerBlock
 from mmlens.config import VisionConfig
+
+TOWER_TYPES: dict[str, dict[str, Any]] = {
+    # CLIP: class token, pre-layernorm, quick-gelu MLP.
+    "clip_vision_model": dict(kind="clip"),
+    "clip": dict(kind="clip"),
+    # SigLIP: no class token, no pre-layernorm, biased patch convolution, tanh-gelu MLP.
+    "siglip_vision_model": dict(kind="siglip", has_cls=False, has_ln_pre=False, conv_bias=True),
+    # BLIP-2's EVA ViT (InstructBLIP): class token, no pre-layernorm, biased patch convolution,
+    # a post-layernorm on the output features (what the Q-Former reads), gelu MLP.
+    "instructblip_vision_model": dict(
+        kind="blip", has_ln_pre=False, has_ln_post=True, conv_bias=True
+    ),
+}
+"""HF vision `model_type` -> the `VisionConfig` fields that tell its architecture apart."""
+
+
+def vision_config_from_hf(hf: Any) -> VisionConfig:
+    """The `VisionConfig` of a HF vision tower config (`TOWER_TYPES` names the supported ones).
+
+    >>> from transformers import CLIPVisionConfig
+    >>> vision_config_from_hf(CLIPVisionConfig(image_size=112, patch_size=14)).grid_size
+    8
+    """
+    if hf.model_type not in TOWER_TYPES:
+        raise NotImplementedError(
+            f"vision tower of type {hf.model_type!r} is not supported yet; supported: "
+            f"{sorted(TOWER_TYPES)}"
+        )
+    return VisionConfig(
+        n_layers=hf.num_hidden_layers,
+        d_model=hf.hidden_size,
+        n_heads=hf.num_attention_heads,
+        d_mlp=hf.intermediate_size,
+        image_size=hf.image_size,
+        patch_size=hf.patch_size,
+        eps=hf.layer_norm_eps,
+        act_fn=hf.hidden_act,
+        n_channels=getattr(hf, "num_channels", 3),
+        **TOWER_TYPES[hf.model_type],
+    )
 
 
 class PatchEmbed(nn.Module):

@@ -22,7 +22,8 @@ from torch import nn
 
 from mmlens.config import MMConfig
 from mmlens.models.instructblip.processor import QFormerProcessor
-from mmlens.models.instructblip.qformer import HookedQFormer
+from mmlens.models.instructblip.qformer import HookedQFormer, QFormerConfig
+from mmlens.models.vision import vision_config_from_hf
 from mmlens.models.llava import HookedLlava, on_device_of
 from mmlens.models.registry import register
 
@@ -54,8 +55,11 @@ class HookedInstructBlip(HookedLlava):
     """How `tokens_to_patches` takes a map over the queries to the patches, in words."""
 
     def __init__(self, cfg: MMConfig, tokenizer: Any = None, processor: Any = None):
-        if cfg.qformer is None:
-            raise ValueError("HookedInstructBlip needs cfg.qformer (load an instructblip folder)")
+        if not isinstance(cfg.connector, QFormerConfig):
+            raise ValueError(
+                "HookedInstructBlip needs a QFormerConfig as cfg.connector (load an instructblip "
+                "folder with mmlens.from_pretrained)"
+            )
         super().__init__(cfg, tokenizer, processor)
         self.default_template = "instructblip"
 
@@ -84,8 +88,70 @@ class HookedInstructBlip(HookedLlava):
 
     def build_connector(self, cfg: MMConfig) -> None:
         """The Q-Former and the linear projection to the decoder's width."""
-        self.qformer = HookedQFormer(cfg.qformer)
-        self.language_projection = nn.Linear(cfg.qformer.d_model, cfg.d_model)
+        self.qformer = HookedQFormer(cfg.connector)
+        self.language_projection = nn.Linear(cfg.connector.d_model, cfg.d_model)
+
+    weight_prefixes = (
+        # Its tower's final norm is used (the Q-Former reads it), unlike CLIP's.
+        (r"^(?:model\.)?vision_model\.post_layernorm\.", "vision.ln_post."),
+        (r"^(?:model\.)?qformer\.", "qformer."),
+        (r"^(?:model\.)?query_tokens$", "qformer.query_tokens"),
+        (r"^(?:model\.)?language_projection\.", "language_projection."),
+    )
+    weight_renames = (
+        (r"^qformer\.embeddings\.word_embeddings\.", "qformer.word_embed."),
+        (r"^qformer\.embeddings\.position_embeddings\.", "qformer.pos_embed."),
+        (r"^qformer\.embeddings\.layernorm\.", "qformer.ln_embed."),
+        (r"^qformer\.encoder\.layer\.(\d+)\.attention\.attention\.", r"qformer.blocks.\1.attn."),
+        (
+            r"^qformer\.encoder\.layer\.(\d+)\.attention\.output\.dense\.",
+            r"qformer.blocks.\1.attn.out.",
+        ),
+        (
+            r"^qformer\.encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.",
+            r"qformer.blocks.\1.ln_attn.",
+        ),
+        (
+            r"^qformer\.encoder\.layer\.(\d+)\.crossattention\.attention\.",
+            r"qformer.blocks.\1.cross_attn.",
+        ),
+        (
+            r"^qformer\.encoder\.layer\.(\d+)\.crossattention\.output\.dense\.",
+            r"qformer.blocks.\1.cross_attn.out.",
+        ),
+        (
+            r"^qformer\.encoder\.layer\.(\d+)\.crossattention\.output\.LayerNorm\.",
+            r"qformer.blocks.\1.ln_cross.",
+        ),
+        (
+            r"^qformer\.encoder\.layer\.(\d+)\.intermediate_query\.dense\.",
+            r"qformer.blocks.\1.mlp_query.fc1.",
+        ),
+        (
+            r"^qformer\.encoder\.layer\.(\d+)\.output_query\.dense\.",
+            r"qformer.blocks.\1.mlp_query.fc2.",
+        ),
+        (
+            r"^qformer\.encoder\.layer\.(\d+)\.output_query\.LayerNorm\.",
+            r"qformer.blocks.\1.ln_mlp_query.",
+        ),
+        (r"^qformer\.encoder\.layer\.(\d+)\.intermediate\.dense\.", r"qformer.blocks.\1.mlp_text.fc1."),
+        (r"^qformer\.encoder\.layer\.(\d+)\.output\.dense\.", r"qformer.blocks.\1.mlp_text.fc2."),
+        (r"^qformer\.encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"qformer.blocks.\1.ln_mlp_text."),
+    )
+
+    @classmethod
+    def config_from_hf(cls, hf_config: Any, **overrides: Any) -> MMConfig:
+        """The decoder's fields, BLIP-2's tower, and the Q-Former, which reads the tower's
+        last layer with its class token (post-layernormed)."""
+        return MMConfig.from_hf(
+            hf_config,
+            vision=vision_config_from_hf(hf_config.vision_config),
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            connector=QFormerConfig.from_hf(hf_config.qformer_config, hf_config.num_query_tokens),
+            **overrides,
+        )
 
     @classmethod
     def load_processor(cls, folder: Path, hf_config: Any) -> QFormerProcessor:
@@ -100,7 +166,7 @@ class HookedInstructBlip(HookedLlava):
         )
 
     def _layer_counts(self) -> dict[str, int]:
-        return {**super()._layer_counts(), "qformer.": self.cfg.qformer.n_layers}
+        return {**super()._layer_counts(), "qformer.": self.cfg.connector.n_layers}
 
     def encode_images(
         self,

@@ -19,6 +19,9 @@ layernorm) and `qformer.hook_query_out` (``[batch, query, d_qformer]``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -27,7 +30,49 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 
 from mmlens.components import MLP, LayerNorm
-from mmlens.config import QFormerConfig
+
+
+@dataclass
+class QFormerConfig:
+    """InstructBLIP's Q-Former: a BERT encoder (post-layernorm blocks) over learned query tokens
+    followed by the instruction's tokens; every `cross_attention_frequency`-th block (0, f, 2f,
+    ...) lets the queries attend to the vision tower's features (`d_encoder` wide); queries and
+    text have separate MLPs."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_mlp: int
+    d_vocab: int
+    n_positions: int
+    d_encoder: int
+    n_query_tokens: int
+    cross_attention_frequency: int = 2
+    eps: float = 1e-12
+    act_fn: str = "gelu"
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    def has_cross_attention(self, layer: int) -> bool:
+        return layer % self.cross_attention_frequency == 0
+
+    @classmethod
+    def from_hf(cls, hf: Any, n_query_tokens: int) -> QFormerConfig:
+        return cls(
+            n_layers=hf.num_hidden_layers,
+            d_model=hf.hidden_size,
+            n_heads=hf.num_attention_heads,
+            d_mlp=hf.intermediate_size,
+            d_vocab=hf.vocab_size,
+            n_positions=hf.max_position_embeddings,
+            d_encoder=hf.encoder_hidden_size,
+            n_query_tokens=n_query_tokens,
+            cross_attention_frequency=hf.cross_attention_frequency,
+            eps=hf.layer_norm_eps,
+            act_fn=hf.hidden_act,
+        )
 
 
 class QFormerAttention(nn.Module):
