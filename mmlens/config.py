@@ -91,7 +91,7 @@ class MMConfig:
     image_grid_pinpoints: list[list[int]] | None = None
     # "anyres_max_N": tile grids above N tiles' worth of patches are downsampled; None: never.
     vision_aspect_ratio: str | None = None
-    # The connector's own config where it is more than a projector (a Q-Former's), else None.
+    # The connector's own config where it is more than a projector (learned queries), else None.
     connector: Any = None
     # Fixed for this architecture family; read by transformer_lens.ActivationCache.
     normalization_type: str = "RMS"

@@ -93,8 +93,12 @@ def test_no_module_over_800_lines():
 
 
 def test_every_family_satisfies_the_contract():
-    for model_type, cls in MODEL_TYPES.items():
-        assert isinstance(cls, VisionLanguageFamily), (model_type, cls)
+    """Every registered vision-language class (text-only decoders are `HookedTransformer`)."""
+    families = {cls for cls in MODEL_TYPES.values() if issubclass(cls, mmlens.HookedLlava)}
+    assert len(families) >= 4
+    for cls in families:
+        assert isinstance(cls, VisionLanguageFamily), cls
+    assert not isinstance(mmlens.HookedTransformer, VisionLanguageFamily)
 
 
 def test_every_geometry_satisfies_the_contract(tiny_next_checkpoint):

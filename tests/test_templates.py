@@ -14,7 +14,7 @@ from transformers import AutoProcessor, AutoTokenizer
 from mmlens.inputs import MultimodalInput
 from mmlens.inputs.templates import (
     CROSS_MODAL_SUFFIX,
-    LLAVA_NEXT_34B_SYSTEM_PROMPT,
+    CHATML_SYSTEM_PROMPT,
     LLAVA_V1_SYSTEM_PROMPT,
     TEMPLATES,
     default_template,
@@ -65,7 +65,7 @@ def test_each_template_renders_its_checkpoints_prompt() -> None:
             "<|start_header_id|>assistant<|end_header_id|>\n\n"
         ),
         "chatml": (
-            f"<|im_start|>system\n{LLAVA_NEXT_34B_SYSTEM_PROMPT}<|im_end|><|im_start|>user\n"
+            f"<|im_start|>system\n{CHATML_SYSTEM_PROMPT}<|im_end|><|im_start|>user\n"
             f"<image>\n{QUESTION}<|im_end|><|im_start|>assistant\n"
         ),
         # InstructBLIP: the image's queries, then the instruction as it is.

@@ -47,8 +47,8 @@ def box_scores(
 def last_row_attention_maps(model: Any, inp: Any) -> Float[torch.Tensor, "layer rows cols"]:
     """The last position's attention to each image patch, mean over heads, on the patch grid
     (batch-1 input). Where image tokens are not patches: the attention to each image token,
-    taken to the patches by the family's `tokens_to_patches` (for a Q-Former, the queries'
-    cross-attention), on the vision tower's grid.
+    taken to the patches by the family's `tokens_to_patches` (for learned queries, their
+    cross-attention to the patches), on the vision tower's grid.
 
     Examples:
         >>> maps = last_row_attention_maps(model, inp)        # [layer, rows, cols]

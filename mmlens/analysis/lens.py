@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -30,8 +30,6 @@ from mmlens.analysis.probability import answer_token_ids
 from mmlens.inputs import input_settings
 from mmlens.sequence import KVCache
 
-if TYPE_CHECKING:
-    from mmlens.presets import Preset
 
 MAD_TO_STD = 1.4826
 """Median absolute deviation -> standard deviation of a normal distribution."""
@@ -80,7 +78,7 @@ def logit_lens(
     position: int | Literal["last"] = "last",
     apply_final_norm: bool | Literal["last_layer"] | None = None,
     item: int = 0,
-    preset: Preset | None = None,
+    preset: Any = None,
 ) -> pd.DataFrame:
     """Probability of `tokens` read off the residual stream at `position` after every layer.
 

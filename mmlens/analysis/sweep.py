@@ -15,7 +15,7 @@ within float rounding; tests check 1e-5. See docs/analyses.md, "Knockout sweeps"
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 import torch
@@ -31,8 +31,6 @@ from mmlens.analysis.probability import relative_change
 from mmlens.inputs import input_settings
 from mmlens.sequence import sequence_of
 
-if TYPE_CHECKING:
-    from mmlens.presets import Preset
 
 Box = tuple[int, int, int, int]
 PositionSpec = str | Callable[[Any, int], Tensor] | Tensor
@@ -116,7 +114,7 @@ def knockout_sweep(
     window_size: int | None = None,
     *,
     boxes: Sequence[Sequence[Box]] | None = None,
-    preset: Preset | None = None,
+    preset: Any = None,
     patch_rule: str | None = None,
     centres: Sequence[int] | None = None,
     batch_size: int | None = None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import subprocess
 import warnings
 from collections.abc import Iterable
@@ -305,13 +306,11 @@ def _environment(model: Any) -> dict[str, Any]:
     import transformer_lens
     import transformers
 
-    import mmlens
-
     try:
         revision = (
             subprocess.run(
                 ["git", "rev-parse", "HEAD"],
-                cwd=Path(mmlens.__file__).parent,
+                cwd=Path(__file__).parents[1],
                 capture_output=True,
                 text=True,
                 timeout=10,
@@ -322,7 +321,7 @@ def _environment(model: Any) -> dict[str, Any]:
         revision = None
     return dict(
         versions=dict(
-            mmlens=mmlens.__version__,
+            mmlens=importlib.metadata.version("mmlens"),
             torch=torch.__version__,
             transformers=transformers.__version__,
             transformer_lens=getattr(transformer_lens, "__version__", None),

@@ -15,7 +15,7 @@ from torch import Tensor
 
 TOKEN_KINDS = ("patch", "cls", "newline", "query")
 """Names of the `ImageTokenLayout.kind` codes: ``TOKEN_KINDS[code]`` ("query": a learned query
-token that reads every patch, as a Q-Former's or a resampler's, and shows no one patch)."""
+token that reads every patch, as a resampler's, and shows no one patch)."""
 PATCH, CLS, NEWLINE, QUERY = range(len(TOKEN_KINDS))
 
 Box = tuple[int, int, int, int]

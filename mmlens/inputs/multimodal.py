@@ -62,8 +62,8 @@ class MultimodalInput:
             segment).
         image_processor: the image processor that made `pixel_values` (for
             ``patches_in_box(rule="mask")``).
-        extra_inputs: further per-item model inputs the processor made (a Q-Former's
-            instruction ids and mask, say), passed by `model_kwargs`.
+        extra_inputs: further per-item model inputs the processor made (a connector's own
+            copy of the instruction, say), passed by `model_kwargs`.
 
     Examples:
         >>> inp = MultimodalInput.from_processor(model.processor, [image, None], ["What is it?", "Hi"])
@@ -418,7 +418,7 @@ class MultimodalInput:
                 `question` segment (an answer-format instruction, e.g.
                 `mmlens.inputs.templates.CROSS_MODAL_SUFFIX`).
             template: a name registered in `mmlens.inputs.templates` or a `ConversationTemplate`
-                (`HookedLlavaNext.prepare` passes its checkpoint's template).
+                (a model's `prepare` passes its checkpoint's template).
             vision_feature_select_strategy: "default" (patch tokens only) or "full" (CLS first;
                 single-crop processors only); default: the processor's.
             patch_size: the vision tower's patch size; default: the processor's.

@@ -8,25 +8,25 @@ token, where the first answer token is predicted; the prompt ends where the mode
 begins, so that prediction is the answer's first word (after `answer_prefix`), never a newline or
 a header. Registered templates:
 
-- ``"vicuna_v1"`` (the default of LLaVA-1.5 and llava-v1.6-vicuna): ``"{system} USER:
+- ``"vicuna_v1"`` (the default of Vicuna/Llama-2 checkpoints): ``"{system} USER:
   <image>\\n{question} ASSISTANT:"`` with LLaVA's `vicuna_v1` system prompt ("a curious user"),
   as LLaVA's own evaluation scripts and both papers' code render it. `last` is the ':' of
   "ASSISTANT:"; answers follow after a space.
 - ``"llava_v1"``: the same format with LLaVA's `llava_v1` system prompt ("a curious human");
   the shipped ``tiny-shapes`` organism was trained with it.
-- ``"mistral_instruct"`` (llava-v1.6-mistral): ``"[INST] <image>\\n{question} [/INST]"``, no
+- ``"mistral_instruct"`` (Mistral decoders): ``"[INST] <image>\\n{question} [/INST]"``, no
   system prompt (a given one goes into the first [INST] as ``<<SYS>>\\n...\\n<</SYS>>\\n\\n``,
   as LLaVA's Llama-2-style conversations do). `last` is the last token of "[/INST]" (plain text in
-  llava-v1.6-mistral's tokenizer, not a special token); answers follow after a space.
-- ``"llama3"`` (llama3-llava-next-8b): ``"<|start_header_id|>user<|end_header_id|>\\n\\n<image>\\n
+  Mistral's tokenizer, not a special token); answers follow after a space.
+- ``"llama3"`` (Llama-3 tokenizers): ``"<|start_header_id|>user<|end_header_id|>\\n\\n<image>\\n
   {question}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n"``, llava-hf's chat
   template with the generation prompt; no system turn unless one is given. `last` is the "\\n\\n"
   token that ends the assistant header (part of the generation prompt), so the first prediction
   is the answer word itself, not the header's newline.
-- ``"chatml"`` (llava-v1.6-34b): ``"<|im_start|>system\\nAnswer the questions.<|im_end|>
+- ``"chatml"`` (ChatML tokenizers): ``"<|im_start|>system\\nAnswer the questions.<|im_end|>
   <|im_start|>user\\n<image>\\n{question}<|im_end|><|im_start|>assistant\\n"``. `last` is the
   "\\n" after "assistant" (or the last token of "assistant\\n" if the tokenizer merges them).
-- ``"llava_llama_3"``: the original LLaVA-NeXT code's conversation for llama3-llava-next-8b:
+- ``"llava_llama_3"``: the original LLaVA code's conversation for its Llama-3 checkpoints:
   Llama-3-Instruct's chat template over a system turn with LLaVA's Llama-3 system prompt, as
   text. That text starts with ``<|begin_of_text|>``, to which the tokenizer adds its own BOS, so
   the ids start with two BOS tokens, as in the original.
@@ -35,8 +35,10 @@ a header. Registered templates:
   placeholders included. The question is the text after the last placeholder (the whole text
   without one), surrounding whitespace excluded. `last` is the last token of the text.
 
-`default_template` picks the template of a LLaVA-NeXT checkpoint from its tokenizer and decoder;
-`ORIGINAL_TEMPLATES` maps it to the conversation the original LLaVA code used for that family.
+`default_template` picks a template from a checkpoint's tokenizer and decoder;
+`ORIGINAL_TEMPLATES` maps it to the conversation the original LLaVA code used for it. A family
+registers templates of its own in its module (`register_template`); docs/checkpoints.md says
+which checkpoint uses which.
 ``vicuna_v1``, ``llava_v1``, ``mistral_instruct``, ``chatml_direct`` and ``llava_llama_3`` render
 the same text as the original `conversation.py` for one image and one question.
 
@@ -73,18 +75,15 @@ CROSS_MODAL_SUFFIX = " \nAnswer the question using a single word or phrase."
 """The answer-format instruction the Cross-modal Information Flow scripts append to the question
 (pass it as `suffix=`, so that it stays out of the `question` segment)."""
 
-LLAVA_NEXT_34B_SYSTEM_PROMPT = "Answer the questions."
-"""The system prompt of llava-v1.6-34b's ChatML conversations."""
-
-QWEN_SYSTEM_PROMPT = "You are a helpful assistant."
-"""The system text of the original `conv_qwen` (``qwen_1_5``), which LLaVA-OneVision used."""
+CHATML_SYSTEM_PROMPT = "Answer the questions."
+"""The system prompt of the original LLaVA code's ChatML conversation (``chatml_direct``)."""
 
 LLAVA_LLAMA_3_SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual "
     "content that the user provides, and assist the user with a variety of tasks using natural "
     "language."
 )
-"""The system prompt of the original LLaVA-NeXT code's `llava_llama_3` conversation."""
+"""The system prompt of the original LLaVA code's `llava_llama_3` conversation."""
 
 IMAGE_PLACEHOLDER = "<image>"
 """The image placeholder of llava-hf processors (a processor may name another one)."""
@@ -210,20 +209,10 @@ register_template(
     ConversationTemplate(
         name="chatml",
         pattern="{system}<|im_start|>user\n{image}{question}<|im_end|><|im_start|>assistant\n",
-        default_system=LLAVA_NEXT_34B_SYSTEM_PROMPT,
+        default_system=CHATML_SYSTEM_PROMPT,
         image_slot="{token}\n",
         last_token="the '\\n' ending '<|im_start|>assistant\\n' (the last prompt token)",
         system_slot="<|im_start|>system\n{text}<|im_end|>",
-    )
-)
-register_template(  # the original `conv_qwen` ("qwen_1_5"): LLaVA-OneVision's training format
-    ConversationTemplate(
-        name="qwen_1_5",
-        pattern=("{system}<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n"),
-        default_system=QWEN_SYSTEM_PROMPT,
-        image_slot="{token}\n",
-        last_token="the '\\n' ending '<|im_start|>assistant\\n' (the last prompt token)",
-        system_slot="<|im_start|>system\n{text}<|im_end|>\n",
     )
 )
 register_template(  # the text of the original `conv_llava_llama_3.get_prompt()`
@@ -235,15 +224,6 @@ register_template(  # the text of the original `conv_llava_llama_3.get_prompt()`
     )
 )
 register_template(dataclasses.replace(TEMPLATES["chatml"], name="chatml_direct"))
-register_template(  # InstructBLIP has no conversation: the instruction is the prompt
-    ConversationTemplate(
-        name="instructblip",
-        pattern="{image}{system}{question}",
-        default_system="",
-        image_slot="{token}",
-        last_token="the last token of the instruction (the last prompt token)",
-    )
-)
 register_template(
     ConversationTemplate(
         name="plain",
@@ -377,20 +357,18 @@ ORIGINAL_TEMPLATES = {
     "chatml": "chatml_direct",
     "llama3": "llava_llama_3",
 }
-"""A checkpoint family's default template (`default_template`) -> the conversation the original
-LLaVA code ran it with (LLaVA-1.5 and llava-v1.6-vicuna: ``vicuna_v1``; llava-v1.6-mistral:
-``mistral_instruct``; llava-v1.6-34b: ``chatml_direct``; llama3-llava-next-8b:
-``llava_llama_3``), which the paper presets use. A model whose default is not listed (a
-shipped organism trained with ``llava_v1``) keeps its own."""
+"""A checkpoint's default template (`default_template`) -> the conversation the original LLaVA
+code ran it with, which the paper presets use (the text is the same but for the system prompt
+and the Llama-3 BOS). A model whose default is not listed (a shipped organism trained with
+``llava_v1``, a family with a conversation of its own) keeps its own."""
 
 
 def default_template(tokenizer: Any, decoder_model_type: str) -> str:
-    """The template of a LLaVA-NeXT checkpoint, from its tokenizer and decoder type.
+    """The chat template of a checkpoint, from its tokenizer and decoder type.
 
     ``"llama3"`` if the tokenizer has Llama-3's ``<|start_header_id|>``, ``"chatml"`` if it has
-    ``<|im_start|>`` (llava-v1.6-34b), ``"mistral_instruct"`` for a Mistral decoder, else
-    ``"vicuna_v1"`` (llava-v1.6-vicuna). (LLaVA-1.5 checkpoints, bakLlava's Mistral included, all
-    use ``"vicuna_v1"``.)
+    ``<|im_start|>``, ``"mistral_instruct"`` for a Mistral decoder, else ``"vicuna_v1"``. (A
+    family may keep ``"vicuna_v1"`` whatever the decoder: docs/checkpoints.md.)
 
     Examples:
         >>> from mmlens.testing import make_tokenizer

@@ -31,7 +31,7 @@ def hf_token_spans(
     """Character span of every token in its rendered prompt, from the fast tokenizer's offsets.
 
     The processor expanded each placeholder into one image token per image feature
-    (`image_token_counts[item]`, one count per placeholder: LLaVA-NeXT's differ by image size);
+    (`image_token_counts[item]`, one count per placeholder: a tiled image's depends on its size);
     the same expanded text is tokenized again with offsets (and must give the same ids), then
     offsets are mapped back to the rendered prompt: an image token gets its placeholder's span.
     """

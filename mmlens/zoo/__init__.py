@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmlens.models import HookedLlava, HookedLlavaNext, from_pretrained
+from mmlens.models import HookedLlava, from_pretrained
 from mmlens.zoo import shapes
 
 MODELS = {
@@ -56,7 +56,7 @@ def checkpoint_path(name: str) -> Path:
     return folder
 
 
-def load(name: str = "tiny-shapes", **kwargs: Any) -> HookedLlava | HookedLlavaNext:
+def load(name: str = "tiny-shapes", **kwargs: Any) -> HookedLlava:
     """Load a shipped model through `mmlens.from_pretrained` (`kwargs`: ``dtype``, ``device``).
 
     Examples:

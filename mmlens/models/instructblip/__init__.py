@@ -25,7 +25,18 @@ from mmlens.models.instructblip.processor import QFormerProcessor
 from mmlens.models.instructblip.qformer import HookedQFormer, QFormerConfig
 from mmlens.models.vision import vision_config_from_hf
 from mmlens.models.llava import HookedLlava, on_device_of
+from mmlens.inputs.templates import ConversationTemplate, register_template
 from mmlens.models.registry import register
+
+register_template(  # InstructBLIP has no conversation: the instruction is the prompt
+    ConversationTemplate(
+        name="instructblip",
+        pattern="{image}{system}{question}",
+        default_system="",
+        image_slot="{token}",
+        last_token="the last token of the instruction (the last prompt token)",
+    )
+)
 
 
 @register("instructblip")

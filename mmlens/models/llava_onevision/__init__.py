@@ -21,7 +21,22 @@ from mmlens.config import MMConfig
 from mmlens.models.llava_next import HookedLlavaNext
 from mmlens.models.llava_next.geometry import AnyresGrid
 from mmlens.models.llava_onevision.processor import OnevisionProcessor, max_tile_patches
+from mmlens.inputs.templates import ConversationTemplate, register_template
 from mmlens.models.registry import register
+
+QWEN_SYSTEM_PROMPT = "You are a helpful assistant."
+"""The system text of the original `conv_qwen` (``qwen_1_5``), which LLaVA-OneVision used."""
+
+register_template(  # the original `conv_qwen` ("qwen_1_5"): LLaVA-OneVision's training format
+    ConversationTemplate(
+        name="qwen_1_5",
+        pattern=("{system}<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n"),
+        default_system=QWEN_SYSTEM_PROMPT,
+        image_slot="{token}\n",
+        last_token="the '\\n' ending '<|im_start|>assistant\\n' (the last prompt token)",
+        system_slot="<|im_start|>system\n{text}<|im_end|>\n",
+    )
+)
 
 
 @register("llava_onevision")
