@@ -18,15 +18,19 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 
 setup: $(VENV)/.installed
 
-# The suite, the tutorials executed top to bottom (nbmake), and the docs site built strictly.
+# The suite, the tutorials executed top to bottom (nbmake; it does not rewrite them), and the
+# docs site built strictly. None of it writes into the tree (.ci/run checks): no pytest cache,
+# bytecode under $(VENV), the site in $(VENV)/site, mkdocs-jupyter's cache under $(VENV)
+# (mkdocs_hooks.py); tests, doctests and notebooks write in temporary folders.
+test: export PYTHONPYCACHEPREFIX = $(abspath $(VENV))/pycache
 test: setup
-	$(PY) -m pytest -q
-	$(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=600 docs/tutorials
+	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=600 notebooks
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site
 
 # Re-execute the tutorials and store their outputs (figures included) in the committed copies.
 notebooks: setup
-	MMLENS_PNG_FIGURES=1 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace docs/tutorials/*.ipynb
+	MMLENS_PNG_FIGURES=1 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb
 
 docs: setup
 	$(VENV)/bin/mkdocs serve

@@ -1,6 +1,6 @@
 """Every docstring example in the package runs as a doctest, outputs compared.
 
-Examples share the names the API reference states (docs/api/index.md): `model` is
+Examples share the names the API reference states (docs/api/mmlens.md): `model` is
 ``mmlens.load("tiny-shapes")``, `sample` the first `mmlens.zoo.shapes.generate(1, seed=0)` sample
 ("Is the star blue or red?", answer "red"), `image` its image and `inp` ``model.prepare(image,
 sample.question)``, and `next_model` a random LLaVA-NeXT (`mmlens.testing.build_tiny_llava_next`,
