@@ -87,18 +87,24 @@ class ImageTokenGeometry(Protocol):
 class VisionLanguageFamily(Protocol):
     """What a family's model class provides beyond `HookedTransformer`.
 
-    Loading: `config_from_hf` (its HF config as `MMConfig`), `weight_renames` (HF tensor names
-    to mmlens ones, tried before the shared decoder and tower renames), `load_processor`.
-    Modules: `build_connector` (projector, Q-Former, ...), `encode_images` (pixels to the
-    embeddings of the image slots). Inputs: `prepare` (through `processor_for`, the family's
-    variant of its processor for the image options, and `image_geometry`). Image tokens:
-    `image_tokens_are_patches`, and for tokens that are not patches `spread_hook_names` and
-    `tokens_to_patches`. Papers: `paper_prepare_options` and `paper_window_sizes` (the presets
-    read them). Position ids: `position_ids` (`HookedTransformer`).
+    Loading: `config_from_hf` (its HF config as `MMConfig`: decoder, tower, connector),
+    `weight_prefixes` and `weight_renames` (HF tensor names to mmlens ones, tried before the
+    shared rules of `mmlens.loading`), `load_processor`. Modules: `build_connector` (projector,
+    Q-Former, ...) and `encode_images` (pixels to the embeddings of the image slots, with the
+    keywords named by `image_inputs`). Inputs: `prepare`, whose processor is read through the
+    `mmlens.inputs.adapters.ProcessorAdapter` the family registers (which image options apply,
+    the variant for them, each image's `ImageTokenGeometry`). Image tokens:
+    `image_tokens_are_patches`, and where they are not, `spread_hook_names`,
+    `tokens_to_patches` and `spread_note` (how maps over the tokens reach the patches).
+    Papers: `paper_window_sizes` (the presets read them) and `default_template`, which
+    `mmlens.inputs.templates.ORIGINAL_TEMPLATES` maps to the original conversation. Position
+    ids: `position_ids` (`HookedTransformer`).
     """
 
     image_inputs: tuple[str, ...]
     image_tokens_are_patches: bool
+    spread_note: str
+    weight_prefixes: tuple[tuple[str, str], ...]
     weight_renames: tuple[tuple[str, str], ...]
     paper_window_sizes: Mapping[str, Mapping[str, int]]
 
@@ -112,16 +118,10 @@ class VisionLanguageFamily(Protocol):
 
     def encode_images(self, pixel_values: Tensor, **image_kwargs: Any) -> Tensor: ...
 
-    def processor_for(self, image_mode: str | None, anyres: str) -> Any: ...
-
-    def image_geometry(
-        self, processor: Any, original_size: tuple[int, int], n_images_in_prompt: int, anyres: str
-    ) -> ImageTokenGeometry: ...
+    def prepare(self, images: Any, prompts: str | list[str], **kwargs: Any) -> Any: ...
 
     def spread_hook_names(self) -> list[str]: ...
 
     def tokens_to_patches(
         self, activations: Mapping[str, Tensor], image: int = 0
     ) -> Float[Tensor, "image_token patch"]: ...
-
-    def paper_prepare_options(self, preset: Any) -> dict[str, Any]: ...
