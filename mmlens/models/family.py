@@ -9,8 +9,9 @@ satisfies `ImageTokenGeometry`. Both are `typing.Protocol`s, checked structurall
 (tests/test_architecture.py checks every registered class and every geometry).
 
 Examples:
-    >>> from mmlens.models import MODEL_TYPES
-    >>> all(isinstance(cls, VisionLanguageFamily) for cls in set(MODEL_TYPES.values()))
+    >>> from mmlens.models import MODEL_TYPES, HookedLlava
+    >>> families = {cls for cls in MODEL_TYPES.values() if issubclass(cls, HookedLlava)}
+    >>> all(isinstance(cls, VisionLanguageFamily) for cls in families)
     True
     >>> isinstance(inp.image_geometry[0], ImageTokenGeometry)
     True

@@ -210,8 +210,10 @@ class AnyresGrid:
 
         Examples:
             >>> grid = AnyresGrid.for_image((40, 90), [[28, 28], [28, 84]], 28, 7)
-            >>> grid.pack(torch.zeros(grid.n_tiles, 16, 5)).shape      # 1 x 3 tiles of 4 x 4
-            torch.Size([4, 12, 5])
+            >>> grid.tiles, grid.kept_cols     # 1 x 3 tiles of 4 x 4 patches, 2 padded columns
+            ((1, 3), range(1, 11))
+            >>> grid.pack(torch.zeros(grid.n_tiles, 16, 5)).shape
+            torch.Size([4, 10, 5])
         """
         canvas = einops.rearrange(
             tile_features,
