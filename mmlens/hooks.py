@@ -12,7 +12,6 @@ few dictionary deletions, repeated until done if an interrupt lands inside it (d
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -107,17 +106,41 @@ def has_any_hooks(points: Iterable[HookPoint]) -> bool:
     )
 
 
-def checked_hook(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn` as a hook whose return value is checked against its input (see `check_result`)."""
+class CheckedHook:
+    """A user hook as the model registers it: `fn(tensor, hook=hook)`, its return value
+    checked against its input (see `check_result`).
 
-    @functools.wraps(fn)
-    def run(tensor: Any, hook: HookPoint) -> Any:
-        result = fn(tensor, hook=hook)
+    The hook the user passed stays reachable as `fn` (`original_hook`), so hooks that declare
+    something about themselves by their type (`mmlens.ablations.LaterRowsHook`) are recognised
+    behind the check; nothing is copied onto a wrapper.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+
+    def __call__(self, tensor: Any, hook: HookPoint) -> Any:
+        result = self.fn(tensor, hook=hook)
         if result is not None:
-            check_result(result, tensor, hook, fn)
+            check_result(result, tensor, hook, self.fn)
         return result
 
-    return run
+    def __repr__(self) -> str:  # cheap: TransformerLens names every hook by its repr
+        name = getattr(self.fn, "__qualname__", None) or type(self.fn).__name__
+        return f"<checked hook {name}>"
+
+
+def checked_hook(fn: Callable[..., Any]) -> CheckedHook:
+    """`fn` as a hook whose return value is checked against its input (see `check_result`)."""
+    return CheckedHook(fn)
+
+
+def original_hook(handle: LensHandle) -> Any:
+    """The hook a user added, behind the model's `CheckedHook` (TransformerLens records the
+    registered callable as `handle.user_hook`)."""
+    hook = handle.user_hook
+    return hook.fn if isinstance(hook, CheckedHook) else hook
 
 
 def check_result(result: Any, tensor: Any, hook: HookPoint, fn: Callable[..., Any]) -> None:

@@ -119,7 +119,8 @@ class PrefixState:
         positions: per layer, the original positions of those rows.
         cache: per layer, the keys and values.
         attention_mask: ``[batch, pos]`` of the input.
-        rotary_ids: ``[batch, pos]`` rotary position of every original position.
+        rotary_ids: ``[..., batch, pos]`` rotary position of every original position
+            (`HookedTransformer.position_ids`: the last axis is the sequence).
     """
 
     logits: Float[Tensor, "batch logit_pos d_vocab"] | None
@@ -127,7 +128,7 @@ class PrefixState:
     positions: tuple[Int[Tensor, "batch kept"], ...]
     cache: KVCache
     attention_mask: Int[Tensor, "batch pos"]
-    rotary_ids: Int[Tensor, "batch pos"]
+    rotary_ids: Int[Tensor, "... batch pos"]
 
     @property
     def batch_size(self) -> int:
@@ -184,7 +185,8 @@ def suffix_mask(
 
 def rotary_position_ids(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
     """Rotary positions counted from each item's first real token (as HF `generate` does), so a
-    left-padded item gives the same logits as the item alone."""
+    left-padded item gives the same logits as the item alone (`HookedTransformer.position_ids`,
+    which every pass asks)."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 

@@ -171,6 +171,46 @@ def test_blocks_publish_their_sequence_state_on_the_hook_context(model, inp):
         )
 
 
+def test_position_ids_with_a_leading_axis_pass_through_the_decoder(model, batch, monkeypatch):
+    """The decoder indexes rotary ids along their last axis only (`position_ids`): ids with a
+    leading axis, as a family with multi-axis ids gives them, reach the rotary embedding whole
+    through pruning, a KV cache and prefix/suffix runs, with the same outputs."""
+    image, last = batch.positions("image"), batch.positions("last")
+    start = int(batch.positions("question", 0).min())
+
+    def outputs():
+        with torch.no_grad():
+            pruned = model.run_with_hooks(batch, fwd_hooks=drop_tokens(image[::2], 2))
+            tokens = model.generate(batch, max_new_tokens=3)
+            with model.hooks(fwd_hooks=drop_tokens(image[:10], 1)):
+                prefix = model.run_prefix(batch)
+                suffix = model.run_suffix(
+                    prefix,
+                    start,
+                    n_variants=2,
+                    entry_layers=[1, 3],
+                    fwd_hooks=zero_mlp(3, positions=last),
+                    only_last=True,
+                )
+        return pruned, tokens, suffix
+
+    expected = outputs()
+    plain_ids, plain_rotary = type(model).position_ids, type(model.rotary).forward
+
+    def position_ids(self, mask, **inputs):
+        return plain_ids(self, mask, **inputs).repeat(2, 1, 1)  # [axis, batch, pos]
+
+    def rotary(self, ids, dtype):
+        assert ids.ndim == 3 and torch.equal(ids[0], ids[1]), ids.shape
+        return plain_rotary(self, ids[1], dtype)
+
+    # On the classes, so that undoing the patches leaves the shared model as it was.
+    monkeypatch.setattr(type(model), "position_ids", position_ids)
+    monkeypatch.setattr(type(model.rotary), "forward", rotary)
+    for got, want in zip(outputs(), expected, strict=True):
+        assert torch.equal(got, want)
+
+
 # ------------------------------------------------------------------------------ inputs
 def test_item_is_the_sample_prepared_alone(model, batch, images):
     for index in range(2):

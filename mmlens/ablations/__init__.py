@@ -21,10 +21,16 @@ from mmlens.ablations.knockout import (
     window,
 )
 from mmlens.ablations.positions import PositionSet
-from mmlens.ablations.pruning import drop_tokens, fastv, truncate_image_tokens
+from mmlens.ablations.pruning import (
+    LaterRowsHook,
+    drop_tokens,
+    fastv,
+    truncate_image_tokens,
+)
 from mmlens.ablations.zeroing import zero_attention, zero_heads, zero_mlp
 
 __all__ = [
+    "LaterRowsHook",
     "PositionSet",
     "attention_knockout",
     "block_edges",

@@ -5,7 +5,8 @@ shrinks), image-token truncation ranked by attention (From Redundancy to Relevan
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -22,6 +23,36 @@ from mmlens.ablations.positions import (
 from mmlens.sequence import sequence_of
 
 Mode = Literal["drop", "mask"]
+
+
+@dataclass(frozen=True, eq=False)
+class LaterRowsHook:
+    """A hook that decides something for earlier positions from later rows at one layer, as
+    attention-ranked truncation does (`fastv`, `truncate_image_tokens`: which image tokens the
+    whole sequence keeps comes from the last row's attention at `reads_later_rows_at`).
+
+    Called as `fn(tensor, hook=hook)`. The sweep engine, which reuses a prefix, runs the
+    variants that change rows at or below `reads_later_rows_at` as full forwards
+    (`mmlens.analysis.sweep.later_rows_layer`, docs/analyses.md): wrap a hook of your own in
+    this class when it decides things that way.
+
+    Attributes:
+        fn: the hook function.
+        reads_later_rows_at: the layer whose later rows it reads.
+
+    Examples:
+        >>> def rank(pattern, hook):
+        ...     return None  # choose what earlier positions keep from the last row's attention
+        >>> hooks = [("blocks.2.attn.hook_pattern", LaterRowsHook(rank, reads_later_rows_at=2))]
+        >>> model.run_with_hooks(inp, fwd_hooks=hooks).shape
+        torch.Size([1, 105, 70])
+    """
+
+    fn: Callable[..., Tensor | None]
+    reads_later_rows_at: int
+
+    def __call__(self, tensor: Any, hook: HookPoint) -> Tensor | None:
+        return self.fn(tensor, hook=hook)
 
 
 def drop_tokens(positions: PositionsLike, from_layer: int, mode: Mode = "drop") -> list[Hook]:
@@ -132,8 +163,9 @@ def _truncation_hooks(
 
     # What earlier positions keep depends on the attention of later rows at layer - 1: the
     # sweep engine runs variants that start at or below that layer in full (docs/analyses.md).
-    rank_images.reads_later_rows_at = layer - 1
-    ranking = [(f"blocks.{layer - 1}.attn.hook_pattern", rank_images)]
+    ranking = [
+        (f"blocks.{layer - 1}.attn.hook_pattern", LaterRowsHook(rank_images, layer - 1)),
+    ]
     return ranking + _drop_hooks(lambda: chosen.get("dropped"), layer, mode)
 
 

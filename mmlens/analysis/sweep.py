@@ -24,10 +24,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookPoint
 
-from mmlens.ablations import attention_knockout, block_edges, window
+from mmlens.ablations import LaterRowsHook, attention_knockout, block_edges, window
 from mmlens.ablations.knockout import check_rows_keep_a_key
 from mmlens.ablations.positions import PositionSet, as_positions, check_positions_exist
 from mmlens.analysis.probability import relative_change
+from mmlens.hooks import original_hook
 from mmlens.inputs import input_settings
 from mmlens.sequence import sequence_of
 
@@ -84,15 +85,16 @@ def resolve_positions(
 
 def later_rows_layer(model: Any) -> int | None:
     """The lowest layer at which a hook on the model decides something for earlier positions
-    from later rows (attention-ranked truncation: `fastv`, `truncate_image_tokens`), or None.
+    from later rows (a `LaterRowsHook`, as attention-ranked truncation's: `fastv`,
+    `truncate_image_tokens`), or None.
 
     A variant that changes rows at or below that layer changes what the whole sequence keeps,
     so the prefix cannot be reused for it (docs/analyses.md, "Knockout sweeps")."""
     layers = [
-        handle.user_hook.reads_later_rows_at
+        hook.reads_later_rows_at
         for point in model.hook_dict.values()
         for handle in point.fwd_hooks
-        if hasattr(handle.user_hook, "reads_later_rows_at")
+        if isinstance(hook := original_hook(handle), LaterRowsHook)
     ]
     return min(layers, default=None)
 

@@ -6,35 +6,47 @@ linear, yarn), so a Llama-3 checkpoint rotates exactly as in HF.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from jaxtyping import Float, Int
 from torch import nn
-
-from mmlens.config import MMConfig
 
 # Rope types whose frequencies depend only on the config (not on the running sequence length).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-def rope_frequencies(cfg: MMConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies `[d_head / 2]` and the cos/sin scaling factor for `cfg`."""
-    params = dict(cfg.rope_parameters)
+def rope_frequencies(
+    d_head: int, rope_parameters: Mapping[str, Any], max_position_embeddings: int
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies `[d_head / 2]` and the cos/sin scaling factor.
+
+    Args:
+        d_head: the rotated dimension of each head.
+        rope_parameters: the checkpoint's `rope_parameters` (HF's form): `rope_type`,
+            `rope_theta` and the scaling settings of that type (`factor`, ...).
+        max_position_embeddings: the checkpoint's context length (yarn reads it).
+    """
+    params = dict(rope_parameters)
     rope_type = params.get("rope_type", "default")
     if rope_type not in STATIC_ROPE_TYPES:
         raise NotImplementedError(
             f"rope_type {rope_type!r} is not supported; supported: {STATIC_ROPE_TYPES}"
         )
     if rope_type == "default":
-        dims = torch.arange(0, cfg.d_head, 2, dtype=torch.float32, device="cpu")
-        return 1.0 / (params["rope_theta"] ** (dims / cfg.d_head)), 1.0
+        dims = torch.arange(0, d_head, 2, dtype=torch.float32, device="cpu")
+        return 1.0 / (params["rope_theta"] ** (dims / d_head)), 1.0
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+    # HF's rope functions read `head_dim` (a model's width and head count only stand in for a
+    # missing one).
     hf_config = LlamaConfig(
-        hidden_size=cfg.d_model,
-        num_attention_heads=cfg.n_heads,
-        head_dim=cfg.d_head,
-        max_position_embeddings=cfg.max_position_embeddings,
+        hidden_size=d_head,
+        num_attention_heads=1,
+        head_dim=d_head,
+        max_position_embeddings=max_position_embeddings,
         rope_parameters=params,
     )
     with torch.device("cpu"):  # real numbers even while the model is built on the meta device
@@ -43,11 +55,21 @@ def rope_frequencies(cfg: MMConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """Maps position ids to the cos/sin tables applied to queries and keys."""
+    """Maps position ids to the cos/sin tables applied to queries and keys.
 
-    def __init__(self, cfg: MMConfig):
+    Built from the rotary parameters alone (`rope_frequencies`), not a model config.
+    """
+
+    def __init__(
+        self,
+        d_head: int,
+        rope_parameters: Mapping[str, Any],
+        max_position_embeddings: int = 4096,
+    ):
         super().__init__()
-        inv_freq, self.attention_scaling = rope_frequencies(cfg)
+        inv_freq, self.attention_scaling = rope_frequencies(
+            d_head, rope_parameters, max_position_embeddings
+        )
         # Not persistent: derived from the config, never read from a checkpoint. Created on the
         # CPU explicitly so that a model built on the meta device still gets real frequencies.
         self.register_buffer("inv_freq", inv_freq, persistent=False)

@@ -2,16 +2,14 @@
 TransformerLens hook points, built on `transformer_lens.HookedRootModule`.
 
 Read top to bottom: embed -> blocks (RMSNorm, rotary GQA attention, gated MLP) -> final norm
--> unembed. Multimodal subclasses only override `embed_input`.
+-> unembed. Multimodal subclasses only override `embed_input`. The hook bookkeeping lives in
+`mmlens.models.hooking`, the prefix and suffix runs in `mmlens.models.prefix`.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
-import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -19,7 +17,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 from tqdm.auto import tqdm
-from transformer_lens import ActivationCache, FactoredMatrix, HookedRootModule
+from transformer_lens import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
 from mmlens.components import (
@@ -32,16 +30,15 @@ from mmlens.components import (
     Unembed,
 )
 from mmlens.config import MMConfig
-from mmlens.hooks import checked_hook, next_hook_id, remove_hooks
+from mmlens.inputs import processor_fingerprint
 from mmlens.loading import load_weights, read_checkpoint
+from mmlens.models.hooking import HookBookkeeping
 from mmlens.models.placement import place
+from mmlens.models.prefix import PrefixRuns, _Rows
 from mmlens.models.registry import model_class_for, register
-from mmlens.perf import enable_for_cpu_caching
 from mmlens.sequence import (
     KVCache,
     LayerKV,
-    PrefixState,
-    SequenceState,
     causal_padding_mask,
     rotary_position_ids,
     suffix_mask,
@@ -61,7 +58,7 @@ def _stacked_weight(module: str, name: str, shape: str, note: str = "") -> prope
 
 
 @register("llama", "mistral", "qwen2")
-class HookedTransformer(HookedRootModule):
+class HookedTransformer(PrefixRuns, HookBookkeeping):
     """Decoder-only LM with TransformerLens hook names (docs/hooks.md).
 
     Examples:
@@ -80,7 +77,7 @@ class HookedTransformer(HookedRootModule):
         self.embed = Embed(cfg.d_vocab, cfg.d_model)
         self.hook_token_embed = HookPoint()  # [batch, pos, d_model]: the lookup of every id
         self.hook_embed = HookPoint()  # [batch, pos, d_model]: what enters the first block
-        self.rotary = RotaryEmbedding(cfg)
+        self.rotary = RotaryEmbedding(cfg.d_head, cfg.rope_parameters, cfg.max_position_embeddings)
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 RMSNorm(cfg.d_model, cfg.eps),
@@ -310,232 +307,6 @@ class HookedTransformer(HookedRootModule):
             torch.as_tensor(tokens).reshape(-1).tolist()
         )
 
-    # ------------------------------------------------------------------ hooks
-    # Every hook mmlens adds goes through these methods: names are checked (with suggestions),
-    # user hooks' return values are checked (`mmlens.hooks.check_result`), and temporary hooks
-    # are removed whatever interrupts the call (`mmlens.hooks`, docs/hooks.md).
-    def _enable_hook_with_name(self, name: str, hook: Any, dir: Literal["fwd", "bwd"]) -> None:
-        self._check_hook_name(name)
-        super()._enable_hook_with_name(name, checked_hook(hook), dir)
-
-    def _enable_hooks_for_points(
-        self, hook_points: Any, enabled: Callable, hook: Callable, dir: Literal["fwd", "bwd"]
-    ) -> None:
-        super()._enable_hooks_for_points(hook_points, enabled, checked_hook(hook), dir)
-
-    def add_hook(
-        self,
-        name: str | Callable[[str], bool],
-        hook: Callable,
-        dir: Literal["fwd", "bwd"] = "fwd",
-        is_permanent: bool = False,
-        level: int | None = None,
-        prepend: bool = False,
-    ) -> None:
-        """Add a hook that stays until `reset_hooks()` (TransformerLens' `add_hook`).
-
-        Examples:
-            >>> model.add_hook("blocks.0.hook_resid_post", lambda resid, hook: resid * 2)
-            >>> torch.equal(model(inp), model(inp)), len(model.hook_dict["blocks.0.hook_resid_post"].fwd_hooks)
-            (True, 1)
-            >>> model.reset_hooks()
-        """
-        if isinstance(name, str):
-            self._check_hook_name(name)
-        super().add_hook(name, checked_hook(hook), dir, is_permanent, level, prepend)
-
-    def _check_hook_name(self, name: str) -> None:
-        if not isinstance(self.mod_dict.get(name), HookPoint):
-            raise ValueError(self._unknown_hook_message(name))
-        if (
-            name.endswith("attn.hook_result")
-            and not self.mod_dict[name.rsplit(".", 1)[0]].use_attn_result
-        ):
-            raise ValueError(
-                f"{name} only runs with per-head results on: call "
-                "model.set_use_attn_result(True) first (or use cache.stack_head_results, which "
-                "computes them from hook_z)"
-            )
-
-    @contextmanager
-    def hooks(
-        self,
-        fwd_hooks: list[tuple[str | Callable, Callable]] = [],  # noqa: B006 - TL's signature
-        bwd_hooks: list[tuple[str | Callable, Callable]] = [],  # noqa: B006
-        reset_hooks_end: bool = True,
-        clear_contexts: bool = False,
-    ) -> Iterator[HookedTransformer]:
-        """Add hooks for the duration of a `with` block (TransformerLens' `hooks()`).
-
-        On exit, also after an exception or a `KeyboardInterrupt` at any moment (even while
-        the hooks are being added or removed), every hook this block added is gone; hooks added
-        with `add_hook` inside the block stay, as in TransformerLens.
-
-        Examples:
-            >>> from mmlens.ablations import zero_mlp
-            >>> with model.hooks(fwd_hooks=zero_mlp(range(4))):
-            ...     ablated = model(inp)
-            >>> torch.equal(ablated, model(inp))     # the hooks are gone after the block
-            False
-        """
-        with self._temporary_hooks(keep_untracked=False, clear_contexts=clear_contexts) as level:
-            for name, hook in fwd_hooks:
-                self._enable_hook(name=name, hook=hook, dir="fwd")
-            for name, hook in bwd_hooks:
-                self._enable_hook(name=name, hook=hook, dir="bwd")
-            if not reset_hooks_end:
-                level.clear()  # the caller removes them (backward hooks for a later backward)
-            yield self
-
-    @contextmanager
-    def _temporary_hooks(self, keep_untracked: bool, clear_contexts: bool = False) -> Iterator:
-        """A context level: on exit, every hook added since entry at this level, or not recorded
-        at all, is removed (whatever interrupted), and the level is restored.
-
-        Yields a one-element list holding the level; emptying it keeps the hooks.
-        """
-        outer_level, first_id = self.context_level, next_hook_id()
-        level = [outer_level + 1]
-        try:
-            self.context_level = level[0]
-            yield level
-        finally:
-            if level:
-
-                def added_here(handle: Any, hook_id: int) -> bool:
-                    if hook_id < first_id:
-                        return False
-                    if handle is None:
-                        return not keep_untracked
-                    return handle.context_level == level[0] and not handle.is_permanent
-
-                try:
-                    remove_hooks(self.hook_points(), added_here)
-                    if clear_contexts:
-                        self.clear_contexts()
-                finally:
-                    self.context_level = outer_level
-            else:
-                self.context_level = outer_level
-
-    def reset_hooks(
-        self,
-        clear_contexts: bool = True,
-        direction: Literal["fwd", "bwd", "both"] = "both",
-        including_permanent: bool = False,
-        level: int | None = None,
-    ) -> None:
-        """Remove hooks (TransformerLens' `reset_hooks`); with `level=None`, every hook on the
-        model's hook points except permanent ones (unless `including_permanent`), raw PyTorch
-        hooks included, and the context level goes back to 0.
-
-        Examples:
-            >>> model.reset_hooks()   # a clean model, whatever an interrupted cell left behind
-        """
-
-        def selected(handle: Any, hook_id: int) -> bool:
-            if handle is None:
-                return level is None
-            if handle.is_permanent and not including_permanent:
-                return False
-            return level is None or handle.context_level == level
-
-        remove_hooks(self.hook_points(), selected, direction)
-        if clear_contexts:
-            self.clear_contexts()
-        if level is None:
-            self.context_level = 0
-        self.is_caching = False
-
-    def _unknown_hook_message(self, name: str) -> str:
-        for prefix, n_layers in self._layer_counts().items():
-            match = re.match(rf"^{re.escape(prefix)}blocks\.(-?\d+)\.", name)
-            if match and not 0 <= int(match.group(1)) < n_layers:
-                return (
-                    f"hook {name!r}: layer {match.group(1)} does not exist; "
-                    f"'{prefix}blocks' has layers 0..{n_layers - 1}"
-                )
-        close = difflib.get_close_matches(name, list(self.hook_dict), n=3)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        return f"hook {name!r} does not exist in this model{hint} (see model.hook_dict)"
-
-    def _layer_counts(self) -> dict[str, int]:
-        return {"": self.cfg.n_layers}
-
-    def run_with_cache(
-        self,
-        *model_args: Any,
-        names_filter: str | list[str] | Callable[[str], bool] | None = None,
-        device: str | torch.device | None = None,
-        remove_batch_dim: bool = False,
-        incl_bwd: bool = False,
-        **model_kwargs: Any,
-    ) -> tuple[Any, ActivationCache]:
-        """Run and return `(output, cache)`; the cache is a `transformer_lens.ActivationCache`.
-
-        Args:
-            names_filter: a hook name, a list of names, or a predicate on names (default: all).
-            device: where cached tensors go (default: where they are computed).
-            remove_batch_dim: drop the batch axis (batch of 1 only).
-            incl_bwd: also cache gradients (`name + "_grad"`); the output must be a scalar
-                (e.g. `return_type="loss"`), as in TransformerLens.
-
-        Caching hooks are plain PyTorch forward hooks added after any hooks already on the
-        model (so the cache holds edited values) and removed whatever interrupts the call. They
-        bypass TransformerLens' per-hook bookkeeping, whose cost dominated a full cache of a
-        large model on a GPU (see `bench/forward.py`). On the CPU, the first call makes glibc
-        keep freed memory for reuse (`mmlens.perf`; opt out with MMLENS_KEEP_FREED_MEMORY=0):
-        a full cache allocates hundreds of MB per call, and re-faulting it cost ~40%.
-
-        Examples:
-            >>> logits, cache = model.run_with_cache(inp, names_filter=lambda n: "resid" in n)
-            >>> cache.accumulated_resid(apply_ln=True).shape  # [n_layers + 1, batch, pos, d_model]
-            torch.Size([7, 1, 105, 128])
-        """
-        if incl_bwd:
-            output, cache_dict = super().run_with_cache(
-                *model_args,
-                names_filter=names_filter,
-                device=device,
-                remove_batch_dim=remove_batch_dim,
-                incl_bwd=True,
-                **model_kwargs,
-            )
-            return output, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
-
-        if self.W_E.device.type == "cpu":
-            enable_for_cpu_caching()
-        cache_dict: dict[str, torch.Tensor] = {}
-
-        def save(hook_point: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            stored = output.detach().to(device)
-            cache_dict[hook_point.name] = stored[0] if remove_batch_dim else stored
-
-        names = self.hook_names(names_filter)
-        with self._temporary_hooks(keep_untracked=False):
-            for name in names:
-                self.hook_dict[name].register_forward_hook(save)
-            output = self(*model_args, **model_kwargs)
-        if remove_batch_dim and output is not None and output.shape[0] != 1:
-            raise ValueError("remove_batch_dim=True needs a batch of 1")
-        return output, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
-
-    def hook_names(
-        self, names_filter: str | list[str] | Callable[[str], bool] | None = None
-    ) -> list[str]:
-        """Hook point names selected by a name, a list of names or a predicate (None: all).
-
-        Names that do not exist raise a ValueError that says what does.
-        """
-        if names_filter is None:
-            return list(self.hook_dict)
-        if callable(names_filter):
-            return [name for name in self.hook_dict if names_filter(name)]
-        names = [names_filter] if isinstance(names_filter, str) else list(names_filter)
-        for name in names:
-            self._check_hook_name(name)
-        return names
-
     # ------------------------------------------------------------------ forward
     image_inputs: tuple[str, ...] = ()
     """HF-style keyword tensors for images that `forward` takes besides ids and mask."""
@@ -599,8 +370,6 @@ class HookedTransformer(HookedRootModule):
         processor = getattr(self, "processor", None)
         made_by = getattr(inp, "processor_fingerprint", None)
         if processor is not None and made_by is not None:
-            from mmlens.inputs import processor_fingerprint
-
             if made_by != processor_fingerprint(processor):
                 raise ValueError(
                     "this input was prepared with a different processor (tokenizer or image "
@@ -618,6 +387,31 @@ class HookedTransformer(HookedRootModule):
                 f"{type(self).__name__} takes no {sorted(multimodal)}; use a multimodal model"
             )
         return self.hook_embed(self.hook_token_embed(self.embed(input_ids)))
+
+    def position_ids(
+        self, attention_mask: Int[torch.Tensor, "batch pos"], **inputs: Any
+    ) -> Int[torch.Tensor, "... batch pos"]:
+        """Rotary position ids of the positions of `attention_mask`: counted from each item's
+        first real token (as HF `generate` does), so a left-padded item gives the same logits
+        as the item alone.
+
+        Every pass takes its rotary ids from here (`forward`, `generate`'s steps, `run_prefix`);
+        the decoder reads nothing of their shape but that the last axis is the sequence: it
+        slices, gathers and joins along that axis only, so leading axes pass through. This is
+        where a family whose ids have several axes (3-D M-RoPE) computes them.
+
+        Args:
+            attention_mask: ``[batch, pos]`` of every position so far (in a generation step,
+                the cached positions', then the new ones').
+            inputs: this pass's `input_ids` and image inputs (a generation step after the
+                prompt passes its new ids alone); unused here.
+
+        Examples:
+            >>> model.position_ids(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
+            tensor([[0, 0, 0, 1, 2],
+                    [0, 1, 2, 3, 4]])
+        """
+        return rotary_position_ids(attention_mask)
 
     def forward(
         self,
@@ -657,9 +451,16 @@ class HookedTransformer(HookedRootModule):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         # Image features are only needed where image tokens are new (not for cached steps).
-        resid = self.embed_input(input_ids, **{k: v for k, v in inputs.items() if v is not None})
+        image_inputs = {k: v for k, v in inputs.items() if v is not None}
+        resid = self.embed_input(input_ids, **image_inputs)
 
-        resid, positions = self._run_decoder(resid, attention_mask, past_kv_cache, stop_at_layer)
+        resid, positions = self._run_decoder(
+            resid,
+            attention_mask,
+            past_kv_cache,
+            stop_at_layer,
+            inputs={"input_ids": input_ids, **image_inputs},
+        )
         if stop_at_layer is not None:
             return resid
 
@@ -681,6 +482,7 @@ class HookedTransformer(HookedRootModule):
         stop_at_layer: int | None = None,
         record: list | None = None,
         last_only: bool = False,
+        inputs: dict[str, Any] | None = None,
     ) -> tuple[Float[torch.Tensor, "batch kept_pos d_model"], Int[torch.Tensor, "batch kept_pos"]]:
         """The decoder blocks; returns the residual stream and its original positions.
 
@@ -689,7 +491,8 @@ class HookedTransformer(HookedRootModule):
         cache) really shrink, and the survivors keep their rotary positions. `cache` holds the
         keys and values of earlier positions and is extended in place; `record` receives each
         layer's entering residual stream and its positions (`run_prefix`). `last_only`: the
-        final block computes the last position's output only (every position's keys).
+        final block computes the last position's output only (every position's keys). `inputs`
+        (this pass's ids and image inputs) go to `position_ids`.
         """
         batch, n_new = attention_mask.shape
         seen = cache.attention_mask if cache is not None else attention_mask[:, :0]
@@ -701,7 +504,7 @@ class HookedTransformer(HookedRootModule):
             resid,
             torch.arange(n_seen, n_seen + n_new, device=resid.device).expand(batch, -1),
             attention_mask.bool(),
-            rotary_position_ids(all_seen)[:, n_seen:],
+            self.position_ids(all_seen, **(inputs or {}))[..., n_seen:],
         )
         window = self.cfg.sliding_window
         # Plain causal attention (SDPA's causal kernel) is exact while nothing is cached,
@@ -796,172 +599,6 @@ class HookedTransformer(HookedRootModule):
             resid = resid.to(next(self.unembed.parameters()).device)
         return self.unembed(self.ln_final(resid) if final_norm else resid)
 
-    # ------------------------------------------------------------------ prefix and suffix
-    def run_prefix(
-        self,
-        input: Any = None,
-        *,
-        logits: Literal["all", "last"] | None = "all",
-        **kwargs: Any,
-    ) -> PrefixState:
-        """Run `input` once and keep what later variants of it can reuse (`run_suffix`).
-
-        Hooks active on the model (`with model.hooks(...)`) apply, as in a forward pass. Keeps
-        every layer's entering residual stream, keys and values; `logits` says which logits
-        to compute ("all", "last" position only, or None). With "last", the final block computes
-        only the last position's output: its hooks from `attn.hook_q` on see that row alone
-        (`hook.ctx["sequence"].query_positions`), the ones before it every row.
-
-        Examples:
-            >>> prefix = model.run_prefix(inp)
-            >>> prefix.logits.shape   # [batch, pos, d_vocab]
-            torch.Size([1, 105, 70])
-        """
-        inputs = self.model_inputs(input, **kwargs)
-        input_ids = inputs.pop("input_ids")
-        attention_mask = inputs.pop("attention_mask", None)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        resid = self.embed_input(input_ids, **{k: v for k, v in inputs.items() if v is not None})
-        cache = KVCache.empty(self.cfg.n_layers, input_ids.shape[0], input_ids.device)
-        record: list = []
-        resid, _ = self._run_decoder(
-            resid, attention_mask, cache, record=record, last_only=logits == "last"
-        )
-        return PrefixState(
-            logits=None if logits is None else self.to_logits(resid),
-            resid_pre=tuple(entering for entering, _ in record),
-            positions=tuple(positions for _, positions in record),
-            cache=cache,
-            attention_mask=attention_mask,
-            rotary_ids=rotary_position_ids(attention_mask),
-        )
-
-    def run_suffix(
-        self,
-        prefix: PrefixState,
-        start: int | list[int],
-        *,
-        n_variants: int = 1,
-        entry_layers: list[int] | None = None,
-        fwd_hooks: list | tuple = (),
-        only_last: bool = False,
-    ) -> Float[torch.Tensor, "variant_rows suffix_pos d_vocab"]:
-        """Logits of `n_variants` variants of every prefix item, each recomputing the positions
-        from its `start` on, from its entry layer on, with `fwd_hooks`; the prefix gives the rest.
-
-        Exact for variants that change nothing before their start position nor below their
-        entry layer (e.g. an attention knockout whose targets begin at the start, in a window of
-        layers that begins at the entry layer): there, every variant equals the prefix run. A
-        variant enters at its layer with the prefix's residual stream at its positions, and
-        attends to the prefix's keys and values before its start and to its own rows.
-
-        All variants of an item run as one sequence: each holds its own copy of its positions,
-        one variant after the other along the position axis (the prefix's keys are read once, and
-        one matrix product serves every variant). Hooks see those rows, growing from layer to
-        layer as variants enter; `hook.ctx["sequence"].variant` (``[batch, pos]``) says which
-        variant each row belongs to. Hooks already on the model apply too, as in the prefix run,
-        and must not let earlier positions depend on later ones (a causal model never does).
-
-        Args:
-            prefix: `run_prefix` of the input.
-            start: first recomputed position (original index), shared or one per variant.
-            entry_layers: per variant, its first recomputed layer (default: all 0).
-            only_last: return only each variant's last position's logits, ``[rows, d_vocab]``;
-                the final block then computes only those rows' outputs (its hooks from
-                `attn.hook_q` on see them alone, the ones before it every row).
-
-        Returns:
-            ``[batch * n_variants, suffix_pos, d_vocab]`` logits, item-major (rows
-            ``i*n_variants ..`` are prefix item i's variants, in the order given), or
-            ``[batch * n_variants, d_vocab]`` with `only_last` (variants may then start at
-            different positions).
-
-        Examples:
-            >>> from mmlens.ablations import attention_knockout
-            >>> prefix = model.run_prefix(inp)
-            >>> last = inp.positions("last").item()
-            >>> hooks = attention_knockout(inp.positions("image"), [last], range(2, 5))
-            >>> suffix = model.run_suffix(prefix, last, entry_layers=[2], fwd_hooks=hooks,
-            ...                           only_last=True)
-            >>> full = model.run_with_hooks(inp, fwd_hooks=hooks)   # the same, from layer 0
-            >>> suffix.shape                                 # [variant rows, d_vocab]
-            torch.Size([1, 70])
-            >>> torch.allclose(suffix[0], full[0, -1], atol=1e-4)
-            True
-        """
-        entry = [0] * n_variants if entry_layers is None else [int(e) for e in entry_layers]
-        starts = [start] * n_variants if isinstance(start, int) else [int(s) for s in start]
-        if len(entry) != n_variants or not all(0 <= e < self.cfg.n_layers for e in entry):
-            raise ValueError(
-                f"entry_layers must give one layer in 0..{self.cfg.n_layers - 1} per variant "
-                f"({n_variants}), got {entry_layers}"
-            )
-        if len(starts) != n_variants or not all(0 <= s < prefix.n_positions for s in starts):
-            raise ValueError(
-                f"start {start} is not a position of the prefix (0..{prefix.n_positions - 1}), "
-                f"one for all {n_variants} variants or one per variant"
-            )
-        if not only_last and len(set(starts)) > 1:
-            raise ValueError("variants with different starts can only return only_last logits")
-        rows: _Rows | None = None
-        variant_start = torch.tensor(starts, device=prefix.attention_mask.device)
-        with self.hooks(fwd_hooks=list(fwd_hooks)):
-            final = self.cfg.n_layers - 1
-            for layer in range(min(entry), self.cfg.n_layers):
-                entering = [v for v in range(n_variants) if entry[v] == layer]
-                if entering:
-                    rows = self._enter(prefix, layer, rows, entering, starts, variant_start)
-                past = prefix.cache.layers[layer].before(max(starts))
-                self._run_block(layer, rows, past, last_rows=only_last and layer == final)
-            if only_last:  # one row per variant, in variant order
-                return self.to_logits(rows.resid).flatten(0, 1)
-            # One start: every variant holds the same positions; they entered (and lie) in
-            # order of their entry layer.
-            entered = sorted(range(n_variants), key=lambda v: (entry[v], v))
-            segment = [entered.index(v) for v in range(n_variants)]
-            resid = rows.resid.unflatten(1, (n_variants, -1))[:, segment]
-            return self.to_logits(resid).flatten(0, 1)
-
-    def _enter(
-        self,
-        prefix: PrefixState,
-        layer: int,
-        rows: _Rows | None,
-        variants: list[int],
-        starts: list[int],
-        variant_start: torch.Tensor,
-    ) -> _Rows:
-        """`rows` with `variants` added after them, entering at `layer` with the prefix's
-        residual stream there at their positions (>= their start)."""
-        positions = prefix.positions[layer]  # on this layer's device
-        if rows is not None:
-            rows.move_to(positions.device)
-        variant_start = variant_start.to(positions.device)
-        segments = []
-        for variant in variants:
-            first = int((positions[0] < starts[variant]).sum())
-            if bool(((positions < starts[variant]).sum(1) != first).any()):
-                raise ValueError(
-                    "batch items keep different numbers of positions before the suffix after "
-                    "pruning; run these samples one at a time"
-                )
-            held = positions[:, first:]
-            # The mask and rotary ids stay where the prefix started; `held` is on this layer's
-            # device, which a device map may make another one.
-            on_first = held.to(prefix.attention_mask.device)
-            segments.append(
-                _Rows(
-                    prefix.resid_pre[layer][:, first:],
-                    held,
-                    prefix.attention_mask.gather(1, on_first).bool().to(held.device),
-                    prefix.rotary_ids.gather(1, on_first).to(held.device),
-                    variant=torch.full_like(held, variant),
-                    variant_start=variant_start,
-                )
-            )
-        return _Rows.joined(([rows] if rows is not None else []) + segments)
-
     @staticmethod
     def next_token_loss(
         logits: Float[torch.Tensor, "batch pos d_vocab"],
@@ -1036,111 +673,3 @@ class HookedTransformer(HookedRootModule):
                     break
             step_ids, step_mask = next_ids[:, None], torch.ones_like(next_ids[:, None])
         return torch.cat(generated, dim=1)
-
-
-class _Rows:
-    """The rows a decoder pass is computing and what they need, updated block by block:
-    residual stream, original positions, real-token flags, rotary positions, and (suffix runs)
-    which variant each row belongs to. Masks and rotary tables are memoised until the
-    positions change.
-    """
-
-    def __init__(
-        self,
-        resid: torch.Tensor,
-        positions: torch.Tensor,
-        is_real: torch.Tensor,
-        rotary_ids: torch.Tensor,
-        variant: torch.Tensor | None = None,
-        variant_start: torch.Tensor | None = None,
-    ):
-        self.resid, self.positions, self.is_real = resid, positions, is_real
-        self.rotary_ids, self.variant, self.variant_start = rotary_ids, variant, variant_start
-        self.plain_causal = False
-        self._memo: dict[str, tuple[tuple[torch.Tensor, ...], Any]] = {}
-
-    def memo(self, name: str, inputs: tuple[torch.Tensor, ...], make: Callable[[], Any]) -> Any:
-        """`make()`, reused while `inputs` are the same tensor objects as last time (layers
-        share their masks until a pruning point; the entry keeps `inputs` alive)."""
-        entry = self._memo.get(name)
-        if entry is None or any(a is not b for a, b in zip(entry[0], inputs, strict=True)):
-            entry = self._memo[name] = (inputs, make())
-        return entry[1]
-
-    def move_to(self, device: torch.device) -> None:
-        """Move every row tensor to `device` (the next block's, in a model on several
-        devices); memoised masks are dropped with the old tensors."""
-        if self.resid.device == device:
-            return
-        for name in ("resid", "positions", "is_real", "rotary_ids", "variant", "variant_start"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.to(device))
-        self._memo.clear()
-
-    def keep(self, index: Int[torch.Tensor, "batch kept"], resid: bool = True) -> None:
-        """Keep the rows at `index`: pruning, or (`resid=False`) after a block that computed
-        outputs for those rows only, so that `resid` already holds just them."""
-        if resid:
-            self.resid = self.resid.gather(1, index[..., None].expand(-1, -1, self.resid.shape[-1]))
-        self.positions = self.positions.gather(1, index)
-        self.is_real = self.is_real.gather(1, index)
-        self.rotary_ids = self.rotary_ids.gather(1, index)
-        if self.variant is not None:
-            self.variant = self.variant.gather(1, index)
-
-    def last_rows(self) -> Int[torch.Tensor, "batch n"]:
-        """Index of the last row (of each variant, in variant order: its rows are in increasing
-        position order)."""
-        index = torch.arange(self.positions.shape[1], device=self.positions.device)
-        if self.variant is None:
-            return index[-1:].expand(self.positions.shape[0], 1)
-        n_variants = self.variant_start.shape[0]
-        last = torch.full((self.variant.shape[0], n_variants), -1, device=self.variant.device)
-        return last.scatter_reduce(1, self.variant, index.expand_as(self.variant), "amax")
-
-    def state(
-        self, layer: int, past: LayerKV | None, query_index: torch.Tensor | None = None
-    ) -> SequenceState:
-        """The block's state; with `query_index`, only those rows are queries."""
-        if query_index is not None:
-            keys = self.state(layer, past)
-            variant = None if self.variant is None else self.variant.gather(1, query_index)
-            queries = self.positions.gather(1, query_index)
-            return SequenceState(layer, queries, keys.key_positions, keys.key_is_real, variant)
-        if past is None:
-            keys = (self.positions, self.is_real)
-        else:
-            keys = self.memo(
-                "keys",
-                (past.positions, self.positions),
-                lambda: (
-                    torch.cat((past.positions, self.positions), 1),
-                    torch.cat((past.is_real, self.is_real), 1),
-                ),
-            )
-        return SequenceState(layer, self.positions, *keys, self.variant)
-
-    def key_variant(self, past: LayerKV | None) -> torch.Tensor:
-        """Which variant each key belongs to (-1: the prefix)."""
-        if past is None:
-            return self.variant
-        return torch.cat((torch.full_like(past.positions, -1), self.variant), dim=1)
-
-    @staticmethod
-    def joined(parts: list[_Rows]) -> _Rows:
-        """The rows of `parts`, one after the other along the position axis."""
-        if len(parts) == 1:
-            return parts[0]
-
-        def join(name: str) -> torch.Tensor:
-            return torch.cat([getattr(part, name) for part in parts], dim=1)
-
-        return _Rows(
-            join("resid"),
-            join("positions"),
-            join("is_real"),
-            join("rotary_ids"),
-            variant=join("variant"),
-            variant_start=parts[-1].variant_start,
-        )
