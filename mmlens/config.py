@@ -77,7 +77,9 @@ class MMConfig:
     eos_token_id: int | list[int] | None = None
     model_name: str = "custom"
     model_type: str = "llama"
-    decoder_model_type: str = "llama"  # the decoder's HF model_type (some families pick a template by it)
+    decoder_model_type: str = (
+        "llama"  # the decoder's HF model_type (some families pick a template by it)
+    )
     dtype: torch.dtype = torch.float32
     device: str | torch.device = "cpu"
     # Multimodal (LLaVA) fields; `vision is None` for a text-only model.

@@ -19,8 +19,6 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from mmlens.config import MMConfig
-
 # Checkpoint prefixes differ between transformers versions (llava-hf hub checkpoints use
 # `language_model.model.`, transformers >= 4.52 saves `model.language_model.`); normalise first.
 Rule = tuple[str, str]

@@ -79,7 +79,9 @@ def test_modes_are_checked(model, wide, tiny_next_checkpoint):
     with pytest.raises(ValueError, match="image_mode='letterbox'"):
         model.prepare(wide, "Is it red?", image_mode="letterbox")
     next_model = mmlens.from_pretrained(tiny_next_checkpoint())
-    with pytest.raises(ValueError, match=r"image_mode=.pad. does not apply to this checkpoint.s tiling"):
+    with pytest.raises(
+        ValueError, match=r"image_mode=.pad. does not apply to this checkpoint.s tiling"
+    ):
         next_model.prepare(wide, "Is it red?", image_mode="pad")
 
 

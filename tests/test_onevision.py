@@ -21,8 +21,7 @@ from transformers import (
 import mmlens
 from mmlens.analysis.cam import llava_cam
 from mmlens.inputs import NEWLINE, PATCH
-from mmlens.models.llava_next.geometry import AnyresGrid
-from mmlens.models.llava_next.geometry import bilinear_sources
+from mmlens.models.llava_next.geometry import AnyresGrid, bilinear_sources
 from mmlens.testing import (
     assert_matches_hf,
     build_tiny_llava_onevision,

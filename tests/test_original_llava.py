@@ -157,7 +157,9 @@ def test_anyres_is_checked_where_it_applies(tiny_next, tiny_llava_dir):
     with pytest.raises(ValueError, match="anyres='tiles'"):
         model.prepare(make_test_image(20, 14), "What?", anyres="tiles")
     llava = mmlens.from_pretrained(tiny_llava_dir)
-    with pytest.raises(ValueError, match="anyres='llava' does not apply to this checkpoint's single-crop"):
+    with pytest.raises(
+        ValueError, match="anyres='llava' does not apply to this checkpoint's single-crop"
+    ):
         llava.prepare(make_test_image(20, 14), "What?", anyres="llava")
 
 

@@ -13,8 +13,8 @@ from transformers import AutoProcessor, AutoTokenizer
 
 from mmlens.inputs import MultimodalInput
 from mmlens.inputs.templates import (
-    CROSS_MODAL_SUFFIX,
     CHATML_SYSTEM_PROMPT,
+    CROSS_MODAL_SUFFIX,
     LLAVA_V1_SYSTEM_PROMPT,
     TEMPLATES,
     default_template,

@@ -30,7 +30,6 @@ from mmlens.analysis.probability import answer_token_ids
 from mmlens.inputs import input_settings
 from mmlens.sequence import KVCache
 
-
 MAD_TO_STD = 1.4826
 """Median absolute deviation -> standard deviation of a normal distribution."""
 

@@ -32,7 +32,6 @@ from mmlens.hooks import original_hook
 from mmlens.inputs import input_settings
 from mmlens.sequence import sequence_of
 
-
 Box = tuple[int, int, int, int]
 PositionSpec = str | Callable[[Any, int], Tensor] | Tensor
 PAPER_FLOWS: dict[str, tuple[PositionSpec, PositionSpec]] = {

@@ -62,8 +62,8 @@ class ProcessorAdapter:
 SINGLE_CROP = ProcessorAdapter(
     name="single-crop",
     matches=lambda processor: True,
-    geometry=lambda processor, size, alone, patch_size, anyres: (
-        ImageGeometry.from_image_processor(processor.image_processor, size, patch_size)
+    geometry=lambda processor, size, alone, patch_size, anyres: ImageGeometry.from_image_processor(
+        processor.image_processor, size, patch_size
     ),
     options=("image_mode",),
     with_image_mode=with_image_mode,

@@ -12,7 +12,6 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-
 TOKEN_KINDS = ("patch", "cls", "newline", "query")
 """Names of the `ImageTokenLayout.kind` codes: ``TOKEN_KINDS[code]`` ("query": a learned query
 token that reads every patch, as a resampler's, and shows no one patch)."""

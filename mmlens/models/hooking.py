@@ -12,7 +12,7 @@ import difflib
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -22,9 +22,6 @@ from transformer_lens.hook_points import HookPoint
 from mmlens.config import MMConfig
 from mmlens.hooks import checked_hook, next_hook_id, remove_hooks
 from mmlens.perf import enable_for_cpu_caching
-
-if TYPE_CHECKING:
-    from typing_extensions import Self  # typing.Self from Python 3.11
 
 
 class HookBookkeeping(HookedRootModule):
@@ -85,7 +82,7 @@ class HookBookkeeping(HookedRootModule):
         bwd_hooks: list[tuple[str | Callable, Callable]] = [],  # noqa: B006
         reset_hooks_end: bool = True,
         clear_contexts: bool = False,
-    ) -> Iterator[Self]:
+    ) -> Iterator[HookBookkeeping]:
         """Add hooks for the duration of a `with` block (TransformerLens' `hooks()`).
 
         On exit, also after an exception or a `KeyboardInterrupt` at any moment (even while

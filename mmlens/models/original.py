@@ -214,4 +214,3 @@ register_checkpoint_format(
         prepare_defaults=lambda folder, template: read_original(folder).prepare_defaults(template),
     )
 )
-

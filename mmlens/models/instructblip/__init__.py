@@ -21,12 +21,12 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from mmlens.config import MMConfig
+from mmlens.inputs.templates import ConversationTemplate, register_template
 from mmlens.models.instructblip.processor import QFormerProcessor
 from mmlens.models.instructblip.qformer import HookedQFormer, QFormerConfig
-from mmlens.models.vision import vision_config_from_hf
 from mmlens.models.llava import HookedLlava, on_device_of
-from mmlens.inputs.templates import ConversationTemplate, register_template
 from mmlens.models.registry import register
+from mmlens.models.vision import vision_config_from_hf
 
 register_template(  # InstructBLIP has no conversation: the instruction is the prompt
     ConversationTemplate(
@@ -146,9 +146,15 @@ class HookedInstructBlip(HookedLlava):
             r"^qformer\.encoder\.layer\.(\d+)\.output_query\.LayerNorm\.",
             r"qformer.blocks.\1.ln_mlp_query.",
         ),
-        (r"^qformer\.encoder\.layer\.(\d+)\.intermediate\.dense\.", r"qformer.blocks.\1.mlp_text.fc1."),
+        (
+            r"^qformer\.encoder\.layer\.(\d+)\.intermediate\.dense\.",
+            r"qformer.blocks.\1.mlp_text.fc1.",
+        ),
         (r"^qformer\.encoder\.layer\.(\d+)\.output\.dense\.", r"qformer.blocks.\1.mlp_text.fc2."),
-        (r"^qformer\.encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"qformer.blocks.\1.ln_mlp_text."),
+        (
+            r"^qformer\.encoder\.layer\.(\d+)\.output\.LayerNorm\.",
+            r"qformer.blocks.\1.ln_mlp_text.",
+        ),
     )
 
     @classmethod

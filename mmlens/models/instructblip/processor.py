@@ -248,4 +248,3 @@ register_adapter(
         },
     )
 )
-

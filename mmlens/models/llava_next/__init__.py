@@ -18,9 +18,9 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from mmlens.config import MMConfig
-from mmlens.models.llava_next.geometry import AnyresGrid
 from mmlens.inputs.templates import default_template
 from mmlens.models.llava import HookedLlava
+from mmlens.models.llava_next.geometry import AnyresGrid
 from mmlens.models.registry import register
 
 

@@ -535,4 +535,3 @@ TILES = register_adapter(
     )
 )
 """LLaVA-NeXT's HF processor: every image tiled (`AnyresGeometry`), by rule `anyres`."""
-

@@ -18,10 +18,10 @@ import torch
 from jaxtyping import Int
 
 from mmlens.config import MMConfig
+from mmlens.inputs.templates import ConversationTemplate, register_template
 from mmlens.models.llava_next import HookedLlavaNext
 from mmlens.models.llava_next.geometry import AnyresGrid
 from mmlens.models.llava_onevision.processor import OnevisionProcessor, max_tile_patches
-from mmlens.inputs.templates import ConversationTemplate, register_template
 from mmlens.models.registry import register
 
 QWEN_SYSTEM_PROMPT = "You are a helpful assistant."

@@ -203,9 +203,6 @@ register_adapter(
         geometry=lambda processor, size, alone, patch_size, anyres: processor.image_geometry(
             size, tiled=alone
         ),
-        fingerprint_parts=lambda processor: {
-            "vision_aspect_ratio": processor.vision_aspect_ratio
-        },
+        fingerprint_parts=lambda processor: {"vision_aspect_ratio": processor.vision_aspect_ratio},
     )
 )
-
