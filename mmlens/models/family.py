@@ -92,7 +92,9 @@ class VisionLanguageFamily(Protocol):
     `weight_prefixes` and `weight_renames` (HF tensor names to mmlens ones, tried before the
     shared rules of `mmlens.loading`), `load_processor`. Modules: `build_connector` (projector,
     Q-Former, ...) and `encode_images` (pixels to the embeddings of the image slots, with the
-    keywords named by `image_inputs`). Inputs: `prepare`, whose processor is read through the
+    keywords named by `image_inputs`). Inputs: `prepare` (one image token shows a patch of
+    `token_patch_size` pixels: the tower's, or a multiple where the connector merges), whose
+    processor is read through the
     `mmlens.inputs.adapters.ProcessorAdapter` the family registers (which image options apply,
     the variant for them, each image's `ImageTokenGeometry`). Image tokens:
     `image_tokens_are_patches`, and where they are not, `spread_hook_names`,
@@ -104,6 +106,7 @@ class VisionLanguageFamily(Protocol):
 
     image_inputs: tuple[str, ...]
     image_tokens_are_patches: bool
+    token_patch_size: int
     spread_note: str
     weight_prefixes: tuple[tuple[str, str], ...]
     weight_renames: tuple[tuple[str, str], ...]

@@ -71,6 +71,12 @@ class HookedLlava(HookedTransformer):
         self.prepare_defaults: dict[str, str] = {}  # the checkpoint's own prompt settings
         self.setup()
 
+    @property
+    def token_patch_size(self) -> int:
+        """The side, in processed pixels, of the patch one image token shows: the tower's
+        patch, or a multiple of it where the connector merges patches."""
+        return self.cfg.vision.patch_size
+
     def spread_hook_names(self) -> list[str]:
         """The hooks whose activations `tokens_to_patches` reads: none, image tokens being
         patches."""
@@ -142,7 +148,7 @@ class HookedLlava(HookedTransformer):
             images,
             prompts,
             vision_feature_select_strategy=self.cfg.vision_feature_select_strategy,
-            patch_size=self.cfg.vision.patch_size,
+            patch_size=self.token_patch_size,
             **kwargs,
         )
         return inp.to(self.W_E.device)
