@@ -84,3 +84,17 @@ def processor_adapter(processor: Any) -> ProcessorAdapter:
     """The adapter for `processor`: the latest registered one that matches, else
     `SINGLE_CROP`."""
     return next((adapter for adapter in ADAPTERS if adapter.matches(processor)), SINGLE_CROP)
+
+
+def own_processor_adapter(processor_class: type, name: str, **fields: Any) -> ProcessorAdapter:
+    """The adapter of an mmlens processor class that gives each image's geometry itself
+    (``processor.image_geometry(original_size, tiled=alone_in_prompt)``); `fields` set the
+    other `ProcessorAdapter` fields (`places_image_tokens`, `fingerprint_parts`)."""
+    return ProcessorAdapter(
+        name=name,
+        matches=lambda processor: isinstance(processor, processor_class),
+        geometry=lambda processor, size, alone, patch_size, anyres: processor.image_geometry(
+            size, tiled=alone
+        ),
+        **fields,
+    )

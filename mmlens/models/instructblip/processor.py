@@ -21,7 +21,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformers import AutoTokenizer, BatchFeature, BlipImageProcessorPil
 
-from mmlens.inputs.adapters import ProcessorAdapter, register_adapter
+from mmlens.inputs.adapters import own_processor_adapter, register_adapter
 from mmlens.inputs.geometry import ImageGeometry
 from mmlens.inputs.images import processor_arguments
 from mmlens.inputs.layout import QUERY, Box, ImageTokenLayout
@@ -235,12 +235,9 @@ class QueryGeometry:
 
 
 register_adapter(
-    ProcessorAdapter(
-        name="InstructBLIP",
-        matches=lambda processor: isinstance(processor, QFormerProcessor),
-        geometry=lambda processor, size, alone, patch_size, anyres: processor.image_geometry(
-            size, tiled=alone
-        ),
+    own_processor_adapter(
+        QFormerProcessor,
+        "InstructBLIP",
         places_image_tokens=True,
         fingerprint_parts=lambda processor: {
             "qformer_vocab": sorted(processor.qformer_tokenizer.get_vocab().items()),

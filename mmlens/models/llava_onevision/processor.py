@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, BatchFeature, LlavaOnevisionImageProcessorPil
 
-from mmlens.inputs.adapters import ProcessorAdapter, register_adapter
+from mmlens.inputs.adapters import own_processor_adapter, register_adapter
 from mmlens.inputs.geometry import ImageGeometry, image_size_of, size_field
 from mmlens.inputs.images import processor_arguments
 from mmlens.models.llava_next.geometry import AnyresGeometry
@@ -197,12 +197,9 @@ def _image_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 register_adapter(
-    ProcessorAdapter(
-        name="LLaVA-OneVision",
-        matches=lambda processor: isinstance(processor, OnevisionProcessor),
-        geometry=lambda processor, size, alone, patch_size, anyres: processor.image_geometry(
-            size, tiled=alone
-        ),
+    own_processor_adapter(
+        OnevisionProcessor,
+        "LLaVA-OneVision",
         fingerprint_parts=lambda processor: {"vision_aspect_ratio": processor.vision_aspect_ratio},
     )
 )
