@@ -47,6 +47,9 @@ class ProcessorAdapter:
             only ``tokenization="hf"`` applies.
         fingerprint_parts: ``processor`` -> settings beyond the tokenizer and image processor
             that decide its inputs (`processor_fingerprint`).
+        pixels_are_images: the processor's ``pixel_values`` end in each image's processed
+            ``(height, width)`` (checked against the geometry); False where they are rows of
+            flattened patches of images of several sizes (the processor checks its counts).
     """
 
     name: str
@@ -57,6 +60,7 @@ class ProcessorAdapter:
     with_anyres: Callable[[Any, str], Any] = _same
     places_image_tokens: bool = False
     fingerprint_parts: Callable[[Any], dict[str, Any]] = lambda processor: {}
+    pixels_are_images: bool = True
 
 
 SINGLE_CROP = ProcessorAdapter(
@@ -89,7 +93,8 @@ def processor_adapter(processor: Any) -> ProcessorAdapter:
 def own_processor_adapter(processor_class: type, name: str, **fields: Any) -> ProcessorAdapter:
     """The adapter of an mmlens processor class that gives each image's geometry itself
     (``processor.image_geometry(original_size, tiled=alone_in_prompt)``); `fields` set the
-    other `ProcessorAdapter` fields (`places_image_tokens`, `fingerprint_parts`)."""
+    other `ProcessorAdapter` fields (`places_image_tokens`, `fingerprint_parts`,
+    `pixels_are_images`)."""
     return ProcessorAdapter(
         name=name,
         matches=lambda processor: isinstance(processor, processor_class),

@@ -515,6 +515,8 @@ class MultimodalInput:
             for size, item in zip(original_sizes, image_items, strict=True)
         ]
         for image_index, image_geometry in enumerate(geometry):
+            if not adapter.pixels_are_images:
+                break
             if image_geometry.processed_size != tuple(pixel_values.shape[-2:]):
                 raise ValueError(
                     f"image {image_index}: the processor produced {tuple(pixel_values.shape[-2:])} "
@@ -597,7 +599,9 @@ class MultimodalInput:
             suffix=suffix,
             image_processor=processor.image_processor,
             extra_inputs={
-                name: encoded[name] for name in getattr(processor, "extra_model_inputs", ())
+                name: encoded[name]
+                for name in getattr(processor, "extra_model_inputs", ())
+                if name in encoded  # e.g. an image input, absent from a text-only batch
             },
         )
 
