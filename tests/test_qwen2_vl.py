@@ -12,8 +12,10 @@ from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorP
 
 import mmlens
 from mmlens.ablations import attention_knockout, drop_tokens
+from mmlens.analysis import knockout_sweep
 from mmlens.models.family import ImageTokenGeometry, VisionLanguageFamily
 from mmlens.models.qwen2_vl import HookedQwen2VL, mrope_positions
+from mmlens.presets import CROSS_MODAL_FLOW
 from mmlens.testing import build_tiny_qwen2_vl, make_test_image
 
 TOLERANCE = 1e-4
@@ -208,3 +210,32 @@ def test_dropping_the_image_equals_knocking_it_out_with_3d_positions(model, imag
     torch.testing.assert_close(dropped[:, -1], knocked[:, -1], atol=1e-5, rtol=0)
     plain = model(inp)
     assert (plain[:, -1] - knocked[:, -1]).abs().max() > 1e-3  # the image mattered
+
+
+def test_an_item_of_a_batch_keeps_its_image_patches_and_grid(model, images):
+    inp = model.prepare([images["square"], None, images["wide"]], ["Why?", "Hi", "Is it red?"])
+    assert inp.pixel_rows == [64, 72]
+    for index, image in ((0, "square"), (2, "wide")):
+        alone = model.prepare(images[image], ["Why?", "Hi", "Is it red?"][index])
+        item = inp.item(index)
+        assert torch.equal(item.pixel_values, alone.pixel_values)
+        assert torch.equal(
+            item.extra_inputs["image_grid_thw"], alone.extra_inputs["image_grid_thw"]
+        )
+        assert torch.equal(item.input_ids, alone.input_ids)
+        torch.testing.assert_close(model(item)[0, -1], model(inp)[index, -1], atol=1e-4, rtol=0)
+    text = inp.item(1)
+    assert text.pixel_values is None and "image_grid_thw" not in text.extra_inputs
+    assert model(text).shape[:2] == text.input_ids.shape
+
+
+def test_the_knockout_sweep_engine_equals_full_runs_with_3d_positions(model, images):
+    inp = model.prepare(images["square"], "What colour is the star?", preset=CROSS_MODAL_FLOW)
+    kwargs = dict(boxes=[[(0, 0, 28, 28)]], preset=CROSS_MODAL_FLOW, progress=False)
+    kwargs["patch_rule"] = "geometric"  # the preset's mask rule reads pixels as images
+    engine = knockout_sweep(model, inp, method="engine", **kwargs)
+    naive = knockout_sweep(model, inp, method="naive", **kwargs)
+    assert {"Related patches→Question", "Image→Last"} <= set(engine["flow"])
+    assert (engine["p_new"] - naive["p_new"]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="rows of flattened patches"):
+        inp.patches_in_box((0, 0, 28, 28), rule="mask")

@@ -62,6 +62,8 @@ class Qwen2VLInputProcessor:
     vision_feature_select_strategy = "full"
     extra_model_inputs = ("image_grid_thw",)
     """The keys `MultimodalInput` keeps and passes to the model besides ids, mask and pixels."""
+    per_image_inputs = ("image_grid_thw",)
+    """Those of them with one row per image (`MultimodalInput.item` picks an item's)."""
 
     def __init__(self, image_processor: Any, tokenizer: Any, image_token: str = IMAGE_PAD):
         self.image_processor = image_processor
@@ -141,4 +143,11 @@ class Qwen2VLInputProcessor:
         return BatchFeature({**encoded, **data}, tensor_type=return_tensors)
 
 
-register_adapter(own_processor_adapter(Qwen2VLInputProcessor, "Qwen2-VL", pixels_are_images=False))
+register_adapter(
+    own_processor_adapter(
+        Qwen2VLInputProcessor,
+        "Qwen2-VL",
+        # pixel_values: every image's patches as rows, grid rows x columns of them per image
+        pixel_rows=lambda processor, encoded: encoded["image_grid_thw"].prod(-1).tolist(),
+    )
+)
