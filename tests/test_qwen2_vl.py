@@ -239,3 +239,15 @@ def test_the_knockout_sweep_engine_equals_full_runs_with_3d_positions(model, ima
     assert (engine["p_new"] - naive["p_new"]).abs().max() < 1e-5
     with pytest.raises(ValueError, match="rows of flattened patches"):
         inp.patches_in_box((0, 0, 28, 28), rule="mask")
+
+
+def test_generation_with_the_image_dropped_equals_a_full_pass_with_it_dropped(model, images):
+    # The cached steps (3-D positions continued by the rope delta, a pruned KV cache) against
+    # one teacher-forced pass over prompt and answer (positions from the whole sequence).
+    inp = model.prepare(images["wide"], "What colour is the star?")
+    n, new = inp.input_ids.shape[1], 4
+    hooks = drop_tokens(inp.positions("image"), from_layer=1)
+    with model.hooks(fwd_hooks=hooks):
+        generated = model.generate(inp, max_new_tokens=new, stop_at_eos=False)
+        forced = model(inp.with_tokens(generated[:, n:]))
+    assert torch.equal(forced[:, -new - 1 : -1].argmax(-1), generated[:, n:])
