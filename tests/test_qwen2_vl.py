@@ -12,7 +12,7 @@ from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorP
 
 import mmlens
 from mmlens.ablations import attention_knockout, drop_tokens
-from mmlens.analysis import knockout_sweep
+from mmlens.analysis import knockout_sweep, llava_cam
 from mmlens.models.family import ImageTokenGeometry, VisionLanguageFamily
 from mmlens.models.qwen2_vl import HookedQwen2VL, mrope_positions
 from mmlens.presets import CROSS_MODAL_FLOW
@@ -251,3 +251,13 @@ def test_generation_with_the_image_dropped_equals_a_full_pass_with_it_dropped(mo
         generated = model.generate(inp, max_new_tokens=new, stop_at_eos=False)
         forced = model(inp.with_tokens(generated[:, n:]))
     assert torch.equal(forced[:, -new - 1 : -1].argmax(-1), generated[:, n:])
+
+
+def test_the_runner_runs_on_it_and_llava_cam_says_it_does_not(folder, model, images, tmp_path):
+    result = mmlens.run(
+        "knockout", folder, "shapes:3", tmp_path / "run", window_size=1, progress=False
+    )
+    assert set(result.flow) >= {"Image→Last", "Question→Last"} and len(result) > 0
+    inp = model.prepare(images["square"], "What colour is the star?")
+    with pytest.raises(ValueError, match="rows of flattened patches"):
+        llava_cam(model, inp, "red", layers=[0], noise_std=0, progress=False)
