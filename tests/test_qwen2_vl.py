@@ -261,3 +261,10 @@ def test_the_runner_runs_on_it_and_llava_cam_says_it_does_not(folder, model, ima
     inp = model.prepare(images["square"], "What colour is the star?")
     with pytest.raises(ValueError, match="rows of flattened patches"):
         llava_cam(model, inp, "red", layers=[0], noise_std=0, progress=False)
+
+
+def test_two_images_in_one_prompt_match_hf(hf, model, images):
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    inp = model.prepare([images["square"], images["wide"]], f"Is {image} the same as {image}?")
+    assert inp.n_images == 2 and len(inp.positions("image")) == 16 + 18
+    assert_matches_hf(hf, model, inp)
