@@ -29,7 +29,7 @@ from mmlens.models.llava import HookedLlava, on_device_of
 from mmlens.models.qwen2_vl.processor import Qwen2VLInputProcessor
 from mmlens.models.qwen2_vl.vision import HookedQwen2VLVision, Qwen2VLMerger, Qwen2VLVisionExtras
 from mmlens.models.registry import register
-from mmlens.sequence import rotary_position_ids
+from mmlens.sequence import KVCache, rotary_position_ids
 
 QWEN2_VL_SYSTEM_PROMPT = "You are a helpful assistant."
 """The system text of Qwen2-VL's chat template."""
@@ -282,7 +282,15 @@ class HookedQwen2VL(HookedLlava):
             positions = positions + rope_deltas.to(positions.device)[:, None]
         return positions.expand(3, *positions.shape)
 
-    def _run_decoder(self, resid, attention_mask, cache=None, *args, inputs=None, **kwargs):
+    def _run_decoder(
+        self,
+        resid: Float[torch.Tensor, "batch pos d_model"],
+        attention_mask: Int[torch.Tensor, "batch pos"],
+        cache: KVCache | None = None,
+        *args: Any,
+        inputs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`HookedTransformer._run_decoder`, remembering the prompt's rope deltas on a KV
         cache (its first pass) and giving them to `position_ids` in later passes."""
         inputs = dict(inputs or {})
