@@ -29,6 +29,7 @@ from mmlens.models import (
     HookedLlava,
     HookedLlavaNext,
     HookedLlavaOnevision,
+    HookedQwen2VL,
     HookedTransformer,
     from_pretrained,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "HookedLlava",
     "HookedLlavaNext",
     "HookedLlavaOnevision",
+    "HookedQwen2VL",
     "HookedTransformer",
     "KVCache",
     "MMConfig",

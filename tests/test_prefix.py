@@ -260,6 +260,7 @@ def test_the_registry_knows_every_model_type():
         "llava_next": mmlens.HookedLlavaNext,
         "llava_onevision": mmlens.HookedLlavaOnevision,
         "instructblip": mmlens.HookedInstructBlip,
+        "qwen2_vl": mmlens.HookedQwen2VL,
     }
 
 

@@ -6,7 +6,7 @@ linear, yarn), so a Llama-3 checkpoint rotates exactly as in HF.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -58,6 +58,18 @@ class RotaryEmbedding(nn.Module):
     """Maps position ids to the cos/sin tables applied to queries and keys.
 
     Built from the rotary parameters alone (`rope_frequencies`), not a model config.
+
+    Multi-axis rotary (`sections`): position ids ``[n_axes, batch, pos]`` give each token one
+    position per axis (e.g. time, row, column); the `d_head / 2` frequencies are cut into
+    consecutive sections, the i-th rotated by the ids of axis i. 1-D ids ``[batch, pos]`` then
+    stand for the same position on every axis (plain rotary).
+
+    Examples:
+        >>> rotary = RotaryEmbedding(8, {"rope_theta": 10000.0}, sections=(2, 1, 1))
+        >>> ids = torch.tensor([5, 3, 4])[:, None, None]  # [axis, batch, pos]
+        >>> cos, _ = rotary(ids, torch.float32)
+        >>> torch.allclose(cos[0, 0, :4], (torch.tensor([5, 5, 3, 4]) * rotary.inv_freq).cos())
+        True
     """
 
     def __init__(
@@ -65,8 +77,14 @@ class RotaryEmbedding(nn.Module):
         d_head: int,
         rope_parameters: Mapping[str, Any],
         max_position_embeddings: int = 4096,
+        sections: Sequence[int] | None = None,
     ):
         super().__init__()
+        if sections is not None and sum(sections) != d_head // 2:
+            raise ValueError(
+                f"rotary sections {list(sections)} must sum to d_head / 2 = {d_head // 2}"
+            )
+        self.sections = None if sections is None else tuple(int(n) for n in sections)
         inv_freq, self.attention_scaling = rope_frequencies(
             d_head, rope_parameters, max_position_embeddings
         )
@@ -76,10 +94,15 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, position_ids: Int[torch.Tensor, "batch pos"], dtype: torch.dtype
+        self, position_ids: Int[torch.Tensor, "... batch pos"], dtype: torch.dtype
     ) -> tuple[Float[torch.Tensor, "batch pos d_head"], Float[torch.Tensor, "batch pos d_head"]]:
         # .to: in a model on several devices the blocks' rows live elsewhere (a no-op if not)
         freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
+        if self.sections is not None:
+            if position_ids.ndim == 2:  # one position for every axis
+                freqs = freqs[None].expand(len(self.sections), *freqs.shape)
+            parts = freqs.split(self.sections, dim=-1)
+            freqs = torch.cat([part[axis] for axis, part in enumerate(parts)], dim=-1)
         angles = torch.cat((freqs, freqs), dim=-1)
         cos = angles.cos() * self.attention_scaling
         sin = angles.sin() * self.attention_scaling

@@ -47,6 +47,10 @@ class ProcessorAdapter:
             only ``tokenization="hf"`` applies.
         fingerprint_parts: ``processor`` -> settings beyond the tokenizer and image processor
             that decide its inputs (`processor_fingerprint`).
+        pixel_rows: None where the processor's ``pixel_values`` hold one entry per image,
+            ending in its processed ``(height, width)`` (checked against the geometry); where
+            they are rows of flattened patches instead (images of several sizes in one tensor),
+            ``(processor, its output)`` -> each image's number of rows.
     """
 
     name: str
@@ -57,6 +61,7 @@ class ProcessorAdapter:
     with_anyres: Callable[[Any, str], Any] = _same
     places_image_tokens: bool = False
     fingerprint_parts: Callable[[Any], dict[str, Any]] = lambda processor: {}
+    pixel_rows: Callable[[Any, Any], list[int]] | None = None
 
 
 SINGLE_CROP = ProcessorAdapter(
@@ -89,7 +94,8 @@ def processor_adapter(processor: Any) -> ProcessorAdapter:
 def own_processor_adapter(processor_class: type, name: str, **fields: Any) -> ProcessorAdapter:
     """The adapter of an mmlens processor class that gives each image's geometry itself
     (``processor.image_geometry(original_size, tiled=alone_in_prompt)``); `fields` set the
-    other `ProcessorAdapter` fields (`places_image_tokens`, `fingerprint_parts`)."""
+    other `ProcessorAdapter` fields (`places_image_tokens`, `fingerprint_parts`,
+    `pixel_rows`)."""
     return ProcessorAdapter(
         name=name,
         matches=lambda processor: isinstance(processor, processor_class),

@@ -62,8 +62,13 @@ class MultimodalInput:
             segment).
         image_processor: the image processor that made `pixel_values` (for
             ``patches_in_box(rule="mask")``).
-        extra_inputs: further per-item model inputs the processor made (a connector's own
-            copy of the instruction, say), passed by `model_kwargs`.
+        extra_inputs: further model inputs the processor made (a connector's own copy of the
+            instruction, say), passed by `model_kwargs`; one row per item, or per image for
+            those in `per_image_inputs`.
+        per_image_inputs: the `extra_inputs` with one row per image (an image's grid, say).
+        pixel_rows: per image, its rows of `pixel_values` where the processor gives images as
+            rows of flattened patches (`ProcessorAdapter.pixel_rows`); None where
+            `pixel_values` has one entry per image.
 
     Examples:
         >>> inp = MultimodalInput.from_processor(model.processor, [image, None], ["What is it?", "Hi"])
@@ -92,6 +97,8 @@ class MultimodalInput:
     suffix: str = ""
     image_processor: Any = field(default=None, repr=False, compare=False)
     extra_inputs: dict[str, Tensor] = field(default_factory=dict)
+    per_image_inputs: tuple[str, ...] = ()
+    pixel_rows: list[int] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -245,6 +252,11 @@ class MultimodalInput:
         geometry = self.image_geometry[image]
         if not isinstance(geometry, ImageGeometry) or self.image_processor is None:
             raise ValueError("rule='mask' needs a single-crop input made by from_processor/prepare")
+        if self.pixel_rows is not None:
+            raise ValueError(
+                "rule='mask' reads the processor's pixels as images; this processor gives them as "
+                "rows of flattened patches: use rule='geometric'"
+            )
         height, width = geometry.original_size
         mask = Image.new("RGB", (width, height))
         ImageDraw.Draw(mask).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=(255, 0, 0))
@@ -291,11 +303,22 @@ class MultimodalInput:
         def select(tensor: Tensor | None) -> Tensor | None:
             return None if tensor is None or not images else tensor[images]
 
+        pixel_values, pixel_rows = select(self.pixel_values), None
+        if self.pixel_rows is not None and pixel_values is not None:
+            start = [sum(self.pixel_rows[:image]) for image in range(self.n_images)]
+            rows = [
+                row
+                for image in images
+                for row in range(start[image], start[image] + self.pixel_rows[image])
+            ]
+            pixel_values = self.pixel_values[rows]
+            pixel_rows = [self.pixel_rows[image] for image in images]
         return dataclasses.replace(
             self,
             input_ids=self.input_ids[index : index + 1, pad:],
             attention_mask=self.attention_mask[index : index + 1, pad:],
-            pixel_values=select(self.pixel_values),
+            pixel_values=pixel_values,
+            pixel_rows=pixel_rows,
             image_sizes=select(self.image_sizes),
             prompts=[self.prompts[index]],
             segments=[{name: pos - pad for name, pos in self.segments[index].items()}],
@@ -304,7 +327,9 @@ class MultimodalInput:
             image_items=[0] * len(images),
             token_spans=[self.token_spans[index][pad:]],
             extra_inputs={
-                name: value[index : index + 1] for name, value in self.extra_inputs.items()
+                name: select(value) if name in self.per_image_inputs else value[index : index + 1]
+                for name, value in self.extra_inputs.items()
+                if name not in self.per_image_inputs or images
             },
         )
 
@@ -515,6 +540,8 @@ class MultimodalInput:
             for size, item in zip(original_sizes, image_items, strict=True)
         ]
         for image_index, image_geometry in enumerate(geometry):
+            if adapter.pixel_rows is not None:
+                break
             if image_geometry.processed_size != tuple(pixel_values.shape[-2:]):
                 raise ValueError(
                     f"image {image_index}: the processor produced {tuple(pixel_values.shape[-2:])} "
@@ -597,8 +624,14 @@ class MultimodalInput:
             suffix=suffix,
             image_processor=processor.image_processor,
             extra_inputs={
-                name: encoded[name] for name in getattr(processor, "extra_model_inputs", ())
+                name: encoded[name]
+                for name in getattr(processor, "extra_model_inputs", ())
+                if name in encoded  # e.g. an image input, absent from a text-only batch
             },
+            per_image_inputs=tuple(getattr(processor, "per_image_inputs", ())),
+            pixel_rows=None
+            if adapter.pixel_rows is None or pixel_values is None
+            else list(adapter.pixel_rows(processor, encoded)),
         )
 
 

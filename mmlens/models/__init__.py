@@ -14,6 +14,7 @@ from mmlens.models.instructblip import HookedInstructBlip
 from mmlens.models.llava import HookedLlava
 from mmlens.models.llava_next import HookedLlavaNext
 from mmlens.models.llava_onevision import HookedLlavaOnevision
+from mmlens.models.qwen2_vl import HookedQwen2VL
 from mmlens.models.registry import MODEL_TYPES, model_class_for, register
 
 
@@ -52,6 +53,7 @@ __all__ = [
     "HookedLlava",
     "HookedLlavaNext",
     "HookedLlavaOnevision",
+    "HookedQwen2VL",
     "HookedTransformer",
     "from_pretrained",
     "model_class_for",

@@ -20,6 +20,7 @@ The builders live in one module per model family, and this package re-exports th
   `make_anyres_image_processor`, `TINY_GRID_PINPOINTS`).
 - `mmlens.testing.llava_onevision`: LLaVA-OneVision (`build_tiny_llava_onevision`).
 - `mmlens.testing.instructblip`: InstructBLIP (`build_tiny_instructblip`).
+- `mmlens.testing.qwen2_vl`: Qwen2-VL (`build_tiny_qwen2_vl`).
 - `mmlens.testing.hf_reference`: the Hugging Face reference (`assert_matches_hf`,
   `hf_position_ids`, `hf_image_features`, `hf_answer_gradients`).
 
@@ -49,6 +50,7 @@ from mmlens.testing.llava_next import (
     make_anyres_image_processor,
 )
 from mmlens.testing.llava_onevision import build_tiny_llava_onevision
+from mmlens.testing.qwen2_vl import build_tiny_qwen2_vl
 from mmlens.testing.tokenizer import (
     BPE_VOCAB_SIZE,
     FAMILIES,
@@ -72,6 +74,7 @@ __all__ = [
     "build_tiny_llava_interleave",
     "build_tiny_llava_next",
     "build_tiny_llava_onevision",
+    "build_tiny_qwen2_vl",
     "hf_answer_gradients",
     "hf_image_features",
     "hf_position_ids",
