@@ -136,7 +136,7 @@ def llava_cam(
         raise ValueError(f"llava_cam takes a single prompt; this input has {inp.batch_size}")
     if inp.pixel_values is None:
         raise ValueError("llava_cam needs an input with an image")
-    if getattr(inp, "pixel_rows", None) is not None:
+    if inp.pixel_rows is not None:
         raise ValueError(
             "llava_cam reads pixel_values as images (noise per channel, vision maps per crop); "
             "this checkpoint's processor gives them as rows of flattened patches, which it does "

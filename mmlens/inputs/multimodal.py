@@ -539,9 +539,9 @@ class MultimodalInput:
             )
             for size, item in zip(original_sizes, image_items, strict=True)
         ]
-        for image_index, image_geometry in enumerate(geometry):
-            if adapter.pixel_rows is not None:
-                break
+        # Pixels as one entry per image end in its processed size (not rows of patches).
+        checked = geometry if adapter.pixel_rows is None else []
+        for image_index, image_geometry in enumerate(checked):
             if image_geometry.processed_size != tuple(pixel_values.shape[-2:]):
                 raise ValueError(
                     f"image {image_index}: the processor produced {tuple(pixel_values.shape[-2:])} "
