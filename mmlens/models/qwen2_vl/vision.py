@@ -77,6 +77,23 @@ def patch_rows_cols(
     return torch.cat(rows_cols)
 
 
+def patch_grid_index(
+    grid_thw: Int[torch.Tensor, "3"], merge_size: int
+) -> Int[torch.Tensor, "rows cols"]:
+    """Each patch's row among one image's ``pixel_values`` rows (the processor's cell-major
+    order, first frame), arranged as the image's row-major patch grid.
+
+    >>> patch_grid_index(torch.tensor([1, 2, 4]), 2)
+    tensor([[0, 1, 4, 5],
+            [2, 3, 6, 7]])
+    """
+    t, h, w = (int(n) for n in grid_thw)
+    rows_cols = patch_rows_cols(torch.tensor([[1, h, w]]), merge_size)
+    index = torch.empty(h, w, dtype=torch.long)
+    index[rows_cols[:, 0], rows_cols[:, 1]] = torch.arange(h * w)
+    return index
+
+
 class HookedQwen2VLVision(nn.Module):
     """Qwen2-VL's ViT. Hooks (batch 1, every image's patches in one sequence): `hook_embed`,
     `blocks.{l}.*` (as the other towers', with `attn.hook_rot_q` / `attn.hook_rot_k`: the 2-D
