@@ -183,10 +183,28 @@ class HookedQwen2VL(HookedLlava):
         """The decoder (a Qwen2 with `mrope_section` in its rope parameters, through
         `MMConfig.from_hf`), the tower (`cfg.vision`) and what the tower and merger have
         beyond it (`cfg.connector`, a `Qwen2VLVisionExtras`)."""
-        hf_vision = hf_config.vision_config
         text = types.SimpleNamespace(**{**hf_config.text_config.to_dict(), "model_type": "qwen2"})
         if "mrope_section" not in (text.rope_parameters or {}):
             raise ValueError("a Qwen2-VL text config names its mrope_section in rope_parameters")
+        vision, extras = cls.vision_from_hf(hf_config.vision_config)
+        decoder = types.SimpleNamespace(
+            text_config=text,
+            model_type=hf_config.model_type,
+            tie_word_embeddings=hf_config.tie_word_embeddings,
+            name_or_path=getattr(hf_config, "name_or_path", ""),
+        )
+        fields = dict(
+            vision=vision,
+            connector=extras,
+            image_token_id=hf_config.image_token_id,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
+        return MMConfig.from_hf(decoder, **{**fields, **overrides})
+
+    @classmethod
+    def vision_from_hf(cls, hf_vision: Any) -> tuple[VisionConfig, Qwen2VLVisionExtras]:
+        """The tower's `VisionConfig` and what the tower and merger have beyond it."""
         vision = VisionConfig(
             n_layers=hf_vision.depth,
             d_model=hf_vision.embed_dim,
@@ -209,20 +227,7 @@ class HookedQwen2VL(HookedLlava):
             ),
             d_out=hf_vision.hidden_size,
         )
-        decoder = types.SimpleNamespace(
-            text_config=text,
-            model_type=hf_config.model_type,
-            tie_word_embeddings=hf_config.tie_word_embeddings,
-            name_or_path=getattr(hf_config, "name_or_path", ""),
-        )
-        fields = dict(
-            vision=vision,
-            connector=extras,
-            image_token_id=hf_config.image_token_id,
-            vision_feature_layer=-1,
-            vision_feature_select_strategy="full",
-        )
-        return MMConfig.from_hf(decoder, **{**fields, **overrides})
+        return vision, extras
 
     @classmethod
     def load_processor(cls, folder: Path, hf_config: Any) -> Qwen2VLInputProcessor:
