@@ -374,3 +374,14 @@ def test_smoothgrad_on_pixel_rows_is_seeded_and_drawn_over_the_image(model, imag
     heatmap = figure.data[1]  # on the 6 x 12 patches of 7 px
     assert (len(heatmap.z), len(heatmap.z[0]), heatmap.dx) == (6, 12, 7)
     assert "2x2 block of patches" in figure.layout.annotations[-1].text.replace("<br>", " ")
+
+
+def test_cam_of_the_second_image_of_a_prompt_reads_its_own_rows(model, images):
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    inp = model.prepare([images["square"], images["wide"]], f"Is {image} like {image}?")
+    row, index = model.vision_patch_index(inp, 1)
+    assert row == 0 and index.min() == 64 and index.max() == 64 + 72 - 1  # after 8 x 8 patches
+    alone = model.prepare(images["wide"], "Why?")
+    assert torch.equal(model.vision_pixels(inp, 1), model.vision_pixels(alone))
+    cam = llava_cam(model, inp, "red", layers=[0, "vision.blocks.0"], noise_std=0, image=1)
+    assert cam.maps.shape == (2, 6, 12) and cam.image_pixels.shape == (3, 42, 84)
