@@ -30,6 +30,7 @@ from mmlens.models import (
     HookedLlavaNext,
     HookedLlavaOnevision,
     HookedQwen2VL,
+    HookedQwen25VL,
     HookedTransformer,
     from_pretrained,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "HookedLlava",
     "HookedLlavaNext",
     "HookedLlavaOnevision",
+    "HookedQwen25VL",
     "HookedQwen2VL",
     "HookedTransformer",
     "KVCache",

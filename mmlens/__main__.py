@@ -66,6 +66,7 @@ RUN_OPTIONS = {
     "--window-size": ("window_size", int, "knockout: layers per window (default: the preset's)"),
     "--centres": ("centres", _list(int), "knockout: window centres, e.g. 0,4,8 (default: all)"),
     "--flows": ("flows", _list(str), "knockout: flow names to run (default: the preset's)"),
+    "--patch-rule": ("patch_rule", str, "knockout: 'mask' or 'geometric' (default: the preset's)"),
     "--modules": ("modules", _list(str), "module-jaccard: attn,mlp"),
     "--window": ("window", int, "module-jaccard: layers zeroed from each layer on"),
     "--k": ("k", int, "module-jaccard: top-k words; fastv: the pruning layer"),

@@ -147,7 +147,9 @@ def llava_cam(
     resize and crop. Each map cell covers its patch (smoothed for display). A dashed box marks
     where the original image lies in that input; the caption says how it got there. A tiled
     image: the maps (the tile token grid's, or with ``highres=False`` the base grid's) cover the
-    whole image, drawn at its original size and aspect from the base crop. Where image tokens
+    whole image, drawn at its original size and aspect from the base crop. Where a connector
+    merges patches (2 x 2 cells of patches per token), decoder maps show one value per merged block and
+    vision maps one per patch. Where image tokens
     are not patches, the maps are on the vision tower's crop and the caption says how decoder
     layers reached it (`CamResult.settings["spread"]`).
 
@@ -160,9 +162,10 @@ def llava_cam(
     geometry = inp.image_geometry[image].vision_view  # the first crop, as the tower saw it
     if result.highres_maps is not None:
         return _tiled_cam(result, inp, columns, opacity, highres)
-    crop = inp.pixel_values[image]
-    if crop.ndim == 4:  # pixels of a tiling processor, [image, crop, ...]: the first crop
-        crop = crop[0]
+    crop = result.image_pixels
+    if crop is None:  # a result saved without its pixels: the input's first crop
+        crop = inp.pixel_values[image]
+        crop = crop[0] if crop.ndim == 4 else crop  # a tiling processor's [crop, ...]
     pixels = _model_view(crop, settings["image_mean"], settings["image_std"])
     height, width = pixels.height, pixels.width
     patch = geometry.patch_size
@@ -206,6 +209,12 @@ def llava_cam(
     lines = _geometry_note(geometry, inp.image_mode).split("<br>")
     if settings.get("spread"):
         lines.append(f"Decoder layers: {settings['spread']}")
+    if settings.get("cells_per_token"):
+        rows, cols = settings["cells_per_token"]
+        lines.append(
+            f"Decoder layers: one value per image token, a merged {rows}x{cols} block of "
+            f"patches ({rows * patch}x{cols * patch} pixels); vision layers: one per patch."
+        )
     # Wrapped to the figure's width (~6.5 px a character at the caption's size): a narrow
     # figure of one or two panels would cut a long line off.
     lines = [part for line in lines for part in textwrap.wrap(line, int((figure_width - 60) / 6.5))]

@@ -1,6 +1,6 @@
 """Every experiment of the runner on every model family beyond LLaVA-1.5 and LLaVA-NeXT
 (whose runs tests/test_experiments.py covers): LLaVA-Interleave (SigLIP + Qwen2),
-LLaVA-OneVision and InstructBLIP, each on a random checkpoint; every sample must give rows."""
+LLaVA-OneVision, InstructBLIP, Qwen2-VL and Qwen2.5-VL, each on a random checkpoint; every sample must give rows."""
 
 from __future__ import annotations
 
@@ -14,12 +14,16 @@ from mmlens.testing import (
     build_tiny_instructblip,
     build_tiny_llava_interleave,
     build_tiny_llava_onevision,
+    build_tiny_qwen2_5_vl,
+    build_tiny_qwen2_vl,
 )
 
 BUILDERS = {
     "interleave": build_tiny_llava_interleave,
     "onevision": build_tiny_llava_onevision,
     "instructblip": build_tiny_instructblip,
+    "qwen2_vl": build_tiny_qwen2_vl,
+    "qwen2_5_vl": build_tiny_qwen2_5_vl,
 }
 SMALL = {  # options that keep each run to a few forward passes
     "knockout": dict(window_size=1),

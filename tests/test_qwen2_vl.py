@@ -16,7 +16,7 @@ from mmlens.analysis import knockout_sweep, llava_cam
 from mmlens.models.family import ImageTokenGeometry, VisionLanguageFamily
 from mmlens.models.qwen2_vl import HookedQwen2VL, mrope_positions
 from mmlens.presets import CROSS_MODAL_FLOW
-from mmlens.testing import build_tiny_qwen2_vl, make_test_image
+from mmlens.testing import build_tiny_qwen2_vl, hf_answer_gradients, make_test_image
 
 TOLERANCE = 1e-4
 
@@ -232,9 +232,10 @@ def test_an_item_of_a_batch_keeps_its_image_patches_and_grid(model, images):
 def test_the_knockout_sweep_engine_equals_full_runs_with_3d_positions(model, images):
     inp = model.prepare(images["square"], "What colour is the star?", preset=CROSS_MODAL_FLOW)
     kwargs = dict(boxes=[[(0, 0, 28, 28)]], preset=CROSS_MODAL_FLOW, progress=False)
-    kwargs["patch_rule"] = "geometric"  # the preset's mask rule reads pixels as images
     engine = knockout_sweep(model, inp, method="engine", **kwargs)
     naive = knockout_sweep(model, inp, method="naive", **kwargs)
+    # The preset's painted-mask rule reads pixels as images: the geometric rule, noted.
+    assert engine.attrs["patch_rule"] == "geometric" and "rows" in engine.attrs["patch_rule_note"]
     assert {"Related patches→Question", "Image→Last"} <= set(engine["flow"])
     assert (engine["p_new"] - naive["p_new"]).abs().max() < 1e-5
     with pytest.raises(ValueError, match="rows of flattened patches"):
@@ -253,14 +254,46 @@ def test_generation_with_the_image_dropped_equals_a_full_pass_with_it_dropped(mo
     assert torch.equal(forced[:, -new - 1 : -1].argmax(-1), generated[:, n:])
 
 
-def test_the_runner_runs_on_it_and_llava_cam_says_it_does_not(folder, model, images, tmp_path):
+def test_the_runner_runs_on_it(folder, tmp_path):
     result = mmlens.run(
         "knockout", folder, "shapes:3", tmp_path / "run", window_size=1, progress=False
     )
     assert set(result.flow) >= {"Image→Last", "Question→Last"} and len(result) > 0
-    inp = model.prepare(images["square"], "What colour is the star?")
-    with pytest.raises(ValueError, match="rows of flattened patches"):
-        llava_cam(model, inp, "red", layers=[0], noise_std=0, progress=False)
+
+
+def test_the_runner_under_the_cross_modal_preset_records_the_geometric_rule(folder, tmp_path):
+    import json
+
+    result = mmlens.run(
+        "knockout", folder, "shapes:3", tmp_path, preset="cross_modal_flow", correct_only=False,
+        centres=[0], progress=False,
+    )  # fmt: skip
+    assert {"Related patches→Question", "Other patches→Question"} <= set(result.flow)
+    assert result["sample_id"].nunique() == 3
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["identity"]["options"]["patch_rule"] == "geometric"
+
+
+def test_the_papers_presets_prepare_its_inputs(model, images):
+    from mmlens.presets import REDUNDANCY_TO_RELEVANCE
+
+    for preset in (CROSS_MODAL_FLOW, REDUNDANCY_TO_RELEVANCE):
+        inp = model.prepare(images["wide"], "Is the door red?", preset=preset)
+        assert inp.settings["tokenization"] == "hf" and inp.settings["image_mode"] is None
+        assert inp.prompts[0].startswith("<|im_start|>system")
+        preset.check_input(model, inp)
+        assert preset.patch_rule_for(model)[0] == "geometric"
+    assert CROSS_MODAL_FLOW.patch_rule_for(model)[1]  # says why it is not the paper's mask
+    assert REDUNDANCY_TO_RELEVANCE.patch_rule_for(model)[1] is None
+
+
+def test_the_demo_report_runs_on_it(model, tmp_path):
+    from mmlens.report import write_report
+    from mmlens.zoo.shapes import generate
+
+    path = write_report(model, generate(4, seed=1), tmp_path / "report.html", progress=False)
+    html = path.read_text()
+    assert "LLaVA-CAM" in html and "Related patches" in html and len(html) > 100_000
 
 
 def test_two_images_in_one_prompt_match_hf(hf, model, images):
@@ -268,3 +301,87 @@ def test_two_images_in_one_prompt_match_hf(hf, model, images):
     inp = model.prepare([images["square"], images["wide"]], f"Is {image} the same as {image}?")
     assert inp.n_images == 2 and len(inp.positions("image")) == 16 + 18
     assert_matches_hf(hf, model, inp)
+
+
+def processor_row(row: int, col: int, width: int) -> int:
+    """The ``pixel_values`` row of patch (row, col) of an image `width` patches wide, as HF's
+    ``patchify`` orders them: 2 x 2 merge windows row-major, each window's patches row-major."""
+    return ((row // 2) * (width // 2) + col // 2) * 4 + (row % 2) * 2 + col % 2
+
+
+def test_llava_cam_equals_grad_cam_through_hf(hf, model, images):
+    # 90 x 40 -> 84 x 42: 6 x 12 patches of 7 px, 3 x 6 merged cells (one image token each).
+    inp = model.prepare(images["wide"], "What colour is the star?")
+    answer = "red car"
+    # Decoder layer 0 (the last layer's image positions reach the answer through no later
+    # attention: its map is zero) and vision block 0, both through HF's modules.
+    cam = llava_cam(model, inp, answer, layers=[0, "vision.blocks.0"], noise_std=0)
+    forced = inp.with_tokens(mmlens.analysis.answer_token_ids(model, inp, answer))
+    modules = [
+        hf.model.visual.blocks[0].norm2,
+        hf.model.language_model.layers[0].post_attention_layernorm,
+    ]
+    outputs, gradients = hf_answer_gradients(
+        hf, hf_kwargs(model, forced), modules, inp.input_ids.shape[1]
+    )
+    rows, cols = 6, 12
+    order = torch.tensor([[processor_row(r, c, cols) for c in range(cols)] for r in range(rows)])
+    vision = outputs[0].reshape(-1, outputs[0].shape[-1])[order.flatten()]
+    vision_grad = gradients[0].reshape(-1, vision.shape[-1])[order.flatten()]
+    vision_map = (vision.detach() @ vision_grad.mean(0)).relu().reshape(rows, cols)
+    image = inp.positions("image")  # the merged cells, row-major
+    tokens, token_grad = outputs[1][0, image], gradients[1][0, image]
+    cell_map = (tokens.detach() @ token_grad.mean(0)).relu().reshape(rows // 2, cols // 2)
+    decoder_map = cell_map.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    expected = torch.stack([decoder_map, vision_map])
+    expected = expected / expected.amax((1, 2), keepdim=True)
+    assert cam.maps.shape == (2, rows, cols) and cam.settings["cells_per_token"] == [2, 2]
+    assert expected.flatten(1).std(1).min() > 0.05  # maps with structure, not flat
+    torch.testing.assert_close(cam.maps, expected, atol=5e-5, rtol=0)
+    # The decoder map's values are the cells', each on its 2 x 2 patches.
+    cells = cam.maps[0][::2, ::2]
+    assert torch.equal(cam.maps[0], cells.repeat_interleave(2, 0).repeat_interleave(2, 1))
+
+
+def test_llava_cam_pixels_and_noise_follow_hf_patch_layout(folder, model, images):
+    inp = model.prepare(images["wide"], "What colour is the star?")
+    pixels = model.vision_pixels(inp)  # [C, H, W], put back together from the rows
+    assert pixels.shape == (3, 42, 84)
+    processor = Qwen2VLImageProcessorPil.from_pretrained(folder)
+    rows, _, _ = processor.patchify(
+        pixels.numpy(), patch_size=7, merge_size=2, temporal_patch_size=2
+    )
+    assert torch.equal(torch.from_numpy(rows), inp.pixel_values)  # HF's patchify gives them back
+    generator = torch.Generator().manual_seed(0)
+    noise = model.pixel_noise(inp.pixel_values.repeat(30, 1), 0.1, generator)
+    patches = noise.view(-1, 3, 2, 7, 7)  # HF's row: channel, frame, patch rows, patch columns
+    assert torch.equal(patches[:, :, 0], patches[:, :, 1])  # a still image: frames alike
+    image_std = torch.tensor(processor.image_std)
+    per_channel = patches.transpose(0, 1).flatten(1).std(1)  # noise / image_std[channel]
+    torch.testing.assert_close(per_channel, 0.1 / image_std, rtol=0.02, atol=0)
+
+
+def test_smoothgrad_on_pixel_rows_is_seeded_and_drawn_over_the_image(model, images):
+    inp = model.prepare(images["wide"], "What colour is the star?")
+    kwargs = dict(layers=[0, "vision.blocks.1"], noise_std=0.2, n_samples=2, progress=False)
+    first, again = (llava_cam(model, inp, "red", seed=3, **kwargs) for _ in range(2))
+    other = llava_cam(model, inp, "red", seed=4, **kwargs)
+    plain = llava_cam(model, inp, "red", **{**kwargs, "noise_std": 0})
+    assert torch.equal(first.maps, again.maps)
+    assert not torch.equal(first.maps, other.maps) and not torch.equal(first.maps, plain.maps)
+    figure = mmlens.plot.llava_cam(first, inp)
+    assert figure.data[0].source.startswith("data:image/png")
+    heatmap = figure.data[1]  # on the 6 x 12 patches of 7 px
+    assert (len(heatmap.z), len(heatmap.z[0]), heatmap.dx) == (6, 12, 7)
+    assert "2x2 block of patches" in figure.layout.annotations[-1].text.replace("<br>", " ")
+
+
+def test_cam_of_the_second_image_of_a_prompt_reads_its_own_rows(model, images):
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    inp = model.prepare([images["square"], images["wide"]], f"Is {image} like {image}?")
+    row, index = model.vision_patch_index(inp, 1)
+    assert row == 0 and index.min() == 64 and index.max() == 64 + 72 - 1  # after 8 x 8 patches
+    alone = model.prepare(images["wide"], "Why?")
+    assert torch.equal(model.vision_pixels(inp, 1), model.vision_pixels(alone))
+    cam = llava_cam(model, inp, "red", layers=[0, "vision.blocks.0"], noise_std=0, image=1)
+    assert cam.maps.shape == (2, 6, 12) and cam.image_pixels.shape == (3, 42, 84)

@@ -41,9 +41,12 @@ class CamResult:
     """Maps of `llava_cam`.
 
     Attributes:
-        maps: ``[n_layers, rows, cols]`` on the image's patch grid (a tiled image: the base
-            crop's; image tokens that are not patches: the vision tower's), each
-            max-normalised to [0, 1] (all zero where the map is).
+        maps: ``[n_layers, rows, cols]`` on the vision tower's patch grid of the image's first
+            crop (`vision_view`; a tiled image: the base crop's), each max-normalised to
+            [0, 1] (all zero where the map is). Decoder maps have one value per image token:
+            where a token is a patch, that patch's; where a connector merges patches into
+            one token, repeated over its block (``settings["cells_per_token"]``, 2 x 2 for a
+            2 x 2 merger); where image tokens are not patches, spread over them.
         layers: the layer of each map: "blocks.{l}" (decoder) or "vision.blocks.{l}".
         highres_maps: a tiled image only: ``[n_layers, rows, cols]`` on its tile token grid
             (`inp.layout.highres_grid`, the geometry's `tile_grid`), normalised the same way;
@@ -51,7 +54,8 @@ class CamResult:
         settings: model name, answer and its ids, site, noise_std, n_samples, relu_gradients,
             how decoder maps reached the patches where image tokens are not patches
             (``"spread"``, the family's `spread_note`),
-            the input's settings (`inputs`),
+            the input's settings (`inputs`), ``cells_per_token`` where a token covers several
+            patches,
             threshold, seed, image index, and the processor's image_mean / image_std (to draw
             the image as the model saw it).
     """
@@ -60,6 +64,9 @@ class CamResult:
     layers: list[str]
     settings: dict[str, Any]
     highres_maps: Float[Tensor, "layer high_rows high_cols"] | None = None
+    image_pixels: Float[Tensor, "channel height width"] | None = None
+    """The first crop as the vision tower saw it (normalised, the family's `vision_pixels`):
+    what `mmlens.plot.llava_cam` draws under the maps."""
 
     def on_image(self, highres: bool = True) -> Float[Tensor, "layer height width"]:
         """The maps stretched over the original image, ``[layer, height, width]``, for a tiled
@@ -103,12 +110,16 @@ def llava_cam(
     predict them. Per layer, the feature map A is the block's `site` activation (default the
     post-attention norm's output, ``ln2.hook_normalized``) at the image's patches: for decoder
     layers (ints) at the image tokens' positions, for vision-tower layers ("vision.blocks.{l}")
-    at the patch tokens (CLS excluded). Then ``alpha_c = mean over patches of d target / d A_c``,
-    ``map = ReLU(sum_c alpha_c A_c)`` on the patch grid, max-normalised.
+    at the patch tokens (CLS excluded; in the grid order the family's `vision_patch_index`
+    gives, e.g. patches a processor groups by merge window put back in rows). Then
+    ``alpha_c = mean over patches of d target / d A_c``, ``map = ReLU(sum_c alpha_c A_c)``
+    on the grid (a decoder layer's: its image tokens'), max-normalised.
 
     SmoothGrad: each of `n_samples` runs adds Gaussian noise of std `noise_std` to the [0, 1]
     image the vision tower sees (after pad, resize and crop; implemented as
-    ``pixel_values + noise / image_std[channel]``, no clipping); the raw maps are averaged, then
+    ``pixel_values + noise / image_std[channel]``, no clipping, by the family's `pixel_noise`,
+    which knows the layout of ``pixel_values``: rows of flattened patches get one draw per
+    pixel, the same on a still image's repeated frames); the raw maps are averaged, then
     normalised. ``noise_std=0`` makes one noiseless run. Each run is one forward and ONE
     backward pass (`torch.autograd.grad` on all layers' activations at once).
 
@@ -136,12 +147,6 @@ def llava_cam(
         raise ValueError(f"llava_cam takes a single prompt; this input has {inp.batch_size}")
     if inp.pixel_values is None:
         raise ValueError("llava_cam needs an input with an image")
-    if inp.pixel_rows is not None:
-        raise ValueError(
-            "llava_cam reads pixel_values as images (noise per channel, vision maps per crop); "
-            "this checkpoint's processor gives them as rows of flattened patches, which it does "
-            "not support yet"
-        )
     if site not in SITES:
         raise ValueError(f"site={site!r}: use one of {', '.join(SITES)}")
     layer_names = _layer_names(model, layers)
@@ -157,14 +162,13 @@ def llava_cam(
 
     run = inp.with_tokens(ids).model_kwargs()
     predicting = torch.arange(len(ids), device=inp.device) + inp.input_ids.shape[1] - 1
-    noise_scale = noise_std / image_std.to(inp.pixel_values)[:, None, None]
     generator = torch.Generator(device=inp.pixel_values.device).manual_seed(seed)
     n_runs = n_samples if noise_std > 0 else 1
 
     totals = None
     for _ in tqdm(range(n_runs), desc="LLaVA-CAM", disable=not progress):
-        noise = torch.randn(inp.pixel_values.shape, generator=generator, device=inp.device)
-        run["pixel_values"] = inp.pixel_values + noise.to(inp.pixel_values) * noise_scale
+        noise = model.pixel_noise(inp.pixel_values, noise_std, generator)
+        run["pixel_values"] = inp.pixel_values + noise
         raw = _raw_maps(
             model, run, hook_names, torch.tensor(ids, device=inp.device), predicting, grids,
             relu_gradients,
@@ -194,7 +198,15 @@ def llava_cam(
         settings["original_size"] = list(inp.image_geometry[image].original_size)
     if grids.tokens is not None:
         settings["spread"] = model.spread_note
-    return CamResult(maps=maps, layers=layer_names, settings=settings, highres_maps=highres)
+    if grids.cells_per_token != (1, 1):
+        settings["cells_per_token"] = list(grids.cells_per_token)
+    return CamResult(
+        maps=maps,
+        layers=layer_names,
+        settings=settings,
+        highres_maps=highres,
+        image_pixels=model.vision_pixels(inp, image).detach().cpu(),
+    )
 
 
 @dataclass(frozen=True)
@@ -210,7 +222,18 @@ class _Grids:
     first_crop: int
     has_cls: bool
     geometry: Any
+    vision_row: int
+    vision: Int[Tensor, "vision_rows vision_cols"]
     tokens: Int[Tensor, "token"] | None = None
+
+    @property
+    def cells_per_token(self) -> tuple[int, int]:
+        """The vision tower's patches per image token along rows and columns (2 x 2 where a
+        connector merges patches; 1 x 1 where each token is a patch)."""
+        return (
+            self.vision.shape[0] // self.base.shape[0],
+            self.vision.shape[1] // self.base.shape[1],
+        )
 
 
 def _grids(model: Any, inp: Any, image: int) -> _Grids:
@@ -218,13 +241,20 @@ def _grids(model: Any, inp: Any, image: int) -> _Grids:
     geometry = geometries[image]
     first_crop = sum(other.n_crops for other in geometries[:image])
     has_cls = model.cfg.vision.has_cls
+    vision_row, vision = model.vision_patch_index(inp, image)
     if not model.image_tokens_are_patches:  # maps on the vision grid, through the tokens
-        rows, cols = geometry.vision_view.grid_size
+        rows, cols = vision.shape
         tokens = inp.layout.position[inp.layout.image == image]
         vision_grid = torch.arange(rows * cols).reshape(rows, cols)
-        return _Grids(vision_grid, None, first_crop, has_cls, geometry, tokens)
+        return _Grids(vision_grid, None, first_crop, has_cls, geometry, vision_row, vision, tokens)
+    base = inp.layout.patch_grid(image)
+    if vision.shape[0] % base.shape[0] or vision.shape[1] % base.shape[1]:
+        raise ValueError(
+            f"image {image}'s vision grid {tuple(vision.shape)} is not a whole number of "
+            f"cells per image token of its token grid {tuple(base.shape)}"
+        )
     highres = inp.layout.highres_grid(image) if geometry.tile_grid is not None else None
-    return _Grids(inp.layout.patch_grid(image), highres, first_crop, has_cls, geometry)
+    return _Grids(base, highres, first_crop, has_cls, geometry, vision_row, vision)
 
 
 def _normalised(maps: Tensor, threshold: float | None) -> Tensor:
@@ -288,7 +318,7 @@ def _raw_maps(
     spread = model.tokens_to_patches(captured) if grids.tokens is not None else None
     results = []
     for highres in (False, True):
-        grid = grids.highres if highres else grids.base
+        grid = grids.highres if highres else grids.vision
         if grid is None:
             results.append(None)
             continue
@@ -304,7 +334,14 @@ def _raw_maps(
             if relu_gradients:
                 gradient = F.relu(gradient)
             weights = gradient.mean(0)  # alpha: [channel], over this grid's patches
-            maps.append(F.relu(features @ weights).reshape(grid.shape))
+            if highres or name.startswith("vision."):
+                maps.append(F.relu(features @ weights).reshape(grid.shape))
+                continue
+            # A decoder map: one value per image token, shown on the vision grid's patches
+            # (each token's cells_per_token block; 1 x 1 where tokens are patches).
+            rows, cols = grids.cells_per_token
+            token_map = F.relu(features @ weights).reshape(grids.base.shape)
+            maps.append(token_map.repeat_interleave(rows, 0).repeat_interleave(cols, 1))
         results.append(torch.stack(maps).cpu())
     return results
 
@@ -341,9 +378,9 @@ def _patch_features(
     if not name.startswith("vision."):
         grid = grids.highres if highres else grids.base
         return activation[0, grid.flatten().to(activation.device)]
+    if not highres:  # the first crop, by the family's `vision_patch_index`
+        return activation[grids.vision_row, grids.vision.flatten().to(activation.device)]
     first_patch = int(grids.has_cls)
-    if not highres:
-        return activation[grids.first_crop, first_patch:]
     tile_grid = grids.geometry.tile_grid
     first_tile = grids.first_crop + 1
     tiles = activation[first_tile : first_tile + tile_grid.n_tiles, first_patch:]

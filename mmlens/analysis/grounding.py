@@ -21,14 +21,15 @@ def box_scores(
 ) -> dict:
     """How much of each map's mass lies on the patches of `boxes`, against their area share.
 
-    `maps`: `[layer, rows, cols]` on the patch grid of image `image` of `inp` (LLaVA-CAM maps or
-    attention to the image reshaped to the grid; where image tokens are not patches, the vision
-    tower's patch grid, `inp.image_geometry[image].vision_view`).
+    `maps`: `[layer, rows, cols]` on the image token grid of image `image` of `inp` (attention
+    to the image reshaped to the grid) or on the vision tower's patch grid,
+    `inp.image_geometry[image].vision_view` (LLaVA-CAM maps; where image tokens are not
+    patches, attention maps too); the two are one grid where each image token is a patch.
     Returns per-layer mass share, the area share, and whether each layer's maximum (the
     pointing game) falls inside the boxes.
     """
-    if model.image_tokens_are_patches:
-        grid = inp.layout.patch_grid(image)
+    grid = inp.layout.patch_grid(image) if model.image_tokens_are_patches else None
+    if grid is not None and tuple(maps.shape[-2:]) == tuple(grid.shape):
         box_positions = torch.cat([inp.patches_in_box(box, image=image) for box in boxes])
         in_box = torch.isin(grid, box_positions.to(grid.device)).cpu()
     else:

@@ -137,8 +137,9 @@ def knockout_sweep(
         boxes: per sample, the boxes of the objects the question is about (original pixels).
         preset: a paper preset (`mmlens.presets`): every input must have been prepared with
             it; it supplies the flows, window and patch rule not given here.
-        patch_rule: `patches_in_box` rule of the patch flows (default: the preset's, else
-            "geometric").
+        patch_rule: `patches_in_box` rule of the patch flows (default: the preset's for this
+            model, `Preset.patch_rule_for`, whose reason `attrs["patch_rule_note"]` keeps where
+            it is not the preset's own; else "geometric").
         centres: window centres (default: every layer).
         batch_size: (flow, centre) variants per suffix run (default: all of a target start at
             once; lower it to bound memory on large models).
@@ -172,13 +173,15 @@ def knockout_sweep(
         >>> figure = mmlens.plot.knockout_sweep(result)     # figure.show() in a notebook
     """
     batches = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    patch_rule_note = None
     n_samples = sum(inp.batch_size for inp in batches)
     if preset is not None:
         for inp in batches:
             preset.check_input(model, inp)
         flows = preset.flows if flows is None else flows
         window_size = preset.window_size(model) if window_size is None else window_size
-        patch_rule = preset.patch_rule if patch_rule is None else patch_rule
+        if patch_rule is None:
+            patch_rule, patch_rule_note = preset.patch_rule_for(model)
     flows = dict(PAPER_FLOWS if flows is None else flows)
     window_size = 9 if window_size is None else window_size
     patch_rule = patch_rule or "geometric"
@@ -200,6 +203,7 @@ def knockout_sweep(
             flows={name: tuple(_describe(spec) for spec in pair) for name, pair in flows.items()},
             method=method,
             patch_rule=patch_rule,
+            **({"patch_rule_note": patch_rule_note} if patch_rule_note else {}),
             preset=None if preset is None else preset.name,
             inputs=input_settings(batches),
         )

@@ -254,6 +254,8 @@ def _resolved_options(
     options = spec.resolve(given)
     if spec.name == "knockout" and options["window_size"] is None:
         options["window_size"] = preset.window_size(model) if preset else 9
+    if spec.name == "knockout" and options["patch_rule"] is None:  # the manifest says which
+        options["patch_rule"] = preset.patch_rule_for(model)[0] if preset else "geometric"
     if spec.name == "logit-lens" and options["apply_final_norm"] is None:
         options["apply_final_norm"] = preset.apply_final_norm if preset else True
     if spec.name == "cam" and options["layers"] is None:

@@ -123,6 +123,7 @@ def _knockout(context: Context, samples: Sequence[Sample]) -> tuple[Rows, dict]:
             options["window_size"],
             boxes=[sample.boxes for sample in group] if with_boxes else None,
             preset=context.preset,
+            patch_rule=options["patch_rule"],
             centres=options["centres"],
             progress=False,
         )
@@ -319,7 +320,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         Experiment(
             "knockout",
             _knockout,
-            dict(window_size=None, centres=None, flows=None),
+            dict(window_size=None, centres=None, flows=None, patch_rule=None),
             description="attention knockout of the Cross-modal flows over layer windows",
         ),
         Experiment(

@@ -99,6 +99,10 @@ class VisionLanguageFamily(Protocol):
     the variant for them, each image's `ImageTokenGeometry`). Image tokens:
     `image_tokens_are_patches`, and where they are not, `spread_hook_names`,
     `tokens_to_patches` and `spread_note` (how maps over the tokens reach the patches).
+    Pixels: `vision_patch_index` (where the vision tower's hooks hold an image's first crop,
+    as its patch grid), `vision_pixels` (that crop as ``[channel, height, width]``, to draw) and
+    `pixel_noise` (Gaussian noise on the [0, 1] image in the units and layout of
+    ``pixel_values``), which LLaVA-CAM and its figure read.
     Papers: `paper_window_sizes` (the presets read them) and `default_template`, which
     `mmlens.inputs.templates.ORIGINAL_TEMPLATES` maps to the original conversation. Position
     ids: `position_ids` (`HookedTransformer`).
@@ -129,3 +133,11 @@ class VisionLanguageFamily(Protocol):
     def tokens_to_patches(
         self, activations: Mapping[str, Tensor], image: int = 0
     ) -> Float[Tensor, "image_token patch"]: ...
+
+    def vision_patch_index(
+        self, inp: Any, image: int = 0
+    ) -> tuple[int, Int[Tensor, "rows cols"]]: ...
+
+    def vision_pixels(self, inp: Any, image: int = 0) -> Float[Tensor, "channel height width"]: ...
+
+    def pixel_noise(self, pixel_values: Tensor, std: float, generator: Any) -> Tensor: ...

@@ -92,6 +92,35 @@ class HookedLlava(HookedTransformer):
             f"{type(self).__name__}'s image tokens are patches: use inp.layout.patch_grid(image)"
         )
 
+    def vision_patch_index(
+        self, inp: MultimodalInput, image: int = 0
+    ) -> tuple[int, Int[torch.Tensor, "rows cols"]]:
+        """Where the vision tower's hooks (``vision.blocks.{l}.*``) hold image `image`'s first
+        crop (`vision_view`): the batch row (one per crop, images in turn) and, arranged as
+        the crop's patch grid, each patch's index along the sequence (after the class token
+        where the tower has one)."""
+        first_crop = sum(geometry.n_crops for geometry in inp.image_geometry[:image])
+        rows, cols = inp.image_geometry[image].vision_view.grid_size
+        index = torch.arange(rows * cols).reshape(rows, cols) + int(self.cfg.vision.has_cls)
+        return first_crop, index
+
+    def vision_pixels(
+        self, inp: MultimodalInput, image: int = 0
+    ) -> Float[torch.Tensor, "channel height width"]:
+        """Image `image`'s first crop as the vision tower sees it (normalised pixels)."""
+        crop = inp.pixel_values[image]
+        return crop[0] if crop.ndim == 4 else crop  # a tiling processor's: [crop, ...]
+
+    def pixel_noise(
+        self, pixel_values: torch.Tensor, std: float, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Gaussian noise of std `std` on the [0, 1] image, in the units of `pixel_values`
+        (divided by the processor's ``image_std`` per channel), shaped like them; one draw of
+        `generator` per value (LLaVA-CAM's SmoothGrad)."""
+        image_std = torch.tensor(self.processor.image_processor.image_std).to(pixel_values)
+        noise = torch.randn(pixel_values.shape, generator=generator, device=pixel_values.device)
+        return noise.to(pixel_values) * (std / image_std[:, None, None])
+
     def build_connector(self, cfg: MMConfig) -> None:
         """The modules between the vision tower and the decoder: LLaVA's `projector`."""
         self.projector = Projector(

@@ -21,6 +21,7 @@ The builders live in one module per model family, and this package re-exports th
 - `mmlens.testing.llava_onevision`: LLaVA-OneVision (`build_tiny_llava_onevision`).
 - `mmlens.testing.instructblip`: InstructBLIP (`build_tiny_instructblip`).
 - `mmlens.testing.qwen2_vl`: Qwen2-VL (`build_tiny_qwen2_vl`).
+- `mmlens.testing.qwen2_5_vl`: Qwen2.5-VL (`build_tiny_qwen2_5_vl`).
 - `mmlens.testing.hf_reference`: the Hugging Face reference (`assert_matches_hf`,
   `hf_position_ids`, `hf_image_features`, `hf_answer_gradients`).
 
@@ -50,6 +51,7 @@ from mmlens.testing.llava_next import (
     make_anyres_image_processor,
 )
 from mmlens.testing.llava_onevision import build_tiny_llava_onevision
+from mmlens.testing.qwen2_5_vl import build_tiny_qwen2_5_vl
 from mmlens.testing.qwen2_vl import build_tiny_qwen2_vl
 from mmlens.testing.tokenizer import (
     BPE_VOCAB_SIZE,
@@ -74,6 +76,7 @@ __all__ = [
     "build_tiny_llava_interleave",
     "build_tiny_llava_next",
     "build_tiny_llava_onevision",
+    "build_tiny_qwen2_5_vl",
     "build_tiny_qwen2_vl",
     "hf_answer_gradients",
     "hf_image_features",

@@ -77,6 +77,13 @@ def build_tiny_qwen2_vl(
     )  # fmt: skip
     _save_random_model(Qwen2VLForConditionalGeneration, config, path, seed)
     tokenizer.save_pretrained(path)
+    _write_image_processor(path, patch_size, min_pixels, max_pixels)
+    return path
+
+
+def _write_image_processor(path: Path, patch_size: int, min_pixels: int, max_pixels: int) -> None:
+    """``preprocessor_config.json`` of a ``Qwen2VLImageProcessor`` (Qwen2-VL's and
+    Qwen2.5-VL's), as the hub publishes it."""
     image_settings = {
         "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
         "image_mean": [0.48145466, 0.4578275, 0.40821073],
@@ -87,4 +94,3 @@ def build_tiny_qwen2_vl(
         "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
     }  # fmt: skip
     (path / "preprocessor_config.json").write_text(json.dumps(image_settings, indent=2) + "\n")
-    return path

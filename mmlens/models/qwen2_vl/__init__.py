@@ -27,7 +27,12 @@ from mmlens.config import MMConfig, VisionConfig
 from mmlens.inputs.templates import ConversationTemplate, register_template
 from mmlens.models.llava import HookedLlava, on_device_of
 from mmlens.models.qwen2_vl.processor import Qwen2VLInputProcessor
-from mmlens.models.qwen2_vl.vision import HookedQwen2VLVision, Qwen2VLMerger, Qwen2VLVisionExtras
+from mmlens.models.qwen2_vl.vision import (
+    HookedQwen2VLVision,
+    Qwen2VLMerger,
+    Qwen2VLVisionExtras,
+    patch_grid_index,
+)
 from mmlens.models.registry import register
 from mmlens.sequence import KVCache, rotary_position_ids
 
@@ -178,10 +183,28 @@ class HookedQwen2VL(HookedLlava):
         """The decoder (a Qwen2 with `mrope_section` in its rope parameters, through
         `MMConfig.from_hf`), the tower (`cfg.vision`) and what the tower and merger have
         beyond it (`cfg.connector`, a `Qwen2VLVisionExtras`)."""
-        hf_vision = hf_config.vision_config
         text = types.SimpleNamespace(**{**hf_config.text_config.to_dict(), "model_type": "qwen2"})
         if "mrope_section" not in (text.rope_parameters or {}):
             raise ValueError("a Qwen2-VL text config names its mrope_section in rope_parameters")
+        vision, extras = cls.vision_from_hf(hf_config.vision_config)
+        decoder = types.SimpleNamespace(
+            text_config=text,
+            model_type=hf_config.model_type,
+            tie_word_embeddings=hf_config.tie_word_embeddings,
+            name_or_path=getattr(hf_config, "name_or_path", ""),
+        )
+        fields = dict(
+            vision=vision,
+            connector=extras,
+            image_token_id=hf_config.image_token_id,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
+        return MMConfig.from_hf(decoder, **{**fields, **overrides})
+
+    @classmethod
+    def vision_from_hf(cls, hf_vision: Any) -> tuple[VisionConfig, Qwen2VLVisionExtras]:
+        """The tower's `VisionConfig` and what the tower and merger have beyond it."""
         vision = VisionConfig(
             n_layers=hf_vision.depth,
             d_model=hf_vision.embed_dim,
@@ -204,20 +227,7 @@ class HookedQwen2VL(HookedLlava):
             ),
             d_out=hf_vision.hidden_size,
         )
-        decoder = types.SimpleNamespace(
-            text_config=text,
-            model_type=hf_config.model_type,
-            tie_word_embeddings=hf_config.tie_word_embeddings,
-            name_or_path=getattr(hf_config, "name_or_path", ""),
-        )
-        fields = dict(
-            vision=vision,
-            connector=extras,
-            image_token_id=hf_config.image_token_id,
-            vision_feature_layer=-1,
-            vision_feature_select_strategy="full",
-        )
-        return MMConfig.from_hf(decoder, **{**fields, **overrides})
+        return vision, extras
 
     @classmethod
     def load_processor(cls, folder: Path, hf_config: Any) -> Qwen2VLInputProcessor:
@@ -245,6 +255,50 @@ class HookedQwen2VL(HookedLlava):
             raise ValueError("Qwen2-VL's pixels need image_grid_thw (model.prepare gives both)")
         features = self.vision(pixel_values, image_grid_thw)
         return self.merger(on_device_of(self.merger, features))
+
+    # ------------------------------------------------------------------ pixels
+    def vision_patch_index(
+        self, inp: Any, image: int = 0
+    ) -> tuple[int, Int[torch.Tensor, "rows cols"]]:
+        """Batch row 0 (the tower holds every image's patches in one sequence) and each of
+        image `image`'s patches' index in it, as the row-major patch grid: the processor gives
+        each merged cell's patches together, cells row-major (`patch_grid_index`)."""
+        grids = inp.extra_inputs["image_grid_thw"].cpu()
+        start = int(grids[:image].prod(-1).sum())
+        return 0, patch_grid_index(grids[image], self.cfg.connector.merge_size) + start
+
+    def _patch_shape(self) -> tuple[int, int, int, int]:
+        """One ``pixel_values`` row as ``(C, T, P, P)`` (HF's flattening, channel-major)."""
+        patch = self.cfg.vision.patch_size
+        return (self.cfg.vision.n_channels, self.cfg.connector.temporal_patch_size, patch, patch)
+
+    def vision_pixels(
+        self, inp: Any, image: int = 0
+    ) -> Float[torch.Tensor, "channel height width"]:
+        """Image `image`'s normalised pixels ``[C, H, W]``, put back together from its rows
+        (first frame)."""
+        _, index = self.vision_patch_index(inp, image)
+        channels, _, patch, _ = self._patch_shape()
+        rows, cols = index.shape
+        patches = inp.pixel_values[index.flatten().to(inp.pixel_values.device)]
+        patches = patches.view(rows, cols, *self._patch_shape())[:, :, :, 0]  # [r, c, C, P, P]
+        return patches.permute(2, 0, 3, 1, 4).reshape(channels, rows * patch, cols * patch)
+
+    def pixel_noise(
+        self, pixel_values: torch.Tensor, std: float, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Gaussian noise of std `std` on the [0, 1] image, in the units of `pixel_values`
+        rows (over ``image_std`` of each value's channel); a row's frames are one still image
+        repeated, so they get the same noise: one draw per pixel of each patch, ``[n, C, P,
+        P]``."""
+        channels, frames, patch, _ = self._patch_shape()
+        n = pixel_values.shape[0]
+        image_std = torch.tensor(self.processor.image_processor.image_std).to(pixel_values)
+        noise = torch.randn(
+            (n, channels, 1, patch, patch), generator=generator, device=pixel_values.device
+        )
+        noise = noise.to(pixel_values) * (std / image_std.view(channels, 1, 1, 1))
+        return noise.expand(n, channels, frames, patch, patch).reshape(pixel_values.shape)
 
     # ------------------------------------------------------------------ positions
     def rope_index(

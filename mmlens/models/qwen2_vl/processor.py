@@ -7,12 +7,15 @@ HF's `Qwen2VLImageProcessorPil` resizes each image to multiples of 28 px (``smar
 between ``min_pixels`` and ``max_pixels``, the aspect ratio kept) and gives its patches as rows
 ``[n_patches, C * T * P * P]`` with ``image_grid_thw`` (frames, patch rows, patch columns); the
 tokenizer reads the prompt with ``h * w / 4`` image tokens per image. The geometry of an image is
-an `ImageGeometry` of its resize with a "patch" of 28 px: one token per merged cell, row-major.
+an `ImageGeometry` of its resize with a "patch" of 28 px: one token per merged cell, row-major
+(`MergedGridGeometry`, whose `vision_view` is the tower's grid of 14 px patches).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +29,33 @@ from mmlens.inputs.images import processor_arguments
 IMAGE_PAD = "<|image_pad|>"
 
 
-def merged_grid_geometry(
-    original_size: tuple[int, int], resized_size: tuple[int, int], cell: int
-) -> ImageGeometry:
-    """An image of ``(height, width)`` `original_size` resized to `resized_size` (no padding,
-    no crop), one token per `cell` px square.
+@dataclass(frozen=True)
+class MergedGridGeometry(ImageGeometry):
+    """An `ImageGeometry` whose "patch" is a merged cell (one image token) of `merge_size` x
+    `merge_size` of the vision tower's patches; `vision_view` is the tower's patch grid."""
 
-    >>> merged_grid_geometry((40, 90), (28, 84), 28).grid_size
-    (1, 3)
+    merge_size: int = 1
+
+    @property
+    def vision_view(self) -> ImageGeometry:
+        """The same image on the vision tower's patches (a cell's side over `merge_size`):
+        where vision-layer maps lie, one value per patch."""
+        return dataclasses.replace(
+            self, patch_size=self.patch_size // self.merge_size, merge_size=1
+        )
+
+
+def merged_grid_geometry(
+    original_size: tuple[int, int], resized_size: tuple[int, int], cell: int, merge_size: int = 1
+) -> MergedGridGeometry:
+    """An image of ``(height, width)`` `original_size` resized to `resized_size` (no padding,
+    no crop), one token per `cell` px square of `merge_size` x `merge_size` tower patches.
+
+    >>> geometry = merged_grid_geometry((40, 90), (28, 84), 28, merge_size=2)
+    >>> geometry.grid_size, geometry.vision_view.grid_size
+    ((1, 3), (2, 6))
     """
-    return ImageGeometry(
+    return MergedGridGeometry(
         original_size=tuple(original_size),
         pad_offset=(0, 0),
         padded_size=tuple(original_size),
@@ -43,6 +63,7 @@ def merged_grid_geometry(
         crop_offset=(0, 0),
         processed_size=tuple(resized_size),
         patch_size=cell,
+        merge_size=merge_size,
     )
 
 
@@ -97,11 +118,11 @@ class Qwen2VLInputProcessor:
             max_pixels=size["longest_edge"],
         )
 
-    def image_geometry(self, original_size: tuple[int, int], tiled: bool) -> ImageGeometry:
+    def image_geometry(self, original_size: tuple[int, int], tiled: bool) -> MergedGridGeometry:
         """The merged-cell grid of an image of ``(height, width)`` `original_size` (`tiled`,
         which `MultimodalInput` passes to every mmlens processor, does not apply)."""
         return merged_grid_geometry(
-            original_size, self.resized_size(original_size), self.patch_size
+            original_size, self.resized_size(original_size), self.patch_size, self.merge_size
         )
 
     def __call__(

@@ -77,6 +77,23 @@ def patch_rows_cols(
     return torch.cat(rows_cols)
 
 
+def patch_grid_index(
+    grid_thw: Int[torch.Tensor, "3"], merge_size: int
+) -> Int[torch.Tensor, "rows cols"]:
+    """Each patch's row among one image's ``pixel_values`` rows (the processor's cell-major
+    order, first frame), arranged as the image's row-major patch grid.
+
+    >>> patch_grid_index(torch.tensor([1, 2, 4]), 2)
+    tensor([[0, 1, 4, 5],
+            [2, 3, 6, 7]])
+    """
+    t, h, w = (int(n) for n in grid_thw)
+    rows_cols = patch_rows_cols(torch.tensor([[1, h, w]]), merge_size)
+    index = torch.empty(h, w, dtype=torch.long)
+    index[rows_cols[:, 0], rows_cols[:, 1]] = torch.arange(h * w)
+    return index
+
+
 class HookedQwen2VLVision(nn.Module):
     """Qwen2-VL's ViT. Hooks (batch 1, every image's patches in one sequence): `hook_embed`,
     `blocks.{l}.*` (as the other towers', with `attn.hook_rot_q` / `attn.hook_rot_k`: the 2-D
@@ -87,17 +104,7 @@ class HookedQwen2VLVision(nn.Module):
         self.cfg, self.extras = cfg, extras
         self.embed = Qwen2VLPatchEmbed(cfg, extras)
         self.hook_embed = HookPoint()  # [1, patch, d_vision]
-        self.blocks = nn.ModuleList(
-            TransformerBlock(
-                LayerNorm(cfg.d_model, cfg.eps),
-                Attention(
-                    cfg.d_model, cfg.n_heads, cfg.n_heads, cfg.d_head, bias=True, rotary=True
-                ),
-                LayerNorm(cfg.d_model, cfg.eps),
-                MLP(cfg.d_model, cfg.d_mlp, cfg.act_fn),
-            )
-            for _ in range(cfg.n_layers)
-        )
+        self.blocks = nn.ModuleList(self.block(cfg) for _ in range(cfg.n_layers))
         self.hook_features = HookPoint()  # [1, patch, d_vision]
         # Each axis rotates half a head: frequencies of a `d_head / 2`-wide rotary, made on the CPU
         # (real numbers even while the model is built on the meta device), never read from a
@@ -105,6 +112,16 @@ class HookedQwen2VLVision(nn.Module):
         half = cfg.d_head // 2
         dims = torch.arange(0, half, 2, dtype=torch.float32, device="cpu")
         self.register_buffer("inv_freq", 1.0 / extras.rope_theta ** (dims / half), persistent=False)
+
+    @staticmethod
+    def block(cfg: VisionConfig) -> TransformerBlock:
+        """One block: LayerNorm, fused-qkv attention with 2-D rotary, LayerNorm, MLP."""
+        return TransformerBlock(
+            LayerNorm(cfg.d_model, cfg.eps),
+            Attention(cfg.d_model, cfg.n_heads, cfg.n_heads, cfg.d_head, bias=True, rotary=True),
+            LayerNorm(cfg.d_model, cfg.eps),
+            MLP(cfg.d_model, cfg.d_mlp, cfg.act_fn),
+        )
 
     def rotary(self, grid_thw: Int[torch.Tensor, "image 3"], dtype: torch.dtype) -> tuple:
         """cos and sin ``[1, patch, d_head]``: the first half of each head's frequencies turn by
@@ -123,6 +140,14 @@ class HookedQwen2VLVision(nn.Module):
         owner = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)
         return (owner[:, None] == owner[None, :])[None, None]
 
+    def block_masks(
+        self, grid_thw: Int[torch.Tensor, "image 3"], device: torch.device
+    ) -> list[torch.Tensor | None]:
+        """Each block's attention mask (None: every patch sees every patch): here each image's
+        patches see their image's."""
+        mask = self.image_mask(grid_thw, device) if len(grid_thw) > 1 else None
+        return [mask] * len(self.blocks)
+
     def forward(
         self,
         pixel_values: Float[torch.Tensor, "patch pixels"],
@@ -130,8 +155,8 @@ class HookedQwen2VLVision(nn.Module):
     ) -> Float[torch.Tensor, "1 patch d_vision"]:
         resid = self.hook_embed(self.embed(pixel_values)[None])
         rotary = self.rotary(grid_thw, resid.dtype)
-        mask = self.image_mask(grid_thw, resid.device) if len(grid_thw) > 1 else None
-        for block in self.blocks:
+        masks = self.block_masks(grid_thw, resid.device)
+        for block, mask in zip(self.blocks, masks, strict=True):
             resid, _ = block(resid, rotary=rotary, mask=mask, is_causal=False)
         return self.hook_features(resid)
 
@@ -141,10 +166,10 @@ class Qwen2VLMerger(nn.Module):
     GELU MLP to the decoder's width (HF: ``PatchMerger``). Hook: `hook_merged` (``[1, cell,
     4 * d_vision]``, the MLP's input)."""
 
-    def __init__(self, cfg: VisionConfig, extras: Qwen2VLVisionExtras):
+    def __init__(self, cfg: VisionConfig, extras: Qwen2VLVisionExtras, norm: type = LayerNorm):
         super().__init__()
         self.d_cell = cfg.d_model * extras.merge_size**2
-        self.ln_q = LayerNorm(cfg.d_model, 1e-6)
+        self.ln_q = norm(cfg.d_model, 1e-6)
         self.mlp = nn.Sequential(
             nn.Linear(self.d_cell, self.d_cell), nn.GELU(), nn.Linear(self.d_cell, extras.d_out)
         )
