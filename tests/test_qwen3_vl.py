@@ -2,7 +2,7 @@
 HF's model (logits and the residual stream entering every decoder layer, one image and a
 left-padded batch of two images of different sizes, greedy generation), and that what is new
 against Qwen2-VL matters: DeepStack, interleaved M-RoPE, the learned position grid, the Qwen3
-query/key norms. Pruning, the knockout engine and the KV cache carry DeepStack's vectors."""
+query/key norms. Pruning, the knockout engine and the KV cache carry DeepStack's vectors; LLaVA-CAM against Grad-CAM through HF's model."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from transformers import Qwen3VLForConditionalGeneration
 
 import mmlens
 from mmlens.ablations import attention_knockout, drop_tokens
-from mmlens.analysis import knockout_sweep
+from mmlens.analysis import knockout_sweep, llava_cam
 from mmlens.inputs.templates import render
 from mmlens.models.family import VisionLanguageFamily
 from mmlens.models.qwen3_vl import HookedQwen3VL
-from mmlens.testing import build_tiny_qwen3_vl, make_test_image
+from mmlens.testing import build_tiny_qwen3_vl, hf_answer_gradients, make_test_image
 
 TOLERANCE = 1e-4
 
@@ -190,3 +190,35 @@ def test_the_knockout_sweep_engine_equals_full_runs(model, images):
     naive = knockout_sweep(model, inp, method="naive", **kwargs)
     assert {"Image→Last", "Image→Question"} <= set(engine["flow"])
     assert (engine["p_new"] - naive["p_new"]).abs().max() < 1e-5
+
+
+def test_llava_cam_equals_grad_cam_through_hf(hf, model, images):
+    inp = model.prepare(images["wide"], "What colour is the star?")
+    answer = "red car"
+    cam = llava_cam(model, inp, answer, layers=[0, "vision.blocks.0"], noise_std=0)
+    forced = inp.with_tokens(mmlens.analysis.answer_token_ids(model, inp, answer))
+    modules = [
+        hf.model.visual.blocks[0].norm2,
+        hf.model.language_model.layers[0].post_attention_layernorm,
+    ]
+    outputs, gradients = hf_answer_gradients(
+        hf, hf_kwargs(model, forced), modules, inp.input_ids.shape[1]
+    )
+    _, rows, cols = inp.extra_inputs["image_grid_thw"][0].tolist()
+    # HF's rows (the processor's): each 2 x 2 cell's patches together, cells row-major.
+    order = torch.tensor(
+        [
+            [((r // 2) * (cols // 2) + c // 2) * 4 + (r % 2) * 2 + c % 2 for c in range(cols)]
+            for r in range(rows)
+        ]
+    ).flatten()
+    vision = outputs[0].reshape(-1, outputs[0].shape[-1])[order].detach()
+    vision_grad = gradients[0].reshape(-1, vision.shape[-1])[order]
+    vision_map = (vision @ vision_grad.mean(0)).relu().reshape(rows, cols)
+    image = inp.positions("image")
+    tokens, token_grad = outputs[1][0, image].detach(), gradients[1][0, image]
+    cells = (tokens @ token_grad.mean(0)).relu().reshape(rows // 2, cols // 2)
+    expected = torch.stack([cells.repeat_interleave(2, 0).repeat_interleave(2, 1), vision_map])
+    expected = expected / expected.amax((1, 2), keepdim=True)
+    assert expected.flatten(1).std(1).min() > 0.05  # maps with structure, not flat
+    torch.testing.assert_close(cam.maps, expected, atol=5e-5, rtol=0)
