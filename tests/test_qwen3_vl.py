@@ -222,3 +222,24 @@ def test_llava_cam_equals_grad_cam_through_hf(hf, model, images):
     expected = expected / expected.amax((1, 2), keepdim=True)
     assert expected.flatten(1).std(1).min() > 0.05  # maps with structure, not flat
     torch.testing.assert_close(cam.maps, expected, atol=5e-5, rtol=0)
+
+
+def test_an_item_of_a_batch_with_a_text_only_one_equals_it_alone(model, images):
+    inp = model.prepare([images["square"], None, images["wide"]], ["Why?", "Hi", "Is it red?"])
+    full = model(inp)
+    for index in range(3):  # DeepStack's vectors land on each item's own image tokens
+        alone = model(inp.item(index))
+        torch.testing.assert_close(alone[0, -1], full[index, -1], atol=1e-4, rtol=0)
+    assert model("Is the star red?").shape[:2] == (1, 6)  # text alone: no DeepStack
+
+
+def test_generation_with_the_image_dropped_equals_a_full_pass_with_it_dropped(model, images):
+    # The cached steps (no DeepStack for new tokens, a pruned KV cache) against one
+    # teacher-forced pass over prompt and answer.
+    inp = model.prepare(images["wide"], "What colour is the star?")
+    n, new = inp.input_ids.shape[1], 4
+    hooks = drop_tokens(inp.positions("image"), from_layer=1)
+    with model.hooks(fwd_hooks=hooks):
+        generated = model.generate(inp, max_new_tokens=new, stop_at_eos=False)
+        forced = model(inp.with_tokens(generated[:, n:]))
+    assert torch.equal(forced[:, -new - 1 : -1].argmax(-1), generated[:, n:])
