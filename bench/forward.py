@@ -1,5 +1,6 @@
 """Forward-pass speed: HF `LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration` /
-`LlavaOnevisionForConditionalGeneration` (sdpa) vs mmlens, side by side.
+`LlavaOnevisionForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration` (sdpa) vs mmlens,
+side by side.
 
 Builds a random checkpoint in a temporary folder, loads it with both libraries and times,
 interleaved in one run: HF forward, mmlens forward, and mmlens `run_with_cache` with every hook
@@ -14,6 +15,11 @@ cached. Prints medians and the ratios against HF; also checks that the logits ag
   grids up to 6 x 6, ``anyres_max_9``, a Qwen2 decoder); a 1920 x 1080 image -> 3 x 5 tiles,
   unpadded to 75 x 135 patches and downsampled to 60 x 108 -> 729 base + 60 x 109 = 7,269 image
   tokens (OneVision only downsamples above ~7,000). Patterns are skipped as for ``next``.
+- ``--family qwen2_5_vl``: Qwen2.5-VL-shaped (dynamic resolution: the released patch 14, 2 x 2
+  merge, windows of 112 px, full attention in blocks 1 and 3 of the 4-block tower, a Qwen2 decoder
+  with M-RoPE sections 8 / 12 / 12 and 4 key-value heads); a 1280 x 720 image is resized to
+  1288 x 728 -> 92 x 52 patches -> 46 x 26 = 1,196 image tokens. Patterns are skipped as for
+  ``next`` (the tower's window attention runs as masks over all 4,784 patches).
 
 All use a decoder of width 1024 (8 layers) and a 4-layer vision tower of width 256
 (`timing.LLAVA_15_SHAPE`).
@@ -36,10 +42,24 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
 )
 
 import mmlens
-from mmlens.testing import build_tiny_llava, build_tiny_llava_next, build_tiny_llava_onevision
+from mmlens.testing import (
+    build_tiny_llava,
+    build_tiny_llava_next,
+    build_tiny_llava_onevision,
+    build_tiny_qwen2_5_vl,
+)
+
+
+def _build_qwen2_5_vl(folder: str, image_size: int, **shape) -> None:
+    """`build_tiny_qwen2_5_vl` on the shared shape: no fixed image size (the processor resizes
+    each image itself); M-RoPE sections in the released proportions (16 / 24 / 24 of 64)."""
+    half = shape["d_model"] // shape["n_heads"] // 2
+    build_tiny_qwen2_5_vl(folder, mrope_section=(half // 4, 3 * half // 8, 3 * half // 8), **shape)
+
 
 FAMILIES = {  # name: (checkpoint builder, HF class, image (height, width), shape overrides)
     "llava": (build_tiny_llava, LlavaForConditionalGeneration, (400, 300), {}),
@@ -50,7 +70,21 @@ FAMILIES = {  # name: (checkpoint builder, HF class, image (height, width), shap
         (1080, 1920),
         dict(image_size=384, max_tiles=6, vision_aspect_ratio="anyres_max_9", n_kv_heads=4),
     ),
+    "qwen2_5_vl": (
+        _build_qwen2_5_vl,
+        Qwen2_5_VLForConditionalGeneration,
+        (720, 1280),
+        dict(
+            n_kv_heads=4,
+            vision_d_mlp=512,
+            window_size=112,
+            fullatt_block_indexes=(1, 3),
+            min_pixels=56 * 56,
+            max_pixels=28 * 28 * 16384,
+        ),
+    ),
 }
+SKIP_PATTERNS = ("next", "onevision", "qwen2_5_vl")  # families whose caches skip patterns
 DECODER_FIELDS = ("d_model", "n_layers", "n_heads", "d_mlp")
 
 
@@ -65,7 +99,7 @@ def main() -> None:
     parser.add_argument(
         "--cache-patterns",
         action="store_true",
-        help="--family next / onevision: also cache attention scores and patterns",
+        help="--family next / onevision / qwen2_5_vl: also cache attention scores and patterns",
     )
     for field in DECODER_FIELDS:
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=LLAVA_15_SHAPE[field])
@@ -91,6 +125,8 @@ def main() -> None:
     )
     inp = model.prepare(image, "What colour is the shape in the top left corner of the picture?")
     kwargs = inp.model_kwargs()
+    if args.family == "qwen2_5_vl":  # HF's rope index finds the image tokens by their type ids
+        kwargs["mm_token_type_ids"] = (kwargs["input_ids"] == model.cfg.image_token_id).int()
     n_tokens = kwargs["input_ids"].shape[1]
     n_image = int((kwargs["input_ids"] == model.cfg.image_token_id).sum())
     print(
@@ -98,7 +134,7 @@ def main() -> None:
         f"image_tokens={n_image} {shape}"
     )
 
-    if args.family in ("next", "onevision") and not args.cache_patterns:
+    if args.family in SKIP_PATTERNS and not args.cache_patterns:
         cache_name, names_filter = "mmlens_run_with_cache_no_patterns", _not_attention_pattern
     else:
         cache_name, names_filter = "mmlens_run_with_cache_all_hooks", None

@@ -2,8 +2,8 @@
 # The GPU checks in one run, for a session lent an accelerator (docs/performance.md records the
 # figures). Each bench compares against its reference side by side in the same process:
 # bench/devices.py (a GPU/CPU split against the single-GPU model), bench/forward.py (HF vs
-# mmlens for LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision shapes in bfloat16, each also held
-# against HF in float32), bench/sweep.py (the papers' knockout loop vs the engine, float32 and
+# mmlens for LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision and Qwen2.5-VL shapes in bfloat16, each
+# also held against HF in float32), bench/sweep.py (the papers' knockout loop vs the engine, float32 and
 # bfloat16), bench/experiment.py (the runner vs the papers' per-sample loop)
 # and bench/patching.py (activation patching vs the per-cell loop).
 #
@@ -30,6 +30,7 @@ bench devices bench/devices.py
 bench forward-llava bench/forward.py --family llava --dtype bfloat16
 bench forward-next bench/forward.py --family next --dtype bfloat16
 bench forward-onevision bench/forward.py --family onevision --dtype bfloat16
+bench forward-qwen2_5_vl bench/forward.py --family qwen2_5_vl --dtype bfloat16
 bench sweep-fp32 bench/sweep.py --samples 16
 bench sweep-bf16 bench/sweep.py --dtype bfloat16
 bench experiment bench/experiment.py --llava-shaped --samples 32

@@ -69,6 +69,7 @@ class MMConfig:
     max_position_embeddings: int = 4096
     attention_bias: bool = False  # every attention projection (Llama's attention_bias)
     qkv_bias: bool = False  # query, key and value projections only (a Qwen2 decoder)
+    qk_norm: bool = False  # an RMSNorm over each head's query and key (a Qwen3 decoder)
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
@@ -123,9 +124,10 @@ class MMConfig:
         `text_config` (its LLaVA-style multimodal fields read where present). `overrides` set
         any field; a family's `config_from_hf` passes its `vision` (and `connector`) here."""
         text = getattr(hf, "text_config", None) or hf
-        if text.model_type not in ("llama", "mistral", "qwen2"):
+        if text.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
             raise NotImplementedError(
-                f"decoder of type {text.model_type!r} is not supported (llama, mistral, qwen2)"
+                f"decoder of type {text.model_type!r} is not supported (llama, mistral, qwen2, "
+                "qwen3)"
             )
         if getattr(text, "hidden_act", "silu") != "silu":
             raise NotImplementedError(f"decoder activation {text.hidden_act!r} (silu only)")
@@ -147,6 +149,7 @@ class MMConfig:
                 or getattr(text, "tie_word_embeddings", False)
             ),
             qkv_bias=text.model_type == "qwen2",
+            qk_norm=text.model_type == "qwen3",
             # Qwen2 configs name a window even when use_sliding_window is off (and then none is
             # used); Mistral's is used whenever it is set.
             sliding_window=getattr(text, "sliding_window", None)

@@ -262,6 +262,7 @@ def test_the_registry_knows_every_model_type():
         "instructblip": mmlens.HookedInstructBlip,
         "qwen2_vl": mmlens.HookedQwen2VL,
         "qwen2_5_vl": mmlens.HookedQwen25VL,
+        "qwen3_vl": mmlens.HookedQwen3VL,
     }
 
 

@@ -83,9 +83,17 @@ def test_each_template_renders_its_checkpoints_prompt() -> None:
         assert [rendered.text[slice(*span)] for span in rendered.image_spans] == ["<image>"]
         assert rendered.user_start == rendered.image_spans[0][0]
         assert get_template(name).last_token
-    # The original code's names (their texts: tests/test_original_llava.py); Qwen2-VL's chat
-    # format wraps its own image tokens (its text: tests/test_qwen2_vl.py).
-    assert set(TEMPLATES) == {*expected, "plain", "chatml_direct", "llava_llama_3", "qwen2_vl"}
+    # The original code's names (their texts: tests/test_original_llava.py); Qwen2-VL's and
+    # Qwen3-VL's chat formats wrap their own image tokens (their texts: tests/test_qwen2_vl.py,
+    # tests/test_qwen3_vl.py).
+    assert set(TEMPLATES) == {
+        *expected,
+        "plain",
+        "chatml_direct",
+        "llava_llama_3",
+        "qwen2_vl",
+        "qwen3_vl",
+    }
 
 
 def test_system_text_goes_into_each_templates_system_slot() -> None:

@@ -22,6 +22,7 @@ from torch import nn
 from transformer_lens import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
+from mmlens.components.norms import RMSNorm
 from mmlens.components.rotary import apply_rotary
 
 KeyValue = tuple[
@@ -47,9 +48,12 @@ class Attention(nn.Module):
         bias: bool,
         rotary: bool,
         output_bias: bool | None = None,
+        qk_norm_eps: float | None = None,
     ):
         """`bias` for the query, key and value projections; `output_bias` for the output
-        projection (default: `bias`; Qwen2 has the first, not the second)."""
+        projection (default: `bias`; Qwen2 has the first, not the second). `qk_norm_eps`: an
+        RMSNorm over each head's query and key (`q_norm`, `k_norm`; Qwen3), before `hook_q` /
+        `hook_k` and the rotary."""
         super().__init__()
         self.n_heads, self.n_key_value_heads, self.d_head = n_heads, n_key_value_heads, d_head
         self.q_proj = nn.Linear(d_model, n_heads * d_head, bias=bias)
@@ -58,6 +62,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(
             n_heads * d_head, d_model, bias=bias if output_bias is None else output_bias
         )
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(d_head, qk_norm_eps)
+            self.k_norm = RMSNorm(d_head, qk_norm_eps)
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
         self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
@@ -125,7 +132,8 @@ class Attention(nn.Module):
     @property
     def QK(self) -> FactoredMatrix:
         """Each head's ``W_Q[h] @ W_K[h].T`` (`[head, d_model, d_model]`), factored. Rotary
-        positions act between the two factors, so this is the circuit at relative distance 0."""
+        positions act between the two factors, so this is the circuit at relative distance 0;
+        where `q_norm` / `k_norm` exist (`qk_norm_eps`), they act there too and are left out."""
         return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
 
     @property
@@ -169,8 +177,11 @@ class Attention(nn.Module):
             rotary_queries = (
                 None if rotary is None else tuple(_rows(t, query_index) for t in rotary)
             )
-        q = self.hook_q(self._split_heads(self.q_proj(x_queries), self.n_heads))
-        k = self.hook_k(self._split_heads(self.k_proj(x), self.n_key_value_heads))
+        q = self._split_heads(self.q_proj(x_queries), self.n_heads)
+        k = self._split_heads(self.k_proj(x), self.n_key_value_heads)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.hook_q(q), self.hook_k(k)
         v = self.hook_v(self._split_heads(self.v_proj(x), self.n_key_value_heads))
         if rotary is not None:
             q = self.hook_rot_q(apply_rotary(q, *rotary_queries))

@@ -62,7 +62,9 @@ class RotaryEmbedding(nn.Module):
     Multi-axis rotary (`sections`): position ids ``[n_axes, batch, pos]`` give each token one
     position per axis (e.g. time, row, column); the `d_head / 2` frequencies are cut into
     consecutive sections, the i-th rotated by the ids of axis i. 1-D ids ``[batch, pos]`` then
-    stand for the same position on every axis (plain rotary).
+    stand for the same position on every axis (plain rotary). With `interleaved` the axes take
+    turns instead (frequency i by axis i % 3 while i < 3 * that axis' section, by axis 0 past
+    it), as HF's ``mrope_interleaved``.
 
     Examples:
         >>> rotary = RotaryEmbedding(8, {"rope_theta": 10000.0}, sections=(2, 1, 1))
@@ -78,6 +80,7 @@ class RotaryEmbedding(nn.Module):
         rope_parameters: Mapping[str, Any],
         max_position_embeddings: int = 4096,
         sections: Sequence[int] | None = None,
+        interleaved: bool = False,
     ):
         super().__init__()
         if sections is not None and sum(sections) != d_head // 2:
@@ -85,6 +88,14 @@ class RotaryEmbedding(nn.Module):
                 f"rotary sections {list(sections)} must sum to d_head / 2 = {d_head // 2}"
             )
         self.sections = None if sections is None else tuple(int(n) for n in sections)
+        self.axis_of_frequency: torch.Tensor | None = None
+        if interleaved and self.sections is not None:
+            # Interleaved: frequency i turns by axis i % 3 among the first 3 * section of that
+            # axis, else by axis 0 (time, row, column, time, row, column, ...).
+            index = torch.arange(d_head // 2, device="cpu")
+            axis = index % 3
+            limits = torch.tensor([d_head // 2, *(3 * n for n in self.sections[1:])], device="cpu")
+            self.axis_of_frequency = torch.where(index < limits[axis], axis, 0)
         inv_freq, self.attention_scaling = rope_frequencies(
             d_head, rope_parameters, max_position_embeddings
         )
@@ -101,8 +112,12 @@ class RotaryEmbedding(nn.Module):
         if self.sections is not None:
             if position_ids.ndim == 2:  # one position for every axis
                 freqs = freqs[None].expand(len(self.sections), *freqs.shape)
-            parts = freqs.split(self.sections, dim=-1)
-            freqs = torch.cat([part[axis] for axis, part in enumerate(parts)], dim=-1)
+            if self.axis_of_frequency is not None:
+                axis = self.axis_of_frequency.to(freqs.device)
+                freqs = freqs.gather(0, axis.expand(*freqs.shape[1:])[None]).squeeze(0)
+            else:
+                parts = freqs.split(self.sections, dim=-1)
+                freqs = torch.cat([part[axis] for axis, part in enumerate(parts)], dim=-1)
         angles = torch.cat((freqs, freqs), dim=-1)
         cos = angles.cos() * self.attention_scaling
         sin = angles.sin() * self.attention_scaling

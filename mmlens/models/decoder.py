@@ -89,6 +89,7 @@ class HookedTransformer(PrefixRuns, HookBookkeeping):
                     bias=cfg.attention_bias or cfg.qkv_bias,
                     rotary=True,
                     output_bias=cfg.attention_bias,
+                    qk_norm_eps=cfg.eps if cfg.qk_norm else None,
                 ),
                 RMSNorm(cfg.d_model, cfg.eps),
                 GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, cfg.mlp_bias),

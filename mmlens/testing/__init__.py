@@ -22,6 +22,7 @@ The builders live in one module per model family, and this package re-exports th
 - `mmlens.testing.instructblip`: InstructBLIP (`build_tiny_instructblip`).
 - `mmlens.testing.qwen2_vl`: Qwen2-VL (`build_tiny_qwen2_vl`).
 - `mmlens.testing.qwen2_5_vl`: Qwen2.5-VL (`build_tiny_qwen2_5_vl`).
+- `mmlens.testing.qwen3_vl`: Qwen3-VL (`build_tiny_qwen3_vl`).
 - `mmlens.testing.hf_reference`: the Hugging Face reference (`assert_matches_hf`,
   `hf_position_ids`, `hf_image_features`, `hf_answer_gradients`).
 
@@ -53,6 +54,7 @@ from mmlens.testing.llava_next import (
 from mmlens.testing.llava_onevision import build_tiny_llava_onevision
 from mmlens.testing.qwen2_5_vl import build_tiny_qwen2_5_vl
 from mmlens.testing.qwen2_vl import build_tiny_qwen2_vl
+from mmlens.testing.qwen3_vl import build_tiny_qwen3_vl
 from mmlens.testing.tokenizer import (
     BPE_VOCAB_SIZE,
     FAMILIES,
@@ -78,6 +80,7 @@ __all__ = [
     "build_tiny_llava_onevision",
     "build_tiny_qwen2_5_vl",
     "build_tiny_qwen2_vl",
+    "build_tiny_qwen3_vl",
     "hf_answer_gradients",
     "hf_image_features",
     "hf_position_ids",
