@@ -26,7 +26,7 @@ from jaxtyping import Int
 
 from mmlens.components import Attention, GatedMLP, RMSNorm, TransformerBlock
 from mmlens.config import MMConfig, VisionConfig
-from mmlens.models.qwen2_vl import HookedQwen2VL
+from mmlens.models.qwen2_vl import HookedQwen2VL, qwen_extras_fields, qwen_vision_config
 from mmlens.models.qwen2_vl.vision import (
     HookedQwen2VLVision,
     Qwen2VLMerger,
@@ -115,27 +115,14 @@ class HookedQwen25VL(HookedQwen2VL):
     @classmethod
     def vision_from_hf(cls, hf_vision: Any) -> tuple[VisionConfig, Qwen25VLVisionExtras]:
         """The tower (``hidden_size`` wide, an ``intermediate_size`` SwiGLU) and its windows."""
-        vision = VisionConfig(
-            n_layers=hf_vision.depth,
+        vision = qwen_vision_config(
+            hf_vision,
             d_model=hf_vision.hidden_size,
-            n_heads=hf_vision.num_heads,
             d_mlp=hf_vision.intermediate_size,
-            image_size=hf_vision.patch_size * hf_vision.spatial_merge_size,  # any size: nominal
-            patch_size=hf_vision.patch_size,
-            eps=1e-6,
-            act_fn=hf_vision.hidden_act,
-            n_channels=hf_vision.in_channels,
             kind="qwen2_5_vl",
-            has_cls=False,
-            has_ln_pre=False,
         )
         extras = Qwen25VLVisionExtras(
-            merge_size=hf_vision.spatial_merge_size,
-            temporal_patch_size=hf_vision.temporal_patch_size,
-            rope_theta=(getattr(hf_vision, "rope_parameters", None) or {}).get(
-                "rope_theta", 10000.0
-            ),
-            d_out=hf_vision.out_hidden_size,
+            **qwen_extras_fields(hf_vision, hf_vision.out_hidden_size),
             window_size=hf_vision.window_size,
             fullatt_block_indexes=tuple(hf_vision.fullatt_block_indexes),
         )

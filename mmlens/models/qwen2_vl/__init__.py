@@ -126,6 +126,36 @@ def mrope_positions(
     return positions.to(device), deltas.to(device)
 
 
+def qwen_vision_config(hf_vision: Any, *, d_model: int, d_mlp: int, kind: str) -> VisionConfig:
+    """The `VisionConfig` of a Qwen-VL tower (no class token, no pre-layernorm; images of any
+    size, so `image_size` is nominal: one merged cell)."""
+    return VisionConfig(
+        n_layers=hf_vision.depth,
+        d_model=d_model,
+        n_heads=hf_vision.num_heads,
+        d_mlp=d_mlp,
+        image_size=hf_vision.patch_size * hf_vision.spatial_merge_size,
+        patch_size=hf_vision.patch_size,
+        eps=1e-6,
+        act_fn=hf_vision.hidden_act,
+        n_channels=hf_vision.in_channels,
+        kind=kind,
+        has_cls=False,
+        has_ln_pre=False,
+    )
+
+
+def qwen_extras_fields(hf_vision: Any, d_out: int) -> dict[str, Any]:
+    """The `Qwen2VLVisionExtras` fields every Qwen-VL tower config names."""
+    rope = getattr(hf_vision, "rope_parameters", None) or {}
+    return dict(
+        merge_size=hf_vision.spatial_merge_size,
+        temporal_patch_size=hf_vision.temporal_patch_size,
+        rope_theta=rope.get("rope_theta", 10000.0),
+        d_out=d_out,
+    )
+
+
 @register("qwen2_vl")
 class HookedQwen2VL(HookedLlava):
     """Qwen2-VL with hooks in the decoder, the vision tower (`vision.`: `hook_embed`,
@@ -178,14 +208,22 @@ class HookedQwen2VL(HookedLlava):
         (r"^vision\.blocks\.(\d+)\.attn\.proj\.", r"vision.blocks.\1.attn.o_proj."),
     )
 
+    decoder_type = "qwen2"
+    """The HF model_type its text config is read as (`MMConfig.from_hf`)."""
+
     @classmethod
     def config_from_hf(cls, hf_config: Any, **overrides: Any) -> MMConfig:
-        """The decoder (a Qwen2 with `mrope_section` in its rope parameters, through
+        """The decoder (a `decoder_type` with `mrope_section` in its rope parameters, through
         `MMConfig.from_hf`), the tower (`cfg.vision`) and what the tower and merger have
-        beyond it (`cfg.connector`, a `Qwen2VLVisionExtras`)."""
-        text = types.SimpleNamespace(**{**hf_config.text_config.to_dict(), "model_type": "qwen2"})
+        beyond it (`cfg.connector`, the family's `vision_from_hf`)."""
+        text_fields = hf_config.text_config.to_dict()
+        text = types.SimpleNamespace(**{**text_fields, "model_type": cls.decoder_type})
         if "mrope_section" not in (text.rope_parameters or {}):
-            raise ValueError("a Qwen2-VL text config names its mrope_section in rope_parameters")
+            raise ValueError(
+                f"a {type(hf_config).__name__}'s text config names its mrope_section in "
+                "rope_parameters"
+            )
+        text.use_sliding_window = text_fields.get("use_sliding_window", False)
         vision, extras = cls.vision_from_hf(hf_config.vision_config)
         decoder = types.SimpleNamespace(
             text_config=text,
@@ -205,29 +243,13 @@ class HookedQwen2VL(HookedLlava):
     @classmethod
     def vision_from_hf(cls, hf_vision: Any) -> tuple[VisionConfig, Qwen2VLVisionExtras]:
         """The tower's `VisionConfig` and what the tower and merger have beyond it."""
-        vision = VisionConfig(
-            n_layers=hf_vision.depth,
+        vision = qwen_vision_config(
+            hf_vision,
             d_model=hf_vision.embed_dim,
-            n_heads=hf_vision.num_heads,
             d_mlp=int(hf_vision.embed_dim * hf_vision.mlp_ratio),
-            image_size=hf_vision.patch_size * hf_vision.spatial_merge_size,  # any size: nominal
-            patch_size=hf_vision.patch_size,
-            eps=1e-6,
-            act_fn=hf_vision.hidden_act,
-            n_channels=hf_vision.in_channels,
             kind="qwen2_vl",
-            has_cls=False,
-            has_ln_pre=False,
         )
-        extras = Qwen2VLVisionExtras(
-            merge_size=hf_vision.spatial_merge_size,
-            temporal_patch_size=hf_vision.temporal_patch_size,
-            rope_theta=(getattr(hf_vision, "rope_parameters", None) or {}).get(
-                "rope_theta", 10000.0
-            ),
-            d_out=hf_vision.hidden_size,
-        )
-        return vision, extras
+        return vision, Qwen2VLVisionExtras(**qwen_extras_fields(hf_vision, hf_vision.hidden_size))
 
     @classmethod
     def load_processor(cls, folder: Path, hf_config: Any) -> Qwen2VLInputProcessor:

@@ -20,7 +20,6 @@ consecutive sections. Videos are not supported. HF: `Qwen3VLForConditionalGenera
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -32,7 +31,7 @@ from mmlens.config import MMConfig, VisionConfig
 from mmlens.inputs.templates import ConversationTemplate, register_template
 from mmlens.models.llava import on_device_of
 from mmlens.models.prefix import _Rows
-from mmlens.models.qwen2_vl import HookedQwen2VL
+from mmlens.models.qwen2_vl import HookedQwen2VL, qwen_extras_fields, qwen_vision_config
 from mmlens.models.qwen3_vl.vision import HookedQwen3VLVision, Qwen3VLMerger, Qwen3VLVisionExtras
 from mmlens.models.registry import register
 from mmlens.sequence import LayerKV
@@ -81,55 +80,20 @@ class HookedQwen3VL(HookedQwen2VL):
         (r"^vision\.deepstack_merger_list\.", "vision.deepstack_mergers."),
     )
 
-    @classmethod
-    def config_from_hf(cls, hf_config: Any, **overrides: Any) -> MMConfig:
-        """The decoder (a Qwen3 with `mrope_section` and `mrope_interleaved` in its rope
-        parameters), the tower (`cfg.vision`) and its extras (`cfg.connector`)."""
-        text = types.SimpleNamespace(**{**hf_config.text_config.to_dict(), "model_type": "qwen3"})
-        if "mrope_section" not in (text.rope_parameters or {}):
-            raise ValueError("a Qwen3-VL text config names its mrope_section in rope_parameters")
-        text.use_sliding_window = False
-        vision, extras = cls.vision_from_hf(hf_config.vision_config)
-        decoder = types.SimpleNamespace(
-            text_config=text,
-            model_type=hf_config.model_type,
-            tie_word_embeddings=hf_config.tie_word_embeddings,
-            name_or_path=getattr(hf_config, "name_or_path", ""),
-        )
-        fields = dict(
-            vision=vision,
-            connector=extras,
-            image_token_id=hf_config.image_token_id,
-            vision_feature_layer=-1,
-            vision_feature_select_strategy="full",
-        )
-        return MMConfig.from_hf(decoder, **{**fields, **overrides})
+    decoder_type = "qwen3"
 
     @classmethod
     def vision_from_hf(cls, hf_vision: Any) -> tuple[VisionConfig, Qwen3VLVisionExtras]:
         """The tower (``hidden_size`` wide, an ``intermediate_size`` MLP), its position grid
         and DeepStack layers."""
-        vision = VisionConfig(
-            n_layers=hf_vision.depth,
+        vision = qwen_vision_config(
+            hf_vision,
             d_model=hf_vision.hidden_size,
-            n_heads=hf_vision.num_heads,
             d_mlp=hf_vision.intermediate_size,
-            image_size=hf_vision.patch_size * hf_vision.spatial_merge_size,  # any size: nominal
-            patch_size=hf_vision.patch_size,
-            eps=1e-6,
-            act_fn=hf_vision.hidden_act,
-            n_channels=hf_vision.in_channels,
             kind="qwen3_vl",
-            has_cls=False,
-            has_ln_pre=False,
         )
         extras = Qwen3VLVisionExtras(
-            merge_size=hf_vision.spatial_merge_size,
-            temporal_patch_size=hf_vision.temporal_patch_size,
-            rope_theta=(getattr(hf_vision, "rope_parameters", None) or {}).get(
-                "rope_theta", 10000.0
-            ),
-            d_out=hf_vision.out_hidden_size,
+            **qwen_extras_fields(hf_vision, hf_vision.out_hidden_size),
             num_position_embeddings=hf_vision.num_position_embeddings,
             deepstack_layers=tuple(hf_vision.deepstack_visual_indexes),
         )
