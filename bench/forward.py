@@ -51,6 +51,7 @@ from mmlens.testing import (
     build_tiny_llava_next,
     build_tiny_llava_onevision,
     build_tiny_qwen2_5_vl,
+    hf_qwen_vl_inputs,
 )
 
 
@@ -124,9 +125,8 @@ def main() -> None:
         np.random.default_rng(0).integers(0, 255, (*image_size, 3), dtype=np.uint8)
     )
     inp = model.prepare(image, "What colour is the shape in the top left corner of the picture?")
-    kwargs = inp.model_kwargs()
-    if args.family == "qwen2_5_vl":  # HF's rope index finds the image tokens by their type ids
-        kwargs["mm_token_type_ids"] = (kwargs["input_ids"] == model.cfg.image_token_id).int()
+    # Qwen-VL: HF's rope index finds the image tokens by their type ids.
+    kwargs = hf_qwen_vl_inputs(model, inp) if args.family == "qwen2_5_vl" else inp.model_kwargs()
     n_tokens = kwargs["input_ids"].shape[1]
     n_image = int((kwargs["input_ids"] == model.cfg.image_token_id).sum())
     print(

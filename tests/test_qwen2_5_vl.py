@@ -15,7 +15,12 @@ import mmlens
 from mmlens.analysis import llava_cam
 from mmlens.models.family import ImageTokenGeometry, VisionLanguageFamily
 from mmlens.models.qwen2_5_vl import HookedQwen25VL, window_ids
-from mmlens.testing import build_tiny_qwen2_5_vl, hf_answer_gradients, make_test_image
+from mmlens.testing import (
+    build_tiny_qwen2_5_vl,
+    hf_answer_gradients,
+    hf_qwen_vl_inputs,
+    make_test_image,
+)
 
 TOLERANCE = 1e-4
 
@@ -42,16 +47,10 @@ def images():
     return {"square": make_test_image(56, 56, 1), "wide": make_test_image(90, 40, 2)}
 
 
-def hf_kwargs(model, inp) -> dict:
-    kwargs = inp.model_kwargs()
-    kwargs["mm_token_type_ids"] = (kwargs["input_ids"] == model.cfg.image_token_id).int()
-    return kwargs
-
-
 def largest_difference(hf, model, inp) -> float:
     """Logits and every layer's residual stream at real positions against HF's."""
     with torch.no_grad():
-        out = hf(**hf_kwargs(model, inp), output_hidden_states=True)
+        out = hf(**hf_qwen_vl_inputs(model, inp), output_hidden_states=True)
         logits, cache = model.run_with_cache(inp)
     real = inp.attention_mask.bool()
     differences = [(out.logits - logits)[real].abs().max()]
@@ -119,7 +118,7 @@ def test_greedy_generation_matches_hf(hf, model, images, batch):
     ours = model.generate(inp, max_new_tokens=5, stop_at_eos=False)
     with torch.no_grad():
         theirs = hf.generate(
-            **hf_kwargs(model, inp), max_new_tokens=5, min_new_tokens=5, do_sample=False
+            **hf_qwen_vl_inputs(model, inp), max_new_tokens=5, min_new_tokens=5, do_sample=False
         )
     assert torch.equal(ours, theirs)
 
@@ -134,7 +133,7 @@ def test_llava_cam_equals_grad_cam_through_hf(hf, model, images):
         hf.model.language_model.layers[0].post_attention_layernorm,
     ]
     outputs, gradients = hf_answer_gradients(
-        hf, hf_kwargs(model, forced), modules, inp.input_ids.shape[1]
+        hf, hf_qwen_vl_inputs(model, forced), modules, inp.input_ids.shape[1]
     )
     rows, cols = 6, 12
     grid = inp.extra_inputs["image_grid_thw"]

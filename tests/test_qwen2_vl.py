@@ -16,7 +16,12 @@ from mmlens.analysis import knockout_sweep, llava_cam
 from mmlens.models.family import ImageTokenGeometry, VisionLanguageFamily
 from mmlens.models.qwen2_vl import HookedQwen2VL, mrope_positions
 from mmlens.presets import CROSS_MODAL_FLOW
-from mmlens.testing import build_tiny_qwen2_vl, hf_answer_gradients, make_test_image
+from mmlens.testing import (
+    build_tiny_qwen2_vl,
+    hf_answer_gradients,
+    hf_qwen_vl_inputs,
+    make_test_image,
+)
 
 TOLERANCE = 1e-4
 
@@ -42,19 +47,11 @@ def images():
     return {"square": make_test_image(56, 56, 1), "wide": make_test_image(90, 40, 2)}
 
 
-def hf_kwargs(model, inp) -> dict:
-    """HF's inputs for `inp`: exactly mmlens' ids, mask, pixels and grids, and the token types
-    HF's processor would give (1 at image tokens)."""
-    kwargs = inp.model_kwargs()
-    kwargs["mm_token_type_ids"] = (kwargs["input_ids"] == model.cfg.image_token_id).int()
-    return kwargs
-
-
 def assert_matches_hf(hf, model, inp) -> float:
     """Logits and every layer's residual stream at real positions within TOLERANCE of HF's
     (which computes its own 3-D positions); returns the largest difference."""
     with torch.no_grad():
-        out = hf(**hf_kwargs(model, inp), output_hidden_states=True)
+        out = hf(**hf_qwen_vl_inputs(model, inp), output_hidden_states=True)
         logits, cache = model.run_with_cache(inp)
     real = inp.attention_mask.bool()
     differences = [(out.logits - logits)[real].abs().max()]
@@ -115,7 +112,7 @@ def test_prepare_gives_hf_image_processor_pixels_and_the_chat_template(folder, m
 
 def test_rope_index_matches_hf(hf, model, images):
     inp = model.prepare([images["square"], images["wide"]], ["What colour is the star?", "Why?"])
-    kwargs = hf_kwargs(model, inp)
+    kwargs = hf_qwen_vl_inputs(model, inp)
     hf_positions, hf_deltas = hf.model.get_rope_index(
         kwargs["input_ids"],
         kwargs["mm_token_type_ids"],
@@ -156,7 +153,7 @@ def test_greedy_generation_matches_hf(hf, model, images, batch):
     ours = model.generate(inp, max_new_tokens=5, stop_at_eos=False)
     with torch.no_grad():
         theirs = hf.generate(
-            **hf_kwargs(model, inp), max_new_tokens=5, min_new_tokens=5, do_sample=False
+            **hf_qwen_vl_inputs(model, inp), max_new_tokens=5, min_new_tokens=5, do_sample=False
         )
     assert torch.equal(ours, theirs)
 
@@ -322,7 +319,7 @@ def test_llava_cam_equals_grad_cam_through_hf(hf, model, images):
         hf.model.language_model.layers[0].post_attention_layernorm,
     ]
     outputs, gradients = hf_answer_gradients(
-        hf, hf_kwargs(model, forced), modules, inp.input_ids.shape[1]
+        hf, hf_qwen_vl_inputs(model, forced), modules, inp.input_ids.shape[1]
     )
     rows, cols = 6, 12
     order = torch.tensor([[processor_row(r, c, cols) for c in range(cols)] for r in range(rows)])

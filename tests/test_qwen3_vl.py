@@ -16,7 +16,12 @@ from mmlens.analysis import knockout_sweep, llava_cam
 from mmlens.inputs.templates import render
 from mmlens.models.family import VisionLanguageFamily
 from mmlens.models.qwen3_vl import HookedQwen3VL
-from mmlens.testing import build_tiny_qwen3_vl, hf_answer_gradients, make_test_image
+from mmlens.testing import (
+    build_tiny_qwen3_vl,
+    hf_answer_gradients,
+    hf_qwen_vl_inputs,
+    make_test_image,
+)
 
 TOLERANCE = 1e-4
 
@@ -43,12 +48,6 @@ def images():
     return {"square": make_test_image(64, 64, 1), "wide": make_test_image(100, 40, 2)}
 
 
-def hf_kwargs(model, inp) -> dict:
-    kwargs = inp.model_kwargs()
-    kwargs["mm_token_type_ids"] = (kwargs["input_ids"] == model.cfg.image_token_id).int()
-    return kwargs
-
-
 def largest_difference(hf, model, inp) -> float:
     """Logits, the residual stream entering every decoder layer (HF's `hidden_states` are the
     layers' outputs before DeepStack adds to them, so its layers' inputs are read) and the
@@ -67,7 +66,7 @@ def largest_difference(hf, model, inp) -> float:
     ]
     try:
         with torch.no_grad():
-            out = hf(**hf_kwargs(model, inp), output_hidden_states=True)
+            out = hf(**hf_qwen_vl_inputs(model, inp), output_hidden_states=True)
             logits, cache = model.run_with_cache(inp)
     finally:
         for handle in handles:
@@ -165,7 +164,7 @@ def test_greedy_generation_matches_hf(hf, model, images, batch):
     ours = model.generate(inp, max_new_tokens=5, stop_at_eos=False)
     with torch.no_grad():
         theirs = hf.generate(
-            **hf_kwargs(model, inp), max_new_tokens=5, min_new_tokens=5, do_sample=False
+            **hf_qwen_vl_inputs(model, inp), max_new_tokens=5, min_new_tokens=5, do_sample=False
         )
     assert torch.equal(ours, theirs)
 
@@ -202,7 +201,7 @@ def test_llava_cam_equals_grad_cam_through_hf(hf, model, images):
         hf.model.language_model.layers[0].post_attention_layernorm,
     ]
     outputs, gradients = hf_answer_gradients(
-        hf, hf_kwargs(model, forced), modules, inp.input_ids.shape[1]
+        hf, hf_qwen_vl_inputs(model, forced), modules, inp.input_ids.shape[1]
     )
     _, rows, cols = inp.extra_inputs["image_grid_thw"][0].tolist()
     # HF's rows (the processor's): each 2 x 2 cell's patches together, cells row-major.

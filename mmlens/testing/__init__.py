@@ -53,7 +53,7 @@ from mmlens.testing.llava_next import (
 )
 from mmlens.testing.llava_onevision import build_tiny_llava_onevision
 from mmlens.testing.qwen2_5_vl import build_tiny_qwen2_5_vl
-from mmlens.testing.qwen2_vl import build_tiny_qwen2_vl
+from mmlens.testing.qwen2_vl import build_tiny_qwen2_vl, hf_qwen_vl_inputs
 from mmlens.testing.qwen3_vl import build_tiny_qwen3_vl
 from mmlens.testing.tokenizer import (
     BPE_VOCAB_SIZE,
@@ -80,6 +80,7 @@ __all__ = [
     "build_tiny_llava_onevision",
     "build_tiny_qwen2_5_vl",
     "build_tiny_qwen2_vl",
+    "hf_qwen_vl_inputs",
     "build_tiny_qwen3_vl",
     "hf_answer_gradients",
     "hf_image_features",

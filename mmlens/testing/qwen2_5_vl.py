@@ -8,8 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmlens.testing.common import _save_random_model
-from mmlens.testing.qwen2_vl import QWEN2_VL_TOKENS, _write_image_processor
-from mmlens.testing.tokenizer import _chatml_tokenizer
+from mmlens.testing.qwen2_vl import _qwen2_text_config, _vision_tokenizer, _write_image_processor
 
 
 def build_tiny_qwen2_5_vl(
@@ -48,20 +47,10 @@ def build_tiny_qwen2_5_vl(
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     path = Path(path)
-    tokenizer = _chatml_tokenizer(extra=QWEN2_VL_TOKENS)
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_TOKENS}
-    d_head = d_model // n_heads
-    if sum(mrope_section) != d_head // 2:
-        raise ValueError(f"mrope_section {mrope_section} must sum to d_head / 2 = {d_head // 2}")
+    tokenizer, token_ids = _vision_tokenizer()
     config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp,
-            num_hidden_layers=n_layers, num_attention_heads=n_heads,
-            num_key_value_heads=n_kv_heads, max_position_embeddings=512, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                             "mrope_section": list(mrope_section)},
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, use_sliding_window=False,
+        text_config=_qwen2_text_config(
+            tokenizer, n_layers, d_model, n_heads, n_kv_heads, d_mlp, mrope_section
         ),
         vision_config=dict(
             depth=vision_layers, hidden_size=vision_d_model, intermediate_size=vision_d_mlp,
@@ -69,10 +58,7 @@ def build_tiny_qwen2_5_vl(
             spatial_merge_size=2, temporal_patch_size=2, hidden_act="silu",
             window_size=window_size, fullatt_block_indexes=list(fullatt_block_indexes),
         ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **token_ids,
         tie_word_embeddings=tie_word_embeddings,
     )  # fmt: skip
     _save_random_model(Qwen2_5_VLForConditionalGeneration, config, path, seed)

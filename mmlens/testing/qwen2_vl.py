@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from mmlens.testing.common import _save_random_model
 from mmlens.testing.tokenizer import _chatml_tokenizer
@@ -49,30 +50,17 @@ def build_tiny_qwen2_vl(
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     path = Path(path)
-    tokenizer = _chatml_tokenizer(extra=QWEN2_VL_TOKENS)
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_TOKENS}
-    d_head = d_model // n_heads
-    if sum(mrope_section) != d_head // 2:
-        raise ValueError(f"mrope_section {mrope_section} must sum to d_head / 2 = {d_head // 2}")
+    tokenizer, token_ids = _vision_tokenizer()
     config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp,
-            num_hidden_layers=n_layers, num_attention_heads=n_heads,
-            num_key_value_heads=n_kv_heads, max_position_embeddings=512, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                             "mrope_section": list(mrope_section)},
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, use_sliding_window=False,
+        text_config=_qwen2_text_config(
+            tokenizer, n_layers, d_model, n_heads, n_kv_heads, d_mlp, mrope_section
         ),
         vision_config=dict(
             depth=vision_layers, embed_dim=vision_d_model, hidden_size=d_model,
             num_heads=vision_heads, mlp_ratio=2, patch_size=patch_size, spatial_merge_size=2,
             temporal_patch_size=2, hidden_act="quick_gelu",
         ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **token_ids,
         tie_word_embeddings=tie_word_embeddings,
     )  # fmt: skip
     _save_random_model(Qwen2VLForConditionalGeneration, config, path, seed)
@@ -81,15 +69,79 @@ def build_tiny_qwen2_vl(
     return path
 
 
-def _write_image_processor(path: Path, patch_size: int, min_pixels: int, max_pixels: int) -> None:
-    """``preprocessor_config.json`` of a ``Qwen2VLImageProcessor`` (Qwen2-VL's and
-    Qwen2.5-VL's), as the hub publishes it."""
+def hf_qwen_vl_inputs(model: Any, inp: Any) -> dict[str, Any]:
+    """HF's inputs for `inp` on a Qwen-VL family: exactly mmlens' ids, mask, pixels and grids,
+    and the token types HF's processor would give (1 at image tokens; HF's rope index finds the
+    image tokens by them).
+
+    Examples:
+        >>> qwen = mmlens.from_pretrained(build_tiny_qwen2_vl("checkpoints/qwen2-vl"))
+        >>> kwargs = hf_qwen_vl_inputs(qwen, qwen.prepare(image, "What is it?"))
+        >>> int(kwargs["mm_token_type_ids"].sum()) == len(qwen.prepare(image, "What is it?").positions("image"))
+        True
+    """
+    kwargs = inp.model_kwargs()
+    kwargs["mm_token_type_ids"] = (kwargs["input_ids"] == model.cfg.image_token_id).int()
+    return kwargs
+
+
+def _vision_tokenizer() -> tuple[Any, dict[str, int]]:
+    """The ChatML test tokenizer with the vision markers, and the config's token-id fields."""
+    tokenizer = _chatml_tokenizer(extra=QWEN2_VL_TOKENS)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_TOKENS}
+    return tokenizer, dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+
+
+def _qwen2_text_config(
+    tokenizer: Any,
+    n_layers: int,
+    d_model: int,
+    n_heads: int,
+    n_kv_heads: int,
+    d_mlp: int,
+    mrope_section: tuple[int, int, int],
+) -> dict[str, Any]:
+    """The Qwen2 decoder config of Qwen2-VL and Qwen2.5-VL, rotary split into `mrope_section`."""
+    d_head = d_model // n_heads
+    if sum(mrope_section) != d_head // 2:
+        raise ValueError(f"mrope_section {mrope_section} must sum to d_head / 2 = {d_head // 2}")
+    return dict(
+        vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp,
+        num_hidden_layers=n_layers, num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads, max_position_embeddings=512, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                         "mrope_section": list(mrope_section)},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, use_sliding_window=False,
+    )  # fmt: skip
+
+
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+"""Qwen2-VL's and Qwen2.5-VL's pixel normalisation (OpenAI CLIP's)."""
+
+
+def _write_image_processor(
+    path: Path,
+    patch_size: int,
+    min_pixels: int,
+    max_pixels: int,
+    *,
+    mean: list[float] = CLIP_MEAN,
+    std: list[float] = CLIP_STD,
+    processor_class: str = "Qwen2VLProcessor",
+) -> None:
+    """``preprocessor_config.json`` of a ``Qwen2VLImageProcessor`` (the Qwen-VL families'),
+    as the hub publishes it."""
     image_settings = {
         "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "image_std": [0.26862954, 0.26130258, 0.27577711], "merge_size": 2,
-        "patch_size": patch_size, "processor_class": "Qwen2VLProcessor", "resample": 3,
+        "image_mean": mean, "image_processor_type": "Qwen2VLImageProcessor",
+        "image_std": std, "merge_size": 2,
+        "patch_size": patch_size, "processor_class": processor_class, "resample": 3,
         "rescale_factor": 1 / 255, "temporal_patch_size": 2,
         "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
     }  # fmt: skip

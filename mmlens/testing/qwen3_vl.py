@@ -5,12 +5,10 @@ and key) with interleaved M-RoPE, and the image processor's settings as the hub 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mmlens.testing.common import _save_random_model
-from mmlens.testing.qwen2_vl import QWEN2_VL_TOKENS
-from mmlens.testing.tokenizer import _chatml_tokenizer
+from mmlens.testing.qwen2_vl import _vision_tokenizer, _write_image_processor
 
 
 def build_tiny_qwen3_vl(
@@ -51,8 +49,7 @@ def build_tiny_qwen3_vl(
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     path = Path(path)
-    tokenizer = _chatml_tokenizer(extra=QWEN2_VL_TOKENS)
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_TOKENS}
+    tokenizer, token_ids = _vision_tokenizer()
     if sum(mrope_section) != d_head // 2:
         raise ValueError(f"mrope_section {mrope_section} must sum to d_head / 2 = {d_head // 2}")
     config = Qwen3VLConfig(
@@ -71,23 +68,20 @@ def build_tiny_qwen3_vl(
             num_position_embeddings=num_position_embeddings,
             deepstack_visual_indexes=list(deepstack_layers),
         ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **token_ids,
         tie_word_embeddings=tie_word_embeddings,
     )  # fmt: skip
     config.text_config.bos_token_id = tokenizer.bos_token_id
     config.text_config.eos_token_id = tokenizer.eos_token_id
     _save_random_model(Qwen3VLForConditionalGeneration, config, path, seed)
     tokenizer.save_pretrained(path)
-    image_settings = {
-        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-        "image_processor_type": "Qwen2VLImageProcessor", "merge_size": 2,
-        "patch_size": patch_size, "processor_class": "Qwen3VLProcessor", "resample": 3,
-        "rescale_factor": 1 / 255, "temporal_patch_size": 2,
-        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
-    }  # fmt: skip
-    (path / "preprocessor_config.json").write_text(json.dumps(image_settings, indent=2) + "\n")
+    _write_image_processor(
+        path,
+        patch_size,
+        min_pixels,
+        max_pixels,
+        mean=[0.5, 0.5, 0.5],
+        std=[0.5, 0.5, 0.5],
+        processor_class="Qwen3VLProcessor",
+    )
     return path
