@@ -32,6 +32,7 @@ from mmlens.models import (
     HookedQwen2VL,
     HookedQwen3VL,
     HookedQwen25VL,
+    HookedQwenVL,
     HookedTransformer,
     from_pretrained,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "HookedQwen25VL",
     "HookedQwen2VL",
     "HookedQwen3VL",
+    "HookedQwenVL",
     "HookedTransformer",
     "KVCache",
     "MMConfig",

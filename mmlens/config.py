@@ -39,6 +39,10 @@ class VisionConfig:
     """Whether the output features pass the tower's final layernorm."""
     conv_bias: bool = False
     """Whether the patch convolution has a bias."""
+    n_positions: int | None = None
+    """Rows of the learned position table; None: one per token (the patches, and the class
+    token). A square table of another size is resized bicubically to the patch grid
+    (`mmlens.models.vision.resize_positions`; e.g. a 16 x 16 table for 32 x 32 patches)."""
 
     @property
     def d_head(self) -> int:

@@ -92,7 +92,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except Exception as offline_error:
@@ -260,6 +260,9 @@ class CheckpointFormat:
         tensors: folder -> ``(HF name, tensor)`` pairs, renamed from there as an HF folder's.
         prepare_defaults: ``(folder, the class's default template)`` -> `prepare`'s defaults
             (the prompt and image settings the release was trained with).
+        reads_every_file: mmlens reads every file of the folder itself (no transformers
+            loader sees it), so an ``auto_map`` naming the release's own code is not refused:
+            that code never runs (a remote-code release that mmlens implements natively).
     """
 
     name: str
@@ -268,6 +271,7 @@ class CheckpointFormat:
     processor: Callable[[Path], Any]
     tensors: Callable[[Path], Iterable[tuple[str, torch.Tensor]]]
     prepare_defaults: Callable[[Path, str], dict[str, str]]
+    reads_every_file: bool = False
 
 
 CHECKPOINT_FORMATS: list[CheckpointFormat] = []
@@ -288,12 +292,14 @@ def checkpoint_format(folder: Path) -> CheckpointFormat | None:
 def read_checkpoint(path_or_id: str | os.PathLike) -> tuple[Path, Any]:
     """The checkpoint's folder and HF config, refusing folders that ask to run their own code.
     A folder in a registered release format gets its equivalent HF config
-    (`CheckpointFormat.hf_config`)."""
+    (`CheckpointFormat.hf_config`); a format that reads every file itself may name its own
+    code in ``auto_map`` (`CheckpointFormat.reads_every_file`)."""
     from transformers import AutoConfig
 
     folder = resolve_checkpoint(path_or_id)
-    refuse_custom_code(folder)
     release = checkpoint_format(folder)
+    if release is None or not release.reads_every_file:
+        refuse_custom_code(folder)
     if release is not None:
         return folder, release.hf_config(folder)
     return folder, AutoConfig.from_pretrained(folder, trust_remote_code=False)

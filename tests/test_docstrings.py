@@ -6,7 +6,9 @@ Examples share the names the API reference states (docs/api/mmlens.md): `model` 
 sample.question)``, and `next_model` a random LLaVA-NeXT (`mmlens.testing.build_tiny_llava_next`,
 28 px base crop, 7 px patches) and `onevision_model` a random LLaVA-OneVision
 (`build_tiny_llava_onevision`, at "tiny-llava-onevision" in the workspace) and `blip_model` a
-random InstructBLIP (`build_tiny_instructblip`, 8 query tokens, at "tiny-instructblip"). They run in a scratch folder that holds small files in the published layouts at
+random InstructBLIP (`build_tiny_instructblip`, 8 query tokens, at "tiny-instructblip"),
+`qwen_vl` a random original Qwen-VL-Chat release (`build_tiny_qwen_vl`, 16 queries, 6 x 6
+patches, at `qwen_vl_folder`, "tiny-qwen-vl"). They run in a scratch folder that holds small files in the published layouts at
 the paths the examples name (`docs_workspace.build`), so a loader's example reads a real file.
 """
 
@@ -27,6 +29,7 @@ from mmlens.testing import (
     build_tiny_instructblip,
     build_tiny_llava_next,
     build_tiny_llava_onevision,
+    build_tiny_qwen_vl,
 )
 from mmlens.zoo.shapes import generate
 
@@ -95,9 +98,27 @@ def blip_model(workspace):
     return mmlens.from_pretrained(build_tiny_instructblip(workspace / "tiny-instructblip"))
 
 
+@pytest.fixture(scope="module")
+def qwen_vl_folder(workspace):
+    return build_tiny_qwen_vl(workspace / "tiny-qwen-vl")
+
+
+@pytest.fixture(scope="module")
+def qwen_vl(qwen_vl_folder):
+    return mmlens.from_pretrained(qwen_vl_folder)
+
+
 @pytest.mark.parametrize("test", DOCTESTS, ids=[test.name for test in DOCTESTS])
 def test_docstring_example_runs(
-    test, shared_names, workspace, next_model, onevision_model, blip_model, monkeypatch
+    test,
+    shared_names,
+    workspace,
+    next_model,
+    onevision_model,
+    blip_model,
+    qwen_vl_folder,
+    qwen_vl,
+    monkeypatch,
 ):
     monkeypatch.chdir(workspace)
     model, sample = shared_names["model"], shared_names["sample"]
@@ -110,6 +131,8 @@ def test_docstring_example_runs(
         "next_model": next_model,
         "onevision_model": onevision_model,
         "blip_model": blip_model,
+        "qwen_vl_folder": qwen_vl_folder,
+        "qwen_vl": qwen_vl,
     }
     skipped = [example.source for example in test.examples if example.options.get(doctest.SKIP)]
     assert not skipped, f"examples must run, not be skipped: {skipped}"

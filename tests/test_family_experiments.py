@@ -1,6 +1,6 @@
 """Every experiment of the runner on every model family beyond LLaVA-1.5 and LLaVA-NeXT
 (whose runs tests/test_experiments.py covers): LLaVA-Interleave (SigLIP + Qwen2),
-LLaVA-OneVision, InstructBLIP, Qwen2-VL, Qwen2.5-VL and Qwen3-VL, each on a random checkpoint; every sample must give rows."""
+LLaVA-OneVision, InstructBLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and the original Qwen-VL, each on a random checkpoint; every sample must give rows."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from mmlens.testing import (
     build_tiny_qwen2_5_vl,
     build_tiny_qwen2_vl,
     build_tiny_qwen3_vl,
+    build_tiny_qwen_vl,
 )
 
 BUILDERS = {
@@ -26,6 +27,7 @@ BUILDERS = {
     "qwen2_vl": build_tiny_qwen2_vl,
     "qwen2_5_vl": build_tiny_qwen2_5_vl,
     "qwen3_vl": build_tiny_qwen3_vl,
+    "qwen_vl": build_tiny_qwen_vl,
 }
 SMALL = {  # options that keep each run to a few forward passes
     "knockout": dict(window_size=1),

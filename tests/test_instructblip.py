@@ -130,7 +130,9 @@ def test_a_padded_item_equals_the_item_alone(model, images):
 
 
 def test_errors(model, images):
-    with pytest.raises(ValueError, match="Q-Former queries, not patches"):
+    with pytest.raises(
+        ValueError, match="learned queries, each a mixture of every patch.*cross_attn.hook_pattern"
+    ):
         model.prepare(images[0], PROMPTS[0]).patches_in_box((0, 0, 10, 10))
     with pytest.raises(ValueError, match="one image each"):
         model.prepare(None, PROMPTS[0])

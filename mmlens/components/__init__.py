@@ -2,6 +2,7 @@
 
 from mmlens.components.attention import Attention
 from mmlens.components.block import TransformerBlock
+from mmlens.components.cross_attention import CrossAttention
 from mmlens.components.embed import Embed, Unembed
 from mmlens.components.mlp import MLP, GatedMLP
 from mmlens.components.norms import LayerNorm, RMSNorm
@@ -10,6 +11,7 @@ from mmlens.components.rotary import RotaryEmbedding
 __all__ = [
     "MLP",
     "Attention",
+    "CrossAttention",
     "Embed",
     "GatedMLP",
     "LayerNorm",

@@ -10,12 +10,13 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from jaxtyping import Int
 from PIL import Image
 from torch import Tensor
 from transformers.image_utils import get_image_size, to_numpy_array
 
-from mmlens.inputs.layout import Box, ImageTokenLayout
+from mmlens.inputs.layout import QUERY, Box, ImageTokenLayout
 
 
 @dataclass(frozen=True)
@@ -327,3 +328,65 @@ def with_image_mode(processor: Any, mode: str | None) -> Any:
         variant.image_processor = LlavaImageProcessorPil(**settings, do_pad=mode == "pad")
         cached[mode] = variant
     return cached[mode]
+
+
+@dataclass(frozen=True)
+class QueryGeometry:
+    """An image read through learned queries (a connector of learned queries): the vision tower sees
+    its pixels as `vision` says, but the decoder receives `n_queries` query tokens, each a
+    mixture over every patch (through the connector's cross-attention, hooked at
+    `pattern_hook`), so decoder positions have no patch grid
+    (`mmlens.models.family.ImageTokenGeometry`; maps reach the patches through the model's
+    `tokens_to_patches`).
+
+    Examples:
+        >>> geometry = blip_model.prepare(image, "What is it?").image_geometry[0]
+        >>> geometry.n_queries, geometry.vision.grid_size
+        (8, (4, 4))
+    """
+
+    vision: ImageGeometry
+    n_queries: int
+    pattern_hook: str
+    n_crops = 1
+    tile_grid = None
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        return self.vision.original_size
+
+    @property
+    def processed_size(self) -> tuple[int, int]:
+        return self.vision.processed_size
+
+    @property
+    def vision_view(self) -> ImageGeometry:
+        """The vision tower's single crop: where maps over the image are drawn."""
+        return self.vision
+
+    def n_image_tokens(self, has_cls: bool) -> int:
+        """The decoder's image tokens: one per query."""
+        return self.n_queries
+
+    def token_layout(
+        self, *, item: int, image: int, positions: Int[Tensor, "n_image_tokens"], has_cls: bool
+    ) -> ImageTokenLayout:
+        """The queries in order: `col` is the query's index, `row` -1, tile 0, kind `QUERY`."""
+        n_tokens = positions.numel()
+        return ImageTokenLayout(
+            item=torch.full((n_tokens,), item),
+            position=positions.to(torch.long),
+            image=torch.full((n_tokens,), image),
+            tile=torch.zeros(n_tokens, dtype=torch.long),
+            row=torch.full((n_tokens,), -1),
+            col=torch.arange(n_tokens),
+            kind=torch.full((n_tokens,), QUERY),
+        )
+
+    def patch_ranges_per_grid(self, box: Box) -> dict[str, tuple[range, range]]:
+        raise ValueError(
+            f"this model's image tokens are {self.n_queries} learned queries, each a mixture of "
+            "every patch, not patches: no decoder position shows a box. The vision tower's "
+            "patches do (inp.image_geometry[image].vision.patch_ranges(box) on its patch grid), "
+            f"and the queries' attention to them is {self.pattern_hook} (docs/checkpoints.md)"
+        )

@@ -509,7 +509,11 @@ class MultimodalInput:
                 "processor that has them"
             )
         image_token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
-        image_token_id = processor.tokenizer.convert_tokens_to_ids(image_token)
+        # The id of the image tokens: the placeholder's, unless the processor names another (a
+        # placeholder that is not one token, e.g. an image tag pair).
+        image_token_id = getattr(processor, "image_token_id", None)
+        if image_token_id is None:
+            image_token_id = processor.tokenizer.convert_tokens_to_ids(image_token)
         rendered = [
             render(
                 template,

@@ -1,5 +1,5 @@
 """Every model mmlens builds: the decoder (`HookedTransformer`), the vision tower, the projector,
-LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, InstructBLIP, Qwen2-VL, Qwen2.5-VL and Qwen3-VL. Each class registers the HF `config.model_type`s it loads
+LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, InstructBLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and the original Qwen-VL. Each class registers the HF `config.model_type`s it loads
 (`mmlens.models.registry`), so `from_pretrained` dispatches without a list of models."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from mmlens.models.llava_onevision import HookedLlavaOnevision
 from mmlens.models.qwen2_5_vl import HookedQwen25VL
 from mmlens.models.qwen2_vl import HookedQwen2VL
 from mmlens.models.qwen3_vl import HookedQwen3VL
+from mmlens.models.qwen_vl import HookedQwenVL
 from mmlens.models.registry import MODEL_TYPES, model_class_for, register
 
 
@@ -58,6 +59,7 @@ __all__ = [
     "HookedQwen25VL",
     "HookedQwen2VL",
     "HookedQwen3VL",
+    "HookedQwenVL",
     "HookedTransformer",
     "from_pretrained",
     "model_class_for",

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import einops
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import nn
 from transformer_lens.hook_points import HookPoint
@@ -54,9 +57,35 @@ def vision_config_from_hf(hf: Any) -> VisionConfig:
     )
 
 
+def resize_positions(
+    table: Float[torch.Tensor, "n_positions d"], n_target: int
+) -> Float[torch.Tensor, "n_target d"]:
+    """A square grid of learned positions (row-major) resized bicubically to a square grid of
+    `n_target` cells, in float32 (Qwen-VL's ``get_abs_pos``); the table itself where the sizes
+    agree.
+
+    >>> resize_positions(torch.randn(16, 8), 64).shape
+    torch.Size([64, 8])
+    """
+    side, target_side = math.isqrt(table.shape[0]), math.isqrt(n_target)
+    if side == target_side:
+        return table
+    if side**2 != table.shape[0] or target_side**2 != n_target:
+        raise ValueError(
+            f"cannot resize {table.shape[0]} positions to {n_target}: both must be square grids"
+        )
+    grid = einops.rearrange(table.float(), "(h w) d -> 1 d h w", h=side)
+    resized = F.interpolate(
+        grid, size=(target_side, target_side), mode="bicubic", align_corners=False
+    )
+    return einops.rearrange(resized, "1 d h w -> (h w) d").to(table.dtype)
+
+
 class PatchEmbed(nn.Module):
     """Patch convolution + learned absolute positions, after a class token for CLIP and BLIP
-    (SigLIP has none; SigLIP and BLIP have a bias on the convolution)."""
+    (SigLIP has none; SigLIP and BLIP have a bias on the convolution). A position table of
+    another size than the patch grid (`VisionConfig.n_positions`, no class token) is resized
+    to it (`resize_positions`)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -69,7 +98,8 @@ class PatchEmbed(nn.Module):
         )
         if cfg.has_cls:
             self.class_embedding = nn.Parameter(torch.empty(cfg.d_model))
-        self.position_embedding = nn.Embedding(cfg.grid_size**2 + cfg.has_cls, cfg.d_model)
+        n_positions = cfg.n_positions or cfg.grid_size**2 + cfg.has_cls
+        self.position_embedding = nn.Embedding(n_positions, cfg.d_model)
 
     def forward(
         self, pixel_values: Float[torch.Tensor, "image channel height width"]
@@ -79,7 +109,10 @@ class PatchEmbed(nn.Module):
         if hasattr(self, "class_embedding"):
             cls = self.class_embedding.expand(patches.shape[0], 1, -1)
             patches = torch.cat((cls, patches), dim=1)
-        return patches + self.position_embedding.weight
+        positions = self.position_embedding.weight
+        if positions.shape[0] != patches.shape[1]:
+            positions = resize_positions(positions, patches.shape[1])
+        return patches + positions
 
 
 class HookedVisionTower(nn.Module):

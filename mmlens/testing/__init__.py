@@ -23,6 +23,7 @@ The builders live in one module per model family, and this package re-exports th
 - `mmlens.testing.qwen2_vl`: Qwen2-VL (`build_tiny_qwen2_vl`).
 - `mmlens.testing.qwen2_5_vl`: Qwen2.5-VL (`build_tiny_qwen2_5_vl`).
 - `mmlens.testing.qwen3_vl`: Qwen3-VL (`build_tiny_qwen3_vl`).
+- `mmlens.testing.qwen_vl`: the original Qwen-VL release layout (`build_tiny_qwen_vl`).
 - `mmlens.testing.hf_reference`: the Hugging Face reference (`assert_matches_hf`,
   `hf_position_ids`, `hf_image_features`, `hf_answer_gradients`).
 
@@ -55,6 +56,7 @@ from mmlens.testing.llava_onevision import build_tiny_llava_onevision
 from mmlens.testing.qwen2_5_vl import build_tiny_qwen2_5_vl
 from mmlens.testing.qwen2_vl import build_tiny_qwen2_vl, hf_qwen_vl_inputs
 from mmlens.testing.qwen3_vl import build_tiny_qwen3_vl
+from mmlens.testing.qwen_vl import build_tiny_qwen_vl
 from mmlens.testing.tokenizer import (
     BPE_VOCAB_SIZE,
     FAMILIES,
@@ -82,6 +84,7 @@ __all__ = [
     "build_tiny_qwen2_vl",
     "hf_qwen_vl_inputs",
     "build_tiny_qwen3_vl",
+    "build_tiny_qwen_vl",
     "hf_answer_gradients",
     "hf_image_features",
     "hf_position_ids",

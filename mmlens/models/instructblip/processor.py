@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Int
-from torch import Tensor
 from transformers import AutoTokenizer, BatchFeature, BlipImageProcessorPil
 
 from mmlens.inputs.adapters import own_processor_adapter, register_adapter
-from mmlens.inputs.geometry import ImageGeometry
+from mmlens.inputs.geometry import ImageGeometry, QueryGeometry
 from mmlens.inputs.images import processor_arguments
-from mmlens.inputs.layout import QUERY, Box, ImageTokenLayout
+
+QFORMER_PATTERN_HOOK = "qformer.blocks.{l}.cross_attn.hook_pattern"
+"""Where the Q-Former's queries read the patches (named in `QueryGeometry`'s messages)."""
 
 
 class QFormerProcessor:
@@ -101,7 +100,7 @@ class QFormerProcessor:
         vision = ImageGeometry.from_image_processor(
             self.image_processor, original_size, self.patch_size
         )
-        return QueryGeometry(vision, self.num_query_tokens)
+        return QueryGeometry(vision, self.num_query_tokens, QFORMER_PATTERN_HOOK)
 
     def _instruction(self, text: str) -> str:
         """`text` without its leading placeholder (the one place InstructBLIP has an image)."""
@@ -171,67 +170,6 @@ class QFormerProcessor:
             item[image_end:][real] = offsets[real] + shift
             spans.append(item)
         return spans
-
-
-@dataclass(frozen=True)
-class QueryGeometry:
-    """An InstructBLIP image: the vision tower sees its pixels as `vision` says, but the
-    decoder receives `n_queries` Q-Former query tokens, each a mixture over every patch (through
-    the Q-Former's cross-attention), so decoder positions have no patch grid
-    (`mmlens.models.family.ImageTokenGeometry`; maps reach the patches through
-    `HookedInstructBlip.tokens_to_patches`).
-
-    Examples:
-        >>> geometry = blip_model.prepare(image, "What is it?").image_geometry[0]
-        >>> geometry.n_queries, geometry.vision.grid_size
-        (8, (4, 4))
-    """
-
-    vision: ImageGeometry
-    n_queries: int
-    n_crops = 1
-    tile_grid = None
-
-    @property
-    def original_size(self) -> tuple[int, int]:
-        return self.vision.original_size
-
-    @property
-    def processed_size(self) -> tuple[int, int]:
-        return self.vision.processed_size
-
-    @property
-    def vision_view(self) -> ImageGeometry:
-        """The vision tower's single crop: where maps over the image are drawn."""
-        return self.vision
-
-    def n_image_tokens(self, has_cls: bool) -> int:
-        """The decoder's image tokens: one per query."""
-        return self.n_queries
-
-    def token_layout(
-        self, *, item: int, image: int, positions: Int[Tensor, "n_image_tokens"], has_cls: bool
-    ) -> ImageTokenLayout:
-        """The queries in order: `col` is the query's index, `row` -1, tile 0, kind `QUERY`."""
-        n_tokens = positions.numel()
-        return ImageTokenLayout(
-            item=torch.full((n_tokens,), item),
-            position=positions.to(torch.long),
-            image=torch.full((n_tokens,), image),
-            tile=torch.zeros(n_tokens, dtype=torch.long),
-            row=torch.full((n_tokens,), -1),
-            col=torch.arange(n_tokens),
-            kind=torch.full((n_tokens,), QUERY),
-        )
-
-    def patch_ranges_per_grid(self, box: Box) -> dict[str, tuple[range, range]]:
-        raise ValueError(
-            "this model's image tokens are InstructBLIP's Q-Former queries, not patches: no "
-            "decoder position shows a box. The vision tower's patches do "
-            "(inp.image_geometry[image].vision.patch_ranges(box) on its patch grid), and the "
-            "queries' cross-attention to them is qformer.blocks.{l}.cross_attn.hook_pattern "
-            "(docs/checkpoints.md, InstructBLIP)"
-        )
 
 
 register_adapter(

@@ -23,13 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from jaxtyping import Float, Int
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
-from mmlens.components import MLP, LayerNorm
+from mmlens.components import MLP, CrossAttention, LayerNorm
 
 
 @dataclass
@@ -75,47 +73,6 @@ class QFormerConfig:
         )
 
 
-class QFormerAttention(nn.Module):
-    """BERT multi-head attention: `query`, `key`, `value`, `out` projections with biases; keys
-    and values from the same sequence (self-attention) or from `d_kv`-wide encoder features
-    (cross-attention). Scores and pattern are always materialised (the sequences are short)."""
-
-    def __init__(self, d_model: int, n_heads: int, d_kv: int):
-        super().__init__()
-        self.n_heads, self.d_head = n_heads, d_model // n_heads
-        self.query = nn.Linear(d_model, d_model)
-        self.key = nn.Linear(d_kv, d_model)
-        self.value = nn.Linear(d_kv, d_model)
-        self.out = nn.Linear(d_model, d_model)
-        self.hook_q = HookPoint()  # [batch, q_pos, head, d_head]
-        self.hook_k = HookPoint()  # [batch, k_pos, head, d_head]
-        self.hook_v = HookPoint()  # [batch, k_pos, head, d_head]
-        self.hook_attn_scores = HookPoint()  # [batch, head, q_pos, k_pos], masked, pre-softmax
-        self.hook_pattern = HookPoint()  # [batch, head, q_pos, k_pos]
-        self.hook_z = HookPoint()  # [batch, q_pos, head, d_head]
-
-    def forward(
-        self,
-        x: Float[torch.Tensor, "batch q_pos d_model"],
-        keys_from: Float[torch.Tensor, "batch k_pos d_kv"],
-        key_is_real: torch.Tensor | None = None,
-    ) -> Float[torch.Tensor, "batch q_pos d_model"]:
-        def heads(linear: nn.Linear, states: torch.Tensor) -> torch.Tensor:
-            return rearrange(linear(states), "b p (h d) -> b p h d", h=self.n_heads)
-
-        q = self.hook_q(heads(self.query, x))
-        k = self.hook_k(heads(self.key, keys_from))
-        v = self.hook_v(heads(self.value, keys_from))
-        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.d_head**-0.5
-        if key_is_real is not None:  # padding never attended to
-            scores = scores.masked_fill(
-                ~key_is_real[:, None, None, :], torch.finfo(scores.dtype).min
-            )
-        pattern = self.hook_pattern(F.softmax(self.hook_attn_scores(scores), dim=-1))
-        z = self.hook_z(torch.einsum("bhqk,bkhd->bqhd", pattern, v))
-        return self.out(rearrange(z, "b q h d -> b q (h d)"))
-
-
 class QFormerBlock(nn.Module):
     """Self-attention over queries and text, cross-attention of the queries to the image (where
     the block has one), and separate MLPs for queries and text; each sub-layer is added to its
@@ -123,10 +80,10 @@ class QFormerBlock(nn.Module):
 
     def __init__(self, cfg: QFormerConfig, cross_attention: bool):
         super().__init__()
-        self.attn = QFormerAttention(cfg.d_model, cfg.n_heads, cfg.d_model)
+        self.attn = CrossAttention(cfg.d_model, cfg.n_heads, cfg.d_model)
         self.ln_attn = LayerNorm(cfg.d_model, cfg.eps)
         if cross_attention:
-            self.cross_attn = QFormerAttention(cfg.d_model, cfg.n_heads, cfg.d_encoder)
+            self.cross_attn = CrossAttention(cfg.d_model, cfg.n_heads, cfg.d_encoder)
             self.ln_cross = LayerNorm(cfg.d_model, cfg.eps)
             self.hook_resid_cross = HookPoint()  # [batch, query, d]
         self.mlp_query = MLP(cfg.d_model, cfg.d_mlp, cfg.act_fn)
