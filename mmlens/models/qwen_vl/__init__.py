@@ -78,7 +78,7 @@ class HookedQwenVL(HookedLlava):
         >>> cache["resampler.hook_pattern"].shape   # [image, head, query, patch]: 6 x 6 patches
         torch.Size([1, 2, 16, 36])
         >>> first = int(inp.positions("image")[0])
-        >>> qwen_vl.to_string(inp.input_ids[0, :first]).endswith("user\nPicture 1: <img>")
+        >>> qwen_vl.to_string(inp.input_ids[0, :first]).endswith("user\\nPicture 1: <img>")
         True
     """
 
