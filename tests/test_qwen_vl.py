@@ -293,3 +293,23 @@ def test_the_runner_and_the_report_run_on_it(folder, model, tmp_path):
     assert set(result.flow) >= {"Image→Last", "Question→Last"} and len(result) > 0
     path = write_report(model, generate(3, seed=1), tmp_path / "report.html", progress=False)
     assert "LLaVA-CAM" in path.read_text()
+
+
+def test_two_images_in_one_prompt_and_a_text_only_item_match_the_release(
+    model, reference, images, image_files, reference_tokenizer
+):
+    question = "Picture 1: <img></img>\nPicture 2: <img></img>\nWhich is brighter?"
+    inp = model.prepare([images, None], [question, "Hello there"])
+    assert inp.n_images == 2 and len(inp.positions("image")) == 32
+    assert len(inp.positions("image", item=1)) == 0
+    paths = [f"Picture {n + 1}: <img>{path}</img>\n" for n, path in enumerate(image_files)]
+    rows = [
+        reference_tokenizer.make_context("".join(paths) + "Which is brighter?"),
+        reference_tokenizer.make_context("Hello there"),
+    ]
+    with torch.no_grad():
+        for item, row in enumerate(rows):
+            expected, _ = reference(torch.tensor([row]))
+            logits = model(inp.item(item))
+            assert (logits - expected).abs().max() < 1e-4
+            assert (model(inp)[item, -1] - expected[0, -1]).abs().max() < 1e-4
