@@ -263,6 +263,7 @@ def test_the_registry_knows_every_model_type():
         "qwen2_vl": mmlens.HookedQwen2VL,
         "qwen2_5_vl": mmlens.HookedQwen25VL,
         "qwen3_vl": mmlens.HookedQwen3VL,
+        "qwen_vl": mmlens.HookedQwenVL,
     }
 
 

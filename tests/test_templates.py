@@ -83,9 +83,10 @@ def test_each_template_renders_its_checkpoints_prompt() -> None:
         assert [rendered.text[slice(*span)] for span in rendered.image_spans] == ["<image>"]
         assert rendered.user_start == rendered.image_spans[0][0]
         assert get_template(name).last_token
-    # The original code's names (their texts: tests/test_original_llava.py); Qwen2-VL's and
-    # Qwen3-VL's chat formats wrap their own image tokens (their texts: tests/test_qwen2_vl.py,
-    # tests/test_qwen3_vl.py).
+    # The original code's names (their texts: tests/test_original_llava.py); the Qwen families'
+    # formats wrap their own image tokens (their texts: tests/test_qwen2_vl.py,
+    # tests/test_qwen3_vl.py, and Qwen-VL's against the release's make_context in
+    # tests/test_qwen_vl.py).
     assert set(TEMPLATES) == {
         *expected,
         "plain",
@@ -93,6 +94,8 @@ def test_each_template_renders_its_checkpoints_prompt() -> None:
         "llava_llama_3",
         "qwen2_vl",
         "qwen3_vl",
+        "qwen_vl",
+        "qwen_vl_chat",
     }
 
 
