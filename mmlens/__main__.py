@@ -172,11 +172,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     for flag, (name, kind, text) in RUN_OPTIONS.items():
         run_parser.add_argument(flag, dest=name, type=kind, help=text)
+    delta_parser = commands.add_parser(
+        "apply-delta",
+        help="write a release published as a delta over a base model (docs/checkpoints.md)",
+        description="Write TARGET = BASE + DELTA from local folders (no download).",
+    )
+    delta_parser.add_argument("--base", required=True, type=Path, help="the base model's folder")
+    delta_parser.add_argument("--delta", required=True, type=Path, help="the delta release")
+    delta_parser.add_argument("--out", required=True, type=Path, help="where to write the model")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.out, args.samples, args.seed)
     elif args.command == "run":
         run_command(args)
+    elif args.command == "apply-delta":
+        from mmlens.models.delta import apply_delta
+
+        print(f"wrote {apply_delta(args.base, args.delta, args.out)}")
 
 
 if __name__ == "__main__":

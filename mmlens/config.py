@@ -91,7 +91,7 @@ class MMConfig:
     vision: VisionConfig | None = None
     vision_feature_layer: int | list[int] = -2
     vision_feature_select_strategy: str = "default"
-    projector_hidden_act: str = "gelu"
+    projector_hidden_act: str | None = "gelu"  # None: one linear layer (LLaVA v0)
     projector_bias: bool = True
     image_token_id: int | None = None
     # Tiling families: candidate canvas sizes [height, width] for the tiles; None: one crop.
@@ -172,7 +172,10 @@ class MMConfig:
                 vision_feature_select_strategy=getattr(
                     hf, "vision_feature_select_strategy", "default"
                 ),
-                projector_hidden_act=getattr(hf, "projector_hidden_act", "gelu"),
+                # One linear layer where a release format's config says so (LLaVA v0).
+                projector_hidden_act=getattr(hf, "projector_hidden_act", "gelu")
+                if getattr(hf, "projector_layers", 2) == 2
+                else None,
                 projector_bias=getattr(hf, "multimodal_projector_bias", True),
                 image_token_id=getattr(hf, "image_token_id", None),
                 image_grid_pinpoints=getattr(hf, "image_grid_pinpoints", None),

@@ -74,13 +74,16 @@ class Preset:
     apply_final_norm: bool | str = True
 
     def template(self, model: Any) -> str:
-        """The conversation the original code used for `model`'s checkpoint family (a model
-        whose default is not a released family's, such as a shipped organism, keeps its own)."""
-        return ORIGINAL_TEMPLATES.get(model.default_template, model.default_template)
+        """The conversation the original code used for `model`'s checkpoint: a release
+        format's own (its `prepare_defaults`), else its family's (a model whose default is not
+        a released family's, such as a shipped organism, keeps its own)."""
+        released = getattr(model, "prepare_defaults", {}).get("template")
+        return released or ORIGINAL_TEMPLATES.get(model.default_template, model.default_template)
 
     def prepare_kwargs(self, model: Any) -> dict[str, Any]:
-        """The keyword arguments of `model.prepare` under this preset: template, tokenisation,
-        the suffix if the preset fixes one; of `image_mode` and `anyres`, those the model's
+        """The keyword arguments of `model.prepare` under this preset: template, tokenisation
+        (a release format's own where it has one: `model.prepare_defaults`), the suffix if the
+        preset fixes one; of `image_mode` and `anyres`, those the model's
         processor takes (`mmlens.inputs.adapters.ProcessorAdapter.options`). A processor with
         one geometry of its own, or one that places its image tokens itself, gets its template,
         the suffix and Hugging Face's tokenisation.
@@ -89,7 +92,10 @@ class Preset:
             >>> CROSS_MODAL_FLOW.prepare_kwargs(model)["template"]  # "vicuna_v1" for a Vicuna LLaVA
             'llava_v1'
         """
-        kwargs: dict[str, Any] = dict(template=self.template(model), tokenization=self.tokenization)
+        # A release format's own tokenisation wins (the v0 form tokenises the whole prompt).
+        released = getattr(model, "prepare_defaults", {}).get("tokenization")
+        tokenization = released or self.tokenization
+        kwargs: dict[str, Any] = dict(template=self.template(model), tokenization=tokenization)
         if self.suffix is not None:
             kwargs["suffix"] = self.suffix
         adapter = processor_adapter(model.processor)

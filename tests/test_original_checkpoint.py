@@ -198,7 +198,7 @@ def test_unsupported_settings_are_named(checkpoints, tmp_path):
     _, folder, _ = checkpoints
     config = json.loads((folder / "config.json").read_text())
     for key, value, message in [
-        ("mm_projector_type", "linear", "mm_projector_type 'linear' is not supported"),
+        ("mm_projector_type", "mlp3x_gelu", "mm_projector_type 'mlp3x_gelu' is not supported"),
         ("mm_patch_merge_type", "unpad", "mm_patch_merge_type 'unpad' is not supported"),
     ]:
         broken = tmp_path / key
