@@ -101,7 +101,9 @@ def test_errors(model, pair):
     clean, corrupted, metric = pair
     with pytest.raises(ValueError, match="AtP.*not implemented"):
         attribution_patching(model, clean, corrupted, metric, method="atp*")
-    longer = model.prepare(generate(1, seed=0)[0].image, "What colour is the very big bright star in this picture?")
+    longer = model.prepare(
+        generate(1, seed=0)[0].image, "What colour is the very big bright star in this picture?"
+    )
     with pytest.raises(ValueError, match="same layout.*use method='atp'"):
         attribution_patching(model, clean, longer, metric, method="ig")
     with pytest.raises(ValueError, match="nothing for patching to restore"):
