@@ -455,8 +455,9 @@ def _facets(
 
 
 def activation_patching(result: pd.DataFrame) -> go.Figure:
-    """Heatmaps of `mmlens.patching.activation_patching`: the normalised metric (0 = corrupted,
-    1 = clean) per layer and unit (segment, position or head), one panel per site.
+    """Heatmaps of `mmlens.patching.activation_patching` (or `attribution_patching`'s
+    estimates): the normalised metric (0 = corrupted, 1 = clean) per layer and unit (segment,
+    position or head), one panel per site.
 
     Examples:
         >>> from mmlens.patching import activation_patching as patch, logit_difference
@@ -484,12 +485,57 @@ def activation_patching(result: pd.DataFrame) -> go.Figure:
         figure.update_xaxes(title_text="head" if site == "head" else attrs.get("by", ""),
                             row=1, col=column)  # fmt: skip
     figure.update_yaxes(title_text="layer", row=1, col=1)
+    kind = (
+        f"attribution patching ({attrs.get('method')}), estimated"
+        if attrs.get("analysis") == "attribution_patching"
+        else "activation patching,"
+    )
     figure.update_layout(
-        title=f"{_model_name(attrs.get('model'))}: activation patching, share of the clean "
+        title=f"{_model_name(attrs.get('model'))}: {kind} share of the clean "
         f"metric restored (clean {attrs.get('clean', float('nan')):.2f}, corrupted "
         f"{attrs.get('corrupted', float('nan')):.2f})",
         width=max(500, 300 * len(sites) + 120),
         height=420,
+    )
+    return figure
+
+
+def probes(result: pd.DataFrame) -> go.Figure:
+    """Held-out accuracy of `mmlens.probes.fit_probes` per layer (rows) and segment (columns),
+    the chance level in the title.
+
+    Examples:
+        >>> from mmlens.probes import fit_probes
+        >>> from mmlens.zoo.shapes import generate
+        >>> samples = generate(16, seed=3, question_types=["Exist"])
+        >>> inputs = [model.prepare(s.image, s.question) for s in samples]
+        >>> figure = probes(fit_probes(model, inputs, [s.answer for s in samples], layers=[0, 5]))
+        >>> figure.data[0].x
+        ('image', 'question', 'last')
+    """
+    table = result.pivot_table(index="layer", columns="segment", values="test_accuracy", sort=False)
+    figure = go.Figure(
+        go.Heatmap(
+            z=table.values,
+            x=list(table.columns),
+            y=table.index.tolist(),
+            zmin=0,
+            zmax=1,
+            colorscale="Viridis",
+            colorbar=dict(title="held-out<br>accuracy"),
+            texttemplate="%{z:.2f}",
+            hovertemplate="layer %{y}, %{x}: %{z:.2f}<extra></extra>",
+        )  # fmt: skip
+    )
+    attrs = result.attrs
+    figure.update_layout(
+        title=f"Linear probes ({attrs.get('site', '')}): held-out accuracy of "
+        f"{len(attrs.get('classes', []))} classes (chance {result.chance.iloc[0]:.2f}, "
+        f"{int(result.n_test.iloc[0])} held-out samples)",
+        xaxis_title="segment",
+        yaxis_title="layer",
+        width=560,
+        height=460,
     )
     return figure
 
