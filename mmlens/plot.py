@@ -529,9 +529,9 @@ def probes(result: pd.DataFrame) -> go.Figure:
     )
     attrs = result.attrs
     figure.update_layout(
-        title=f"Linear probes ({attrs.get('site', '')}): held-out accuracy of "
-        f"{len(attrs.get('classes', []))} classes (chance {result.chance.iloc[0]:.2f}, "
-        f"{int(result.n_test.iloc[0])} held-out samples)",
+        title=f"Linear probes on {attrs.get('site', '')}: held-out accuracy<br>"
+        f"<sup>{len(attrs.get('classes', []))} classes, chance {result.chance.iloc[0]:.2f}, "
+        f"{int(result.n_test.iloc[0])} held-out samples</sup>",
         xaxis_title="segment",
         yaxis_title="layer",
         width=560,
