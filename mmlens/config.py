@@ -79,21 +79,19 @@ class MMConfig:
     sliding_window: int | None = None
     layer_types: list[str] | None = None
     """Per layer, HF's ``"sliding_attention"`` or ``"full_attention"``: `sliding_window`
-    applies to the first kind only (Gemma 3's interleaved local and global layers); None:
+    applies to the first kind only (interleaved local and global layers); None:
     every layer alike (`sliding_window`, if set, everywhere)."""
     layer_rope_parameters: dict[str, dict] | None = None
-    """Rotary parameters per layer type (keys of `layer_types`), where they differ (Gemma 3's
+    """Rotary parameters per layer type (keys of `layer_types`), where they differ (e.g. a
     local base 10^4 and global base 10^6 with its scaling); None: `rope_parameters` for all."""
     attn_scale: float | None = None
-    """The query-key scale (Gemma's ``query_pre_attn_scalar ** -0.5``); None: d_head ** -0.5."""
+    """The query-key scale (HF's ``query_pre_attn_scalar ** -0.5``); None: d_head ** -0.5."""
     norm_unit_offset: bool = False
-    """RMSNorm gains are ``1 + weight``, applied in float32 (Gemma)."""
+    """RMSNorm gains are ``1 + weight``, applied in float32."""
     sandwich_norms: bool = False
-    """Each block norms its attention and MLP outputs too (`ln1_post`, `ln2_post`; Gemma)."""
+    """Each block norms its attention and MLP outputs too (`ln1_post`, `ln2_post`)."""
     embed_scale: float | None = None
-    """Token embeddings are multiplied by this (Gemma's sqrt(d_model)); None: not scaled."""
-    final_logit_softcap: float | None = None
-    """Logits become ``cap * tanh(logits / cap)`` (Gemma 2 / 3 where configured)."""
+    """Token embeddings are multiplied by this (e.g. sqrt(d_model)); None: not scaled."""
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None

@@ -173,10 +173,10 @@ def causal_padding_mask(
 
     Causal (a key at or before the query), padding keys hidden, and a query always sees itself:
     pad queries then attend to themselves only, which keeps their unused activations finite.
-    `sliding_window` (Mistral v0.1, Gemma's local layers) limits each query to keys less than
+    `sliding_window` (Mistral v0.1, local layers of interleaved ones) limits each query to keys less than
     `sliding_window` original positions before it: dropping tokens never widens a window.
     `groups` (``[batch, n]`` over original positions, -1 outside any group): a query also sees
-    the later keys of its own group (Gemma 3's bidirectional image block); the window still
+    the later keys of its own group (a bidirectional block, e.g. one image's tokens); the window still
     bounds how far back it looks, as HF's ``AND(sliding, OR(causal, block))``.
 
     Examples:

@@ -46,7 +46,7 @@ class TransformerBlock(nn.Module):
     ):
         super().__init__()
         self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
-        # Sandwich norms (Gemma 2 / 3): the attention's and the MLP's outputs are normed before
+        # Sandwich norms (a decoder family's `sandwich_norms`): the attention's and the MLP's outputs are normed before
         # they join the residual stream; TransformerLens names them ln1_post and ln2_post, and
         # hook_attn_out / hook_mlp_out hold what is added (after them), as there.
         if ln1_post is not None:

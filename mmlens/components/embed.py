@@ -9,7 +9,7 @@ from torch import nn
 
 class Embed(nn.Module):
     """Token embedding; with `scale`, the looked-up vectors are multiplied by it, the factor
-    first cast to the weight's dtype (Gemma's sqrt(d_model), as HF rounds it)."""
+    first cast to the weight's dtype (e.g. sqrt(d_model), rounded as HF rounds it)."""
 
     def __init__(self, d_vocab: int, d_model: int, scale: float | None = None):
         super().__init__()

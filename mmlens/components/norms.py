@@ -11,8 +11,8 @@ from transformer_lens.hook_points import HookPoint
 class RMSNorm(nn.Module):
     """Llama RMSNorm: `weight * x / sqrt(mean(x^2) + eps)`, computed in float32 like HF.
 
-    With `unit_offset` (Gemma's norms) the gain is `1 + weight` and is applied in float32
-    before the cast back, as HF's Gemma RMSNorm does (Llama's multiplies after the cast).
+    With `unit_offset` the gain is `1 + weight` and is applied in float32
+    before the cast back, as HF's RMSNorms of that kind do (Llama's multiplies after the cast).
 
     Hooks: `hook_scale` ([batch, pos, 1], float32) and `hook_normalized` ([batch, pos, d]).
 

@@ -648,11 +648,7 @@ class HookedTransformer(PrefixRuns, HookBookkeeping):
         """
         if self.device_map is not None:
             resid = resid.to(next(self.unembed.parameters()).device)
-        logits = self.unembed(self.ln_final(resid) if final_norm else resid)
-        cap = self.cfg.final_logit_softcap
-        if cap is not None:  # Gemma's soft cap, in HF's order of operations
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return self.unembed(self.ln_final(resid) if final_norm else resid)
 
     @staticmethod
     def next_token_loss(

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from mmlens.testing.common import TEST_IMAGE_SIZES, make_test_image
 from mmlens.testing.common import _randomize_weights as _randomize_weights
-from mmlens.testing.gemma3 import build_tiny_gemma3
+from mmlens.testing.gemma3 import build_tiny_gemma3, hf_gemma3_inputs
 from mmlens.testing.hf_reference import (
     assert_matches_hf,
     hf_answer_gradients,
@@ -87,6 +87,7 @@ __all__ = [
     "hf_qwen_vl_inputs",
     "build_tiny_qwen3_vl",
     "build_tiny_gemma3",
+    "hf_gemma3_inputs",
     "build_tiny_qwen_vl",
     "hf_answer_gradients",
     "hf_image_features",

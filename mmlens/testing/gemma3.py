@@ -181,3 +181,19 @@ def build_tiny_gemma3(
     )
     processor.save_pretrained(path)
     return path
+
+
+def hf_gemma3_inputs(model: Any, inp: Any) -> dict[str, Any]:
+    """HF's inputs for `inp` on Gemma 3: exactly mmlens' ids, mask and pixels, and the token
+    types HF's processor gives (1 at image tokens), from which HF's model builds its
+    bidirectional image blocks.
+
+    Examples:
+        >>> gemma = mmlens.from_pretrained(build_tiny_gemma3("checkpoints/gemma3"))
+        >>> kwargs = hf_gemma3_inputs(gemma, gemma.prepare(image, "What is it?"))
+        >>> int(kwargs["token_type_ids"].sum())
+        16
+    """
+    kwargs = inp.model_kwargs()
+    kwargs["token_type_ids"] = (kwargs["input_ids"] == model.cfg.image_token_id).long()
+    return kwargs

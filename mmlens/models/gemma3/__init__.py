@@ -14,7 +14,9 @@ sandwich norms (`ln1`, `ln1_post`, `ln2`, `ln2_post`: TransformerLens' Gemma nam
 input, post-attention, pre-feedforward and post-feedforward norms), Gemma RMSNorms (1 +
 weight, in float32), query/key norms, the query scale ``query_pre_attn_scalar ** -0.5``, a
 GELU-tanh gated MLP, interleaved local layers (a sliding window, rotary base 10^4) and global
-layers (rotary base 10^6 with the checkpoint's scaling), the optional final logit soft cap.
+layers (rotary base 10^6 with the checkpoint's scaling). No logit soft cap: HF's
+`Gemma3ForConditionalGeneration` applies neither ``final_logit_softcapping`` nor
+``attn_logit_softcapping`` (the released checkpoints set both to null).
 Image tokens: each image's 256 tokens attend to each other in both directions (HF's
 ``token_type_ids`` block mask), within the window on local layers; `attention_groups` gives the
 blocks, and masks, pruning, prefix and suffix runs read them by original position.
@@ -137,11 +139,10 @@ class HookedGemma3(HookedLlava):
         """The Gemma 3 decoder's fields (read here: `MMConfig.from_hf` reads Llama-style
         decoders), the SigLIP tower with its post-layernorm, the projector's settings."""
         text = hf_config.text_config
-        if getattr(text, "attn_logit_softcapping", None) is not None:
-            raise NotImplementedError(
-                f"attn_logit_softcapping={text.attn_logit_softcapping}: Gemma 3 checkpoints have "
-                "none; attention soft-capping (Gemma 2) is not supported"
-            )
+        # `final_logit_softcapping` and `attn_logit_softcapping` are read by neither HF's
+        # Gemma3ForConditionalGeneration (only its text-only Gemma3ForCausalLM caps logits)
+        # nor its attention (the cap is never passed on); the released checkpoints set both to
+        # null. mmlens follows HF's multimodal model: no cap (docs/checkpoints.md).
         if getattr(text, "use_bidirectional_attention", False):
             raise NotImplementedError(
                 "use_bidirectional_attention=True (an encoder use of Gemma 3) is not supported"
@@ -168,7 +169,6 @@ class HookedGemma3(HookedLlava):
             norm_unit_offset=True,
             sandwich_norms=True,
             embed_scale=text.hidden_size**0.5,
-            final_logit_softcap=text.final_logit_softcapping,
             qk_norm=True,
             attention_bias=text.attention_bias,
             max_position_embeddings=text.max_position_embeddings,
@@ -210,8 +210,9 @@ class HookedGemma3(HookedLlava):
         every other position -1.
 
         Examples:
-            >>> ids = torch.tensor([[2, 9, 9, 3, 9, 9]])   # 9: an image token id
-            >>> gemma.cfg.image_token_id = 9; gemma.attention_groups(ids)
+            >>> from types import SimpleNamespace
+            >>> gemma = SimpleNamespace(cfg=SimpleNamespace(image_token_id=9))  # 9: image tokens
+            >>> HookedGemma3.attention_groups(gemma, torch.tensor([[2, 9, 9, 3, 9, 9]]))
             tensor([[-1,  0,  0, -1,  1,  1]])
         """
         if input_ids is None:
