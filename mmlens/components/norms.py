@@ -18,8 +18,8 @@ class RMSNorm(nn.Module):
 
     Examples:
         >>> norm = RMSNorm(4, 1e-6, unit_offset=True)   # weight 1: a gain of 2
-        >>> norm(torch.tensor([[[1.0, -1.0, 1.0, -1.0]]]))
-        tensor([[[ 2., -2.,  2., -2.]]], grad_fn=<...>)
+        >>> norm(torch.tensor([[[1.0, -1.0, 1.0, -1.0]]])).round(decimals=4).tolist()
+        [[[2.0, -2.0, 2.0, -2.0]]]
     """
 
     def __init__(self, d_model: int, eps: float, unit_offset: bool = False):
