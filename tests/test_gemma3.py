@@ -315,3 +315,25 @@ def test_soft_caps_are_ignored_as_hfs_multimodal_model_ignores_them(tmp_path, im
     with torch.no_grad():
         assert model(inp).abs().max() > 3.0
     assert largest_difference(hf, model, inp) < TOLERANCE
+
+
+def test_the_papers_presets_prepare_its_chat_format(model, images):
+    from mmlens.presets import CROSS_MODAL_FLOW, REDUNDANCY_TO_RELEVANCE
+
+    for preset in (CROSS_MODAL_FLOW, REDUNDANCY_TO_RELEVANCE):
+        inp = model.prepare(images["wide"], "Is the door red?", preset=preset)
+        assert inp.settings["template"] == "gemma3" and inp.settings["tokenization"] == "hf"
+        assert "<start_of_turn>user\n" in inp.prompts[0]
+        preset.check_input(model, inp)
+
+
+def test_the_runner_and_the_report_run_on_it(folder, model, tmp_path):
+    from mmlens.report import write_report
+    from mmlens.zoo.shapes import generate
+
+    result = mmlens.run(
+        "knockout", folder, "shapes:3", tmp_path / "run", window_size=1, progress=False
+    )
+    assert set(result.flow) >= {"Image→Last", "Question→Last"} and len(result) > 0
+    path = write_report(model, generate(3, seed=1), tmp_path / "report.html", progress=False)
+    assert "LLaVA-CAM" in path.read_text()
