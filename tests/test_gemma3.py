@@ -170,6 +170,12 @@ def test_windows_rotary_tables_and_image_blocks_matter(hf, model, images):
         assert largest_difference(hf, model, inp, causal_only) < TOLERANCE
     finally:
         model.attention_groups = original
+    window = model.cfg.sliding_window
+    model.cfg.sliding_window = None  # the local layers without their window
+    try:
+        assert largest_difference(hf, model, inp) > 1e-3
+    finally:
+        model.cfg.sliding_window = window
     layer_types = model.cfg.layer_types
     model.cfg.layer_types = ["full_attention"] * 4  # no windows, one rotary table
     try:
@@ -182,6 +188,18 @@ def test_windows_rotary_tables_and_image_blocks_matter(hf, model, images):
         assert largest_difference(hf, model, inp) > 1e-3
     finally:
         model.layer_rotary["sliding_attention"] = local
+
+
+def test_two_images_in_one_prompt_are_two_blocks_and_match_hf(hf, model, images):
+    question = "Is <start_of_image> like <start_of_image>?"
+    inp = model.prepare([[images["square"], images["wide"]], None], [question, "Hello"])
+    assert inp.n_images == 2 and len(inp.positions("image")) == 32
+    groups = model.attention_groups(inp.input_ids)
+    assert groups[0, inp.positions("image")].tolist() == [0] * 16 + [1] * 16
+    assert bool((groups[1] == -1).all())
+    assert largest_difference(hf, model, inp) < TOLERANCE
+    # 88 x 48 squashed to 32 x 32: x < 28 -> columns 0..1 (8 px cells), y < 28 -> rows 0..2.
+    assert len(inp.patches_in_box((0, 0, 28, 28), image=1)) == 6
 
 
 @pytest.mark.parametrize("batch", [1, 2])
