@@ -309,18 +309,109 @@ def test_generation_with_image_tokens_dropped_equals_a_full_pass_with_them_dropp
     assert torch.equal(forced[:, -new - 1 : -1].argmax(-1), generated[:, n:])
 
 
-def test_pan_and_scan_is_refused_with_a_clear_error(folder, tmp_path):
-    import json
-    import shutil
+@pytest.fixture(scope="module")
+def pan_and_scan(folder):
+    """The model with pan-and-scan on; crops of at least 64 px (HF's default 256 exceeds
+    these small test images)."""
+    scanning = mmlens.from_pretrained(folder)
+    scanning.set_pan_and_scan(pan_and_scan_min_crop_size=64)
+    return scanning
 
-    copy = tmp_path / "pan-and-scan"
-    shutil.copytree(folder, copy)
-    config_file = copy / "processor_config.json"
-    settings = json.loads(config_file.read_text())
-    settings["image_processor"]["do_pan_and_scan"] = True
-    config_file.write_text(json.dumps(settings))
-    with pytest.raises(NotImplementedError, match="pan-and-scan"):
-        mmlens.from_pretrained(copy)
+
+@pytest.fixture(scope="module")
+def scan_images():
+    # 600 x 200 -> 3 crops side by side; 56 x 56 -> none; 120 x 400 -> 3 crops stacked.
+    return [make_test_image(600, 200, 3), make_test_image(56, 56, 1), make_test_image(120, 400, 4)]
+
+
+SCAN_QUESTIONS = ["What colour is the star?", "Why?", "Is it red?"]
+
+
+@pytest.mark.parametrize(
+    "size", [(200, 600), (600, 200), (300, 320), (100, 1000), (90, 800), (700, 250), (64, 64)]
+)
+def test_pan_and_scan_crops_are_hfs(size):
+    import numpy as np
+    from transformers import Gemma3ImageProcessorPil
+
+    from mmlens.models.gemma3.processor import pan_and_scan_boxes
+
+    height, width = size
+    image = np.arange(height * width * 3, dtype=np.float32).reshape(3, height, width)
+    crops = Gemma3ImageProcessorPil().pan_and_scan(image, 64, 4, 1.2)
+    boxes = pan_and_scan_boxes(size, 64, 4, 1.2)
+    assert len(crops) == len(boxes)
+    for crop, (x0, y0, x1, y1) in zip(crops, boxes, strict=True):
+        assert np.array_equal(crop, image[:, y0:y1, x0:x1])
+
+
+def test_pan_and_scan_gives_what_hfs_processor_gives(pan_and_scan, folder, scan_images):
+    processor = AutoProcessor.from_pretrained(folder)
+    inp = pan_and_scan.prepare(scan_images, SCAN_QUESTIONS)
+    assert [geometry.n_crops for geometry in inp.image_geometry] == [4, 1, 4]
+    assert inp.pixel_values.shape[0] == 9  # every image, then its crops
+    for item, (picture, question) in enumerate(zip(scan_images, SCAN_QUESTIONS, strict=True)):
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": picture},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ]
+        expected = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+            return_tensors="pt", images_kwargs={"do_pan_and_scan": True,
+                                                "pan_and_scan_min_crop_size": 64},
+        )  # fmt: skip
+        alone = inp.item(item)
+        real = alone.attention_mask[0].bool()
+        assert torch.equal(alone.input_ids[0, real], expected["input_ids"][0])
+        assert torch.equal(alone.pixel_values, expected["pixel_values"])
+    assert pan_and_scan.to_string(inp.input_ids[0, inp.positions("question")]) == SCAN_QUESTIONS[0]
+    # Each view of an image is a block of its own: the image, then each crop.
+    groups = pan_and_scan.attention_groups(inp.input_ids)[0, inp.positions("image")]
+    assert groups.tolist() == [view for view in range(4) for _ in range(16)]
+    # An input prepared with pan-and-scan off (the checkpoint as saved) is refused.
+    plain = mmlens.from_pretrained(folder).prepare(scan_images[1], "Why?")
+    with pytest.raises(ValueError, match="different processor"):
+        pan_and_scan(plain)
+
+
+def test_pan_and_scan_matches_hf_and_generates_as_hf(hf, pan_and_scan, scan_images):
+    inp = pan_and_scan.prepare(scan_images, SCAN_QUESTIONS)
+    assert largest_difference(hf, pan_and_scan, inp) < TOLERANCE
+    ours = pan_and_scan.generate(inp, max_new_tokens=5, stop_at_eos=False)
+    with torch.no_grad():
+        theirs = hf.generate(
+            **hf_gemma3_inputs(pan_and_scan, inp), max_new_tokens=5, min_new_tokens=5,
+            do_sample=False,
+        )  # fmt: skip
+    assert torch.equal(ours, theirs)
+    full = pan_and_scan(inp)
+    for index in range(3):  # an item's pixels are its image's rows: the image and its crops
+        alone = pan_and_scan(inp.item(index))
+        torch.testing.assert_close(alone[0, -1], full[index, -1], atol=1e-4, rtol=0)
+
+
+def test_pan_and_scan_layout_boxes_and_cam(pan_and_scan, scan_images):
+    inp = pan_and_scan.prepare(scan_images[0], SCAN_QUESTIONS[0])
+    layout = inp.layout
+    assert layout.tile.unique().tolist() == [0, 1, 2, 3]
+    crops = layout.tile >= 1  # three 4 x 4 grids side by side
+    assert (int(layout.row[crops].max()), int(layout.col[crops].max())) == (3, 11)
+    # 600 x 200 -> crops of x 0..200, 200..400, 400..600. The box x < 300, y < 100 covers the
+    # whole image's columns 0..1 and rows 0..1, all of crop 1's columns and half of crop 2's
+    # (columns 4..5 side by side), rows 0..1 of both.
+    found = inp.patches_in_box((0, 0, 300, 100))
+    base = layout.position[(layout.tile == 0) & (layout.row < 2) & (layout.col < 2)]
+    tiles = layout.position[crops & (layout.row < 2) & (layout.col < 6)]
+    assert found.tolist() == sorted(base.tolist() + tiles.tolist()) and len(found) == 16
+    cam = llava_cam(pan_and_scan, inp, "red", layers=[0, "vision.blocks.0"], noise_std=0)
+    assert cam.maps.shape == (2, 8, 8)  # on the whole image's view
+    row, index = pan_and_scan.vision_patch_index(inp, 0)
+    assert row == 0 and index.shape == (8, 8)
 
 
 def test_soft_caps_are_ignored_as_hfs_multimodal_model_ignores_them(tmp_path, images):

@@ -190,6 +190,23 @@ class HookedGemma3(HookedLlava):
         fields.update(overrides)
         return MMConfig(**fields)
 
+    def set_pan_and_scan(self, enabled: bool = True, **settings: Any) -> None:
+        """Turn pan-and-scan crops on (or off) for the inputs `prepare` makes from now on
+        (HF's ``do_pan_and_scan``; the released processors have it off); `settings` are HF's
+        ``pan_and_scan_min_crop_size`` (256), ``pan_and_scan_max_num_crops`` (4),
+        ``pan_and_scan_min_ratio_to_activate`` (1.2). Inputs prepared before are then refused:
+        their processor differs.
+
+        Examples:
+            >>> gemma = mmlens.from_pretrained(build_tiny_gemma3("checkpoints/gemma3"))
+            >>> gemma.set_pan_and_scan(pan_and_scan_min_crop_size=64)
+            >>> from PIL import Image
+            >>> inp = gemma.prepare(Image.new("RGB", (600, 200)), "What is it?")
+            >>> inp.image_geometry[0].n_crops, len(inp.positions("image"))  # the image, 3 crops
+            (4, 64)
+        """
+        self.processor = self.processor.with_pan_and_scan(enabled, **settings)
+
     @classmethod
     def load_processor(cls, folder: Path, hf_config: Any) -> Gemma3InputProcessor:
         """`Gemma3InputProcessor` from the folder's image processor settings and tokenizer."""
