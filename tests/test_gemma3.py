@@ -414,6 +414,26 @@ def test_pan_and_scan_layout_boxes_and_cam(pan_and_scan, scan_images):
     assert row == 0 and index.shape == (8, 8)
 
 
+def test_the_hub_releases_processor_files_load(folder, tmp_path, images):
+    # The hub releases keep the image processor in preprocessor_config.json (with HF's
+    # image-processor class name) and only the sequence length in processor_config.json.
+    import json
+    import shutil
+
+    release = tmp_path / "release-layout"
+    shutil.copytree(folder, release)
+    saved = json.loads((release / "processor_config.json").read_text())
+    settings = {**saved.pop("image_processor"), "image_processor_type": "Gemma3ImageProcessor",
+                "processor_class": "Gemma3Processor", "do_pan_and_scan": None}  # fmt: skip
+    (release / "preprocessor_config.json").write_text(json.dumps(settings))
+    (release / "processor_config.json").write_text(json.dumps(saved))
+    model = mmlens.from_pretrained(release)
+    ours = mmlens.from_pretrained(folder)
+    inp = model.prepare(images["wide"], "Why?")
+    assert torch.equal(inp.input_ids, ours.prepare(images["wide"], "Why?").input_ids)
+    assert not model.processor.pan_and_scan
+
+
 def test_soft_caps_are_ignored_as_hfs_multimodal_model_ignores_them(tmp_path, images):
     # Gemma3ForConditionalGeneration caps neither logits nor attention scores, whatever the
     # config says (only the text-only Gemma3ForCausalLM caps logits); the releases set null.

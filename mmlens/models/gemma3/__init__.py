@@ -20,6 +20,7 @@ layers (rotary base 10^6 with the checkpoint's scaling). No logit soft cap: HF's
 Image tokens: each image's 256 tokens attend to each other in both directions (HF's
 ``token_type_ids`` block mask), within the window on local layers; `attention_groups` gives the
 blocks, and masks, pruning, prefix and suffix runs read them by original position.
+Pan-and-scan crops (`set_pan_and_scan`): `mmlens.models.gemma3.processor`.
 """
 
 from __future__ import annotations

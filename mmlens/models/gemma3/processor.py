@@ -21,7 +21,6 @@ crops, their cells side by side in `row` / `col`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -260,19 +259,15 @@ class Gemma3InputProcessor:
         """Read a Gemma 3 folder's image processor settings and tokenizer (the PIL image
         processor class, whatever class the folder names)."""
         folder = Path(folder)
-        settings = {}
-        for name in ("processor_config.json", "preprocessor_config.json"):
-            if (folder / name).is_file():
-                data = json.loads((folder / name).read_text())
-                settings = data.get("image_processor", data)
-                break
-        else:
+        if not any((folder / name).is_file() for name in ("processor_config.json",
+                                                          "preprocessor_config.json")):  # fmt: skip
             raise FileNotFoundError(
                 f"{folder} has no processor_config.json or preprocessor_config.json: a Gemma 3 "
                 "checkpoint ships its image processor's settings there"
             )
-        settings = {k: v for k, v in settings.items() if k not in ("image_processor_type",)}
-        image_processor = Gemma3ImageProcessorPil(**settings)
+        # transformers reads either layout (a nested "image_processor" section, or the
+        # preprocessor file of the hub releases) into its PIL class: no torchvision.
+        image_processor = Gemma3ImageProcessorPil.from_pretrained(folder)
         return cls(
             image_processor,
             AutoTokenizer.from_pretrained(folder, trust_remote_code=False),
