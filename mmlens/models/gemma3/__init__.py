@@ -199,6 +199,7 @@ class HookedGemma3(HookedLlava):
         their processor differs.
 
         Examples:
+            >>> from mmlens.testing import build_tiny_gemma3
             >>> gemma = mmlens.from_pretrained(build_tiny_gemma3("checkpoints/gemma3"))
             >>> gemma.set_pan_and_scan(pan_and_scan_min_crop_size=64)
             >>> from PIL import Image
