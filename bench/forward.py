@@ -1,6 +1,6 @@
 """Forward-pass speed: HF `LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration` /
-`LlavaOnevisionForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration` (sdpa) vs mmlens,
-side by side.
+`LlavaOnevisionForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration` /
+`Gemma3ForConditionalGeneration` (sdpa) vs mmlens, side by side.
 
 Builds a random checkpoint in a temporary folder, loads it with both libraries and times,
 interleaved in one run: HF forward, mmlens forward, and mmlens `run_with_cache` with every hook
@@ -20,6 +20,10 @@ cached. Prints medians and the ratios against HF; also checks that the logits ag
   with M-RoPE sections 8 / 12 / 12 and 4 key-value heads); a 1280 x 720 image is resized to
   1288 x 728 -> 92 x 52 patches -> 46 x 26 = 1,196 image tokens. Patterns are skipped as for
   ``next`` (the tower's window attention runs as masks over all 4,784 patches).
+- ``--family gemma3``: Gemma-3-shaped (SigLIP at 896 px, 14 px patches -> 64 x 64, pooled 4 x 4
+  to 256 image tokens; the decoder with sandwich norms, 16 heads over 8 key-value heads of 64,
+  local layers with a window of 128 positions (so it bites on this prompt) and every sixth
+  layer global, bidirectional image block).
 
 All use a decoder of width 1024 (8 layers) and a 4-layer vision tower of width 256
 (`timing.LLAVA_15_SHAPE`).
@@ -39,6 +43,7 @@ import torch
 from PIL import Image
 from timing import LLAVA_15_SHAPE, measure, report
 from transformers import (
+    Gemma3ForConditionalGeneration,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
@@ -47,10 +52,12 @@ from transformers import (
 
 import mmlens
 from mmlens.testing import (
+    build_tiny_gemma3,
     build_tiny_llava,
     build_tiny_llava_next,
     build_tiny_llava_onevision,
     build_tiny_qwen2_5_vl,
+    hf_gemma3_inputs,
     hf_qwen_vl_inputs,
 )
 
@@ -60,6 +67,14 @@ def _build_qwen2_5_vl(folder: str, image_size: int, **shape) -> None:
     each image itself); M-RoPE sections in the released proportions (16 / 24 / 24 of 64)."""
     half = shape["d_model"] // shape["n_heads"] // 2
     build_tiny_qwen2_5_vl(folder, mrope_section=(half // 4, 3 * half // 8, 3 * half // 8), **shape)
+
+
+def _build_gemma3(folder: str, **shape) -> None:
+    """`build_tiny_gemma3` on the shared shape at Gemma 3's 896 px and 256 image tokens."""
+    build_tiny_gemma3(
+        folder, d_head=64, n_kv_heads=8, query_pre_attn_scalar=64, sliding_window=128,
+        sliding_window_pattern=6, mm_tokens_per_image=256, **shape,
+    )  # fmt: skip
 
 
 FAMILIES = {  # name: (checkpoint builder, HF class, image (height, width), shape overrides)
@@ -85,6 +100,12 @@ FAMILIES = {  # name: (checkpoint builder, HF class, image (height, width), shap
         ),
     ),
 }
+FAMILIES["gemma3"] = (
+    _build_gemma3,
+    Gemma3ForConditionalGeneration,
+    (480, 640),
+    dict(image_size=896, patch_size=14),
+)
 SKIP_PATTERNS = ("next", "onevision", "qwen2_5_vl")  # families whose caches skip patterns
 DECODER_FIELDS = ("d_model", "n_layers", "n_heads", "d_mlp")
 
@@ -126,7 +147,14 @@ def main() -> None:
     )
     inp = model.prepare(image, "What colour is the shape in the top left corner of the picture?")
     # Qwen-VL: HF's rope index finds the image tokens by their type ids.
-    kwargs = hf_qwen_vl_inputs(model, inp) if args.family == "qwen2_5_vl" else inp.model_kwargs()
+    # Gemma 3: HF's bidirectional image blocks come from the token type ids.
+    kwargs = (
+        hf_qwen_vl_inputs(model, inp)
+        if args.family == "qwen2_5_vl"
+        else hf_gemma3_inputs(model, inp)
+        if args.family == "gemma3"
+        else inp.model_kwargs()
+    )
     n_tokens = kwargs["input_ids"].shape[1]
     n_image = int((kwargs["input_ids"] == model.cfg.image_token_id).sum())
     print(

@@ -25,6 +25,7 @@ from mmlens.config import MMConfig, VisionConfig
 from mmlens.experiments import run
 from mmlens.inputs import MultimodalInput
 from mmlens.models import (
+    HookedGemma3,
     HookedInstructBlip,
     HookedLlava,
     HookedLlavaNext,
@@ -46,6 +47,7 @@ __all__ = [
     "HookedLlavaOnevision",
     "HookedQwen25VL",
     "HookedQwen2VL",
+    "HookedGemma3",
     "HookedQwen3VL",
     "HookedQwenVL",
     "HookedTransformer",

@@ -77,6 +77,21 @@ class MMConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    """Per layer, HF's ``"sliding_attention"`` or ``"full_attention"``: `sliding_window`
+    applies to the first kind only (interleaved local and global layers); None:
+    every layer alike (`sliding_window`, if set, everywhere)."""
+    layer_rope_parameters: dict[str, dict] | None = None
+    """Rotary parameters per layer type (keys of `layer_types`), where they differ (e.g. a
+    local base 10^4 and global base 10^6 with its scaling); None: `rope_parameters` for all."""
+    attn_scale: float | None = None
+    """The query-key scale (HF's ``query_pre_attn_scalar ** -0.5``); None: d_head ** -0.5."""
+    norm_unit_offset: bool = False
+    """RMSNorm gains are ``1 + weight``, applied in float32."""
+    sandwich_norms: bool = False
+    """Each block norms its attention and MLP outputs too (`ln1_post`, `ln2_post`)."""
+    embed_scale: float | None = None
+    """Token embeddings are multiplied by this (e.g. sqrt(d_model)); None: not scaled."""
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -106,6 +121,10 @@ class MMConfig:
     positional_embedding_type: str = "rotary"
 
     def __post_init__(self) -> None:
+        if self.layer_types is not None and len(self.layer_types) != self.n_layers:
+            raise ValueError(
+                f"layer_types names {len(self.layer_types)} layers; the decoder has {self.n_layers}"
+            )
         if self.n_key_value_heads is None:
             self.n_key_value_heads = self.n_heads
         if self.d_head is None:
@@ -115,6 +134,25 @@ class MMConfig:
                 f"n_heads={self.n_heads} must be a multiple of n_key_value_heads="
                 f"{self.n_key_value_heads}"
             )
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of decoder layer `layer` (None: it attends to every earlier
+        position).
+
+        >>> cfg = MMConfig(2, 8, 2, 16, 10, sliding_window=4,
+        ...                layer_types=["sliding_attention", "full_attention"])
+        >>> cfg.layer_window(0), cfg.layer_window(1)
+        (4, None)
+        """
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    def layer_rope(self, layer: int) -> dict:
+        """The rotary parameters of decoder layer `layer`."""
+        if self.layer_rope_parameters is None or self.layer_types is None:
+            return self.rope_parameters
+        return self.layer_rope_parameters[self.layer_types[layer]]
 
     @property
     def vision_feature_layers(self) -> list[int]:

@@ -129,6 +129,9 @@ class PrefixState:
     cache: KVCache
     attention_mask: Int[Tensor, "batch pos"]
     rotary_ids: Int[Tensor, "... batch pos"]
+    attention_groups: Int[Tensor, "batch pos"] | None = None
+    """Per original position, its bidirectional attention group (-1: none), or None
+    (`HookedTransformer.attention_groups`)."""
 
     @property
     def batch_size(self) -> int:
@@ -139,20 +142,59 @@ class PrefixState:
         return self.attention_mask.shape[1]
 
 
+def group_at(
+    groups: Int[Tensor, "batch n"], positions: Int[Tensor, "batch pos"]
+) -> Int[Tensor, "batch pos"]:
+    """The attention group of each original position (-1 for positions past `groups`, e.g.
+    tokens generated after the prompt)."""
+    inside = positions < groups.shape[1]
+    found = groups.gather(1, positions.clamp(max=groups.shape[1] - 1))
+    return torch.where(inside, found, -1)
+
+
+def _together(
+    query_positions: Tensor, key_positions: Tensor, groups: Tensor | None
+) -> Bool[Tensor, "batch q_pos k_pos"] | None:
+    """Which (query, key) pairs lie in the same bidirectional group (None: no groups)."""
+    if groups is None:
+        return None
+    query_group = group_at(groups, query_positions)[:, :, None]
+    return (query_group == group_at(groups, key_positions)[:, None, :]) & (query_group >= 0)
+
+
 def causal_padding_mask(
     query_positions: Int[Tensor, "batch q_pos"],
     key_positions: Int[Tensor, "batch k_pos"],
     key_is_real: Bool[Tensor, "batch k_pos"],
     sliding_window: int | None = None,
+    groups: Int[Tensor, "batch n"] | None = None,
 ) -> Bool[Tensor, "batch 1 q_pos k_pos"]:
     """Which keys each query may attend to, from original sequence positions.
 
     Causal (a key at or before the query), padding keys hidden, and a query always sees itself:
     pad queries then attend to themselves only, which keeps their unused activations finite.
-    `sliding_window` (Mistral v0.1) limits each query to the last `sliding_window` positions.
+    `sliding_window` (Mistral v0.1, local layers of interleaved ones) limits each query to keys less than
+    `sliding_window` original positions before it: dropping tokens never widens a window.
+    `groups` (``[batch, n]`` over original positions, -1 outside any group): a query also sees
+    the later keys of its own group (a bidirectional block, e.g. one image's tokens); the window still
+    bounds how far back it looks, as HF's ``AND(sliding, OR(causal, block))``.
+
+    Examples:
+        >>> positions = torch.arange(4)[None]
+        >>> groups = torch.tensor([[-1, 0, 0, -1]])
+        >>> causal_padding_mask(positions, positions, torch.ones(1, 4, dtype=torch.bool),
+        ...                     groups=groups)[0, 0].int()
+        tensor([[1, 0, 0, 0],
+                [1, 1, 1, 0],
+                [1, 1, 1, 0],
+                [1, 1, 1, 1]], dtype=torch.int32)
     """
     query, key = query_positions[:, :, None], key_positions[:, None, :]
-    allowed = (key <= query) & key_is_real[:, None, :]
+    visible = key <= query
+    together = _together(query_positions, key_positions, groups)
+    if together is not None:
+        visible = visible | together
+    allowed = visible & key_is_real[:, None, :]
     if sliding_window is not None:
         allowed &= query - key < sliding_window
     return (allowed | (key == query))[:, None]
@@ -166,17 +208,23 @@ def suffix_mask(
     key_is_real: Bool[Tensor, "batch k_pos"],
     variant_start: Int[Tensor, "variant"],
     sliding_window: int | None = None,
+    groups: Int[Tensor, "batch n"] | None = None,
 ) -> Bool[Tensor, "batch 1 q_pos k_pos"]:
     """Which keys each row of a `run_suffix` run may attend to.
 
     Prefix keys (`key_variant == -1`) before the row's variant's start, and the keys of the row's
-    own variant up to its position: as in the full sequence, with every other variant's rows
+    own variant up to its position (and later ones of its bidirectional group, `groups`, as in
+    `causal_padding_mask`): as in the full sequence, with every other variant's rows
     invisible. Padding keys are hidden and a row always sees itself.
     """
     query, key = query_positions[:, :, None], key_positions[:, None, :]
     start = variant_start[query_variant][:, :, None]
     from_prefix = (key_variant[:, None, :] == -1) & (key < start)
-    own = (key_variant[:, None, :] == query_variant[:, :, None]) & (key <= query)
+    visible = key <= query
+    together = _together(query_positions, key_positions, groups)
+    if together is not None:
+        visible = visible | together
+    own = (key_variant[:, None, :] == query_variant[:, :, None]) & visible
     allowed = (from_prefix | own) & key_is_real[:, None, :]
     if sliding_window is not None:
         allowed &= query - key < sliding_window

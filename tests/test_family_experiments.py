@@ -1,6 +1,6 @@
 """Every experiment of the runner on every model family beyond LLaVA-1.5 and LLaVA-NeXT
 (whose runs tests/test_experiments.py covers): LLaVA-Interleave (SigLIP + Qwen2),
-LLaVA-OneVision, InstructBLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and the original Qwen-VL, each on a random checkpoint; every sample must give rows."""
+LLaVA-OneVision, InstructBLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, the original Qwen-VL and Gemma 3, each on a random checkpoint; every sample must give rows."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import mmlens
 from mmlens.experiments import EXPERIMENTS
 from mmlens.testing import (
+    build_tiny_gemma3,
     build_tiny_instructblip,
     build_tiny_llava_interleave,
     build_tiny_llava_onevision,
@@ -28,6 +29,7 @@ BUILDERS = {
     "qwen2_5_vl": build_tiny_qwen2_5_vl,
     "qwen3_vl": build_tiny_qwen3_vl,
     "qwen_vl": build_tiny_qwen_vl,
+    "gemma3": build_tiny_gemma3,
 }
 SMALL = {  # options that keep each run to a few forward passes
     "knockout": dict(window_size=1),

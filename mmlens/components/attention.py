@@ -49,13 +49,19 @@ class Attention(nn.Module):
         rotary: bool,
         output_bias: bool | None = None,
         qk_norm_eps: float | None = None,
+        scale: float | None = None,
+        qk_norm_unit_offset: bool = False,
     ):
         """`bias` for the query, key and value projections; `output_bias` for the output
         projection (default: `bias`; Qwen2 has the first, not the second). `qk_norm_eps`: an
         RMSNorm over each head's query and key (`q_norm`, `k_norm`; Qwen3), before `hook_q` /
-        `hook_k` and the rotary."""
+        `hook_k` and the rotary; `qk_norm_unit_offset`: those norms' gain is `1 + weight`.
+        `scale`: the factor on the query-key products (default `d_head ** -0.5`; a decoder
+        with a `query_pre_attn_scalar` sets its own)."""
         super().__init__()
         self.n_heads, self.n_key_value_heads, self.d_head = n_heads, n_key_value_heads, d_head
+        self.scale = d_head**-0.5 if scale is None else scale
+        self._sdpa_scale = scale  # None: SDPA's own 1 / sqrt(d_head), bit for bit as before
         self.q_proj = nn.Linear(d_model, n_heads * d_head, bias=bias)
         self.k_proj = nn.Linear(d_model, n_key_value_heads * d_head, bias=bias)
         self.v_proj = nn.Linear(d_model, n_key_value_heads * d_head, bias=bias)
@@ -63,8 +69,8 @@ class Attention(nn.Module):
             n_heads * d_head, d_model, bias=bias if output_bias is None else output_bias
         )
         if qk_norm_eps is not None:
-            self.q_norm = RMSNorm(d_head, qk_norm_eps)
-            self.k_norm = RMSNorm(d_head, qk_norm_eps)
+            self.q_norm = RMSNorm(d_head, qk_norm_eps, qk_norm_unit_offset)
+            self.k_norm = RMSNorm(d_head, qk_norm_eps, qk_norm_unit_offset)
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
         self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
@@ -200,6 +206,7 @@ class Attention(nn.Module):
                 v_heads,
                 attn_mask=mask,
                 is_causal=is_causal and mask is None,
+                scale=self._sdpa_scale,
                 enable_gqa=self.n_key_value_heads != self.n_heads,
             )
         z = self.hook_z(z_heads.transpose(1, 2))
@@ -238,7 +245,7 @@ class Attention(nn.Module):
     ) -> Float[torch.Tensor, "batch head q_pos d_head"]:
         """Scores and pattern as tensors, so that hooks can read and edit them."""
         k, v = self._repeat_kv(k), self._repeat_kv(v)
-        scores = (q * self.d_head**-0.5) @ k.transpose(-1, -2)
+        scores = (q * self.scale) @ k.transpose(-1, -2)
         if mask is None and is_causal:
             n_q, n_k = scores.shape[-2:]
             mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)

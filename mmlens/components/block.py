@@ -1,4 +1,5 @@
-"""Pre-norm residual block: `resid + attn(ln1(resid))`, then `+ mlp(ln2(resid))`."""
+"""Pre-norm residual block: `resid + attn(ln1(resid))`, then `+ mlp(ln2(resid))`; with
+sandwich norms `resid + ln1_post(attn(ln1(resid)))`, then `+ ln2_post(mlp(ln2(resid)))`."""
 
 from __future__ import annotations
 
@@ -40,9 +41,18 @@ class TransformerBlock(nn.Module):
         ln2: nn.Module,
         mlp: nn.Module,
         position_hooks: bool = False,
+        ln1_post: nn.Module | None = None,
+        ln2_post: nn.Module | None = None,
     ):
         super().__init__()
         self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
+        # Sandwich norms (a decoder family's `sandwich_norms`): the attention's and the MLP's outputs are normed before
+        # they join the residual stream; TransformerLens names them ln1_post and ln2_post, and
+        # hook_attn_out / hook_mlp_out hold what is added (after them), as there.
+        if ln1_post is not None:
+            self.ln1_post = ln1_post
+        if ln2_post is not None:
+            self.ln2_post = ln2_post
         if position_hooks:
             self.hook_prune = HookPoint()
             self.hook_positions = HookPoint()
@@ -83,6 +93,11 @@ class TransformerBlock(nn.Module):
         attn_out, key_value = self.attn(self.ln1(resid), query_index=query_index, **attn_kwargs)
         if query_index is not None:
             resid = resid.gather(1, query_index[..., None].expand(-1, -1, resid.shape[-1]))
+        if hasattr(self, "ln1_post"):
+            attn_out = self.ln1_post(attn_out)
         resid = self.hook_resid_mid(resid + self.hook_attn_out(attn_out))
-        resid = self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
+        mlp_out = self.mlp(self.ln2(resid))
+        if hasattr(self, "ln2_post"):
+            mlp_out = self.ln2_post(mlp_out)
+        resid = self.hook_resid_post(resid + self.hook_mlp_out(mlp_out))
         return resid, key_value

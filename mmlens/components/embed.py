@@ -8,9 +8,13 @@ from torch import nn
 
 
 class Embed(nn.Module):
-    def __init__(self, d_vocab: int, d_model: int):
+    """Token embedding; with `scale`, the looked-up vectors are multiplied by it, the factor
+    first cast to the weight's dtype (e.g. sqrt(d_model), rounded as HF rounds it)."""
+
+    def __init__(self, d_vocab: int, d_model: int, scale: float | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(d_vocab, d_model))
+        self.scale = scale
 
     @property
     def W_E(self) -> Float[torch.Tensor, "d_vocab d_model"]:
@@ -19,7 +23,10 @@ class Embed(nn.Module):
     def forward(
         self, tokens: Int[torch.Tensor, "batch pos"]
     ) -> Float[torch.Tensor, "batch pos d_model"]:
-        return nn.functional.embedding(tokens, self.weight)
+        embedded = nn.functional.embedding(tokens, self.weight)
+        if self.scale is None:
+            return embedded
+        return embedded * torch.tensor(self.scale, device=embedded.device).to(self.weight.dtype)
 
 
 class Unembed(nn.Module):

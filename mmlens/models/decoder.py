@@ -74,13 +74,24 @@ class HookedTransformer(PrefixRuns, HookBookkeeping):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.embed = Embed(cfg.d_vocab, cfg.d_model)
+        self.embed = Embed(cfg.d_vocab, cfg.d_model, cfg.embed_scale)
         self.hook_token_embed = HookPoint()  # [batch, pos, d_model]: the lookup of every id
         self.hook_embed = HookPoint()  # [batch, pos, d_model]: what enters the first block
         self.rotary = RotaryEmbedding(cfg.d_head, cfg.rope_parameters, cfg.max_position_embeddings)
+        if cfg.layer_rope_parameters is not None:  # one table per layer type (Gemma 3)
+            self.layer_rotary = nn.ModuleDict(
+                {
+                    kind: RotaryEmbedding(cfg.d_head, params, cfg.max_position_embeddings)
+                    for kind, params in cfg.layer_rope_parameters.items()
+                }
+            )
+
+        def norm() -> RMSNorm:
+            return RMSNorm(cfg.d_model, cfg.eps, cfg.norm_unit_offset)
+
         self.blocks = nn.ModuleList(
             TransformerBlock(
-                RMSNorm(cfg.d_model, cfg.eps),
+                norm(),
                 Attention(
                     cfg.d_model,
                     cfg.n_heads,
@@ -90,14 +101,18 @@ class HookedTransformer(PrefixRuns, HookBookkeeping):
                     rotary=True,
                     output_bias=cfg.attention_bias,
                     qk_norm_eps=cfg.eps if cfg.qk_norm else None,
+                    scale=cfg.attn_scale,
+                    qk_norm_unit_offset=cfg.norm_unit_offset,
                 ),
-                RMSNorm(cfg.d_model, cfg.eps),
+                norm(),
                 GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, cfg.mlp_bias),
                 position_hooks=True,
+                ln1_post=norm() if cfg.sandwich_norms else None,
+                ln2_post=norm() if cfg.sandwich_norms else None,
             )
             for _ in range(cfg.n_layers)
         )
-        self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
+        self.ln_final = norm()
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
         self.device_map: dict[str, str] | None = None  # set by `models.placement.place`
         self.setup()
@@ -243,7 +258,7 @@ class HookedTransformer(PrefixRuns, HookBookkeeping):
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
         tokens = torch.as_tensor(tokens, device=self.W_U.device)
-        return self.W_U[:, tokens].movedim(0, -1) * self.ln_final.weight
+        return self.W_U[:, tokens].movedim(0, -1) * self.ln_final.gain
 
     def accumulated_bias(
         self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
@@ -414,6 +429,20 @@ class HookedTransformer(PrefixRuns, HookBookkeeping):
         """
         return rotary_position_ids(attention_mask)
 
+    def attention_groups(
+        self, input_ids: Int[torch.Tensor, "batch pos"] | None = None, **inputs: Any
+    ) -> Int[torch.Tensor, "batch pos"] | None:
+        """Bidirectional attention groups of this pass's new positions: ``[batch, pos]``, the
+        group of each position (-1: none), or None (a causal decoder: the default). Positions
+        of one group see each other whatever their order (Gemma 3's image tokens); masks,
+        prefix and suffix runs, pruning and knockout read them through original positions.
+
+        Examples:
+            >>> model.attention_groups(torch.tensor([[1, 2, 3]])) is None
+            True
+        """
+        return None
+
     def forward(
         self,
         input: Any = None,
@@ -507,11 +536,17 @@ class HookedTransformer(PrefixRuns, HookBookkeeping):
             attention_mask.bool(),
             self.position_ids(all_seen, **(inputs or {}))[..., n_seen:],
         )
+        groups = self.attention_groups(**(inputs or {}))
+        if groups is not None and bool((groups >= 0).any()):
+            # Over original positions: seen ones (a cache's) belong to no group here.
+            rows.groups = torch.cat((torch.full_like(seen, -1), groups.to(seen.device)), dim=1)
         window = self.cfg.sliding_window
         # Plain causal attention (SDPA's causal kernel) is exact while nothing is cached,
-        # padded or pruned and the sliding window does not bite.
-        rows.plain_causal = bool(rows.is_real.all()) and (
-            window is None or n_seen + n_new <= window
+        # padded or pruned, no bidirectional group exists and the sliding window does not bite.
+        rows.plain_causal = (
+            bool(rows.is_real.all())
+            and rows.groups is None
+            and (window is None or n_seen + n_new <= window)
         )
         n_blocks = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
         for layer in range(n_blocks):
@@ -544,10 +579,10 @@ class HookedTransformer(PrefixRuns, HookBookkeeping):
         block.publish(state, rows.state(layer, past) if query_index is not None else None)
         block.hook_positions(state.query_positions)
         block.hook_key_positions(state.key_positions)
-        window = self.cfg.sliding_window
+        window = self.cfg.layer_window(layer)
         if rows.variant is not None:
             mask = rows.memo(
-                "mask",
+                f"mask{window}",
                 (state.key_positions, state.query_positions),
                 lambda: suffix_mask(
                     state.query_positions,
@@ -557,20 +592,28 @@ class HookedTransformer(PrefixRuns, HookBookkeeping):
                     state.key_is_real,
                     rows.variant_start,
                     window,
+                    rows.groups,
                 ),
             )
         elif rows.plain_causal and past is None and query_index is None:
             mask = None  # index-causal attention is exact (survivors keep their order)
         else:
             mask = rows.memo(
-                "mask",
+                f"mask{window}",
                 (state.key_positions, state.query_positions),
                 lambda: causal_padding_mask(
-                    state.query_positions, state.key_positions, state.key_is_real, window
+                    state.query_positions,
+                    state.key_positions,
+                    state.key_is_real,
+                    window,
+                    rows.groups,
                 ),
             )
+        kind, rotary_module = self.layer_rotary_of(layer)
         rotary = rows.memo(
-            "rotary", (rows.rotary_ids,), lambda: self.rotary(rows.rotary_ids, rows.resid.dtype)
+            f"rotary{kind}",
+            (rows.rotary_ids,),
+            lambda: rotary_module(rows.rotary_ids, rows.resid.dtype),
         )
         key_rows = (rows.positions, rows.is_real)  # every row gives keys, also with query_index
         rows.resid, (keys, values) = block(
@@ -584,6 +627,13 @@ class HookedTransformer(PrefixRuns, HookBookkeeping):
         if query_index is not None:
             rows.keep(query_index, resid=False)
         return LayerKV(keys, values, *key_rows)
+
+    def layer_rotary_of(self, layer: int) -> tuple[str, RotaryEmbedding]:
+        """Layer `layer`'s layer type ("" where all layers share one) and rotary table."""
+        if not hasattr(self, "layer_rotary"):
+            return "", self.rotary
+        kind = self.cfg.layer_types[layer]
+        return kind, self.layer_rotary[kind]
 
     def to_logits(
         self, resid: Float[torch.Tensor, "... d_model"], final_norm: bool = True

@@ -60,6 +60,7 @@ class PrefixRuns:
             last_only=logits == "last",
             inputs=id_inputs,
         )
+        groups = self.attention_groups(**id_inputs)
         return PrefixState(
             logits=None if logits is None else self.to_logits(resid),
             resid_pre=tuple(entering for entering, _ in record),
@@ -67,6 +68,7 @@ class PrefixRuns:
             cache=cache,
             attention_mask=attention_mask,
             rotary_ids=self.position_ids(attention_mask, **id_inputs),
+            attention_groups=groups if groups is not None and bool((groups >= 0).any()) else None,
         )
 
     def run_suffix(
@@ -136,6 +138,12 @@ class PrefixRuns:
             )
         if not only_last and len(set(starts)) > 1:
             raise ValueError("variants with different starts can only return only_last logits")
+        # A start inside a bidirectional group (an image block whose tokens see each other):
+        # the group's earlier positions read its later ones, so a variant that changes a
+        # later one changes them too. Recompute from the group's first position instead
+        # (exact, a little more work); the logits returned still begin at `start`.
+        asked = starts[0]
+        starts = [group_start(prefix.attention_groups, s) for s in starts]
         rows: _Rows | None = None
         variant_start = torch.tensor(starts, device=prefix.attention_mask.device)
         with self.hooks(fwd_hooks=list(fwd_hooks)):
@@ -153,6 +161,7 @@ class PrefixRuns:
             entered = sorted(range(n_variants), key=lambda v: (entry[v], v))
             segment = [entered.index(v) for v in range(n_variants)]
             resid = rows.resid.unflatten(1, (n_variants, -1))[:, segment]
+            resid = resid[:, :, asked - starts[0] :]  # from the start asked for
             return self.to_logits(resid).flatten(0, 1)
 
     def _enter(
@@ -182,16 +191,17 @@ class PrefixRuns:
             # The mask and rotary ids stay where the prefix started; `held` is on this layer's
             # device, which a device map may make another one.
             on_first = held.to(prefix.attention_mask.device)
-            segments.append(
-                _Rows(
-                    prefix.resid_pre[layer][:, first:],
-                    held,
-                    prefix.attention_mask.gather(1, on_first).bool().to(held.device),
-                    gather_positions(prefix.rotary_ids, on_first).to(held.device),
-                    variant=torch.full_like(held, variant),
-                    variant_start=variant_start,
-                )
+            segment = _Rows(
+                prefix.resid_pre[layer][:, first:],
+                held,
+                prefix.attention_mask.gather(1, on_first).bool().to(held.device),
+                gather_positions(prefix.rotary_ids, on_first).to(held.device),
+                variant=torch.full_like(held, variant),
+                variant_start=variant_start,
             )
+            if prefix.attention_groups is not None:
+                segment.groups = prefix.attention_groups.to(held.device)
+            segments.append(segment)
         return _Rows.joined(([rows] if rows is not None else []) + segments)
 
 
@@ -217,6 +227,9 @@ class _Rows:
         self.resid, self.positions, self.is_real = resid, positions, is_real
         self.rotary_ids, self.variant, self.variant_start = rotary_ids, variant, variant_start
         self.plain_causal = False
+        self.groups: Int[torch.Tensor, "batch n"] | None = None
+        """Bidirectional attention group of every original position (-1: none), or None
+        (`HookedTransformer.attention_groups`); indexed by position, not by row."""
         self._memo: dict[str, tuple[tuple[torch.Tensor, ...], Any]] = {}
 
     def memo(self, name: str, inputs: tuple[torch.Tensor, ...], make: Callable[[], Any]) -> Any:
@@ -296,7 +309,7 @@ class _Rows:
         def join(name: str, dim: int = 1) -> torch.Tensor:
             return torch.cat([getattr(part, name) for part in parts], dim=dim)
 
-        return _Rows(
+        joined = _Rows(
             join("resid"),
             join("positions"),
             join("is_real"),
@@ -304,6 +317,25 @@ class _Rows:
             variant=join("variant"),
             variant_start=parts[-1].variant_start,
         )
+        joined.groups = parts[-1].groups  # over original positions: the same for every part
+        return joined
+
+
+def group_start(groups: Int[torch.Tensor, "batch pos"] | None, start: int) -> int:
+    """The first position of the bidirectional group holding `start` in any batch item
+    (`start` itself where it is in none).
+
+    >>> group_start(torch.tensor([[-1, 0, 0, 0, -1]]), 2), group_start(None, 2)
+    (1, 2)
+    """
+    if groups is None:
+        return start
+    first = start
+    for row in groups:
+        group = int(row[start])
+        if group >= 0:
+            first = min(first, int((row == group).nonzero()[0]))
+    return first
 
 
 def gather_positions(

@@ -23,6 +23,7 @@ The builders live in one module per model family, and this package re-exports th
 - `mmlens.testing.qwen2_vl`: Qwen2-VL (`build_tiny_qwen2_vl`).
 - `mmlens.testing.qwen2_5_vl`: Qwen2.5-VL (`build_tiny_qwen2_5_vl`).
 - `mmlens.testing.qwen3_vl`: Qwen3-VL (`build_tiny_qwen3_vl`).
+- `mmlens.testing.gemma3`: Gemma 3 (`build_tiny_gemma3`).
 - `mmlens.testing.qwen_vl`: the original Qwen-VL release layout (`build_tiny_qwen_vl`).
 - `mmlens.testing.hf_reference`: the Hugging Face reference (`assert_matches_hf`,
   `hf_position_ids`, `hf_image_features`, `hf_answer_gradients`).
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 from mmlens.testing.common import TEST_IMAGE_SIZES, make_test_image
 from mmlens.testing.common import _randomize_weights as _randomize_weights
+from mmlens.testing.gemma3 import build_tiny_gemma3, hf_gemma3_inputs
 from mmlens.testing.hf_reference import (
     assert_matches_hf,
     hf_answer_gradients,
@@ -84,6 +86,8 @@ __all__ = [
     "build_tiny_qwen2_vl",
     "hf_qwen_vl_inputs",
     "build_tiny_qwen3_vl",
+    "build_tiny_gemma3",
+    "hf_gemma3_inputs",
     "build_tiny_qwen_vl",
     "hf_answer_gradients",
     "hf_image_features",
