@@ -86,7 +86,8 @@ def test_each_template_renders_its_checkpoints_prompt() -> None:
     # The original code's names (their texts: tests/test_original_llava.py); the Qwen families'
     # formats wrap their own image tokens (their texts: tests/test_qwen2_vl.py,
     # tests/test_qwen3_vl.py, and Qwen-VL's against the release's make_context in
-    # tests/test_qwen_vl.py); Gemma 3's against its chat template in tests/test_gemma3.py.
+    # tests/test_qwen_vl.py); Gemma 3's against its chat template in tests/test_gemma3.py; the v0
+    # releases' (Shikra, LLaVA v0) in tests/test_shikra.py.
     assert set(TEMPLATES) == {
         *expected,
         "plain",
@@ -97,6 +98,8 @@ def test_each_template_renders_its_checkpoints_prompt() -> None:
         "qwen_vl",
         "qwen_vl_chat",
         "gemma3",
+        "shikra",
+        "llava_v0",
     }
 
 
