@@ -34,8 +34,12 @@ def apply_delta(base: str | Path, delta: str | Path, out: str | Path) -> Path:
         FileExistsError: `out` already holds weights.
 
     Examples:
-        >>> from mmlens.models.delta import apply_delta
-        >>> target = apply_delta("llama-7b", "shikra-7b-delta-v1", "shikra-7b")  # doctest: +SKIP
+        >>> from mmlens.testing.original import build_tiny_v0_release, split_into_delta
+        >>> release = build_tiny_v0_release("releases/shikra")       # a random one
+        >>> base, delta = split_into_delta(release, "published")      # as it is published
+        >>> target = apply_delta(base, delta, "shikra-rebuilt")
+        >>> type(mmlens.from_pretrained(target)).__name__
+        'HookedLlava'
     """
     base, delta, out = Path(base), Path(delta), Path(out)
     if out.exists() and any(out.glob("*.safetensors")):
