@@ -26,6 +26,7 @@ from mmlens.experiments import run
 from mmlens.inputs import MultimodalInput
 from mmlens.models import (
     HookedInstructBlip,
+    HookedInternVL,
     HookedLlava,
     HookedLlavaNext,
     HookedLlavaOnevision,
@@ -41,6 +42,7 @@ from mmlens.zoo import load
 
 __all__ = [
     "HookedInstructBlip",
+    "HookedInternVL",
     "HookedLlava",
     "HookedLlavaNext",
     "HookedLlavaOnevision",

@@ -1,6 +1,7 @@
 """Every experiment of the runner on every model family beyond LLaVA-1.5 and LLaVA-NeXT
 (whose runs tests/test_experiments.py covers): LLaVA-Interleave (SigLIP + Qwen2),
-LLaVA-OneVision, InstructBLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and the original Qwen-VL, each on a random checkpoint; every sample must give rows."""
+LLaVA-OneVision, InstructBLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, the original Qwen-VL and
+InternVL, each on a random checkpoint; every sample must give rows."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import mmlens
 from mmlens.experiments import EXPERIMENTS
 from mmlens.testing import (
     build_tiny_instructblip,
+    build_tiny_internvl,
     build_tiny_llava_interleave,
     build_tiny_llava_onevision,
     build_tiny_qwen2_5_vl,
@@ -28,6 +30,7 @@ BUILDERS = {
     "qwen2_5_vl": build_tiny_qwen2_5_vl,
     "qwen3_vl": build_tiny_qwen3_vl,
     "qwen_vl": build_tiny_qwen_vl,
+    "internvl": build_tiny_internvl,
 }
 SMALL = {  # options that keep each run to a few forward passes
     "knockout": dict(window_size=1),

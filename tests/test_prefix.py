@@ -264,6 +264,7 @@ def test_the_registry_knows_every_model_type():
         "qwen2_5_vl": mmlens.HookedQwen25VL,
         "qwen3_vl": mmlens.HookedQwen3VL,
         "qwen_vl": mmlens.HookedQwenVL,
+        "internvl": mmlens.HookedInternVL,
     }
 
 

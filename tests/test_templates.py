@@ -86,7 +86,8 @@ def test_each_template_renders_its_checkpoints_prompt() -> None:
     # The original code's names (their texts: tests/test_original_llava.py); the Qwen families'
     # formats wrap their own image tokens (their texts: tests/test_qwen2_vl.py,
     # tests/test_qwen3_vl.py, and Qwen-VL's against the release's make_context in
-    # tests/test_qwen_vl.py).
+    # tests/test_qwen_vl.py); InternVL's against its checkpoint's chat template in
+    # tests/test_internvl.py.
     assert set(TEMPLATES) == {
         *expected,
         "plain",
@@ -96,6 +97,7 @@ def test_each_template_renders_its_checkpoints_prompt() -> None:
         "qwen3_vl",
         "qwen_vl",
         "qwen_vl_chat",
+        "internvl",
     }
 
 

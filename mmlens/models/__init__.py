@@ -1,5 +1,5 @@
 """Every model mmlens builds: the decoder (`HookedTransformer`), the vision tower, the projector,
-LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, InstructBLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and the original Qwen-VL. Each class registers the HF `config.model_type`s it loads
+LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, InstructBLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, the original Qwen-VL and InternVL. Each class registers the HF `config.model_type`s it loads
 (`mmlens.models.registry`), so `from_pretrained` dispatches without a list of models."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 from mmlens.models import original  # noqa: F401  (registers the original LLaVA release format)
 from mmlens.models.decoder import HookedTransformer
 from mmlens.models.instructblip import HookedInstructBlip
+from mmlens.models.internvl import HookedInternVL
 from mmlens.models.llava import HookedLlava
 from mmlens.models.llava_next import HookedLlavaNext
 from mmlens.models.llava_onevision import HookedLlavaOnevision
@@ -53,6 +54,7 @@ def from_pretrained(
 __all__ = [
     "MODEL_TYPES",
     "HookedInstructBlip",
+    "HookedInternVL",
     "HookedLlava",
     "HookedLlavaNext",
     "HookedLlavaOnevision",
