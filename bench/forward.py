@@ -1,6 +1,6 @@
 """Forward-pass speed: HF `LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration` /
-`LlavaOnevisionForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration` (sdpa) vs mmlens,
-side by side.
+`LlavaOnevisionForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration` /
+`InternVLForConditionalGeneration` (sdpa) vs mmlens, side by side.
 
 Builds a random checkpoint in a temporary folder, loads it with both libraries and times,
 interleaved in one run: HF forward, mmlens forward, and mmlens `run_with_cache` with every hook
@@ -20,6 +20,10 @@ cached. Prints medians and the ratios against HF; also checks that the logits ag
   with M-RoPE sections 8 / 12 / 12 and 4 key-value heads); a 1280 x 720 image is resized to
   1288 x 728 -> 92 x 52 patches -> 46 x 26 = 1,196 image tokens. Patterns are skipped as for
   ``next`` (the tower's window attention runs as masks over all 4,784 patches).
+- ``--family internvl``: InternVL-shaped (InternViT on 448 px crops of 14 px patches with
+  QK-norm and layer scale, pixel shuffle to 16 x 16 tokens per crop, the MLP connector, a Qwen2
+  decoder with 4 key-value heads); a 1344 x 896 image -> 3 x 2 tiles + the thumbnail = 7 crops
+  -> 1,792 image tokens. Patterns are skipped as for ``next``.
 
 All use a decoder of width 1024 (8 layers) and a 4-layer vision tower of width 256
 (`timing.LLAVA_15_SHAPE`).
@@ -39,6 +43,7 @@ import torch
 from PIL import Image
 from timing import LLAVA_15_SHAPE, measure, report
 from transformers import (
+    InternVLForConditionalGeneration,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
@@ -47,6 +52,7 @@ from transformers import (
 
 import mmlens
 from mmlens.testing import (
+    build_tiny_internvl,
     build_tiny_llava,
     build_tiny_llava_next,
     build_tiny_llava_onevision,
@@ -84,8 +90,19 @@ FAMILIES = {  # name: (checkpoint builder, HF class, image (height, width), shap
             max_pixels=28 * 28 * 16384,
         ),
     ),
+    "internvl": (
+        build_tiny_internvl,
+        InternVLForConditionalGeneration,
+        (896, 1344),
+        dict(image_size=448, n_kv_heads=4),
+    ),
 }
-SKIP_PATTERNS = ("next", "onevision", "qwen2_5_vl")  # families whose caches skip patterns
+SKIP_PATTERNS = (
+    "next",
+    "onevision",
+    "qwen2_5_vl",
+    "internvl",
+)  # families whose caches skip patterns
 DECODER_FIELDS = ("d_model", "n_layers", "n_heads", "d_mlp")
 
 
@@ -100,7 +117,8 @@ def main() -> None:
     parser.add_argument(
         "--cache-patterns",
         action="store_true",
-        help="--family next / onevision / qwen2_5_vl: also cache attention scores and patterns",
+        help="--family next / onevision / qwen2_5_vl / internvl: also cache attention scores "
+        "and patterns",
     )
     for field in DECODER_FIELDS:
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=LLAVA_15_SHAPE[field])
