@@ -178,15 +178,27 @@ def test_greedy_generation_matches_hf(hf, model, images, batch):
 
 @pytest.mark.parametrize(
     "variant",
-    [dict(norm_type="rms_norm", use_qk_norm=False, use_mean_pooling=True)],
-    ids=["rms-norm-no-qk-norm-mean-pooling"],
+    [
+        dict(norm_type="rms_norm", use_qk_norm=False, use_mean_pooling=True),
+        dict(decoder="qwen3", tie_word_embeddings=True),
+        dict(decoder="llama"),
+    ],
+    ids=["rms-norm-no-qk-norm-mean-pooling", "qwen3-decoder-tied", "llama-decoder"],
 )
-def test_other_internvit_settings_match_hf(tmp_path, images, variant):
+def test_other_towers_and_decoders_match_hf(tmp_path, images, variant):
     folder = build_tiny_internvl(tmp_path, **variant, seed=1)
     model = mmlens.from_pretrained(folder)
-    assert not model.cfg.vision.has_ln_post and not model.cfg.connector.qk_norm
+    assert model.cfg.vision.has_ln_post == (not variant.get("use_mean_pooling", False))
+    assert model.cfg.decoder_model_type == variant.get("decoder", "qwen2")
     hf = InternVLForConditionalGeneration.from_pretrained(folder).eval()
-    assert_matches_hf(hf, model, model.prepare(images["wide"], "Why?"))
+    inp = model.prepare([images["wide"], images["small"]], ["Why?", "What is it in the corner?"])
+    assert_matches_hf(hf, model, inp)
+    ours = model.generate(inp, max_new_tokens=4, stop_at_eos=False)
+    with torch.no_grad():
+        theirs = hf.generate(
+            **inp.model_kwargs(), max_new_tokens=4, min_new_tokens=4, do_sample=False
+        )
+    assert torch.equal(ours, theirs)
 
 
 def test_the_layout_has_tiles_then_the_thumbnail(model, images):
@@ -404,3 +416,31 @@ def test_two_images_in_one_prompt_match_hf(hf, model, images):
     assert_matches_hf(hf, model, inp)
     row, index = model.vision_patch_index(inp, 1)
     assert row == 3 + 5 - 1 and index.shape == (8, 8) and int(index[0, 0]) == 1
+
+
+def test_options_that_do_not_apply_are_errors_that_say_so(model, images):
+    with pytest.raises(ValueError, match="image_mode='pad' does not apply.*InternVL"):
+        model.prepare(images["wide"], "Why?", image_mode="pad")
+    with pytest.raises(ValueError, match="places its image tokens itself"):
+        model.prepare(images["wide"], "Why?", tokenization="llava")
+    with pytest.raises(ValueError, match="rule='mask' needs a single-crop input"):
+        model.prepare(images["wide"], "Why?").patches_in_box((0, 0, 10, 10), rule="mask")
+    with pytest.raises(ValueError, match="rows of flattened patches or of crops"):
+        model.prepare(images["small"], "Why?").patches_in_box((0, 0, 10, 10), rule="mask")
+    with pytest.raises(ValueError, match="1 image\\(s\\) for 2 '<IMG_CONTEXT>'"):
+        model.processor(images=[images["wide"]], text=["<IMG_CONTEXT><IMG_CONTEXT>"])
+
+
+def test_an_original_release_folder_is_refused_with_what_to_use(tmp_path):
+    import json
+
+    config = {
+        "model_type": "internvl_chat",
+        "architectures": ["InternVLChatModel"],
+        "auto_map": {"AutoModel": "modeling_internvl_chat.InternVLChatModel"},
+        "llm_config": {"architectures": ["InternLM2ForCausalLM"]},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "modeling_internvl_chat.py").write_text("raise RuntimeError('ran')\n")
+    with pytest.raises(NotImplementedError, match="original InternVL release.*-hf"):
+        mmlens.from_pretrained(tmp_path)

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmlens.testing.common import _qwen2_config, _save_random_model
+from mmlens.testing.common import _decoder_config, _qwen2_config, _save_random_model
 from mmlens.testing.tokenizer import _chatml_tokenizer
 
 INTERNVL_TOKENS = {
@@ -53,13 +53,15 @@ def build_tiny_internvl(
     use_qk_norm: bool = True,
     use_mean_pooling: bool = False,
     max_patches: int = 12,
+    decoder: str = "qwen2",
     tie_word_embeddings: bool = False,
     seed: int = 0,
 ) -> Path:
     """Write a random ``InternVLForConditionalGeneration`` checkpoint: model type ``internvl``,
     InternViT of `vision_layers` blocks on crops of `image_size` px in patches of `patch_size`
     (layer scale; `norm_type`, QK-norm and the final layernorm as asked), pixel shuffle 0.5 and
-    the MLP connector into a Qwen2 decoder, the ChatML tokenizer with InternVL's image tags and
+    the MLP connector into a `decoder` (``"qwen2"``: InternVL3's; ``"qwen3"``: InternVL3.5's;
+    ``"llama"``), the ChatML tokenizer with InternVL's image tags and
     chat template, ``preprocessor_config.json`` of a ``GotOcr2ImageProcessor`` (tiles of
     `image_size` px, 1 to `max_patches` of them) and ``processor_config.json``'s
     ``image_seq_length`` ((image_size / patch_size / 2) ** 2 tokens per crop).
@@ -75,8 +77,8 @@ def build_tiny_internvl(
     tokenizer = _chatml_tokenizer(extra=list(INTERNVL_TOKENS.values()))
     tokenizer._set_model_specific_special_tokens(special_tokens=dict(INTERNVL_TOKENS))
     tokenizer.chat_template = INTERNVL_CHAT_TEMPLATE
-    text = _qwen2_config(
-        tokenizer, n_layers, d_model, n_heads, n_kv_heads, d_mlp, tie_word_embeddings
+    text = _text_config(
+        decoder, tokenizer, n_layers, d_model, n_heads, n_kv_heads, d_mlp, tie_word_embeddings
     )
     config = InternVLConfig(
         text_config=text.to_dict(),
@@ -99,6 +101,40 @@ def build_tiny_internvl(
     tokenizer.save_pretrained(path)
     _write_processor_settings(path, image_size, max_patches, config.image_seq_length)
     return path
+
+
+def _text_config(
+    decoder: str,
+    tokenizer: Any,
+    n_layers: int,
+    d_model: int,
+    n_heads: int,
+    n_kv_heads: int,
+    d_mlp: int,
+    tie_word_embeddings: bool,
+) -> Any:
+    """The decoder config: Qwen2 (InternVL3), Qwen3 (InternVL3.5, QK-norm) or Llama."""
+    if decoder == "qwen2":
+        return _qwen2_config(
+            tokenizer, n_layers, d_model, n_heads, n_kv_heads, d_mlp, tie_word_embeddings
+        )
+    if decoder == "qwen3":
+        from transformers import Qwen3Config
+
+        return Qwen3Config(
+            vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp,
+            num_hidden_layers=n_layers, num_attention_heads=n_heads,
+            num_key_value_heads=n_kv_heads, head_dim=d_model // n_heads,
+            max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+    if decoder == "llama":
+        return _decoder_config(
+            "vicuna", tokenizer, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
+            n_kv_heads=n_kv_heads, d_mlp=d_mlp, rope_theta=None,
+        )  # fmt: skip
+    raise ValueError(f"decoder={decoder!r}: 'qwen2', 'qwen3' or 'llama'")
 
 
 def _write_processor_settings(

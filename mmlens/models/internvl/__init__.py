@@ -13,6 +13,7 @@ HF: `InternVLForConditionalGeneration`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from jaxtyping import Float, Int
 
 from mmlens.config import MMConfig, VisionConfig
 from mmlens.inputs.templates import ConversationTemplate, register_template
+from mmlens.loading import CheckpointFormat, register_checkpoint_format
 from mmlens.models.internvl.processor import InternVLInputProcessor
 from mmlens.models.internvl.vision import (
     HookedInternViT,
@@ -187,3 +189,35 @@ class HookedInternVL(HookedLlava):
     ) -> Float[torch.Tensor, "channel height width"]:
         """Image `image`'s thumbnail as InternViT sees it (normalised pixels)."""
         return inp.pixel_values[self._thumbnail_row(inp, image)]
+
+
+def _is_original_release(folder: Path) -> bool:
+    """Whether `folder` holds an original InternVL release (``InternVLChatModel``)."""
+    path = folder / "config.json"
+    try:
+        return json.loads(path.read_text()).get("model_type") == "internvl_chat"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _refuse_original_release(folder: Path) -> Any:
+    raise NotImplementedError(
+        f"{folder} is an original InternVL release (model_type 'internvl_chat', "
+        "InternVLChatModel with its own Python code): mmlens does not read these yet (their "
+        "InternLM2 decoder and SentencePiece tokenizer come as remote code). Use the '-hf' "
+        "conversion of the model where one exists (OpenGVLab/InternVL3-*-hf, InternVL3.5 -HF), "
+        "which loads as HookedInternVL (docs/checkpoints.md, 'InternVL')"
+    )
+
+
+register_checkpoint_format(  # only to name what is missing, before the generic auto_map refusal
+    CheckpointFormat(
+        name="original InternVL release (not supported yet)",
+        matches=_is_original_release,
+        hf_config=_refuse_original_release,
+        processor=_refuse_original_release,
+        tensors=_refuse_original_release,
+        prepare_defaults=lambda folder, template: {},
+        reads_every_file=True,  # none of its files is read: hf_config refuses first
+    )
+)
