@@ -429,18 +429,3 @@ def test_options_that_do_not_apply_are_errors_that_say_so(model, images):
         model.prepare(images["small"], "Why?").patches_in_box((0, 0, 10, 10), rule="mask")
     with pytest.raises(ValueError, match="1 image\\(s\\) for 2 '<IMG_CONTEXT>'"):
         model.processor(images=[images["wide"]], text=["<IMG_CONTEXT><IMG_CONTEXT>"])
-
-
-def test_an_original_release_folder_is_refused_with_what_to_use(tmp_path):
-    import json
-
-    config = {
-        "model_type": "internvl_chat",
-        "architectures": ["InternVLChatModel"],
-        "auto_map": {"AutoModel": "modeling_internvl_chat.InternVLChatModel"},
-        "llm_config": {"architectures": ["InternLM2ForCausalLM"]},
-    }
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    (tmp_path / "modeling_internvl_chat.py").write_text("raise RuntimeError('ran')\n")
-    with pytest.raises(NotImplementedError, match="original InternVL release.*-hf"):
-        mmlens.from_pretrained(tmp_path)

@@ -87,7 +87,8 @@ def test_each_template_renders_its_checkpoints_prompt() -> None:
     # formats wrap their own image tokens (their texts: tests/test_qwen2_vl.py,
     # tests/test_qwen3_vl.py, and Qwen-VL's against the release's make_context in
     # tests/test_qwen_vl.py); InternVL's against its checkpoint's chat template in
-    # tests/test_internvl.py.
+    # tests/test_internvl.py, and its original releases' conversations against the release's
+    # conversation.py in tests/test_internvl_release.py.
     assert set(TEMPLATES) == {
         *expected,
         "plain",
@@ -98,6 +99,8 @@ def test_each_template_renders_its_checkpoints_prompt() -> None:
         "qwen_vl",
         "qwen_vl_chat",
         "internvl",
+        "internlm2_chat",
+        "internvl2_5",
     }
 
 

@@ -13,7 +13,6 @@ HF: `InternVLForConditionalGeneration`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,12 @@ from mmlens.config import MMConfig, VisionConfig
 from mmlens.inputs.templates import ConversationTemplate, register_template
 from mmlens.loading import CheckpointFormat, register_checkpoint_format
 from mmlens.models.internvl.processor import InternVLInputProcessor
+from mmlens.models.internvl.release import (
+    is_internvl_release,
+    release_config,
+    release_processor,
+    release_tensors,
+)
 from mmlens.models.internvl.vision import (
     HookedInternViT,
     InternVLConnectorConfig,
@@ -31,7 +36,39 @@ from mmlens.models.internvl.vision import (
 )
 from mmlens.models.llava import HookedLlava, on_device_of
 from mmlens.models.registry import register
+from mmlens.sequence import rotary_position_ids
 
+INTERNLM2_CHAT_SYSTEM_PROMPT = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
+    "是一个有用无害的人工智能助手。"
+)
+"""The system message of InternVL2's ``internlm2-chat`` conversation."""
+INTERNVL2_5_SYSTEM_PROMPT = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
+    "多模态大语言模型。"
+)
+"""The system message of InternVL2.5's ``internvl2_5`` conversation."""
+
+register_template(  # the release's `internlm2-chat` (MPT style, separator "<|im_end|>")
+    ConversationTemplate(
+        name="internlm2_chat",
+        pattern="{system}<|im_start|>user\n{image}{question}<|im_end|><|im_start|>assistant\n",
+        default_system=INTERNLM2_CHAT_SYSTEM_PROMPT,
+        image_slot="{token}\n",
+        last_token="the '\\n' ending '<|im_start|>assistant\\n' (the last prompt token)",
+        system_slot="<|im_start|>system\n{text}<|im_end|>",
+    )
+)
+register_template(  # the release's `internvl2_5` (MPT style, separator "<|im_end|>\n")
+    ConversationTemplate(
+        name="internvl2_5",
+        pattern="{system}<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n",
+        default_system=INTERNVL2_5_SYSTEM_PROMPT,
+        image_slot="{token}\n",
+        last_token="the '\\n' ending '<|im_start|>assistant\\n' (the last prompt token)",
+        system_slot="<|im_start|>system\n{text}<|im_end|>\n",
+    )
+)
 register_template(  # InternVL -hf's chat template: ChatML, the image first in the user's turn
     ConversationTemplate(
         name="internvl",
@@ -84,7 +121,7 @@ class HookedInternVL(HookedLlava):
                 "internvl folder with mmlens.from_pretrained)"
             )
         super().__init__(cfg, tokenizer, processor)
-        self.default_template = "internvl"
+        self.default_template = cfg.connector.template
 
     @property
     def token_patch_size(self) -> int:
@@ -142,6 +179,7 @@ class HookedInternVL(HookedLlava):
             attention_bias=hf_vision.attention_bias,
             d_out=hf_config.text_config.hidden_size,
             projector_act=hf_config.projector_hidden_act,
+            **getattr(hf_config, "mmlens_release", {}),  # an original release's template, limit
         )
         connector.merge_size  # noqa: B018  (refuses ratios other than 1 / n here)
         return MMConfig.from_hf(
@@ -176,6 +214,21 @@ class HookedInternVL(HookedLlava):
         where it has one tile)."""
         return sum(geometry.n_crops for geometry in inp.image_geometry[: image + 1]) - 1
 
+    def position_ids(
+        self, attention_mask: Int[torch.Tensor, "batch pos"], **inputs: Any
+    ) -> Int[torch.Tensor, "batch pos"]:
+        """`HookedTransformer.position_ids`, refusing positions from `max_positions` on where
+        the checkpoint sets it (an InternLM2 release's dynamic rotary scaling)."""
+        position_ids = rotary_position_ids(attention_mask)
+        limit = self.cfg.connector.max_positions
+        if limit is not None and position_ids.numel() and int(position_ids.max()) >= limit:
+            raise ValueError(
+                f"the sequence reaches position {int(position_ids.max())}; from {limit} on "
+                "InternLM2's dynamic rotary scaling changes its base, which mmlens does not "
+                "implement: use a shorter prompt, fewer tiles or fewer new tokens"
+            )
+        return position_ids
+
     def vision_patch_index(
         self, inp: Any, image: int = 0
     ) -> tuple[int, Int[torch.Tensor, "rows cols"]]:
@@ -191,33 +244,14 @@ class HookedInternVL(HookedLlava):
         return inp.pixel_values[self._thumbnail_row(inp, image)]
 
 
-def _is_original_release(folder: Path) -> bool:
-    """Whether `folder` holds an original InternVL release (``InternVLChatModel``)."""
-    path = folder / "config.json"
-    try:
-        return json.loads(path.read_text()).get("model_type") == "internvl_chat"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _refuse_original_release(folder: Path) -> Any:
-    raise NotImplementedError(
-        f"{folder} is an original InternVL release (model_type 'internvl_chat', "
-        "InternVLChatModel with its own Python code): mmlens does not read these yet (their "
-        "InternLM2 decoder and SentencePiece tokenizer come as remote code). Use the '-hf' "
-        "conversion of the model where one exists (OpenGVLab/InternVL3-*-hf, InternVL3.5 -HF), "
-        "which loads as HookedInternVL (docs/checkpoints.md, 'InternVL')"
-    )
-
-
-register_checkpoint_format(  # only to name what is missing, before the generic auto_map refusal
+register_checkpoint_format(
     CheckpointFormat(
-        name="original InternVL release (not supported yet)",
-        matches=_is_original_release,
-        hf_config=_refuse_original_release,
-        processor=_refuse_original_release,
-        tensors=_refuse_original_release,
-        prepare_defaults=lambda folder, template: {},
-        reads_every_file=True,  # none of its files is read: hf_config refuses first
+        name="original InternVL release",
+        matches=is_internvl_release,
+        hf_config=release_config,
+        processor=release_processor,
+        tensors=release_tensors,
+        prepare_defaults=lambda folder, template: {"template": template},
+        reads_every_file=True,
     )
 )

@@ -42,6 +42,11 @@ class InternVLConnectorConfig:
     attention_bias: bool = True
     d_out: int = 0
     projector_act: str = "gelu"
+    template: str = "internvl"
+    """The conversation `prepare` uses: the -hf chat template, or an original release's."""
+    max_positions: int | None = None
+    """Positions from here on are refused (an original InternLM2 release's dynamic rotary
+    scaling changes its base there); None: no limit."""
 
     @property
     def merge_size(self) -> int:
