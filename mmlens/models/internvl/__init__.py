@@ -6,9 +6,9 @@ ratio is closest to the image's, the image squashed onto it) plus, where there i
 tile, a thumbnail of the whole image (`mmlens.models.internvl.processor`). Every crop goes
 through InternViT on its own; its patches (32 x 32 at 448 px) are pixel-shuffled 2 x 2 into
 16 x 16 tokens and projected. In the prompt an image is ``<img>``, every crop's tokens (tiles
-row-major, then the thumbnail), ``</img>``. The original remote-code releases
-(``InternVLChatModel``, InternLM2 decoders) are not supported yet (docs/checkpoints.md).
-HF: `InternVLForConditionalGeneration`.
+row-major, then the thumbnail), ``</img>``. HF: `InternVLForConditionalGeneration`. The
+original remote-code releases (``InternVLChatModel`` with InternLM2 decoders: InternVL2 /
+InternVL2.5) load as this class too, read natively (`mmlens.models.internvl.release`).
 """
 
 from __future__ import annotations
