@@ -1,6 +1,7 @@
 """Forward-pass speed: HF `LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration` /
 `LlavaOnevisionForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration` /
-`Gemma3ForConditionalGeneration` (sdpa) vs mmlens, side by side.
+`Gemma3ForConditionalGeneration` / `InternVLForConditionalGeneration` (sdpa) vs mmlens, side
+by side.
 
 Builds a random checkpoint in a temporary folder, loads it with both libraries and times,
 interleaved in one run: HF forward, mmlens forward, and mmlens `run_with_cache` with every hook
@@ -24,6 +25,10 @@ cached. Prints medians and the ratios against HF; also checks that the logits ag
   to 256 image tokens; the decoder with sandwich norms, 16 heads over 8 key-value heads of 64,
   local layers with a window of 128 positions (so it bites on this prompt) and every sixth
   layer global, bidirectional image block).
+- ``--family internvl``: InternVL-shaped (InternViT on 448 px crops of 14 px patches with
+  QK-norm and layer scale, pixel shuffle to 16 x 16 tokens per crop, the MLP connector, a Qwen2
+  decoder with 4 key-value heads); a 1344 x 896 image -> 3 x 2 tiles + the thumbnail = 7 crops
+  -> 1,792 image tokens. Patterns are skipped as for ``next``.
 
 All use a decoder of width 1024 (8 layers) and a 4-layer vision tower of width 256
 (`timing.LLAVA_15_SHAPE`).
@@ -44,6 +49,7 @@ from PIL import Image
 from timing import LLAVA_15_SHAPE, measure, report
 from transformers import (
     Gemma3ForConditionalGeneration,
+    InternVLForConditionalGeneration,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
@@ -53,6 +59,7 @@ from transformers import (
 import mmlens
 from mmlens.testing import (
     build_tiny_gemma3,
+    build_tiny_internvl,
     build_tiny_llava,
     build_tiny_llava_next,
     build_tiny_llava_onevision,
@@ -99,6 +106,12 @@ FAMILIES = {  # name: (checkpoint builder, HF class, image (height, width), shap
             max_pixels=28 * 28 * 16384,
         ),
     ),
+    "internvl": (
+        build_tiny_internvl,
+        InternVLForConditionalGeneration,
+        (896, 1344),
+        dict(image_size=448, n_kv_heads=4),
+    ),
 }
 FAMILIES["gemma3"] = (
     _build_gemma3,
@@ -106,7 +119,12 @@ FAMILIES["gemma3"] = (
     (480, 640),
     dict(image_size=896, patch_size=14),
 )
-SKIP_PATTERNS = ("next", "onevision", "qwen2_5_vl")  # families whose caches skip patterns
+SKIP_PATTERNS = (
+    "next",
+    "onevision",
+    "qwen2_5_vl",
+    "internvl",
+)  # families whose caches skip patterns
 DECODER_FIELDS = ("d_model", "n_layers", "n_heads", "d_mlp")
 
 
@@ -121,7 +139,8 @@ def main() -> None:
     parser.add_argument(
         "--cache-patterns",
         action="store_true",
-        help="--family next / onevision / qwen2_5_vl: also cache attention scores and patterns",
+        help="--family next / onevision / qwen2_5_vl / internvl: also cache attention scores "
+        "and patterns",
     )
     for field in DECODER_FIELDS:
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=LLAVA_15_SHAPE[field])

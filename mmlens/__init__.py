@@ -27,6 +27,7 @@ from mmlens.inputs import MultimodalInput
 from mmlens.models import (
     HookedGemma3,
     HookedInstructBlip,
+    HookedInternVL,
     HookedLlava,
     HookedLlavaNext,
     HookedLlavaOnevision,
@@ -42,6 +43,7 @@ from mmlens.zoo import load
 
 __all__ = [
     "HookedInstructBlip",
+    "HookedInternVL",
     "HookedLlava",
     "HookedLlavaNext",
     "HookedLlavaOnevision",

@@ -44,7 +44,7 @@ class Preset:
         tokenization: `mmlens.inputs.tokenization.TOKENIZATIONS`.
         flows: the knockout flows (name -> (source, target)), as `knockout_sweep` takes them.
         patch_rule: the `patches_in_box` rule for "related_patches" / "other_patches" (for a
-            model whose processor gives pixels as rows of flattened patches, where the
+            model whose processor gives pixels as rows of flattened patches or crops, where the
             painted-mask rule cannot be read, `patch_rule_for` gives the geometric rule).
         window_sizes: checkpoint name (a part of the model's name, lower case) -> knockout
             window, ahead of the windows the model's family declares for this preset
@@ -108,7 +108,7 @@ class Preset:
     def patch_rule_for(self, model: Any) -> tuple[str, str | None]:
         """The `patches_in_box` rule of the patch flows for `model` and, where it is not
         `patch_rule`, why: the painted-mask rule reads the processor's output as images; a
-        processor that gives pixels as rows of flattened patches (its adapter's
+        processor that gives pixels as rows of flattened patches or of crops (its adapter's
         `pixel_rows`) gets the geometric rule, which the paper's code never ran for such a
         model either.
 
@@ -120,7 +120,7 @@ class Preset:
         if self.patch_rule == "mask" and rows:
             return "geometric", (
                 "the painted-mask patch rule reads pixels as images; this model's processor "
-                "gives rows of flattened patches, so the related patches are those any pixel "
+                "gives rows of flattened patches or of crops, so the related patches are those any pixel "
                 "of the box lands in (rule 'geometric')"
             )
         return self.patch_rule, None

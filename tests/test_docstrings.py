@@ -8,7 +8,8 @@ sample.question)``, and `next_model` a random LLaVA-NeXT (`mmlens.testing.build_
 (`build_tiny_llava_onevision`, at "tiny-llava-onevision" in the workspace) and `blip_model` a
 random InstructBLIP (`build_tiny_instructblip`, 8 query tokens, at "tiny-instructblip"),
 `qwen_vl` a random original Qwen-VL-Chat release (`build_tiny_qwen_vl`, 16 queries, 6 x 6
-patches, at `qwen_vl_folder`, "tiny-qwen-vl"). They run in a scratch folder that holds small files in the published layouts at
+patches, at `qwen_vl_folder`, "tiny-qwen-vl"), `internvl` a random InternVL
+(`build_tiny_internvl`, 56 px crops of 7 px patches, 4 x 4 tokens each, at "tiny-internvl"). They run in a scratch folder that holds small files in the published layouts at
 the paths the examples name (`docs_workspace.build`), so a loader's example reads a real file.
 """
 
@@ -27,6 +28,7 @@ from published_formats import build_workspace
 import mmlens
 from mmlens.testing import (
     build_tiny_instructblip,
+    build_tiny_internvl,
     build_tiny_llava_next,
     build_tiny_llava_onevision,
     build_tiny_qwen_vl,
@@ -108,6 +110,11 @@ def qwen_vl(qwen_vl_folder):
     return mmlens.from_pretrained(qwen_vl_folder)
 
 
+@pytest.fixture(scope="module")
+def internvl(workspace):
+    return mmlens.from_pretrained(build_tiny_internvl(workspace / "tiny-internvl"))
+
+
 @pytest.mark.parametrize("test", DOCTESTS, ids=[test.name for test in DOCTESTS])
 def test_docstring_example_runs(
     test,
@@ -118,6 +125,7 @@ def test_docstring_example_runs(
     blip_model,
     qwen_vl_folder,
     qwen_vl,
+    internvl,
     monkeypatch,
 ):
     monkeypatch.chdir(workspace)
@@ -133,6 +141,7 @@ def test_docstring_example_runs(
         "blip_model": blip_model,
         "qwen_vl_folder": qwen_vl_folder,
         "qwen_vl": qwen_vl,
+        "internvl": internvl,
     }
     skipped = [example.source for example in test.examples if example.options.get(doctest.SKIP)]
     assert not skipped, f"examples must run, not be skipped: {skipped}"

@@ -1,6 +1,7 @@
 """Every experiment of the runner on every model family beyond LLaVA-1.5 and LLaVA-NeXT
 (whose runs tests/test_experiments.py covers): LLaVA-Interleave (SigLIP + Qwen2),
-LLaVA-OneVision, InstructBLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, the original Qwen-VL and Gemma 3, each on a random checkpoint; every sample must give rows."""
+LLaVA-OneVision, InstructBLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, the original Qwen-VL,
+Gemma 3, InternVL and an original InternVL2 release, each on a random checkpoint; every sample must give rows."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from mmlens.experiments import EXPERIMENTS
 from mmlens.testing import (
     build_tiny_gemma3,
     build_tiny_instructblip,
+    build_tiny_internvl,
+    build_tiny_internvl_release,
     build_tiny_llava_interleave,
     build_tiny_llava_onevision,
     build_tiny_qwen2_5_vl,
@@ -30,6 +33,8 @@ BUILDERS = {
     "qwen3_vl": build_tiny_qwen3_vl,
     "qwen_vl": build_tiny_qwen_vl,
     "gemma3": build_tiny_gemma3,
+    "internvl": build_tiny_internvl,
+    "internvl_release": build_tiny_internvl_release,
 }
 SMALL = {  # options that keep each run to a few forward passes
     "knockout": dict(window_size=1),

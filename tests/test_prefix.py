@@ -265,6 +265,7 @@ def test_the_registry_knows_every_model_type():
         "qwen3_vl": mmlens.HookedQwen3VL,
         "qwen_vl": mmlens.HookedQwenVL,
         "gemma3": mmlens.HookedGemma3,
+        "internvl": mmlens.HookedInternVL,
     }
 
 

@@ -88,6 +88,9 @@ def test_each_template_renders_its_checkpoints_prompt() -> None:
     # tests/test_qwen3_vl.py, and Qwen-VL's against the release's make_context in
     # tests/test_qwen_vl.py); Gemma 3's against its chat template in tests/test_gemma3.py; the v0
     # releases' (Shikra, LLaVA v0) in tests/test_shikra.py.
+    # tests/test_qwen_vl.py); InternVL's against its checkpoint's chat template in
+    # tests/test_internvl.py, and its original releases' conversations against the release's
+    # conversation.py in tests/test_internvl_release.py.
     assert set(TEMPLATES) == {
         *expected,
         "plain",
@@ -100,6 +103,9 @@ def test_each_template_renders_its_checkpoints_prompt() -> None:
         "gemma3",
         "shikra",
         "llava_v0",
+        "internvl",
+        "internlm2_chat",
+        "internvl2_5",
     }
 
 

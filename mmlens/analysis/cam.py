@@ -49,8 +49,10 @@ class CamResult:
             2 x 2 merger); where image tokens are not patches, spread over them.
         layers: the layer of each map: "blocks.{l}" (decoder) or "vision.blocks.{l}".
         highres_maps: a tiled image only: ``[n_layers, rows, cols]`` on its tile token grid
-            (`inp.layout.highres_grid`, the geometry's `tile_grid`), normalised the same way;
-            None for an image that is not tiled.
+            (`inp.layout.highres_grid`, the geometry's `tile_grid`), normalised the same way
+            (where a connector merges patches, on the tiles' vision patches: a decoder map's
+            token values repeated over their ``cells_per_token`` blocks, as in `maps`); None
+            for an image that is not tiled.
         settings: model name, answer and its ids, site, noise_std, n_samples, relu_gradients,
             how decoder maps reached the patches where image tokens are not patches
             (``"spread"``, the family's `spread_note`),
@@ -334,13 +336,16 @@ def _raw_maps(
             if relu_gradients:
                 gradient = F.relu(gradient)
             weights = gradient.mean(0)  # alpha: [channel], over this grid's patches
-            if highres or name.startswith("vision."):
-                maps.append(F.relu(features @ weights).reshape(grid.shape))
+            rows, cols = grids.cells_per_token
+            if name.startswith("vision."):  # on the vision tower's patches
+                shape = grid.shape if not highres else (grid.shape[0] * rows, grid.shape[1] * cols)
+                maps.append(F.relu(features @ weights).reshape(shape))
                 continue
             # A decoder map: one value per image token, shown on the vision grid's patches
             # (each token's cells_per_token block; 1 x 1 where tokens are patches).
-            rows, cols = grids.cells_per_token
-            token_map = F.relu(features @ weights).reshape(grids.base.shape)
+            token_map = F.relu(features @ weights).reshape(
+                (grids.highres if highres else grids.base).shape
+            )
             maps.append(token_map.repeat_interleave(rows, 0).repeat_interleave(cols, 1))
         results.append(torch.stack(maps).cpu())
     return results
@@ -382,7 +387,7 @@ def _patch_features(
         return activation[grids.vision_row, grids.vision.flatten().to(activation.device)]
     first_patch = int(grids.has_cls)
     tile_grid = grids.geometry.tile_grid
-    first_tile = grids.first_crop + 1
+    first_tile = grids.first_crop + tile_grid.first_tile_crop
     tiles = activation[first_tile : first_tile + tile_grid.n_tiles, first_patch:]
     packed = tile_grid.pack(tiles)
     return packed.reshape(-1, packed.shape[-1])

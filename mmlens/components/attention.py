@@ -51,6 +51,7 @@ class Attention(nn.Module):
         qk_norm_eps: float | None = None,
         scale: float | None = None,
         qk_norm_unit_offset: bool = False,
+        qk_norm_per_head: bool = True,
     ):
         """`bias` for the query, key and value projections; `output_bias` for the output
         projection (default: `bias`; Qwen2 has the first, not the second). `qk_norm_eps`: an
@@ -69,8 +70,11 @@ class Attention(nn.Module):
             n_heads * d_head, d_model, bias=bias if output_bias is None else output_bias
         )
         if qk_norm_eps is not None:
-            self.q_norm = RMSNorm(d_head, qk_norm_eps, qk_norm_unit_offset)
-            self.k_norm = RMSNorm(d_head, qk_norm_eps, qk_norm_unit_offset)
+            self.qk_norm_per_head = qk_norm_per_head
+            q_width = d_head if qk_norm_per_head else n_heads * d_head
+            k_width = d_head if qk_norm_per_head else n_key_value_heads * d_head
+            self.q_norm = RMSNorm(q_width, qk_norm_eps, qk_norm_unit_offset)
+            self.k_norm = RMSNorm(k_width, qk_norm_eps, qk_norm_unit_offset)
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
         self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
@@ -185,8 +189,11 @@ class Attention(nn.Module):
             )
         q = self._split_heads(self.q_proj(x_queries), self.n_heads)
         k = self._split_heads(self.k_proj(x), self.n_key_value_heads)
-        if hasattr(self, "q_norm"):
+        if hasattr(self, "q_norm") and self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
+        elif hasattr(self, "q_norm"):  # one norm over every head's features together
+            q = self.q_norm(q.flatten(-2)).view_as(q)
+            k = self.k_norm(k.flatten(-2)).view_as(k)
         q, k = self.hook_q(q), self.hook_k(k)
         v = self.hook_v(self._split_heads(self.v_proj(x), self.n_key_value_heads))
         if rotary is not None:

@@ -49,7 +49,7 @@ class ProcessorAdapter:
             that decide its inputs (`processor_fingerprint`).
         pixel_rows: None where the processor's ``pixel_values`` hold one entry per image,
             ending in its processed ``(height, width)`` (checked against the geometry); where
-            they are rows of flattened patches instead (images of several sizes in one tensor),
+            they are rows of flattened patches or of crops instead (several rows per image),
             ``(processor, its output)`` -> each image's number of rows.
     """
 

@@ -255,7 +255,7 @@ class MultimodalInput:
         if self.pixel_rows is not None:
             raise ValueError(
                 "rule='mask' reads the processor's pixels as images; this processor gives them as "
-                "rows of flattened patches: use rule='geometric'"
+                "rows of flattened patches or of crops, not one image each: use rule='geometric'"
             )
         height, width = geometry.original_size
         mask = Image.new("RGB", (width, height))

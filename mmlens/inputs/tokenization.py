@@ -5,6 +5,7 @@ are what `mmlens.inputs.segments` finds the segments from."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ def hf_token_spans(
     input_ids: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"],
     image_token_counts: list[list[int]],
+    expand: Callable[[str, int], str] | None = None,
 ) -> list[Int[Tensor, "pos 2"]]:
     """Character span of every token in its rendered prompt, from the fast tokenizer's offsets.
 
@@ -34,6 +36,9 @@ def hf_token_spans(
     (`image_token_counts[item]`, one count per placeholder: a tiled image's depends on its size);
     the same expanded text is tokenized again with offsets (and must give the same ids), then
     offsets are mapped back to the rendered prompt: an image token gets its placeholder's span.
+    `expand` ``(placeholder, n_image_tokens) -> text`` is how the processor writes a placeholder
+    out (default: the placeholder `n_image_tokens` times); every token of that text gets the
+    placeholder's span (image tags around the image tokens included).
     """
     expanded_texts, placeholder_blocks = [], []
     for prompt, counts in zip(rendered, image_token_counts, strict=True):
@@ -41,7 +46,8 @@ def hf_token_spans(
         for (start, end), n_image_tokens in zip(prompt.image_spans, counts, strict=True):
             text += prompt.text[cursor:start]
             expanded_start = len(text)
-            text += prompt.text[start:end] * n_image_tokens
+            placeholder = prompt.text[start:end]
+            text += expand(placeholder, n_image_tokens) if expand else placeholder * n_image_tokens
             blocks.append((expanded_start, len(text), start, end))
             cursor = end
         expanded_texts.append(text + prompt.text[cursor:])

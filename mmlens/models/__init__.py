@@ -1,6 +1,6 @@
 """Every model mmlens builds: the decoder (`HookedTransformer`), the vision tower, the projector,
-LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, InstructBLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, the original Qwen-VL
-and Gemma 3. Each class registers the HF `config.model_type`s it loads
+LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, InstructBLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, the original Qwen-VL,
+Gemma 3 and InternVL. Each class registers the HF `config.model_type`s it loads
 (`mmlens.models.registry`), so `from_pretrained` dispatches without a list of models."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from mmlens.models import original  # noqa: F401  (registers the original LLaVA 
 from mmlens.models.decoder import HookedTransformer
 from mmlens.models.gemma3 import HookedGemma3
 from mmlens.models.instructblip import HookedInstructBlip
+from mmlens.models.internvl import HookedInternVL
 from mmlens.models.llava import HookedLlava
 from mmlens.models.llava_next import HookedLlavaNext
 from mmlens.models.llava_onevision import HookedLlavaOnevision
@@ -56,6 +57,7 @@ __all__ = [
     "MODEL_TYPES",
     "HookedGemma3",
     "HookedInstructBlip",
+    "HookedInternVL",
     "HookedLlava",
     "HookedLlavaNext",
     "HookedLlavaOnevision",

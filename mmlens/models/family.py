@@ -39,11 +39,16 @@ class TileGrid(Protocol):
 
     n_tiles: int
     token_grid_size: tuple[int, int]
+    first_tile_crop: int
+    """Where the tiles start among the image's crops (its rows of ``pixel_values``): 1 after
+    LLaVA-NeXT's base crop, 0 where the whole-image crop comes last (InternVL's thumbnail)."""
 
     def pack(
         self, tile_features: Float[Tensor, "tile patch d"]
     ) -> Float[Tensor, "token_rows token_cols d"]:
-        """The tiles' patch features (crop order, row-major patches) as the token grid."""
+        """The tiles' patch features (crop order, row-major patches) as the token grid; where
+        a connector merges patches into tokens, the vision tower's patch features as the grid
+        of patches (`cells_per_token` finer)."""
         ...
 
     def describe(self) -> str:

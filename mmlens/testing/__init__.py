@@ -25,6 +25,8 @@ The builders live in one module per model family, and this package re-exports th
 - `mmlens.testing.qwen3_vl`: Qwen3-VL (`build_tiny_qwen3_vl`).
 - `mmlens.testing.gemma3`: Gemma 3 (`build_tiny_gemma3`).
 - `mmlens.testing.qwen_vl`: the original Qwen-VL release layout (`build_tiny_qwen_vl`).
+- `mmlens.testing.internvl`: InternVL's -hf layout (`build_tiny_internvl`) and an original
+  InternVL2 release with an InternLM2 decoder (`build_tiny_internvl_release`).
 - `mmlens.testing.hf_reference`: the Hugging Face reference (`assert_matches_hf`,
   `hf_position_ids`, `hf_image_features`, `hf_answer_gradients`).
 
@@ -48,6 +50,7 @@ from mmlens.testing.hf_reference import (
     hf_position_ids,
 )
 from mmlens.testing.instructblip import build_tiny_instructblip
+from mmlens.testing.internvl import build_tiny_internvl, build_tiny_internvl_release
 from mmlens.testing.llava import build_tiny_llava, build_tiny_llava_interleave, make_image_processor
 from mmlens.testing.llava_next import (
     TINY_GRID_PINPOINTS,
@@ -78,6 +81,8 @@ __all__ = [
     "TINY_GRID_PINPOINTS",
     "assert_matches_hf",
     "build_tiny_instructblip",
+    "build_tiny_internvl",
+    "build_tiny_internvl_release",
     "build_tiny_llava",
     "build_tiny_llava_interleave",
     "build_tiny_llava_next",

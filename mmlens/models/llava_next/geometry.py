@@ -12,7 +12,7 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import einops
 import torch
@@ -126,6 +126,8 @@ class AnyresGrid:
     token_grid: tuple[int, int] | None = None
     """Rows and columns of tokens the model reads: the kept grid, or (LLaVA-OneVision) its
     bilinear downsampling; None means the kept grid."""
+    first_tile_crop: ClassVar[int] = 1
+    """The tiles follow the base crop (`mmlens.models.family.TileGrid`)."""
 
     @classmethod
     def for_image(
