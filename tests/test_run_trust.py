@@ -1,0 +1,232 @@
+"""A runner you can trust at data-set scale (docs/experiments.md, "What a run guarantees"), each
+promise shown by injecting its fault: resume refuses changed weights, dtype, data and unlabelled
+parts; one bad sample never stops a run; failed samples are retried; one writer per rank; damaged
+batches are named and computed again; two CPU processes under torchrun shard the run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import mmlens
+from mmlens import results
+from mmlens.data import Dataset, Sample, load
+from mmlens.experiments import EXPERIMENTS, DamagedRun, RunLocked, RunMismatch
+from mmlens.experiments.integrity import RunLock
+from mmlens.experiments.store import RunStore
+from mmlens.zoo import checkpoint_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return mmlens.load("tiny-shapes")
+
+
+@pytest.fixture(scope="module")
+def shapes() -> Dataset:
+    return load("shapes:8")
+
+
+def run(model, data, out, experiment="knockout", **kwargs):
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("centres", [1])
+    kwargs.setdefault("window_size", 3)
+    return mmlens.run(experiment, model, data, out, **kwargs)
+
+
+def comparable(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.drop(columns=["sample_index"]).reset_index(drop=True)
+
+
+def on_disk(shapes: Dataset, folder: Path, n: int = 3) -> Dataset:
+    """The first `n` samples with their images as PNG files in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for sample in shapes[:n]:
+        path = folder / f"{sample.sample_id}.png"
+        sample.image.save(path)
+        samples.append(dataclasses.replace(sample, image=path))
+    return Dataset(samples, "shapes", source="images on disk")
+
+
+# --- 1. resume refuses a changed run --------------------------------------------------------
+
+
+def test_weights_changed_in_place_with_the_same_shapes_are_refused(tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint_path("tiny-shapes"), folder)
+    data = "shapes:2"
+    mmlens.run("knockout", str(folder), data, tmp_path / "out", centres=[1], progress=False)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["identity"]["model"]["weight_files"] == ["model.safetensors"]
+    tensors = load_file(folder / "model.safetensors")
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1e-3  # same shape, same size on disk, other content
+    size = (folder / "model.safetensors").stat().st_size
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    assert (folder / "model.safetensors").stat().st_size == size
+    with pytest.raises(
+        RunMismatch, match=r"model: fingerprint: '[0-9a-f]{16}' there, '[0-9a-f]{16}' now"
+    ):
+        mmlens.run("knockout", str(folder), data, tmp_path / "out", centres=[1], progress=False)
+
+
+def test_another_dtype_is_refused(tmp_path):
+    mmlens.run("cliff", "tiny-shapes", "shapes:2", tmp_path, progress=False)
+    with pytest.raises(RunMismatch, match=r"dtype: 'torch.float32' there, 'torch.bfloat16' now"):
+        mmlens.run("cliff", "tiny-shapes", "shapes:2", tmp_path, dtype="bfloat16", progress=False)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["identity"]["model"]["device"] == ["cpu"]
+
+
+def test_an_edited_question_under_the_same_id_is_refused(model, shapes, tmp_path):
+    run(model, shapes[:3], tmp_path)
+    edited = dataclasses.replace(shapes[1], question=shapes[1].question + " Really?")
+    data = Dataset([shapes[0], edited, shapes[2]], "shapes", source=shapes.source)
+    with pytest.raises(
+        RunMismatch, match=rf"sample\(s\) '{shapes[1].sample_id}' computed from other content"
+    ):
+        run(model, data, tmp_path)
+
+
+def test_images_pointing_at_other_pictures_are_refused(model, shapes, tmp_path):
+    data = on_disk(shapes, tmp_path / "images")
+    run(model, data, tmp_path / "out")
+    other = on_disk(shapes, tmp_path / "other")
+    shapes[3].image.save(other[2].image)  # same file name, another picture
+    with pytest.raises(RunMismatch, match=rf"'{shapes[2].sample_id}' computed from other content"):
+        run(model, other, tmp_path / "out")
+    same = on_disk(shapes, tmp_path / "copy")  # the same pictures elsewhere resume
+    assert run(model, same, tmp_path / "out").sample_id.nunique() == 3
+
+
+def test_parts_without_a_manifest_are_refused_unless_relabelled(model, shapes, tmp_path):
+    reference = run(model, shapes[:4], tmp_path / "reference", batch_size=2)
+    run(model, shapes[:2], tmp_path / "out", batch_size=2)
+    (tmp_path / "out" / "manifest.json").unlink()
+    with pytest.raises(
+        RunMismatch,
+        match=r"1 committed batch\(es\) \(000-000000.json, ...\) but no manifest.json.*--relabel",
+    ):
+        run(model, shapes[:4], tmp_path / "out", batch_size=2)
+    relabelled = run(model, shapes[:4], tmp_path / "out", batch_size=2, relabel=True)
+    pd.testing.assert_frame_equal(comparable(relabelled), comparable(reference))
+
+
+# --- 2. one bad sample never stops a run ------------------------------------------------------
+
+
+def test_a_decompression_bomb_fails_that_sample_only(model, shapes, tmp_path, monkeypatch):
+    data = on_disk(shapes, tmp_path / "images")
+    Image.new("RGB", (400, 400)).save(data[1].image)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 112 * 112)  # 400 x 400 > 2 x 112 x 112
+    with pytest.warns(UserWarning, match="1 sample\\(s\\) failed"):
+        result = run(model, data, tmp_path / "out", batch_size=3)
+    assert sorted(result.sample_id.unique()) == sorted([data[0].sample_id, data[2].sample_id])
+    assert result.attrs["failed"][data[1].sample_id].startswith("image: DecompressionBombError")
+
+
+def test_the_correct_answer_filter_fails_one_sample_not_the_run(model, shapes, tmp_path):
+    no_answer = dataclasses.replace(shapes[1], answer=None)
+    data = Dataset([shapes[0], no_answer, shapes[2]], "shapes")
+    with pytest.warns(UserWarning, match="1 sample\\(s\\) failed"):
+        result = run(model, data, tmp_path, batch_size=3, correct_only=True)
+    reason = result.attrs["failed"][no_answer.sample_id]
+    assert (
+        reason.startswith("correct-answer filter: ValueError: sample") and "has no answer" in reason
+    )
+    assert set(result.sample_id) | set(result.attrs["dropped"]) == {
+        shapes[0].sample_id,
+        shapes[2].sample_id,
+    }
+
+
+def test_a_scoring_error_fails_that_sample_only(model, shapes, tmp_path, monkeypatch):
+    from mmlens import metrics
+
+    original = metrics.score_sample
+
+    def score(dataset, sample, prediction):
+        if sample.sample_id == shapes[1].sample_id:
+            raise KeyError("no metric field")
+        return original(dataset, sample, prediction)
+
+    monkeypatch.setattr(metrics, "score_sample", score)
+    with pytest.warns(UserWarning, match="1 sample\\(s\\) failed"):
+        result = mmlens.run("truncation", model, shapes[:3], tmp_path, layers=[1], batch_size=3,
+                            progress=False)  # fmt: skip
+    assert set(result.sample_id) == {shapes[0].sample_id, shapes[2].sample_id}
+    assert result.attrs["failed"] == {shapes[1].sample_id: "KeyError: 'no metric field'"}
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(flows=["Image→Nowhere"]), r"unknown flow\(s\) \['Image→Nowhere'\]; flows: "),
+        (dict(window_size=7), r"window_size=7 is outside 1..6 \(the model has 6 decoder layers\)"),
+        (dict(centres=[6]), r"centres=6 is outside 0..5"),
+    ],
+)
+def test_option_errors_are_raised_once_before_the_run(model, shapes, tmp_path, options, message):
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        original = EXPERIMENTS["knockout"]
+        patch.setitem(
+            EXPERIMENTS, "knockout",
+            dataclasses.replace(original, run=lambda c, s: calls.append(s) or original.run(c, s)),
+        )  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            mmlens.run("knockout", model, shapes[:2], tmp_path / "out", progress=False, **options)
+    assert calls == [] and not (tmp_path / "out").exists()
+
+
+# --- 3. failures are retried, and complete means complete -------------------------------------
+
+
+def test_failed_samples_are_retried_and_complete_means_complete(
+    model, shapes, tmp_path, monkeypatch
+):
+    reference = run(model, shapes[:4], tmp_path / "reference", batch_size=2)
+    original = EXPERIMENTS["knockout"]
+    flaky = shapes[2].sample_id
+    calls: list[str] = []
+    broken = [True]
+
+    def failing_once(context, samples):
+        calls.extend(sample.sample_id for sample in samples)
+        if broken[0] and any(sample.sample_id == flaky for sample in samples):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return original.run(context, samples)
+
+    monkeypatch.setitem(EXPERIMENTS, "knockout", dataclasses.replace(original, run=failing_once))
+    with pytest.warns(UserWarning, match=rf"1 sample\(s\) failed.*{flaky}: OutOfMemoryError"):
+        first = run(model, shapes[:4], tmp_path / "out", batch_size=2)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert not manifest["complete"] and manifest["finished"] == 3
+    assert manifest["failed_attempts"] == {flaky: 1} and flaky not in set(first.sample_id)
+    calls.clear()
+    with pytest.warns(UserWarning, match="1 sample\\(s\\) failed"):  # --no-retry-failed
+        run(model, shapes[:4], tmp_path / "out", batch_size=2, retry_failed=False)
+    assert calls == []
+    broken[0] = False  # the transient error is gone
+    retried = run(model, shapes[:4], tmp_path / "out", batch_size=2)
+    assert calls == [flaky]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["finished"] == 4 and manifest["failed"] == {}
+    pd.testing.assert_frame_equal(
+        comparable(retried.sort_values("sample_index", kind="stable")), comparable(reference)
+    )
