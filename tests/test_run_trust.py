@@ -22,10 +22,9 @@ from safetensors.torch import load_file, save_file
 
 import mmlens
 from mmlens import results
-from mmlens.data import Dataset, Sample, load
+from mmlens.data import Dataset, load
 from mmlens.experiments import EXPERIMENTS, DamagedRun, RunLocked, RunMismatch
 from mmlens.experiments.integrity import RunLock
-from mmlens.experiments.store import RunStore
 from mmlens.zoo import checkpoint_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,3 +229,113 @@ def test_failed_samples_are_retried_and_complete_means_complete(
     pd.testing.assert_frame_equal(
         comparable(retried.sort_values("sample_index", kind="stable")), comparable(reference)
     )
+
+
+# --- 4. one writer per run directory, damage named and repaired --------------------------------
+
+
+def test_a_second_writer_of_a_rank_is_refused_naming_the_holder(model, shapes, tmp_path):
+    run(model, shapes[:2], tmp_path)
+    with RunLock(
+        tmp_path, rank=0
+    ):  # another writer of rank 0 (a second open file: flock conflicts)
+        with pytest.raises(
+            RunLocked,
+            match=rf"another process \(pid {os.getpid()} on host {socket.gethostname()}; lock file .*lock-000, rank 0\)",
+        ):
+            run(model, shapes[:2], tmp_path)
+        # the ranks of one data-parallel run (or a SLURM array's shards) are not blocked
+        assert len(run(model, shapes[:4], tmp_path / "sharded", shard=(1, 2))) > 0
+    assert len(run(model, shapes[:2], tmp_path)) > 0  # released when the holder lets go
+
+
+def test_the_lock_is_released_on_an_interrupt(model, shapes, tmp_path, monkeypatch):
+    original = EXPERIMENTS["knockout"]
+
+    def interrupted(context, samples):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(EXPERIMENTS, "knockout", dataclasses.replace(original, run=interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        run(model, shapes[:2], tmp_path)
+    with RunLock(tmp_path, rank=0):  # free again
+        pass
+
+
+def test_damaged_batches_are_named_and_computed_again(model, shapes, tmp_path, monkeypatch):
+    reference = run(model, shapes[:5], tmp_path / "reference", batch_size=1)
+    out = tmp_path / "out"
+    run(model, shapes[:5], out, batch_size=1)
+    parts = out / "parts"
+    truncated = (parts / "000-000000.parquet").read_bytes()
+    (parts / "000-000000.parquet").write_bytes(truncated[: len(truncated) // 2])
+    shutil.copy(parts / "000-000002.parquet", parts / "000-000001.parquet")  # another batch's part
+    (parts / "000-000002.json").write_text("")  # an empty record
+    (parts / "000-000003.json").write_text('{"sample_ids": ["x"]}')  # a record missing fields
+    with pytest.raises(DamagedRun, match=r"4 committed batch\(es\) of .* are damaged") as error:
+        results.load(out)
+    message = str(error.value)
+    assert "000-000000.json: part 000-000000.parquet is truncated" in message
+    assert (
+        "000-000001.json: part 000-000001.parquet does not match the record's content hash"
+        in message
+    )
+    assert "000-000002.json: the record is damaged (JSONDecodeError" in message
+    assert "000-000003.json: the record is damaged (field 'n_rows' missing" in message
+    assert message.endswith(
+        "Run the same command again: it moves them aside and computes them again"
+    )
+    calls: list[str] = []
+    original = EXPERIMENTS["knockout"]
+    monkeypatch.setitem(
+        EXPERIMENTS, "knockout",
+        dataclasses.replace(original, run=lambda c, s: calls.extend(x.sample_id for x in s) or original.run(c, s)),
+    )  # fmt: skip
+    with pytest.warns(
+        UserWarning, match="moved to .*damaged and its samples are computed again"
+    ) as warned:
+        repaired = run(model, shapes[:5], out, batch_size=1)
+    assert sorted(str(w.message).split(": ")[0].rsplit("/", 1)[1] for w in warned) == [
+        f"000-00000{i}.json" for i in range(4)
+    ]
+    assert calls == shapes.ids[:4]  # the four damaged batches, not the intact fifth
+    pd.testing.assert_frame_equal(comparable(repaired), comparable(reference))
+    assert len(list((parts / "damaged").glob("*.json"))) == 4
+
+
+def test_a_damaged_manifest_is_named_and_refused_unless_relabelled(model, shapes, tmp_path):
+    reference = run(model, shapes[:2], tmp_path / "reference")
+    run(model, shapes[:2], tmp_path / "out")
+    (tmp_path / "out" / "manifest.json").write_text('{"identity": {"experiment": "kno')
+    with pytest.raises(DamagedRun, match=r"manifest.json is damaged \(JSONDecodeError"):
+        results.load(tmp_path / "out")
+    with pytest.raises(RunMismatch, match=r"manifest.json is damaged .*--relabel"):
+        run(model, shapes[:2], tmp_path / "out")
+    relabelled = run(model, shapes[:2], tmp_path / "out", relabel=True)
+    pd.testing.assert_frame_equal(comparable(relabelled), comparable(reference))
+
+
+# --- 5. data-parallel on CPUs ---------------------------------------------------------------------
+
+
+def test_torchrun_with_two_cpu_processes_gives_the_single_process_frame(model, tmp_path):
+    single = run(model, load("shapes:6"), tmp_path / "single", centres=[1, 4], batch_size=1)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(port),
+        "-m", "mmlens", "run", "knockout", "--model", "tiny-shapes", "--data", "shapes:6",
+        "--out", str(tmp_path / "two"), "--batch-size", "1", "--centres", "1,4",
+        "--window-size", "3",
+    ]  # fmt: skip
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                   "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
+    finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    two = results.load(tmp_path / "two")
+    pd.testing.assert_frame_equal(comparable(two), comparable(single))
+    ranks = {path.name[:3] for path in (tmp_path / "two" / "parts").glob("*.json")}
+    assert ranks == {"000", "001"}
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["complete"]

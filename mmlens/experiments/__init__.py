@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 
 from mmlens.analysis import correct_answers
 from mmlens.data import Dataset, Sample, from_samples, load, shard_of
-from mmlens.experiments.definitions import EXPERIMENTS, Context, Experiment, required_answer
-from mmlens.experiments.parallel import Shard, current_shard
 from mmlens.experiments.checks import check_options
+from mmlens.experiments.definitions import EXPERIMENTS, Context, Experiment, required_answer
 from mmlens.experiments.integrity import RunLocked, sample_digest
+from mmlens.experiments.parallel import Shard, current_shard
 from mmlens.experiments.store import Batch, DamagedRun, RunMismatch, RunStore, outcomes
 from mmlens.inputs import processor_fingerprint
 from mmlens.presets import PRESETS, Preset
