@@ -193,6 +193,49 @@ def test_option_errors_are_raised_once_before_the_run(model, shapes, tmp_path, o
     assert calls == [] and not (tmp_path / "out").exists()
 
 
+def test_skip_bad_covers_undecodable_lines_and_over_deep_json(shapes, tmp_path):
+    from mmlens.data import DataError, load_jsonl
+
+    shapes[0].image.save(tmp_path / "a.png")
+    good = json.dumps({"sample_id": "a", "question": "Q?", "image": "a.png", "answer": "red"})
+    deep = "[" * 100_000 + "]" * 100_000
+    lines = [good.encode(), b'{"sample_id": "b", "question": "caf\xe9?"}', deep.encode()]
+    (tmp_path / "data.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=r"data.jsonl, row 2: not UTF-8 text: 'utf-8' codec"):
+        load_jsonl(tmp_path / "data.jsonl")
+    data = load_jsonl(tmp_path / "data.jsonl", skip_bad=True)
+    assert data.ids == ["a"]
+    assert [message.split(": ", 1)[1].split(":")[0] for message in data.skipped] == [
+        "not UTF-8 text",
+        "not readable JSON",
+    ]
+    assert "data.jsonl, row 3: not readable JSON: nested too deeply" in data.skipped[1]
+
+
+def test_skip_bad_covers_undecodable_scienceqa_images(tmp_path):
+    import io
+
+    import pyarrow.parquet as pq
+    from published_formats import scienceqa_table
+
+    from mmlens.data import DataError, load_scienceqa
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(png, format="PNG")
+    damaged = png.getvalue()[:-20] + b"\0" * 20  # a valid header, a broken last chunk
+    rows = [
+        {"image": {"bytes": png.getvalue(), "path": None}, "question": "Q?", "choices": ["a", "b"], "answer": 0, "hint": ""},
+        {"image": {"bytes": damaged, "path": None}, "question": "Q?", "choices": ["a", "b"], "answer": 1, "hint": ""},
+    ]  # fmt: skip
+    pq.write_table(scienceqa_table(rows), tmp_path / "test.parquet")
+    with pytest.raises(
+        DataError, match=r"test.parquet, row 2, field 'image': not a decodable image"
+    ):
+        load_scienceqa(tmp_path / "test.parquet")
+    data = load_scienceqa(tmp_path / "test.parquet", skip_bad=True)
+    assert data.ids == ["test-0"] and len(data.skipped) == 1
+
+
 # --- 3. failures are retried, and complete means complete -------------------------------------
 
 
