@@ -127,8 +127,11 @@ class HookScope:
     interrupt or error at any moment of either leaves no hook behind (docs/hooks.md).
 
     Examples:
-        >>> with HookScope(model, fwd_hooks=[("blocks.0.hook_resid_post", fn)]):
-        ...     logits = model(inp)
+        >>> double = [("blocks.0.hook_resid_post", lambda resid, hook: resid * 2)]
+        >>> with HookScope(model, fwd_hooks=double):
+        ...     doubled = model(inp)
+        >>> torch.equal(doubled, model(inp))              # the hook is gone after the block
+        False
     """
 
     def __init__(

@@ -25,6 +25,7 @@ from mmlens import results
 from mmlens.data import Dataset, load
 from mmlens.experiments import EXPERIMENTS, DamagedRun, RunLocked, RunMismatch
 from mmlens.experiments.integrity import RunLock
+from mmlens.experiments.store import RunStore
 from mmlens.zoo import checkpoint_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -382,3 +383,51 @@ def test_torchrun_with_two_cpu_processes_gives_the_single_process_frame(model, t
     ranks = {path.name[:3] for path in (tmp_path / "two" / "parts").glob("*.json")}
     assert ranks == {"000", "001"}
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["complete"]
+
+
+def test_parts_and_records_are_fsynced_before_they_are_renamed(tmp_path, monkeypatch):
+    from mmlens.experiments import store as store_module
+    from mmlens.experiments.store import Batch
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(source, destination):
+        events.append(("rename", str(source)))
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(store_module.os, "fsync", fsync)
+    monkeypatch.setattr(store_module.os, "replace", replace)
+    store = RunStore(tmp_path)
+    store.open({"experiment": "x"})
+    events.clear()
+    tensors = {"q1": torch.ones(2)}
+    store.commit(Batch(["q1"], rows=[{"sample_id": "q1", "v": 1.0}], tensors=tensors))
+    store.close()
+    renamed = [path for kind, path in events if kind == "rename"]
+    assert [Path(path).name.split(".")[1] for path in renamed] == [
+        "000-000000", "000-000000", "000-000000",
+    ]  # fmt: skip
+    assert [Path(p).name for p in renamed] == [
+        f".000-000000.{suffix}.{os.getpid()}.tmp" for suffix in ("parquet", "safetensors", "json")
+    ]
+    for path in renamed:  # each file is fsynced before its rename, the record last
+        assert events.index(("fsync", path)) < events.index(("rename", path))
+
+
+def test_the_cli_takes_relabel_and_no_retry_failed(tmp_path, capsys):
+    from mmlens.__main__ import main
+
+    command = ["run", "cliff", "--model", "tiny-shapes", "--data", "shapes:2", "--out",
+               str(tmp_path), "--device", "cpu"]  # fmt: skip
+    main(command)
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(RunMismatch, match="--relabel"):
+        main(command + ["--no-retry-failed"])
+    main(command + ["--relabel", "--no-retry-failed"])
+    assert json.loads((tmp_path / "manifest.json").read_text())["complete"]
+    assert "'experiment': 'cliff'" in capsys.readouterr().out

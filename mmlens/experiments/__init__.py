@@ -138,9 +138,10 @@ def run(
     store = RunStore(out, rank=this_shard.index)
     store.open(identity, details=_environment(model), relabel=relabel)
     try:
-        finished = store.finished(retry_failed=retry_failed, repair=True)
+        records = store.records(repair=True)  # damaged batches moved aside, to run again
+        finished = store.finished(retry_failed=retry_failed, records=records)
         hashes = _sample_hashes(mine, progress)
-        _check_data(store, hashes)
+        _check_data(store, records, hashes)
         todo = [(index, sample) for index, sample in mine if sample.sample_id not in finished]
         context = Context(
             model=model,
@@ -287,10 +288,10 @@ def _sample_hashes(samples: list[tuple[int, Sample]], progress: bool) -> dict[st
     }
 
 
-def _check_data(store: RunStore, hashes: dict[str, str]) -> None:
+def _check_data(store: RunStore, records: list[dict[str, Any]], hashes: dict[str, str]) -> None:
     """Refuse a resume whose samples' content (question, answers, boxes, image) differs from
     what their committed rows were computed with."""
-    committed = store.sample_hashes()
+    committed = store.sample_hashes(records)
     changed = [key for key, value in hashes.items() if committed.get(key, value) != value]
     if changed:
         shown = ", ".join(repr(key) for key in changed[:5])

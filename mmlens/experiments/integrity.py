@@ -87,8 +87,10 @@ class RunLock:
     the process' end). Taking a held lock raises `RunLocked` naming the holder.
 
     Examples:
-        >>> with RunLock(Path("runs/x"), rank=0):
-        ...     ...                                  # only this process writes rank 0's parts
+        >>> Path("runs/locked").mkdir(parents=True, exist_ok=True)
+        >>> with RunLock(Path("runs/locked"), rank=0) as lock:  # only this process writes rank 0
+        ...     lock.path.name
+        'lock-000'
     """
 
     def __init__(self, out: Path, rank: int = 0):

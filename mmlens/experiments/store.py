@@ -229,20 +229,27 @@ class RunStore:
             except FileNotFoundError:  # another rank moved it first
                 pass
 
-    def finished(self, retry_failed: bool = False, repair: bool = False) -> set[str]:
+    def finished(
+        self,
+        retry_failed: bool = False,
+        repair: bool = False,
+        records: Sequence[Mapping[str, Any]] | None = None,
+    ) -> set[str]:
         """Ids of every sample a committed batch holds (measured, dropped or failed); with
-        `retry_failed`, not those whose every attempt failed (they run again)."""
-        records = self.records(repair=repair)
+        `retry_failed`, not those whose every attempt failed (they run again). `records`: the
+        commit records if already read (else read, with `repair`)."""
+        records = self.records(repair=repair) if records is None else records
         done = {sample_id for record in records for sample_id in record["sample_ids"]}
         if retry_failed:
             done -= set(outcomes(records)["failed"])
         return done
 
-    def sample_hashes(self) -> dict[str, str]:
+    def sample_hashes(self, records: Sequence[Mapping[str, Any]] | None = None) -> dict[str, str]:
         """The content hash each committed sample ran with (`integrity.sample_digest`)."""
+        records = self.records() if records is None else records
         return {
             sample_id: digest
-            for record in self.records()
+            for record in records
             for sample_id, digest in record.get("hashes", {}).items()
         }
 
