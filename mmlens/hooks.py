@@ -75,11 +75,12 @@ def _deliver(signum: int, frame: Any) -> None:
 
 def _hold_interrupts() -> bool:
     """Route SIGINT through `_on_sigint` (nested scopes count); False where signals cannot be
-    handled here (another thread, or a handler not installed from Python)."""
+    handled here (another thread) or SIGINT has no Python handler (ignored, the system's
+    default, or set from C): then nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         return False
     if _SIGINT["depth"] == 0:
-        if signal.getsignal(signal.SIGINT) is None:
+        if not callable(signal.getsignal(signal.SIGINT)):  # SIG_IGN, SIG_DFL or not from Python
             return False
         _SIGINT["previous"] = signal.signal(signal.SIGINT, _on_sigint)
     _SIGINT["depth"] += 1

@@ -431,3 +431,14 @@ def test_the_cli_takes_relabel_and_no_retry_failed(tmp_path, capsys):
     main(command + ["--relabel", "--no-retry-failed"])
     assert json.loads((tmp_path / "manifest.json").read_text())["complete"]
     assert "'experiment': 'cliff'" in capsys.readouterr().out
+
+
+def test_a_sample_whose_image_was_missing_runs_once_it_is_there(model, shapes, tmp_path):
+    data = on_disk(shapes, tmp_path / "images")
+    data[1].image.rename(tmp_path / "aside.png")
+    with pytest.warns(UserWarning, match=rf"1 sample\(s\) failed.*{data[1].sample_id}: image: "):
+        run(model, data, tmp_path / "out")
+    (tmp_path / "aside.png").rename(data[1].image)
+    result = run(model, data, tmp_path / "out")  # its hash changed, but it has no rows to mix
+    assert set(result.sample_id) == set(data.ids) and result.attrs["failed"] == {}
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]

@@ -245,12 +245,15 @@ class RunStore:
         return done
 
     def sample_hashes(self, records: Sequence[Mapping[str, Any]] | None = None) -> dict[str, str]:
-        """The content hash each committed sample ran with (`integrity.sample_digest`)."""
+        """The content hash each committed sample ran with (`integrity.sample_digest`), for the
+        samples that have rows or were dropped (a failed attempt left nothing to mix with: a
+        sample whose image was missing may run once the image is there)."""
         records = self.records() if records is None else records
         return {
             sample_id: digest
             for record in records
             for sample_id, digest in record.get("hashes", {}).items()
+            if sample_id not in record["failed"]
         }
 
     def commit(self, batch: Batch) -> None:
