@@ -253,7 +253,7 @@ def test_ctrl_c_at_random_moments_leaves_no_hook(model, inp, clean_logits):
     duration = (time.perf_counter() - start) / 5
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)  # the timer thread gets the GIL within microseconds
-    interrupted = 0
+    interrupted, grad_enabled = 0, torch.is_grad_enabled()
     try:
         for trial in range(400):
             timer = threading.Timer(
@@ -268,10 +268,14 @@ def test_ctrl_c_at_random_moments_leaves_no_hook(model, inp, clean_logits):
                 time.sleep(1e-3)  # ... and, if it came after the call, delivered here
             except KeyboardInterrupt:
                 interrupted += 1
+            # An interrupt inside PyTorch's own grad-mode context managers (not mmlens state)
+            # can leave gradients off; later tests need them.
+            torch.set_grad_enabled(grad_enabled)
             for point in model.hook_dict.values():
                 assert not point._forward_hooks and not point.fwd_hooks, f"trial {trial}"
             assert model.context_level == 0, f"trial {trial}"
     finally:
         sys.setswitchinterval(interval)
+        torch.set_grad_enabled(grad_enabled)
     assert interrupted == 400
     assert_clean(model, inp, clean_logits, "after 400 random Ctrl-Cs")
