@@ -442,3 +442,18 @@ def test_a_sample_whose_image_was_missing_runs_once_it_is_there(model, shapes, t
     result = run(model, data, tmp_path / "out")  # its hash changed, but it has no rows to mix
     assert set(result.sample_id) == set(data.ids) and result.attrs["failed"] == {}
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
+
+
+def test_a_lazily_opened_image_that_does_not_decode_fails_that_sample_only(model, shapes, tmp_path):
+    """ScienceQA's images are opened from bytes and decoded on first use: neither the sample
+    hash nor the run stops on one whose pixels are broken."""
+    import io
+
+    png = io.BytesIO()
+    shapes[1].image.save(png, format="PNG")
+    broken = Image.open(io.BytesIO(png.getvalue()[:200]))  # a header, then too few bytes
+    data = Dataset([shapes[0], dataclasses.replace(shapes[1], image=broken), shapes[2]], "shapes")
+    with pytest.warns(UserWarning, match=rf"1 sample\(s\) failed.*{shapes[1].sample_id}: "):
+        result = run(model, data, tmp_path, batch_size=3)
+    assert set(result.sample_id) == {shapes[0].sample_id, shapes[2].sample_id}
+    assert "OSError" in result.attrs["failed"][shapes[1].sample_id]
