@@ -125,6 +125,9 @@ def test_parts_without_a_manifest_are_refused_unless_relabelled(model, shapes, t
         run(model, shapes[:4], tmp_path / "out", batch_size=2)
     relabelled = run(model, shapes[:4], tmp_path / "out", batch_size=2, relabel=True)
     pd.testing.assert_frame_equal(comparable(relabelled), comparable(reference))
+    # --relabel labels unlabelled batches only: a readable manifest of other settings stays
+    with pytest.raises(RunMismatch, match=r"options: centres: \[1\] there, \[2\] now"):
+        run(model, shapes[:4], tmp_path / "out", batch_size=2, relabel=True, centres=[2])
 
 
 # --- 2. one bad sample never stops a run ------------------------------------------------------

@@ -115,21 +115,24 @@ class RunStore:
         then create the directory with `identity` (and `details`, e.g. versions) in its
         manifest, or check that the manifest already there has the same identity (else
         `RunMismatch`, naming what differs). Committed batches without a readable manifest are
-        refused unless `relabel` (then they are labelled with `identity`)."""
+        refused unless `relabel` (then they are labelled with `identity`); a readable manifest
+        of other settings is refused whatever `relabel` says."""
         self.parts.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         try:
-            self._check_identity(identity, relabel)
+            write = self._check_identity(identity, relabel)
         except BaseException:
             self.lock.release()
             raise
-        if not self.manifest_path.exists() or relabel:
+        if write:
             write_json(
                 self.manifest_path,
                 json.loads(json.dumps({**dict(details), "identity": identity}, default=str)),
             )
 
-    def _check_identity(self, identity: Mapping[str, Any], relabel: bool) -> None:
+    def _check_identity(self, identity: Mapping[str, Any], relabel: bool) -> bool:
+        """Whether a manifest is to be written (none yet, or a damaged one relabelled); a
+        readable manifest is compared whatever `relabel` says."""
         if not self.manifest_path.exists():
             committed = sorted(p.name for p in self.parts.glob("*.json") if _PART.match(p.name))
             if committed and not relabel:
@@ -139,19 +142,17 @@ class RunStore:
                     "--relabel (relabel=True) to label them with this command's settings, or "
                     "write to another --out directory"
                 )
-            return
+            return True
         try:
             existing = self.manifest()["identity"]
         except (DamagedRun, KeyError, TypeError) as error:
             if relabel:
-                return
+                return True
             raise RunMismatch(
                 f"{error}; nothing says which settings made its batches: pass --relabel "
                 "(relabel=True) to label them with this command's settings, or write to "
                 "another --out directory"
             ) from None
-        if relabel:
-            return
         wanted = json.loads(json.dumps(identity, sort_keys=True, default=str))
         differ = sorted(
             key for key in set(existing) | set(wanted) if existing.get(key) != wanted.get(key)
@@ -164,6 +165,7 @@ class RunStore:
                 f"{self.out} holds a run with other settings ({details}); resume it with "
                 "the same command, or write to another --out directory"
             )
+        return False
 
     def close(self) -> None:
         """Let this rank's writer lock go (idempotent)."""
