@@ -113,6 +113,8 @@ def run_command(args: argparse.Namespace) -> None:
         device=args.device,
         dtype=args.dtype,
         shard=args.shard,
+        retry_failed=args.retry_failed,
+        relabel=args.relabel,
         **options,
     )
     print(f"{args.out}: {describe(result)}")
@@ -164,6 +166,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     filter_group.add_argument("--all-samples", dest="correct_only", action="store_false")
     run_parser.add_argument("--skip-bad", action="store_true", help="leave out malformed rows")
+    run_parser.add_argument(
+        "--retry-failed",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run samples that failed in an earlier attempt again (default: on)",
+    )
+    run_parser.add_argument(
+        "--relabel",
+        action="store_true",
+        help="label committed batches that have no readable manifest with these settings",
+    )
     run_parser.add_argument("--device", help="default: the launcher's device, else cpu")
     run_parser.add_argument("--dtype", default="float32")
     run_parser.add_argument("--shard", help="INDEX/COUNT (default: from the launcher)")

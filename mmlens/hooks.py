@@ -6,12 +6,17 @@ clean-up loop) left hooks on the model that `reset_hooks()` could not see. Here 
 dictionaries are the truth: a scope notes the first hook id it may create
 (`RemovableHandle.next_id`, which PyTorch increments for every hook) and, on exit, removes every
 hook on the model's hook points with a later id that is not meant to outlive it. Clean-up is a
-few dictionary deletions, repeated until done if an interrupt lands inside it (docs/hooks.md,
-"Interrupts and errors").
+few dictionary deletions, repeated until done if an interrupt lands inside it. A scope
+(`HookScope`) is a class, not a generator, so that no interrupt can land between its steps and
+the `with` statement; while one is open, a Ctrl-C (SIGINT) that lands in this module's
+bookkeeping is held back until the hooks and the context level are settled, then raised
+(docs/hooks.md, "Interrupts and errors").
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -40,6 +45,161 @@ def next_hook_id() -> int:
     return RemovableHandle.next_id
 
 
+# Ctrl-C while hooks are added or removed (docs/hooks.md, "Interrupts and errors"): while a hook
+# scope is open, SIGINT goes to `_on_sigint`, which holds it back if it lands in this module's
+# bookkeeping (scope entry and exit, clean-up) and delivers it as usual anywhere else (a forward
+# pass, a user's hook). A held interrupt is raised once the bookkeeping is settled.
+_SIGINT: dict[str, Any] = {"depth": 0, "previous": None, "pending": False}
+_NOT_BOOKKEEPING = {"__call__", "check_result", "__repr__", "checked_hook", "original_hook"}
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    # The innermost frame of this module on the stack says whether the interrupt landed in the
+    # bookkeeping (or in what it calls: TransformerLens, PyTorch, the signal module) or in a
+    # user's hook run by `CheckedHook`; a forward pass has no frame of this module above it.
+    while frame is not None and frame.f_code.co_filename != __file__:
+        frame = frame.f_back
+    if frame is not None and frame.f_code.co_name not in _NOT_BOOKKEEPING:
+        _SIGINT["pending"] = True
+        return
+    _deliver(signum, frame)
+
+
+def _deliver(signum: int, frame: Any) -> None:
+    previous = _SIGINT["previous"]
+    if callable(previous) and previous is not _on_sigint:
+        previous(signum, frame)  # Python's default handler raises KeyboardInterrupt
+    elif previous != signal.SIG_IGN:
+        raise KeyboardInterrupt
+
+
+def _hold_interrupts() -> bool:
+    """Route SIGINT through `_on_sigint` (nested scopes count); False where signals cannot be
+    handled here (another thread) or SIGINT has no Python handler (ignored, the system's
+    default, or set from C): then nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if _SIGINT["depth"] == 0:
+        if not callable(signal.getsignal(signal.SIGINT)):  # SIG_IGN, SIG_DFL or not from Python
+            return False
+        _SIGINT["previous"] = signal.signal(signal.SIGINT, _on_sigint)
+    _SIGINT["depth"] += 1
+    return True
+
+
+def _release_interrupts(held: bool) -> None:
+    """Undo one `_hold_interrupts`; then raise a Ctrl-C that was held back, if any."""
+    if held:
+        _SIGINT["depth"] -= 1
+        if _SIGINT["depth"] == 0 and signal.getsignal(signal.SIGINT) is _on_sigint:
+            signal.signal(signal.SIGINT, _SIGINT["previous"])
+    if _SIGINT["pending"]:
+        _SIGINT["pending"] = False
+        _deliver(signal.SIGINT, None)
+
+
+def run_to_completion(*steps: Callable[[], Any]) -> None:
+    """Run every step, each retried (up to a few times) if an interrupt or error lands inside
+    it, with Ctrl-C held back until all are done; then raise the first exception, if any.
+    Hook clean-up and restoring the context level are one such protected step."""
+    first_error: BaseException | None = None
+    held = _hold_interrupts()
+    try:
+        for step in steps:
+            for _ in range(_CLEAN_UP_TRIES):
+                try:
+                    step()
+                    break
+                except BaseException as error:  # noqa: BLE001 - finish the clean-up, then re-raise
+                    first_error = first_error or error
+    finally:
+        try:
+            _release_interrupts(held)
+        except BaseException as error:  # noqa: BLE001 - a held Ctrl-C, raised after the first error
+            first_error = first_error or error
+    if first_error is not None:
+        raise first_error
+
+
+class HookScope:
+    """A context level of `model` as a `with` block: entering adds `fwd_hooks` and `bwd_hooks`;
+    leaving removes every hook added since entry at this level (or not recorded at all, unless
+    `keep_untracked`) and restores the level. Entry and exit are each one protected step: an
+    interrupt or error at any moment of either leaves no hook behind (docs/hooks.md).
+
+    Examples:
+        >>> double = [("blocks.0.hook_resid_post", lambda resid, hook: resid * 2)]
+        >>> with HookScope(model, fwd_hooks=double):
+        ...     doubled = model(inp)
+        >>> torch.equal(doubled, model(inp))              # the hook is gone after the block
+        False
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        fwd_hooks: Iterable[tuple[Any, Callable]] = (),
+        bwd_hooks: Iterable[tuple[Any, Callable]] = (),
+        *,
+        reset_hooks_end: bool = True,
+        keep_untracked: bool = False,
+        clear_contexts: bool = False,
+    ):
+        self.model, self.fwd_hooks, self.bwd_hooks = model, list(fwd_hooks), list(bwd_hooks)
+        self.reset_hooks_end, self.keep_untracked = reset_hooks_end, keep_untracked
+        self.clear_contexts = clear_contexts
+
+    def __enter__(self) -> Any:
+        model = self.model
+        self.outer_level, self.first_id = model.context_level, next_hook_id()
+        self.level = [self.outer_level + 1]
+        self.held = _hold_interrupts()
+        try:
+            model.context_level = self.level[0]
+            for name, hook in self.fwd_hooks:
+                model._enable_hook(name=name, hook=hook, dir="fwd")
+            for name, hook in self.bwd_hooks:
+                model._enable_hook(name=name, hook=hook, dir="bwd")
+            if not self.reset_hooks_end:
+                self.level.clear()  # the caller removes them (backward hooks for a later backward)
+            if _SIGINT["pending"]:  # Ctrl-C during registration: clean up, then raise it
+                _SIGINT["pending"] = False
+                _deliver(signal.SIGINT, None)
+        except BaseException:
+            self._close()
+            raise
+        return model
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        try:
+            run_to_completion(self._remove_added, self._restore_level)
+        finally:
+            held, self.held = self.held, False
+            _release_interrupts(held)
+
+    def _remove_added(self) -> None:
+        if not self.level:
+            return
+        level, first_id, keep_untracked = self.level[0], self.first_id, self.keep_untracked
+
+        def added_here(handle: LensHandle | None, hook_id: int) -> bool:
+            if hook_id < first_id:
+                return False
+            if handle is None:
+                return not keep_untracked
+            return handle.context_level == level and not handle.is_permanent
+
+        remove_hooks(self.model.hook_points(), added_here)
+        if self.clear_contexts:
+            self.model.clear_contexts()
+
+    def _restore_level(self) -> None:
+        self.model.context_level = self.outer_level
+
+
 def remove_hooks(
     points: Iterable[HookPoint],
     should_remove: Callable[[LensHandle | None, int], bool],
@@ -49,20 +209,17 @@ def remove_hooks(
 
     `handle` is the TransformerLens record of the hook, or None for a raw PyTorch hook (one
     that `run_with_cache` added, or one whose registration was interrupted before it was
-    recorded). Records of removed hooks are dropped too. An interrupt or error inside the
-    removal does not stop it: it is finished, then the first exception is raised again.
+    recorded). Records of removed hooks are dropped too. The whole removal, the choice of
+    points included, is one protected step (`run_to_completion`): an interrupt or error inside
+    it does not stop it; it is finished, then the first exception is raised again. `points`
+    must be iterable more than once (a list, or `hook_dict.values()`).
     """
-    points = [point for point in points if _has_hook_or_record(point)]
-    first_error: BaseException | None = None
-    for _ in range(_CLEAN_UP_TRIES):
-        try:
-            for point in points:
-                _remove_from_point(point, should_remove, direction)
-            break
-        except BaseException as error:  # noqa: BLE001 - finish the clean-up, then re-raise
-            first_error = first_error or error
-    if first_error is not None:
-        raise first_error
+
+    def remove() -> None:
+        for point in [point for point in points if _has_hook_or_record(point)]:
+            _remove_from_point(point, should_remove, direction)
+
+    run_to_completion(remove)
 
 
 def _remove_from_point(

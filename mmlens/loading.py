@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 # Checkpoint prefixes differ between transformers versions (llava-hf hub checkpoints use
 # `language_model.model.`, transformers >= 4.52 saves `model.language_model.`); normalise first.
@@ -124,8 +124,9 @@ _CONFIG_FILES = (
 
 
 def checkpoint_fingerprint(folder: str | os.PathLike) -> str:
-    """A short hash of a checkpoint folder's identity: its config.json and the names and sizes
-    of its weight files (and index), without reading the weights (run manifests record it).
+    """A short hash of a checkpoint folder by content: its config.json and the bytes of every
+    weight file the model reads (`weight_files`), streamed in chunks (run manifests record it,
+    so a resumed run refuses weights changed in place, docs/experiments.md).
 
     Examples:
         >>> fingerprint = checkpoint_fingerprint(mmlens.zoo.checkpoint_path("tiny-shapes"))
@@ -133,10 +134,90 @@ def checkpoint_fingerprint(folder: str | os.PathLike) -> str:
         (16, True)
     """
     folder = Path(folder)
-    digest = hashlib.sha256((folder / "config.json").read_bytes())
-    for path in sorted(folder.glob("*.safetensors*")) + sorted(folder.glob("*.bin*")):
-        digest.update(f"{path.name}:{path.stat().st_size};".encode())
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update((folder / "config.json").read_bytes())
+    files = weight_files(folder, required=False)
+    if not files:  # a release format (docs/checkpoints.md): every weight-like file it holds
+        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    for path in files:
+        digest.update(f"{path.name}:{file_digest(path)};".encode())
     return digest.hexdigest()[:16]
+
+
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+_CHUNK = 1 << 22
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """A hash of the file's bytes, read in 4 MiB chunks (cached in this process by path, size,
+    modification time and inode, so a large checkpoint is read once)."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _DIGESTS:
+        digest = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as stream:
+            while chunk := stream.read(_CHUNK):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.safetensors$")
+
+
+def weight_files(folder: str | os.PathLike, *, required: bool = True) -> list[Path]:
+    """The safetensors files a Hugging Face checkpoint folder's model is read from: those its
+    ``model.safetensors.index.json`` names, else its one ``*.safetensors`` file, else a complete
+    set of shards ``NAME-0000i-of-0000n.safetensors``. Any other mix of ``*.safetensors`` files
+    is ambiguous (a stray copy would silently override weights) and refused.
+
+    Raises:
+        ValueError: the folder holds several ``*.safetensors`` files and no index, or the index
+            is damaged or names a file that is not there.
+        FileNotFoundError: no ``*.safetensors`` file (only if `required`).
+    """
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (
+            json.JSONDecodeError,
+            UnicodeDecodeError,
+            KeyError,
+            TypeError,
+            AttributeError,
+        ) as error:
+            raise ValueError(
+                f"{index} is not a valid safetensors index (a JSON object with a 'weight_map' "
+                f"of tensor name -> file): {type(error).__name__}: {error}"
+            ) from None
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            raise ValueError(f"{index} names weight file(s) {missing} that are not in {folder}")
+        return [folder / name for name in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) > 1:
+        shards = [_SHARD.match(path.name) for path in files]
+        counts = {(m["stem"], m["count"]) for m in shards if m}
+        if not (
+            all(shards)
+            and len(counts) == 1
+            and sorted(int(m["index"]) for m in shards) == list(range(1, len(files) + 1))
+            and int(next(iter(counts))[1]) == len(files)
+        ):
+            raise ValueError(
+                f"{folder} holds several safetensors files ({', '.join(p.name for p in files)}) "
+                "and no model.safetensors.index.json, so which weights to read is ambiguous; "
+                "remove the stray file(s), or add the index that names the weight files"
+            )
+    if not files and required:
+        raise FileNotFoundError(
+            f"{folder} has no *.safetensors weights; mmlens loads safetensors only "
+            "(re-save a .bin checkpoint with save_pretrained(safe_serialization=True))"
+        )
+    return files
 
 
 def refuse_custom_code(folder: Path) -> None:
@@ -193,26 +274,26 @@ def checkpoint_tensors(
 ) -> dict[str, torch.Tensor]:
     """Every used tensor of the checkpoint under its mmlens name (`mmlens_key` with a family's
     `prefixes` and `renames`), cast and moved one by one."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        shards = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not shards:
-        raise FileNotFoundError(
-            f"{folder} has no *.safetensors weights; mmlens loads safetensors only "
-            "(re-save a .bin checkpoint with save_pretrained(safe_serialization=True))"
-        )
-    items = safetensors_items([folder / shard for shard in shards])
+    shards = weight_files(folder)
+    items = safetensors_items(shards)
     return renamed_tensors(items, dtype, device, prefixes, renames)
 
 
 def safetensors_items(shards: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` of every tensor of the safetensors `shards`, read one at a time."""
+    """``(name, tensor)`` of every tensor of the safetensors `shards`, read one at a time; an
+    unreadable file is a ValueError that names it."""
     for shard in shards:
-        with safe_open(shard, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+        try:
+            with safe_open(shard, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except FileNotFoundError:
+            raise
+        except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+            raise ValueError(
+                f"safetensors file {shard} cannot be read ({type(error).__name__}: {error}); "
+                "it is damaged or not a safetensors file: download or save it again"
+            ) from error
 
 
 def renamed_tensors(

@@ -289,3 +289,117 @@ def test_a_failing_sample_is_named_and_earlier_rows_are_kept(model, inp):
     partial = error.value.partial_result
     assert partial.drop(columns="sample").equals(first_alone.drop(columns="sample"))
     assert set(partial["sample"]) == {0}
+
+
+# ------------------------------------------------------------------ arguments that name no result
+def test_generation_arguments_are_checked(model, inp):
+    with pytest.raises(ValueError, match=r"max_new_tokens must be an integer >= 0, got -1"):
+        model.generate(inp, max_new_tokens=-1)
+    for temperature in (0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match=r"temperature must be a finite number > 0"):
+            model.generate(inp, max_new_tokens=1, do_sample=True, temperature=temperature)
+    assert model.generate(inp, max_new_tokens=0).shape == inp.input_ids.shape
+
+
+def test_stop_at_layer_is_checked_and_counts_from_the_end_when_negative(model, inp):
+    for bad in (N_LAYERS + 1, -N_LAYERS - 1, 1.5):
+        with pytest.raises(ValueError, match=rf"stop_at_layer={bad!r} is outside -4..4"):
+            model(inp, stop_at_layer=bad)
+    _, cache = model.run_with_cache(inp, names_filter=f"blocks.{N_LAYERS - 1}.hook_resid_pre")
+    last = cache[f"blocks.{N_LAYERS - 1}.hook_resid_pre"]
+    torch.testing.assert_close(model(inp, stop_at_layer=-1), last)
+    torch.testing.assert_close(model(inp, stop_at_layer=N_LAYERS - 1), last)
+
+
+@pytest.mark.parametrize("box", [(0, 0, float("nan"), 10), (0, 0, float("inf"), 10)])
+def test_nan_and_infinite_boxes_are_named(inp, box):
+    with pytest.raises(ValueError, match=r"box must be four finite integers .*NaN and infinite"):
+        inp.patches_in_box(box, rule="geometric")
+
+
+def test_a_boolean_mask_of_the_wrong_length_is_refused(model, inp):
+    n = inp.input_ids.shape[1]
+    last = inp.positions("last")
+    for length in (n - 3, n + 2):
+        mask = torch.zeros(length, dtype=torch.bool)
+        mask[1] = True
+        with pytest.raises(
+            ValueError,
+            match=rf"source is a boolean mask of length {length}, but the input has {n} positions",
+        ):
+            model.run_with_hooks(inp, fwd_hooks=attention_knockout(mask, last, [1]))
+        with pytest.raises(
+            SweepError,
+            match=rf"source: a boolean mask of length {length} for an input of {n} positions",
+        ):
+            knockout_sweep(model, inp, {"f": (mask, "last")}, 3, progress=False)
+    # the right length still works, also while generating (the keys grow past the mask)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[1] = True
+    with model.hooks(fwd_hooks=attention_knockout(mask, last, [1])):
+        assert model.generate(inp, max_new_tokens=3).shape[1] > n
+
+
+@pytest.mark.parametrize(
+    "question, error, message",
+    [
+        ("", ValueError, r"prompt 0 is empty \(''\); pass the question's text"),
+        ("  \n", ValueError, r"prompt 0 is empty"),
+        (None, TypeError, r"the prompt must be a string \(or a list of strings\), got NoneType"),
+        ([QUESTION, None], TypeError, r"prompt 1 must be a string, got NoneType"),
+    ],
+)
+def test_empty_or_missing_questions_are_refused(model, image, question, error, message):
+    images = [image, image] if isinstance(question, list) else image
+    with pytest.raises(error, match=message):
+        model.prepare(images, question)
+
+
+def test_images_without_pixels_or_with_four_channel_arrays_are_refused(model):
+    with pytest.raises(ValueError, match=r"the image is 0x0: it has no pixels"):
+        model.prepare(Image.new("RGB", (0, 0)), QUESTION)
+    with pytest.raises(ValueError, match=r"image array has shape \(0, 8, 3\): it has no pixels"):
+        model.prepare(np.zeros((0, 8, 3), np.uint8), QUESTION)
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    with pytest.raises(
+        ValueError,
+        match=r"has 4 channels; pass 1 or 3 .*drop the alpha channel \(array\[\.\.\., :3\]\)",
+    ):
+        model.prepare(rgba, QUESTION)
+
+
+def test_a_prompt_past_the_position_limit_is_warned_about(model, image):
+    limit = model.cfg.max_position_embeddings
+    long_question = " ".join(["word"] * (limit + 10))
+    with pytest.warns(
+        UserWarning, match=rf"more than the model's max_position_embeddings \({limit}\)"
+    ):
+        model.prepare(image, long_question)
+
+
+def test_a_box_outside_the_image_in_a_sweep_names_the_sample_and_box(model, image):
+    inputs = [model.prepare(image, QUESTION), model.prepare(image, QUESTION)]
+    boxes = [[(0, 0, 10, 10)], [(0, 0, 10, 10), (80, 0, 200, 10)]]
+    with pytest.raises(
+        SweepError,
+        match=r"sample 1: flow 'f': source: box \(80, 0, 200, 10\) must satisfy .* width 88 and height 48",
+    ):
+        knockout_sweep(model, inputs, {"f": ("related_patches", "last")}, 3, boxes=boxes,
+                       patch_rule="geometric", progress=False)  # fmt: skip
+
+
+def test_rgba_images_drop_their_alpha_under_the_papers_presets(model):
+    """Original LLaVA opens images with ``.convert("RGB")`` (alpha dropped); Hugging Face's
+    processor blends them onto white. Under a paper's preset mmlens does what LLaVA does."""
+    from mmlens.presets import CROSS_MODAL_FLOW
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (48, 88, 4), dtype=np.uint8)
+    pixels[..., 3] = rng.integers(0, 256, (48, 88))
+    rgba = Image.fromarray(pixels, "RGBA")
+    dropped = rgba.convert("RGB")
+    under_preset = model.prepare(rgba, QUESTION, preset=CROSS_MODAL_FLOW).pixel_values
+    expected = model.prepare(dropped, QUESTION, preset=CROSS_MODAL_FLOW).pixel_values
+    assert torch.equal(under_preset, expected)
+    blended = model.prepare(rgba, QUESTION).pixel_values  # no preset: the processor's blend
+    assert not torch.equal(blended, model.prepare(dropped, QUESTION).pixel_values)

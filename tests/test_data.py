@@ -315,6 +315,27 @@ def test_chair_missing_image(coco):
     assert load_chair(folder, images, n_images=None, skip_bad=True).ids == ["1", "3", "4", "5"]
 
 
+@pytest.mark.parametrize(
+    "key, duplicate, row",
+    [
+        ("images", {"id": 3, "file_name": "other.jpg", "height": 2, "width": 2}, "images[6]"),
+        ("categories", {"id": 1, "name": "cat"}, "categories[3]"),
+    ],
+)
+def test_chair_duplicate_image_or_category_ids_are_errors(coco, key, duplicate, row):
+    folder, images = coco
+    file = folder / "instances_val2014.json"
+    content = json.loads(file.read_text())
+    first = next(i for i, entry in enumerate(content[key]) if entry["id"] == duplicate["id"])
+    content[key].append(duplicate)
+    file.write_text(json.dumps(content))
+    with pytest.raises(
+        DataError, match=rf"{key} id {duplicate['id']} occurs twice \(also {key}\[{first}\]\)"
+    ) as error:
+        load_chair(folder, images, n_images=None)
+    assert (error.value.row, error.value.field) == (row, "id")
+
+
 # --- shapes and samples made in Python ------------------------------------------------------
 
 

@@ -216,3 +216,66 @@ def test_add_hook_inside_a_hooks_block_stays_as_in_transformer_lens(model, inp, 
     assert not model.hook_dict["blocks.1.hook_mlp_out"].fwd_hooks
     model.reset_hooks()
     assert_clean(model, inp, clean_logits, "after reset_hooks")
+
+
+@pytest.mark.parametrize("at", [1, 2, 7])
+def test_an_interrupt_in_the_clean_up_pre_filter_leaves_no_hook(model, inp, clean_logits, at):
+    """The choice of hook points to clean (the pre-filter) is part of the protected step."""
+    image, last = inp.positions("image"), inp.positions("last")
+    knockout = attention_knockout(image, last, window(1, 3, N_LAYERS))
+    real = mmlens.hooks._has_hook_or_record
+    interrupt = Interrupt(at)
+    try:
+        mmlens.hooks._has_hook_or_record = interrupt.wrap(real)
+        with pytest.raises(KeyboardInterrupt, match=f"call {at}"):
+            model.run_with_hooks(inp, fwd_hooks=knockout)
+    finally:
+        mmlens.hooks._has_hook_or_record = real
+    assert_clean(model, inp, clean_logits, f"pre-filter interrupted at call {at}")
+
+
+def test_ctrl_c_at_random_moments_leaves_no_hook(model, inp, clean_logits):
+    """Real SIGINTs (Ctrl-C), sent by a timer thread at random moments of `run_with_hooks`: the
+    interrupt lands anywhere, registration and clean-up included."""
+    import os
+    import random
+    import signal
+    import sys
+    import threading
+    import time
+
+    image, last = inp.positions("image"), inp.positions("last")
+    knockout = attention_knockout(image, last, window(1, 3, N_LAYERS)) + zero_mlp(0)
+    generator = random.Random(0)
+    start = time.perf_counter()
+    for _ in range(5):
+        model.run_with_hooks(inp, fwd_hooks=knockout)
+    duration = (time.perf_counter() - start) / 5
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # the timer thread gets the GIL within microseconds
+    interrupted, grad_enabled = 0, torch.is_grad_enabled()
+    try:
+        for trial in range(400):
+            timer = threading.Timer(
+                generator.uniform(0, duration), os.kill, (os.getpid(), signal.SIGINT)
+            )
+            try:
+                timer.start()
+                try:
+                    model.run_with_hooks(inp, fwd_hooks=knockout)
+                finally:
+                    timer.join()  # the signal is sent ...
+                time.sleep(1e-3)  # ... and, if it came after the call, delivered here
+            except KeyboardInterrupt:
+                interrupted += 1
+            # An interrupt inside PyTorch's own grad-mode context managers (not mmlens state)
+            # can leave gradients off; later tests need them.
+            torch.set_grad_enabled(grad_enabled)
+            for point in model.hook_dict.values():
+                assert not point._forward_hooks and not point.fwd_hooks, f"trial {trial}"
+            assert model.context_level == 0, f"trial {trial}"
+    finally:
+        sys.setswitchinterval(interval)
+        torch.set_grad_enabled(grad_enabled)
+    assert interrupted == 400
+    assert_clean(model, inp, clean_logits, "after 400 random Ctrl-Cs")

@@ -95,3 +95,82 @@ def test_integer_dtype_is_refused_in_one_line(tiny_llava_dir, dtype):
 def test_unknown_dtype_name(tiny_llava_dir):
     with pytest.raises(ValueError, match="'bfloat61' is not a torch dtype"):
         mmlens.from_pretrained(tiny_llava_dir, dtype="bfloat61")
+
+
+# --- which safetensors files are the weights ------------------------------------------------------
+
+
+def _copy_of(folder, destination):
+    shutil.copytree(folder, destination)
+    return destination
+
+
+def test_a_stray_second_safetensors_file_is_refused_not_read(tiny_llava_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mmlens.loading import weight_files
+
+    folder = _copy_of(tiny_llava_dir, tmp_path / "ckpt")
+    (weights,) = weight_files(folder)
+    tensors = load_file(weights)
+    save_file(
+        {name: torch.zeros_like(t) for name, t in tensors.items()}, folder / "zz-copy.safetensors"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"holds several safetensors files \(model.safetensors, zz-copy.safetensors\) and no model.safetensors.index.json.*remove the stray file",
+    ):
+        mmlens.from_pretrained(folder)
+    # With an index, the index says which file is read: the stray copy is ignored.
+    index = {"metadata": {}, "weight_map": dict.fromkeys(tensors, weights.name)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    reference = mmlens.from_pretrained(tiny_llava_dir)
+    model = mmlens.from_pretrained(folder)
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters(), strict=True)
+    )
+
+
+def test_complete_shards_without_an_index_are_read(tiny_llava_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mmlens.loading import weight_files
+
+    folder = _copy_of(tiny_llava_dir, tmp_path / "ckpt")
+    tensors = load_file(folder / "model.safetensors")
+    names = sorted(tensors)
+    (folder / "model.safetensors").unlink()
+    save_file({n: tensors[n] for n in names[::2]}, folder / "model-00001-of-00002.safetensors")
+    save_file({n: tensors[n] for n in names[1::2]}, folder / "model-00002-of-00002.safetensors")
+    assert [p.name for p in weight_files(folder)] == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+    ]  # fmt: skip
+    (folder / "model-00002-of-00002.safetensors").rename(
+        folder / "model-00002-of-00003.safetensors"
+    )
+    with pytest.raises(ValueError, match="holds several safetensors files"):
+        weight_files(folder)
+
+
+def test_safetensors_errors_name_the_file(tiny_llava_dir, tmp_path):
+    folder = _copy_of(tiny_llava_dir, tmp_path / "ckpt")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        ValueError,
+        match=rf"safetensors file {folder / 'model.safetensors'} cannot be read .*damaged",
+    ):
+        mmlens.from_pretrained(folder)
+    (folder / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "gone.safetensors"}}'
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"model.safetensors.index.json names weight file\(s\) \['gone.safetensors'\]",
+    ):
+        mmlens.from_pretrained(folder)
+    (folder / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(
+        ValueError, match=r"model.safetensors.index.json is not a valid safetensors index"
+    ):
+        mmlens.from_pretrained(folder)

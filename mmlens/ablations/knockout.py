@@ -92,8 +92,8 @@ def _knockout_hooks(
 
     def knock_out(scores: Float[Tensor, "batch head q_pos k_pos"], hook: HookPoint) -> Tensor:
         state = sequence_of(hook)
-        check_in_range(source_set, state.key_positions, "source")
-        check_in_range(target_set, state.key_positions, "target")
+        check_in_range(source_set, state.key_positions, "source", state.query_positions)
+        check_in_range(target_set, state.key_positions, "target", state.query_positions)
         targets = target_set.mask(state.query_positions)[:, :, None]
         sources = source_set.mask(state.key_positions)[:, None, :]
         return block_edges(scores, state, targets & sources, head_index, post_softmax)

@@ -35,6 +35,9 @@ class PositionSet:
     """
 
     members: Bool[Tensor, "item n"]
+    length: int | None = None
+    """The length of the boolean mask the set was read from (None for indices): a mask has one
+    entry per position of the input, which the hooks check (`check_positions_exist`)."""
 
     @classmethod
     def of(cls, positions: PositionsLike | PositionSet, name: str = "positions") -> PositionSet:
@@ -47,6 +50,7 @@ class PositionSet:
                 f"{name}: {positions!r} is a segment name, not positions; pass "
                 f"inp.positions({positions!r})"
             )
+        length = _mask_length(positions, name)
         if isinstance(positions, Tensor) and positions.dtype == torch.bool and positions.ndim == 2:
             positions = list(positions)  # a [batch, pos] mask: one set per item
         if isinstance(positions, (list, tuple)) and positions and isinstance(positions[0], Tensor):
@@ -56,8 +60,8 @@ class PositionSet:
             ]
             if not any(p.numel() for p in per_item):
                 raise ValueError(f"{name} is empty in every batch item")
-            return cls.from_items(per_item)
-        return cls.from_items([_checked(torch.as_tensor(positions), name)])
+            return cls(cls.from_items(per_item).members, length)
+        return cls(cls.from_items([_checked(torch.as_tensor(positions), name)]).members, length)
 
     @classmethod
     def from_items(cls, items: Sequence[Int[Tensor, "n"]]) -> PositionSet:
@@ -108,6 +112,19 @@ class PositionSet:
         """The set of every batch item."""
         rows = self.members.expand(batch, -1) if self.is_shared else self.members
         return [row.nonzero()[:, 0] for row in rows]
+
+
+def _mask_length(positions: object, name: str) -> int | None:
+    """The length of a boolean mask (1-D, [batch, pos], or a list of 1-D masks of one length),
+    None for indices."""
+    if isinstance(positions, Tensor) and positions.dtype == torch.bool and positions.ndim >= 1:
+        return int(positions.shape[-1])
+    if isinstance(positions, (list, tuple)) and positions and isinstance(positions[0], Tensor):
+        lengths = {int(p.shape[-1]) for p in positions if p.dtype == torch.bool and p.ndim == 1}
+        if len(lengths) > 1:
+            raise ValueError(f"{name}: boolean masks of different lengths {sorted(lengths)}")
+        return lengths.pop() if lengths else None
+    return None
 
 
 def as_positions(positions: PositionsLike, name: str = "positions") -> Int[Tensor, "n"]:
@@ -164,15 +181,30 @@ def is_layer_hook(name: str, site: str, first_layer: int) -> bool:
 
 
 def check_in_range(
-    positions: PositionSet, key_positions: Int[Tensor, "batch k_pos"], name: str
+    positions: PositionSet,
+    key_positions: Int[Tensor, "batch k_pos"],
+    name: str,
+    query_positions: Int[Tensor, "batch q_pos"] | None = None,
 ) -> None:
-    """In a prefill (keys start at 0), every requested position must exist in the input."""
+    """In a prefill (keys start at 0), every requested position must exist in the input; a
+    boolean mask must have one entry per position where the block sees the whole input (its
+    queries are its keys; in later generation steps it may be shorter than the keys)."""
     if int(key_positions.min()) == 0:
-        check_positions_exist(positions, int(key_positions.max()) + 1, name)
+        whole = query_positions is not None and query_positions.shape == key_positions.shape
+        check_positions_exist(positions, int(key_positions.max()) + 1, name, exact=whole)
 
 
-def check_positions_exist(positions: PositionSet, n_positions: int, name: str) -> None:
-    """Every position must be an index into an input of `n_positions` positions."""
+def check_positions_exist(
+    positions: PositionSet, n_positions: int, name: str, exact: bool = True
+) -> None:
+    """Every position must be an index into an input of `n_positions` positions, and a
+    boolean mask must have `n_positions` entries (at most, unless `exact`)."""
+    length = positions.length
+    if length is not None and (length > n_positions or (exact and length != n_positions)):
+        raise ValueError(
+            f"{name} is a boolean mask of length {length}, but the input has {n_positions} "
+            "positions; a mask has one entry per position (e.g. inp.input_ids[0] == token_id)"
+        )
     if positions.max() >= n_positions:
         raise ValueError(
             f"{name} includes position {positions.max()}, but the input has {n_positions} "

@@ -79,7 +79,7 @@ def _zero_output(
 
     def zero_at_positions(out: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
         state = sequence_of(hook)
-        check_in_range(position_set, state.key_positions, "positions")
+        check_in_range(position_set, state.key_positions, "positions", state.query_positions)
         return out.masked_fill(position_set.mask(state.query_positions)[..., None], 0.0)
 
     return [(f"blocks.{layer}.{site}", zero_at_positions) for layer in layers]

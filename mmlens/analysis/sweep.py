@@ -63,8 +63,14 @@ def resolve_positions(
     or a tensor of positions (or a boolean mask).
     """
     if callable(spec):
-        return as_positions(spec(inp, item))
+        spec = spec(inp, item)
     if isinstance(spec, Tensor):
+        n_positions = inp.input_ids.shape[1]
+        if spec.dtype == torch.bool and spec.shape[-1] != n_positions:
+            raise ValueError(
+                f"a boolean mask of length {spec.shape[-1]} for an input of {n_positions} "
+                "positions; a mask has one entry per position (e.g. inp.input_ids[0] == token_id)"
+            )
         return as_positions(spec)
     if spec in ("related_patches", "other_patches"):
         if not boxes:
@@ -271,7 +277,8 @@ def _flow_positions(
     for name, pair in flows.items():
         try:
             source, target = (
-                resolve_positions(spec, inp, boxes, item, patch_rule) for spec in pair
+                _resolved(role, spec, inp, boxes, item, patch_rule)
+                for role, spec in zip(("source", "target"), pair, strict=True)
             )
             source_set = PositionSet.of(source, "source")
             target_set = PositionSet.of(target, "target")
@@ -282,6 +289,14 @@ def _flow_positions(
             raise ValueError(f"item {item}: flow {name!r}: {error}") from error
         positions.append((source, target))
     return positions
+
+
+def _resolved(role: str, spec: Any, inp: Any, boxes: Any, item: int, patch_rule: str) -> Tensor:
+    """`resolve_positions`, its error naming the flow's `role` (source or target)."""
+    try:
+        return resolve_positions(spec, inp, boxes, item, patch_rule)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{role}: {error}") from error
 
 
 def _engine(

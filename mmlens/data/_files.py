@@ -148,22 +148,38 @@ def read_json(file: Path) -> Any:
             return json.load(stream)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(file, None, None, f"not valid JSON: {error}") from error
+    except RecursionError:
+        raise DataError(file, None, None, "not readable JSON: nested too deeply") from None
 
 
-def json_lines(file: Path) -> Iterator[tuple[int, str]]:
-    """``(line number, text)`` of every non-blank line of a JSON-lines file."""
-    with open(file, encoding="utf-8") as stream:
-        for number, line in enumerate(stream, start=1):
+def json_lines(file: Path) -> Iterator[tuple[int, str | bytes]]:
+    """``(line number, text)`` of every non-blank line of a JSON-lines file; a line that is not
+    UTF-8 comes as its bytes, which `json_object` reports as that row's error (so that
+    ``skip_bad`` can leave it out)."""
+    with open(file, "rb") as stream:
+        for number, raw in enumerate(stream, start=1):
+            try:
+                line: str | bytes = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = raw
             if line.strip():
                 yield number, line
 
 
-def json_object(file: Path, row: Row, text: str) -> dict[str, Any]:
-    """One line of a JSON-lines file, which must hold a JSON object."""
+def json_object(file: Path, row: Row, text: str | bytes) -> dict[str, Any]:
+    """One line of a JSON-lines file, which must hold a JSON object (UTF-8, and not nested
+    past Python's recursion limit)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(file, row, None, f"not UTF-8 text: {error}") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(file, row, None, f"not valid JSON: {error}") from None
+    except RecursionError:
+        raise DataError(file, row, None, "not readable JSON: nested too deeply") from None
     return as_object(file, row, value)
 
 

@@ -65,15 +65,10 @@ def load_chair(
     instances_file = data_file(folder / instances)
     content = as_object(instances_file, None, read_json(instances_file))
     names = {
-        value_of(instances_file, row, entry, "id", int): value_of(
-            instances_file, row, entry, "name", str
-        )
-        for row, entry in _entries(instances_file, content, "categories")
+        key: value_of(instances_file, row, entry, "name", str)
+        for key, (row, entry) in _by_id(instances_file, content, "categories").items()
     }
-    entries = {
-        value_of(instances_file, row, entry, "id", int): (row, entry)
-        for row, entry in _entries(instances_file, content, "images")
-    }
+    entries = _by_id(instances_file, content, "images")
     objects: dict[int, set[str]] = {}
     for row, entry in _entries(instances_file, content, "annotations"):
         image_id = value_of(instances_file, row, entry, "image_id", int)
@@ -103,6 +98,20 @@ def _entries(file: Path, content: dict[str, Any], key: str) -> Iterator[tuple[st
     for index, entry in enumerate(entries):
         row = f"{key}[{index}]"
         yield row, as_object(file, row, entry)
+
+
+def _by_id(file: Path, content: dict[str, Any], key: str) -> dict[int, tuple[str, dict]]:
+    """The entries of ``content[key]`` by their ``id``; an id that occurs twice is a
+    `DataError` naming both entries (CHAIR's ground truth would silently take one of them)."""
+    by_id: dict[int, tuple[str, dict]] = {}
+    for row, entry in _entries(file, content, key):
+        entry_id = value_of(file, row, entry, "id", int)
+        if entry_id in by_id:
+            raise DataError(
+                file, row, "id", f"{key} id {entry_id} occurs twice (also {by_id[entry_id][0]})"
+            )
+        by_id[entry_id] = (row, entry)
+    return by_id
 
 
 def _captions(file: Path) -> dict[int, list[str]]:

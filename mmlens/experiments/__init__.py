@@ -31,13 +31,15 @@ from tqdm.auto import tqdm
 
 from mmlens.analysis import correct_answers
 from mmlens.data import Dataset, Sample, from_samples, load, shard_of
+from mmlens.experiments.checks import check_options
 from mmlens.experiments.definitions import EXPERIMENTS, Context, Experiment, required_answer
+from mmlens.experiments.integrity import RunLocked, sample_digest
 from mmlens.experiments.parallel import Shard, current_shard
-from mmlens.experiments.store import Batch, RunMismatch, RunStore, merged
+from mmlens.experiments.store import Batch, DamagedRun, RunMismatch, RunStore, outcomes
 from mmlens.inputs import processor_fingerprint
 from mmlens.presets import PRESETS, Preset
 
-__all__ = ["EXPERIMENTS", "RunMismatch", "run"]
+__all__ = ["EXPERIMENTS", "DamagedRun", "RunLocked", "RunMismatch", "run"]
 
 
 def run(
@@ -56,6 +58,8 @@ def run(
     dtype: str | torch.dtype = "float32",
     shard: tuple[int, int] | str | None = None,
     progress: bool = True,
+    retry_failed: bool = True,
+    relabel: bool = False,
     **options: Any,
 ) -> pd.DataFrame:
     """Run `experiment` over `data` with `model`, writing to `out`; return the results.
@@ -65,9 +69,11 @@ def run(
             attention-share, cam, cliff, truncation, fastv).
         model: a model, a checkpoint folder, a hub id in the local cache, or a zoo name.
         data: a `Dataset`, samples, or a spec ``"FORMAT:PATH"`` (`mmlens.data.load`).
-        out: the run directory. If it holds a run of the same settings, that run resumes:
-            finished samples are not computed again; other settings are refused
-            (`RunMismatch`).
+        out: the run directory. If it holds a run of the same settings and data, that run
+            resumes: finished samples are not computed again; other settings, another model
+            (by weight content), dtype or device kind, or samples whose content changed are
+            refused (`RunMismatch`, naming what differs). One process per rank writes it
+            (`integrity.RunLocked` names the holder otherwise).
         preset: a paper preset (`mmlens.presets`, or its name): inputs are prepared with it and
             the analyses take its settings.
         images: the image folder of a data spec.
@@ -82,7 +88,14 @@ def run(
         dtype: the dtype of a model given by name.
         shard: ``(index, count)`` or ``"index/count"``: run one shard of the samples; default:
             from the launcher (accelerate / torchrun / SLURM array), else all.
+        retry_failed: run samples that failed in an earlier attempt again (default).
+        relabel: label committed batches that have no (readable) manifest with these settings
+            instead of refusing them.
         options: the experiment's options (`EXPERIMENTS[name].options`).
+
+    Raises:
+        ValueError: an unknown experiment, preset or option, or an option value the model
+            cannot take (before anything runs).
 
     Returns:
         every committed row of the run directory (`mmlens.results.load(out)`), this process'
@@ -92,12 +105,15 @@ def run(
 
     spec = _experiment(experiment)
     preset = _preset(preset)
+    spec.resolve(options)  # an unknown option is refused before the model is loaded
     this_shard = current_shard(shard, cpu=str(device) == "cpu")
     model, model_identity = _model(model, device or this_shard.device or "cpu", dtype)
     dataset = _dataset(data, images, skip_bad)
     if limit is not None:
         dataset = dataset[:limit]
+    given = {key for key, value in options.items() if value is not None}
     options = _resolved_options(spec, model, preset, options)
+    check_options(spec, model, preset, options, given)
     if correct_only is None:
         correct_only = bool(preset and preset.correct_only)
     correct_only = correct_only and spec.filters_correct
@@ -114,67 +130,73 @@ def run(
             ids=hashlib.sha256("\n".join(dataset.ids).encode()).hexdigest()[:16],
         ),
     )
-    store = RunStore(out, rank=this_shard.index)
-    store.open(identity, details=_environment(model))
-    finished = store.finished()
-    todo = [
+    mine = [
         (index, sample)
         for index, sample in enumerate(dataset)
         if shard_of(sample.sample_id, this_shard.count) == this_shard.index
-        and sample.sample_id not in finished
     ]
-    context = Context(
-        model=model,
-        preset=preset,
-        options=options,
-        dataset=dataset.name,
-        max_new_tokens=dataset.max_new_tokens,
-    )
-    bar = tqdm(
-        total=len(todo),
-        desc=f"{spec.name} (shard {this_shard.index}/{this_shard.count})",
-        unit="sample",
-        disable=not progress,
-    )
-    with bar:
-        for batch in _batches(todo, batch_size):
-            store.commit(_run_batch(spec, context, batch, correct_only))
-            bar.update(len(batch))
-    failed = _finish(store, this_shard, dataset)
+    store = RunStore(out, rank=this_shard.index)
+    store.open(identity, details=_environment(model), relabel=relabel)
+    try:
+        records = store.records(repair=True)  # damaged batches moved aside, to run again
+        finished = store.finished(retry_failed=retry_failed, records=records)
+        hashes = _sample_hashes(mine, progress)
+        _check_data(store, records, hashes)
+        todo = [(index, sample) for index, sample in mine if sample.sample_id not in finished]
+        context = Context(
+            model=model,
+            preset=preset,
+            options=options,
+            dataset=dataset.name,
+            max_new_tokens=dataset.max_new_tokens,
+        )
+        bar = tqdm(
+            total=len(todo),
+            desc=f"{spec.name} (shard {this_shard.index}/{this_shard.count})",
+            unit="sample",
+            disable=not progress,
+        )
+        with bar:
+            for batch in _batches(todo, batch_size):
+                store.commit(_run_batch(spec, context, batch, correct_only, hashes))
+                bar.update(len(batch))
+        failed = _finish(store, this_shard, dataset)
+    finally:
+        store.close()
     if failed:
         first = next(iter(failed.items()))
         warnings.warn(
-            f"{len(failed)} sample(s) failed and have no rows (listed in {store.manifest_path}); "
-            f"first: {first[0]}: {first[1]}",
+            f"{len(failed)} sample(s) failed and have no rows (listed in {store.manifest_path}; "
+            f"run the same command again to retry them); first: {first[0]}: {first[1]}",
             stacklevel=2,
         )
     return results.load(out)
 
 
 def _run_batch(
-    spec: Experiment, context: Context, batch: list[tuple[int, Sample]], correct_only: bool
+    spec: Experiment,
+    context: Context,
+    batch: list[tuple[int, Sample]],
+    correct_only: bool,
+    hashes: dict[str, str],
 ) -> Batch:
     """One batch: read its images, drop wrongly answered samples if asked, run the experiment
-    (alone per sample if the batch fails, so one bad sample does not sink the others)."""
-    result = Batch(sample_ids=[sample.sample_id for _, sample in batch])
+    (alone per sample if the batch fails, so one bad sample does not sink the others). Every
+    per-sample step records its error as the sample's failure; the run goes on."""
+    result = Batch(
+        sample_ids=[sample.sample_id for _, sample in batch],
+        hashes={sample.sample_id: hashes[sample.sample_id] for _, sample in batch},
+    )
     readable, images = [], {}
     for index, sample in batch:
         try:
             images[sample.sample_id] = sample.load_image()
             readable.append((index, sample))
-        except (OSError, ValueError) as error:
-            result.failed[sample.sample_id] = f"image: {error}"
+        except Exception as error:  # noqa: BLE001 - PIL raises many kinds (docs/experiments.md)
+            result.failed[sample.sample_id] = f"image: {type(error).__name__}: {error}"
     context = dataclasses.replace(context, images=images)
     if correct_only and readable:
-        samples = [sample for _, sample in readable]
-        with torch.no_grad():
-            correct = correct_answers(
-                context.model, context.prepare(samples), [required_answer(s) for s in samples]
-            )
-        for (index, sample), is_correct in zip(list(readable), correct.tolist(), strict=True):
-            if not is_correct:
-                result.dropped[sample.sample_id] = "answered incorrectly"
-                readable.remove((index, sample))
+        readable = _correct_only(context, readable, result)
     samples = [sample for _, sample in readable]
     order = {sample.sample_id: index for index, sample in readable}
     try:
@@ -191,6 +213,36 @@ def _run_batch(
     return result
 
 
+def _correct_only(
+    context: Context, readable: list[tuple[int, Sample]], result: Batch
+) -> list[tuple[int, Sample]]:
+    """The samples of `readable` the model answers correctly; the others go to
+    `result.dropped`, and those the filter fails on (no answer, an error) to `result.failed`."""
+
+    def correct(group: list[tuple[int, Sample]]) -> list[bool]:
+        samples = [sample for _, sample in group]
+        with torch.no_grad():
+            return correct_answers(
+                context.model, context.prepare(samples), [required_answer(s) for s in samples]
+            ).tolist()
+
+    try:
+        verdicts = list(zip(readable, correct(readable), strict=True))
+    except Exception:  # noqa: BLE001 - one sample at a time, to fail only the bad one
+        verdicts = []
+        for pair in readable:
+            try:
+                verdicts.append((pair, correct([pair])[0]))
+            except Exception as error:  # noqa: BLE001 - recorded, reported at the end
+                result.failed[pair[1].sample_id] = (
+                    f"correct-answer filter: {type(error).__name__}: {error}"
+                )
+    for (_, sample), is_correct in verdicts:
+        if not is_correct:
+            result.dropped[sample.sample_id] = "answered incorrectly"
+    return [pair for pair, is_correct in verdicts if is_correct]
+
+
 def _alone(
     spec: Experiment, context: Context, sample: Sample, result: Batch
 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
@@ -204,20 +256,52 @@ def _alone(
 
 def _finish(store: RunStore, shard: Shard, dataset: Dataset) -> dict[str, str]:
     """Record what the run left out and how far it got (rank 0, once every rank is done);
-    return the failed samples."""
+    return the failed samples. ``complete`` is true only when every sample has rows or was
+    dropped by the correct-answer rule: a sample whose every attempt failed keeps it false
+    (a resume retries it)."""
     shard.wait_for_everyone()
-    records = store.records()
-    if shard.index != 0:
-        return merged(records, "failed")
-    n_finished = sum(len(record["sample_ids"]) for record in records)
-    store.update_manifest(
-        finished=n_finished,
-        complete=n_finished == len(dataset),
-        dropped=merged(records, "dropped"),
-        failed=merged(records, "failed"),
-        skipped_rows=list(dataset.skipped),
-    )
-    return merged(records, "failed")
+    result = outcomes(store.records())
+    if shard.index == 0:
+        store.update_manifest(
+            finished=len(result["done"]),
+            complete=len(result["done"]) == len(dataset)
+            and set(result["done"]) == set(dataset.ids),
+            dropped=result["dropped"],
+            failed=result["failed"],
+            failed_attempts={k: result["attempts"][k] for k in result["failed"]},
+            skipped_rows=list(dataset.skipped),
+        )
+    return result["failed"]
+
+
+def _sample_hashes(samples: list[tuple[int, Sample]], progress: bool) -> dict[str, str]:
+    """Each sample's content hash (`integrity.sample_digest`), its image files read once."""
+    cache: dict[str, str] = {}
+    return {
+        sample.sample_id: sample_digest(sample, cache)
+        for _, sample in tqdm(
+            samples,
+            desc="hashing samples",
+            unit="sample",
+            disable=not progress or len(samples) < 1000,
+        )
+    }
+
+
+def _check_data(store: RunStore, records: list[dict[str, Any]], hashes: dict[str, str]) -> None:
+    """Refuse a resume whose samples' content (question, answers, boxes, image) differs from
+    what their committed rows were computed with."""
+    committed = store.sample_hashes(records)
+    changed = [key for key, value in hashes.items() if committed.get(key, value) != value]
+    if changed:
+        shown = ", ".join(repr(key) for key in changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise RunMismatch(
+            f"{store.out} holds rows of sample(s) {shown}{more} computed from other content "
+            "(question, answers, options, boxes, answer instruction or image bytes changed "
+            "under the same ids; e.g. --images points at other pictures); resume with the same "
+            "data, or write to another --out directory"
+        )
 
 
 def _batches(todo: list[tuple[int, Sample]], batch_size: int) -> Iterable[list[tuple[int, Sample]]]:
@@ -267,7 +351,7 @@ def _resolved_options(
 
 def _model(model: Any, device: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
     """The model (loaded if given by name) and what identifies it in the manifest."""
-    from mmlens.loading import checkpoint_fingerprint, resolve_checkpoint
+    from mmlens.loading import checkpoint_fingerprint, resolve_checkpoint, weight_files
     from mmlens.models import from_pretrained
     from mmlens.zoo import MODELS, checkpoint_path
     from mmlens.zoo import load as load_zoo
@@ -285,12 +369,20 @@ def _model(model: Any, device: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
         folder = Path(str(model.cfg.model_name))
         # A zoo model keeps its zoo name however it was passed, so that a run resumes either way.
         name = next((zoo for zoo in MODELS if checkpoint_path(zoo) == folder), str(folder))
+    has_checkpoint = (folder / "config.json").is_file()
     fingerprint = (
-        checkpoint_fingerprint(folder)
-        if (folder / "config.json").is_file()
-        else processor_fingerprint(model.processor)
+        checkpoint_fingerprint(folder) if has_checkpoint else processor_fingerprint(model.processor)
     )
-    return model, dict(name=name, fingerprint=fingerprint, template=model.default_template)
+    files = weight_files(folder, required=False) if has_checkpoint else []
+    parameters = list(model.parameters())
+    return model, dict(
+        name=name,
+        fingerprint=fingerprint,
+        weight_files=[path.name for path in files],
+        template=model.default_template,
+        dtype=str(parameters[0].dtype) if parameters else None,
+        device=sorted({parameter.device.type for parameter in parameters}),
+    )
 
 
 def _dataset(data: Any, images: Any, skip_bad: bool) -> Dataset:

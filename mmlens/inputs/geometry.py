@@ -6,6 +6,7 @@ geometry on top of this one (docs/architecture.md, "The family contract")."""
 from __future__ import annotations
 
 import copy
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -200,7 +201,16 @@ class ImageGeometry:
             ValueError: the box is empty, not integral, or not inside the original image.
         """
         height, width = self.original_size
-        if len(box) != 4 or any(int(value) != value for value in box):
+        try:
+            finite = len(box) == 4 and all(math.isfinite(float(value)) for value in box)
+        except (TypeError, ValueError):
+            finite = False
+        if not finite:
+            raise ValueError(
+                f"box must be four finite integers (x0, y0, x1, y1), got {box!r}; NaN and "
+                "infinite coordinates name no pixels"
+            )
+        if any(int(value) != value for value in box):
             raise ValueError(f"box must be four integers (x0, y0, x1, y1), got {box!r}")
         x0, y0, x1, y1 = (int(value) for value in box)
         if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):

@@ -37,15 +37,61 @@ def as_image(image: Any) -> Image.Image | np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         image = _open(image)
     if isinstance(image, Image.Image):
+        if 0 in image.size:
+            raise ValueError(f"the image is {image.width}x{image.height}: it has no pixels")
         return _eight_bit_pil(image)
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
+        _check_array_shape(image)
         return _eight_bit_array(image)
     raise TypeError(
         f"cannot read an image of type {type(image).__name__}: pass a PIL image, a path, or an "
         "array/tensor (uint8, or float in [0, 1])"
     )
+
+
+def without_alpha(images: Any) -> Any:
+    """`images` (one, a list, or lists of them) with every PIL image that has an alpha channel
+    (or a transparent palette colour) converted by ``convert("RGB")``, which drops the alpha as
+    the original LLaVA code does (its images are opened with ``Image.open(...).convert("RGB")``);
+    Hugging Face's processors blend such images onto white instead. Paths are opened first.
+    Used under the papers' presets (docs/semantics.md, "Images").
+
+    >>> without_alpha(Image.new("RGBA", (2, 2))).mode
+    'RGB'
+    """
+    if isinstance(images, (list, tuple)):
+        return type(images)(without_alpha(image) for image in images)
+    if isinstance(images, (str, os.PathLike)) and not _URL.match(os.fspath(images)):
+        images = _open(images)
+    if isinstance(images, Image.Image) and (
+        "A" in images.getbands() or "transparency" in images.info
+    ):
+        return images.convert("RGB")
+    return images
+
+
+def _check_array_shape(array: np.ndarray) -> None:
+    """An image array is ``[height, width]`` or has 1 or 3 channels first or last, and pixels."""
+    if array.ndim not in (2, 3):
+        raise ValueError(
+            f"an image array has 2 or 3 dimensions ([height, width] or with channels), got "
+            f"shape {tuple(array.shape)}"
+        )
+    if array.size == 0:
+        raise ValueError(f"the image array has shape {tuple(array.shape)}: it has no pixels")
+    if array.ndim == 3 and array.shape[-1] not in (1, 3) and array.shape[0] not in (1, 3):
+        channels = array.shape[-1] if array.shape[-1] <= 4 else array.shape[0]
+        hint = (
+            "; drop the alpha channel (array[..., :3]) or pass Image.fromarray(array, 'RGBA')"
+            if channels == 4
+            else ""
+        )
+        raise ValueError(
+            f"an image array of shape {tuple(array.shape)} has {channels} channels; pass 1 or 3 "
+            f"channels (first or last){hint}"
+        )
 
 
 def processor_arguments(images: Any, text: Any) -> tuple[list, list[str]]:

@@ -9,6 +9,7 @@ Read top to bottom: embed -> blocks (RMSNorm, rotary GQA attention, gated MLP) -
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from typing import Any, Literal
 
@@ -473,6 +474,8 @@ class HookedTransformer(PrefixRuns, HookBookkeeping):
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type={return_type!r}: use 'logits', 'loss', 'both' or None")
+        if stop_at_layer is not None:
+            stop_at_layer = self._stop_layer(stop_at_layer)
         inputs = self.model_inputs(
             input, input_ids=input_ids, attention_mask=attention_mask, **multimodal
         )
@@ -503,6 +506,21 @@ class HookedTransformer(PrefixRuns, HookBookkeeping):
             raise ValueError("return_type='loss' is undefined when tokens were pruned")
         loss = self.next_token_loss(logits, input_ids, attention_mask)
         return loss if return_type == "loss" else (logits, loss)
+
+    def _stop_layer(self, stop_at_layer: Any) -> int:
+        """`stop_at_layer` as a block count in 0..n_layers (negative counts from the end, as in
+        TransformerLens); anything else is a ValueError naming the range."""
+        n = self.cfg.n_layers
+        if (
+            isinstance(stop_at_layer, bool)
+            or not isinstance(stop_at_layer, int)
+            or not -n <= stop_at_layer <= n
+        ):
+            raise ValueError(
+                f"stop_at_layer={stop_at_layer!r} is outside -{n}..{n}: the model has {n} blocks "
+                f"(0 stops before the first, {n} after the last, negative counts from the end)"
+            )
+        return stop_at_layer + n if stop_at_layer < 0 else stop_at_layer
 
     def _run_decoder(
         self,
@@ -687,6 +705,19 @@ class HookedTransformer(PrefixRuns, HookBookkeeping):
             >>> model.to_string(tokens[0, inp.input_ids.shape[1]:])
             'red </s>'
         """
+        if (
+            isinstance(max_new_tokens, bool)
+            or not isinstance(max_new_tokens, int)
+            or max_new_tokens < 0
+        ):
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if not (
+            isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
+        ):
+            raise ValueError(
+                f"temperature must be a finite number > 0, got {temperature!r} (for greedy "
+                "decoding leave do_sample=False)"
+            )
         inputs = self.model_inputs(input, **kwargs)
         input_ids = inputs.pop("input_ids")
         attention_mask = inputs.pop("attention_mask", torch.ones_like(input_ids))

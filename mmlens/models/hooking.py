@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -20,7 +19,7 @@ from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from mmlens.config import MMConfig
-from mmlens.hooks import checked_hook, next_hook_id, remove_hooks
+from mmlens.hooks import HookScope, checked_hook, remove_hooks, run_to_completion
 from mmlens.perf import enable_for_cpu_caching
 
 
@@ -75,14 +74,13 @@ class HookBookkeeping(HookedRootModule):
                 "computes them from hook_z)"
             )
 
-    @contextmanager
     def hooks(
         self,
         fwd_hooks: list[tuple[str | Callable, Callable]] = [],  # noqa: B006 - TL's signature
         bwd_hooks: list[tuple[str | Callable, Callable]] = [],  # noqa: B006
         reset_hooks_end: bool = True,
         clear_contexts: bool = False,
-    ) -> Iterator[HookBookkeeping]:
+    ) -> HookScope:
         """Add hooks for the duration of a `with` block (TransformerLens' `hooks()`).
 
         On exit, also after an exception or a `KeyboardInterrupt` at any moment (even while
@@ -96,45 +94,13 @@ class HookBookkeeping(HookedRootModule):
             >>> torch.equal(ablated, model(inp))     # the hooks are gone after the block
             False
         """
-        with self._temporary_hooks(keep_untracked=False, clear_contexts=clear_contexts) as level:
-            for name, hook in fwd_hooks:
-                self._enable_hook(name=name, hook=hook, dir="fwd")
-            for name, hook in bwd_hooks:
-                self._enable_hook(name=name, hook=hook, dir="bwd")
-            if not reset_hooks_end:
-                level.clear()  # the caller removes them (backward hooks for a later backward)
-            yield self
-
-    @contextmanager
-    def _temporary_hooks(self, keep_untracked: bool, clear_contexts: bool = False) -> Iterator:
-        """A context level: on exit, every hook added since entry at this level, or not recorded
-        at all, is removed (whatever interrupted), and the level is restored.
-
-        Yields a one-element list holding the level; emptying it keeps the hooks.
-        """
-        outer_level, first_id = self.context_level, next_hook_id()
-        level = [outer_level + 1]
-        try:
-            self.context_level = level[0]
-            yield level
-        finally:
-            if level:
-
-                def added_here(handle: Any, hook_id: int) -> bool:
-                    if hook_id < first_id:
-                        return False
-                    if handle is None:
-                        return not keep_untracked
-                    return handle.context_level == level[0] and not handle.is_permanent
-
-                try:
-                    remove_hooks(self.hook_points(), added_here)
-                    if clear_contexts:
-                        self.clear_contexts()
-                finally:
-                    self.context_level = outer_level
-            else:
-                self.context_level = outer_level
+        return HookScope(
+            self,
+            fwd_hooks,
+            bwd_hooks,
+            reset_hooks_end=reset_hooks_end,
+            clear_contexts=clear_contexts,
+        )
 
     def reset_hooks(
         self,
@@ -158,12 +124,14 @@ class HookBookkeeping(HookedRootModule):
                 return False
             return level is None or handle.context_level == level
 
-        remove_hooks(self.hook_points(), selected, direction)
-        if clear_contexts:
-            self.clear_contexts()
-        if level is None:
-            self.context_level = 0
-        self.is_caching = False
+        def finish() -> None:
+            if clear_contexts:
+                self.clear_contexts()
+            if level is None:
+                self.context_level = 0
+            self.is_caching = False
+
+        run_to_completion(lambda: remove_hooks(self.hook_points(), selected, direction), finish)
 
     def _unknown_hook_message(self, name: str) -> str:
         for prefix, n_layers in self._layer_counts().items():
@@ -232,7 +200,7 @@ class HookBookkeeping(HookedRootModule):
             cache_dict[hook_point.name] = stored[0] if remove_batch_dim else stored
 
         names = self.hook_names(names_filter)
-        with self._temporary_hooks(keep_untracked=False):
+        with HookScope(self):
             for name in names:
                 self.hook_dict[name].register_forward_hook(save)
             output = self(*model_args, **model_kwargs)

@@ -12,6 +12,8 @@ from transformer_lens.hook_points import HookPoint
 
 from mmlens.config import MMConfig
 from mmlens.inputs import MultimodalInput
+from mmlens.inputs.arguments import check_prompts, warn_if_too_long
+from mmlens.inputs.images import without_alpha
 from mmlens.inputs.templates import default_template
 from mmlens.models.decoder import HookedTransformer
 from mmlens.models.projector import Projector
@@ -169,8 +171,10 @@ class HookedLlava(HookedTransformer):
         """
         if self.processor is None:
             raise ValueError("this model has no processor; load it with from_pretrained(folder)")
+        check_prompts(prompts)
         if preset is not None:
             kwargs = {**preset.prepare_kwargs(self), **kwargs}
+            images = without_alpha(images)  # as the original LLaVA (docs/semantics.md, "Images")
         kwargs = {"template": self.default_template, **self.prepare_defaults, **kwargs}
         inp = MultimodalInput.from_processor(
             self.processor,
@@ -180,6 +184,7 @@ class HookedLlava(HookedTransformer):
             patch_size=self.token_patch_size,
             **kwargs,
         )
+        warn_if_too_long(inp.input_ids.shape[1], self.cfg.max_position_embeddings)
         return inp.to(self.W_E.device)
 
     def encode_images(
