@@ -148,19 +148,7 @@ def activation_patching(
         ValueError: a batch of more than one prompt, an unknown site or unit, or clean and
             corrupted runs with the same metric (nothing to restore).
     """
-    for name, inp in (("clean", clean), ("corrupted", corrupted)):
-        if inp.batch_size != 1:
-            raise ValueError(f"{name} holds {inp.batch_size} prompts; patch one pair at a time")
-    unknown = [site for site in sites if site not in SITES]
-    if unknown or by not in ("segment", "position"):
-        raise ValueError(
-            f"sites must be among {list(SITES)} (got {list(sites)}), by 'segment' or "
-            f"'position' (got {by!r})"
-        )
-    layers = list(range(model.cfg.n_layers)) if layers is None else [int(x) for x in layers]
-    pairs, unaligned = aligned_positions(clean, corrupted)
-    cells = _cells(model, sites, layers, pairs, by)
-    names = sorted({SITES[cell.site].format(layer=cell.layer) for cell in cells})
+    cells, unaligned, names = _plan(model, clean, corrupted, sites, by, layers)
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(clean, names_filter=names)
         prefix = model.run_prefix(corrupted, logits="last")
@@ -174,24 +162,59 @@ def activation_patching(
     for chunk in tqdm(chunks, desc="activation patching", disable=not progress):
         scores.append(_run_chunk(model, prefix, chunk, clean_cache, metric))
     values = torch.cat(scores).cpu() if scores else torch.zeros(0)
+    return _table(
+        cells, values.tolist(), model, clean_score, corrupted_score,
+        analysis="activation_patching", by=by, unaligned=unaligned, suffix_runs=len(chunks),
+    )  # fmt: skip
+
+
+def _plan(
+    model: Any,
+    clean: Any,
+    corrupted: Any,
+    sites: Sequence[str],
+    by: str,
+    layers: Sequence[int] | None,
+) -> tuple[list[_Cell], dict, list[str]]:
+    """The checked arguments of a patching call as its cells, the unaligned units and the hook
+    points the cells read."""
+    for name, inp in (("clean", clean), ("corrupted", corrupted)):
+        if inp.batch_size != 1:
+            raise ValueError(f"{name} holds {inp.batch_size} prompts; patch one pair at a time")
+    unknown = [site for site in sites if site not in SITES]
+    if unknown or by not in ("segment", "position"):
+        raise ValueError(
+            f"sites must be among {list(SITES)} (got {list(sites)}), by 'segment' or "
+            f"'position' (got {by!r})"
+        )
+    layers = list(range(model.cfg.n_layers)) if layers is None else [int(x) for x in layers]
+    pairs, unaligned = aligned_positions(clean, corrupted)
+    cells = _cells(model, sites, layers, pairs, by)
+    names = sorted({SITES[cell.site].format(layer=cell.layer) for cell in cells})
+    return cells, unaligned, names
+
+
+def _table(
+    cells: list[_Cell],
+    metrics: list[float],
+    model: Any,
+    clean_score: float,
+    corrupted_score: float,
+    **attrs: Any,
+) -> pd.DataFrame:
+    """One row per cell with its metric, normalised between the two baselines."""
     result = pd.DataFrame(
         {
             "site": [cell.site for cell in cells],
             "layer": [cell.layer for cell in cells],
             "unit": [cell.unit for cell in cells],
             "head": pd.array([cell.head for cell in cells], dtype="Int64"),
-            "metric": values.tolist(),
+            "metric": metrics,
         }
     )
     result["normalized"] = (result.metric - corrupted_score) / (clean_score - corrupted_score)
     result.attrs = dict(
-        analysis="activation_patching",
-        model=str(model.cfg.model_name),
-        clean=clean_score,
-        corrupted=corrupted_score,
-        by=by,
-        unaligned=unaligned,
-        suffix_runs=len(chunks),
+        model=str(model.cfg.model_name), clean=clean_score, corrupted=corrupted_score, **attrs
     )
     return result
 

@@ -56,7 +56,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmlens.patching.activation import SITES, Metric, _cells, aligned_positions
+from mmlens.patching.activation import SITES, Metric, _plan, _table
 
 METHODS = ("atp", "ig")
 """The estimates `attribution_patching` computes."""
@@ -97,21 +97,9 @@ def attribution_patching(
     if method not in METHODS:
         note = " (AtP*'s fixes are not implemented: see the module doc)" if method == "atp*" else ""
         raise ValueError(f"method must be one of {METHODS}, got {method!r}{note}")
-    for name, inp in (("clean", clean), ("corrupted", corrupted)):
-        if inp.batch_size != 1:
-            raise ValueError(f"{name} holds {inp.batch_size} prompts; patch one pair at a time")
-    unknown = [site for site in sites if site not in SITES]
-    if unknown or by not in ("segment", "position"):
-        raise ValueError(
-            f"sites must be among {list(SITES)} (got {list(sites)}), by 'segment' or "
-            f"'position' (got {by!r})"
-        )
     if method == "ig" and steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    layers = list(range(model.cfg.n_layers)) if layers is None else [int(x) for x in layers]
-    pairs, unaligned = aligned_positions(clean, corrupted)
-    cells = _cells(model, sites, layers, pairs, by)
-    names = sorted({SITES[cell.site].format(layer=cell.layer) for cell in cells})
+    cells, unaligned, names = _plan(model, clean, corrupted, sites, by, layers)
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(clean, names_filter=names + ["hook_embed"])
         corrupted_logits, corrupted_cache = model.run_with_cache(
@@ -144,27 +132,11 @@ def attribution_patching(
         index = (slice(None),) if cell.head is None else (slice(None), cell.head)
         delta = clean_cache[name][0, here][index] - corrupted_cache[name][0, there][index]
         estimates.append(float((gradients[name][0, there][index] * delta).sum()))
-    result = pd.DataFrame(
-        {
-            "site": [cell.site for cell in cells],
-            "layer": [cell.layer for cell in cells],
-            "unit": [cell.unit for cell in cells],
-            "head": pd.array([cell.head for cell in cells], dtype="Int64"),
-            "metric": [corrupted_score + estimate for estimate in estimates],
-        }
-    )
-    result["normalized"] = (result.metric - corrupted_score) / (clean_score - corrupted_score)
-    result.attrs = dict(
-        analysis="attribution_patching",
-        model=str(model.cfg.model_name),
-        clean=clean_score,
-        corrupted=corrupted_score,
-        by=by,
-        method=method,
-        steps=steps if method == "ig" else None,
-        unaligned=unaligned,
-    )
-    return result
+    return _table(
+        cells, [corrupted_score + estimate for estimate in estimates], model, clean_score,
+        corrupted_score, analysis="attribution_patching", by=by, method=method,
+        steps=steps if method == "ig" else None, unaligned=unaligned,
+    )  # fmt: skip
 
 
 def _gradients(
