@@ -365,14 +365,25 @@ def test_a_damaged_manifest_is_named_and_refused_unless_relabelled(model, shapes
 # --- 5. data-parallel on CPUs ---------------------------------------------------------------------
 
 
-def test_torchrun_with_two_cpu_processes_gives_the_single_process_frame(model, tmp_path):
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2",
+                 "--master_addr", "127.0.0.1", "--master_port", "{port}"],
+    # accelerate's --cpu runs one process (without an MPI set-up); --multi_gpu on a machine
+    # without GPUs launches two CPU processes through torchrun.
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "{port}"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_cpu_processes_give_the_single_process_frame(model, tmp_path, launcher):
     single = run(model, load("shapes:6"), tmp_path / "single", centres=[1, 4], batch_size=1)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(port),
+        sys.executable, *(part.format(port=port) for part in LAUNCHERS[launcher]),
         "-m", "mmlens", "run", "knockout", "--model", "tiny-shapes", "--data", "shapes:6",
         "--out", str(tmp_path / "two"), "--batch-size", "1", "--centres", "1,4",
         "--window-size", "3",
