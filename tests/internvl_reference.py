@@ -1,7 +1,7 @@
 """A transcription of the original InternVL2 release's code, independent of mmlens, as the
 reference for tests/test_internvl_release.py: ``modeling_intern_vit.py`` (InternViT: fused
 ``qkv``, QK-norm over all heads, layer scale ``ls1``/``ls2``), ``modeling_internvl_chat.py``
-(``extract_feature``: drop the class token, ``pixel_shuffle`` with ``ps_version="v2"``,
+(``extract_feature``: drop the class token, ``pixel_shuffle`` (``ps_version`` v1 or v2),
 ``mlp1``; ``forward``: the image features replace the ``<IMG_CONTEXT>`` embeddings),
 ``modeling_internlm2.py`` (the grouped ``wqkv``, rotary, ``feed_forward``), the README's
 ``dynamic_preprocess`` / ``build_transform`` (PIL in place of torchvision's ``T.Resize``, which
@@ -258,18 +258,24 @@ class Reference:
         return hidden  # last_hidden_state (no final norm)
 
     @staticmethod
-    def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
+    def pixel_shuffle(
+        x: torch.Tensor, scale_factor: float = 0.5, ps_version: str = "v1"
+    ) -> torch.Tensor:
         n, w, h, c = x.size()
         x = x.view(n, w, int(h * scale_factor), int(c / scale_factor))
         x = x.permute(0, 2, 1, 3).contiguous()
         x = x.view(n, int(h * scale_factor), int(w * scale_factor), int(c / (scale_factor**2)))
-        return x.permute(0, 2, 1, 3).contiguous()  # ps_version "v2"
+        if ps_version == "v1":  # the release warns and keeps this order
+            return x
+        return x.permute(0, 2, 1, 3).contiguous()
 
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
         vit_embeds = self.vision_model(pixel_values)[:, 1:, :]
         h = w = int(vit_embeds.shape[1] ** 0.5)
         vit_embeds = vit_embeds.reshape(vit_embeds.shape[0], h, w, -1)
-        vit_embeds = self.pixel_shuffle(vit_embeds, self.config["downsample_ratio"])
+        vit_embeds = self.pixel_shuffle(
+            vit_embeds, self.config["downsample_ratio"], self.config.get("ps_version", "v1")
+        )
         vit_embeds = vit_embeds.reshape(vit_embeds.shape[0], -1, vit_embeds.shape[-1])
         W = self.w
         x = F.layer_norm(vit_embeds, vit_embeds.shape[-1:], W["mlp1.0.weight"], W["mlp1.0.bias"])

@@ -154,8 +154,8 @@ def test_an_unsupported_release_says_what_is_missing(tmp_path, folder):
 
     shutil.copytree(folder, tmp_path / "v1-5")
     config = json.loads((tmp_path / "v1-5" / "config.json").read_text())
-    (tmp_path / "v1-5" / "config.json").write_text(json.dumps({**config, "ps_version": "v1"}))
-    with pytest.raises(NotImplementedError, match="ps_version='v1'.*column by column"):
+    (tmp_path / "v1-5" / "config.json").write_text(json.dumps({**config, "ps_version": "v3"}))
+    with pytest.raises(NotImplementedError, match="ps_version='v3'.*reads 'v1'"):
         mmlens.from_pretrained(tmp_path / "v1-5")
     phi = {**config, "llm_config": {**config["llm_config"], "architectures": ["Phi3ForCausalLM"]}}
     (tmp_path / "v1-5" / "config.json").write_text(json.dumps(phi))
@@ -173,3 +173,50 @@ def test_the_internvl2_5_conversation(tmp_path, images):
     assert inp.prompts[0] == expected.replace(
         "<img>" + "<IMG_CONTEXT>" * 48 + "</img>", "<IMG_CONTEXT>"
     )
+
+
+@pytest.fixture(scope="module")
+def v1_folder(tmp_path_factory):
+    """InternVL-Chat-V1-5's form: the v1 pixel shuffle (each crop's tokens column by column)."""
+    return build_tiny_internvl_release(tmp_path_factory.mktemp("internvl-v1-5"), ps_version="v1")
+
+
+def test_the_v1_pixel_shuffle_matches_the_release(v1_folder, images):
+    model, reference = mmlens.from_pretrained(v1_folder), Reference(v1_folder)
+    assert model.cfg.connector.column_major_tokens
+    inp = model.prepare(
+        [images["wide"], images["square"]], ["What colour is the star in the corner?", "Why?"]
+    )
+    assert_matches_reference(reference, model, inp)
+    one = model.prepare(images["wide"], "What colour is the star?")
+    ours = model.generate(one, max_new_tokens=5, stop_at_eos=False)
+    with torch.no_grad():
+        theirs = reference.greedy(
+            one.input_ids, one.attention_mask, one.pixel_values, model.cfg.image_token_id, 5
+        )
+    assert torch.equal(ours, theirs)
+
+
+def test_the_v1_layout_puts_each_cell_where_its_token_is(v1_folder, folder, images):
+    """The same image under v1 and v2 (2 tiles and the thumbnail, 4 x 4 tokens each): the cell
+    that v2's k-th token of a crop shows is shown by v1's token (k % 4) * 4 + k // 4 of that
+    crop, and a box selects the v1 tokens of the cells it selects under v2."""
+    v1, v2 = mmlens.from_pretrained(v1_folder), mmlens.from_pretrained(folder)
+    column, row = (model.prepare(images["wide"], "Why?") for model in (v1, v2))
+    assert torch.equal(column.input_ids, row.input_ids)
+
+    def cells(inp):
+        layout = inp.layout
+        keys = zip(layout.tile.tolist(), layout.row.tolist(), layout.col.tolist(), strict=True)
+        return dict(zip(keys, layout.position.tolist(), strict=True))
+
+    by_cell_v1, by_cell_v2 = cells(column), cells(row)
+    assert by_cell_v1.keys() == by_cell_v2.keys() and len(by_cell_v1) == 3 * TOKENS_PER_CROP
+    first = int(row.positions("image")[0])
+    for cell, position in by_cell_v2.items():
+        crop, k = divmod(position - first, TOKENS_PER_CROP)
+        assert by_cell_v1[cell] == first + crop * TOKENS_PER_CROP + (k % 4) * 4 + k // 4
+    box = (0, 0, 30, 20)
+    selected = set(row.patches_in_box(box).tolist())
+    expected = sorted(by_cell_v1[cell] for cell, p in by_cell_v2.items() if p in selected)
+    assert sorted(column.patches_in_box(box).tolist()) == expected != sorted(selected)

@@ -183,6 +183,7 @@ def build_tiny_internvl_release(
     qk_normalization: bool = True,
     vocab_size: int = 800,
     template: str = "internlm2-chat",
+    ps_version: str = "v2",
     seed: int = 0,
 ) -> Path:
     """Write a random checkpoint in the layout of an original InternVL2 release with an
@@ -247,7 +248,7 @@ def build_tiny_internvl_release(
         auto_map={"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
                   "AutoModel": "modeling_internvl_chat.InternVLChatModel"},
         downsample_ratio=0.5, dynamic_image_size=True, force_image_size=image_size,
-        max_dynamic_patch=12, min_dynamic_patch=1, ps_version="v2", select_layer=-1,
+        max_dynamic_patch=12, min_dynamic_patch=1, ps_version=ps_version, select_layer=-1,
         template=template, use_thumbnail=True, vision_config=vision, llm_config=llm,
     )  # fmt: skip
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -177,6 +177,42 @@ class InternVLGeometry:
         return {"base": self.thumbnail.patch_ranges(box), "tiles": self.canvas.patch_ranges(box)}
 
 
+@dataclass(frozen=True)
+class ColumnMajorTokens:
+    """An InternVL geometry whose crops give their tokens column by column (the original
+    ``ps_version: v1`` pixel shuffle, InternVL-Chat-V1-5's): every member is `geometry`'s, but
+    the k-th token of a crop of `side` x `side` tokens shows cell (k % side, k // side).
+
+    Examples:
+        >>> single = internvl.processor.image_geometry((40, 40), tiled=True)   # 4 x 4 tokens
+        >>> transposed = ColumnMajorTokens(single, 4)
+        >>> layout = transposed.token_layout(item=0, image=0, positions=torch.arange(16), has_cls=False)
+        >>> layout.col[:3].tolist(), layout.position[:3].tolist()   # row 0: tokens 0, 4, 8
+        ([0, 1, 2], [0, 4, 8])
+    """
+
+    geometry: Any
+    side: int
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "geometry":  # not set yet (a copy being built): no delegation
+            raise AttributeError(name)
+        return getattr(self.geometry, name)
+
+    def token_layout(
+        self, *, item: int, image: int, positions: Int[Tensor, "n_image_tokens"], has_cls: bool
+    ) -> ImageTokenLayout:
+        """`geometry`'s layout of row-major crops, given each cell the position of the token
+        that shows it: cell (r, c) of a crop is its token ``c * side + r``."""
+        cells = self.side * self.side
+        per_crop = torch.arange(cells).reshape(self.side, self.side).T.flatten()
+        crops = torch.arange(positions.numel() // cells)
+        order = (crops[:, None] * cells + per_crop[None]).flatten()
+        return self.geometry.token_layout(
+            item=item, image=image, positions=positions[order], has_cls=has_cls
+        )
+
+
 class InternVLInputProcessor:
     """The image side of `InternVLProcessor`: ``processor(images=..., text=...)`` returns
     ``input_ids``, ``attention_mask``, ``pixel_values`` (``[n_crops, 3, side, side]``: each
@@ -208,12 +244,15 @@ class InternVLInputProcessor:
         *,
         image_seq_length: int = 256,
         crop_to_patches: bool = True,
+        column_major: bool = False,
         tags: dict[str, str] = IMAGE_TAGS,
     ):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.image_seq_length = image_seq_length
         self.crop_to_patches = crop_to_patches
+        self.column_major = column_major
+        """Each crop's tokens column by column (InternVL-Chat-V1-5's ``ps_version: v1``)."""
         self.start_image_token = tags["start_image_token"]
         self.end_image_token = tags["end_image_token"]
         self.image_token = tags["context_image_token"]
@@ -283,9 +322,12 @@ class InternVLInputProcessor:
         thumbnail = merged_grid_geometry(original_size, (side, side), cell, merge)
         rows, cols = self.tiles(original_size)
         if rows * cols == 1:
-            return thumbnail
-        canvas = merged_grid_geometry(original_size, (rows * side, cols * side), cell, merge)
-        return InternVLGeometry(thumbnail, canvas, InternVLTileGrid((rows, cols), self.tile_tokens))
+            geometry = thumbnail
+        else:
+            canvas = merged_grid_geometry(original_size, (rows * side, cols * side), cell, merge)
+            grid = InternVLTileGrid((rows, cols), self.tile_tokens)
+            geometry = InternVLGeometry(thumbnail, canvas, grid)
+        return ColumnMajorTokens(geometry, self.tile_tokens) if self.column_major else geometry
 
     @property
     def vision_patch_size(self) -> int:
@@ -371,6 +413,7 @@ register_adapter(
         fingerprint_parts=lambda processor: {
             "image_seq_length": processor.image_seq_length,
             "crop_to_patches": processor.crop_to_patches,
+            "column_major": processor.column_major,
         },
     )
 )

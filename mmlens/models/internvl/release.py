@@ -56,11 +56,10 @@ def read_raw(folder: Path) -> dict[str, Any]:
             f"{folder}: an InternVL release with a {architecture} decoder; mmlens reads "
             f"{' and '.join(DECODERS)} ones (docs/checkpoints.md, 'InternVL')"
         )
-    if raw.get("ps_version", "v1") != "v2":
+    if raw.get("ps_version", "v1") not in ("v1", "v2"):
         raise NotImplementedError(
-            f"{folder}: ps_version={raw.get('ps_version', 'v1')!r}; the pixel shuffle of "
-            "InternVL-Chat-V1-5 ('v1') orders each crop's tokens column by column, which mmlens "
-            "does not lay out yet: only 'v2' releases (InternVL2, InternVL2.5) load"
+            f"{folder}: ps_version={raw.get('ps_version')!r}; mmlens reads 'v1' "
+            "(InternVL-Chat-V1-5: each crop's tokens column by column) and 'v2'"
         )
     if raw.get("template") not in TEMPLATES:
         raise NotImplementedError(
@@ -147,6 +146,7 @@ def release_config(folder: Path) -> Any:
     config.name_or_path = str(folder)
     config.mmlens_release = {
         "template": TEMPLATES[raw["template"]],
+        "column_major_tokens": _column_major(raw),
         # InternLM2's dynamic rotary scaling: another base past this length (refused there)
         "max_positions": config.text_config.max_position_embeddings
         if (raw["llm_config"].get("rope_scaling") or {}).get("type") == "dynamic"
@@ -185,7 +185,14 @@ def release_processor(folder: Path) -> Any:
         internlm2_tokenizer(folder),
         image_seq_length=int(patches**2 * raw["downsample_ratio"] ** 2),
         crop_to_patches=bool(raw.get("dynamic_image_size", True)),
+        column_major=_column_major(raw),
     )
+
+
+def _column_major(raw: dict[str, Any]) -> bool:
+    """Whether the release's pixel shuffle lists each crop's tokens column by column: its
+    ``ps_version`` ``v1`` (the release code's default), which skips v2's last transpose."""
+    return raw.get("ps_version", "v1") == "v1"
 
 
 def internlm2_tokenizer(folder: Path) -> Any:

@@ -44,6 +44,8 @@ class InternVLConnectorConfig:
     projector_act: str = "gelu"
     template: str = "internvl"
     """The conversation `prepare` uses: the -hf chat template, or an original release's."""
+    column_major_tokens: bool = False
+    """Each crop's tokens column by column (an original release's ``ps_version: v1``)."""
     max_positions: int | None = None
     """Positions from here on are refused (an original InternLM2 release's dynamic rotary
     scaling changes its base there); None: no limit."""
@@ -129,17 +131,23 @@ class HookedInternViT(HookedVisionTower):
 
 
 def pixel_shuffle(
-    features: Float[torch.Tensor, "crop rows cols d"], merge: int
+    features: Float[torch.Tensor, "crop rows cols d"], merge: int, column_major: bool = False
 ) -> Float[torch.Tensor, "crop token_rows token_cols merged_d"]:
     """Each `merge` x `merge` block of patches concatenated into one token: token (i, j) holds
     patches (2i, 2j), (2i, 2j + 1), (2i + 1, 2j), (2i + 1, 2j + 1) in that order (for 2), as
-    HF's `InternVLModel.pixel_shuffle` (the original's ``ps_version="v2"``) orders them.
+    HF's `InternVLModel.pixel_shuffle` (the original's ``ps_version="v2"``) orders them. With
+    `column_major` (the original's ``"v1"``, which skips v2's last transpose) the grid comes
+    transposed, ``[crop, token_cols, token_rows, merged_d]``: flattened, tokens go column by
+    column, each packed as in v2.
 
     >>> grid = torch.arange(16.0).reshape(1, 4, 4, 1)
     >>> pixel_shuffle(grid, 2)[0, 0, 1].tolist()
     [2.0, 3.0, 6.0, 7.0]
+    >>> pixel_shuffle(grid, 2, column_major=True)[0, 1, 0].tolist()
+    [2.0, 3.0, 6.0, 7.0]
     """
-    return einops.rearrange(features, "n (i di) (j dj) d -> n i j (di dj d)", di=merge, dj=merge)
+    order = "n j i (di dj d)" if column_major else "n i j (di dj d)"
+    return einops.rearrange(features, f"n (i di) (j dj) d -> {order}", di=merge, dj=merge)
 
 
 class PixelShuffleProjector(nn.Module):
@@ -152,6 +160,7 @@ class PixelShuffleProjector(nn.Module):
     def __init__(self, cfg: VisionConfig, extras: InternVLConnectorConfig):
         super().__init__()
         self.merge = extras.merge_size
+        self.column_major = extras.column_major_tokens
         d_in = cfg.d_model * self.merge**2
         self.layer_norm = nn.LayerNorm(d_in, eps=1e-5)  # HF's default eps
         self.linear_1 = nn.Linear(d_in, extras.d_out)
@@ -170,5 +179,6 @@ class PixelShuffleProjector(nn.Module):
                 f"side is a multiple of {self.merge}"
             )
         grid = einops.rearrange(features, "n (rows cols) d -> n rows cols d", rows=side)
-        shuffled = self.hook_in(pixel_shuffle(grid, self.merge).flatten(1, 2))
+        shuffled = pixel_shuffle(grid, self.merge, self.column_major).flatten(1, 2)
+        shuffled = self.hook_in(shuffled)
         return self.hook_out(self.linear_2(self.act(self.linear_1(self.layer_norm(shuffled)))))
