@@ -71,6 +71,11 @@ class MMConfig:
         default_factory=lambda: {"rope_type": "default", "rope_theta": 1e4}
     )
     max_position_embeddings: int = 4096
+    rotary_limit: int | None = None
+    """Positions from here on are refused (`HookedTransformer.position_ids`): the checkpoint's
+    rotary embedding changes there in a way mmlens does not implement (dynamic scaling, NTK);
+    `rotary_limit_reason` says how, in the error. None: no limit."""
+    rotary_limit_reason: str = ""
     attention_bias: bool = False  # every attention projection (Llama's attention_bias)
     qkv_bias: bool = False  # query, key and value projections only (a Qwen2 decoder)
     qk_norm: bool = False  # an RMSNorm over each head's query and key (a Qwen3 decoder)

@@ -44,7 +44,7 @@ def images():
 def test_loads_natively_as_internvl(model):
     assert type(model) is HookedInternVL and model.default_template == "internlm2_chat"
     assert model.cfg.decoder_model_type == "llama" and model.cfg.n_key_value_heads == 2
-    assert model.cfg.connector.max_positions == 512  # dynamic rotary scaling from there on
+    assert model.cfg.rotary_limit == 512  # dynamic rotary scaling from there on
     assert model.cfg.connector.norm_type == "rms_norm" and model.cfg.connector.qk_norm
     assert not model.cfg.vision.has_ln_post
 

@@ -427,8 +427,19 @@ class HookedTransformer(PrefixRuns, HookBookkeeping):
             >>> model.position_ids(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
             tensor([[0, 0, 0, 1, 2],
                     [0, 1, 2, 3, 4]])
+
+        Raises:
+            ValueError: a position at or past `cfg.rotary_limit`.
         """
-        return rotary_position_ids(attention_mask)
+        position_ids = rotary_position_ids(attention_mask)
+        limit = self.cfg.rotary_limit
+        if limit is not None and position_ids.numel() and int(position_ids.max()) >= limit:
+            raise ValueError(
+                f"the sequence reaches position {int(position_ids.max())}; from {limit} on "
+                f"{self.cfg.rotary_limit_reason or 'the rotary embedding changes'}, which mmlens "
+                "does not implement: use a shorter prompt, fewer image tokens or fewer new tokens"
+            )
+        return position_ids
 
     def attention_groups(
         self, input_ids: Int[torch.Tensor, "batch pos"] | None = None, **inputs: Any

@@ -36,7 +36,6 @@ from mmlens.models.internvl.vision import (
 )
 from mmlens.models.llava import HookedLlava, on_device_of
 from mmlens.models.registry import register
-from mmlens.sequence import rotary_position_ids
 
 INTERNLM2_CHAT_SYSTEM_PROMPT = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
@@ -179,11 +178,19 @@ class HookedInternVL(HookedLlava):
             attention_bias=hf_vision.attention_bias,
             d_out=hf_config.text_config.hidden_size,
             projector_act=hf_config.projector_hidden_act,
-            **getattr(hf_config, "mmlens_release", {}),  # an original release's template, limit
+            **getattr(hf_config, "mmlens_release", {}),  # an original release's settings
         )
         connector.merge_size  # noqa: B018  (refuses ratios other than 1 / n here)
+        limit = getattr(hf_config, "mmlens_rotary_limit", None)  # an original InternLM2 release
         return MMConfig.from_hf(
-            hf_config, **{"vision": vision, "connector": connector, **overrides}
+            hf_config,
+            **{
+                "vision": vision,
+                "connector": connector,
+                "rotary_limit": limit,
+                "rotary_limit_reason": "InternLM2's dynamic rotary scaling changes its base",
+                **overrides,
+            },
         )
 
     @classmethod
@@ -213,21 +220,6 @@ class HookedInternVL(HookedLlava):
         """The ``pixel_values`` row of image `image`'s thumbnail (its last crop; its only one
         where it has one tile)."""
         return sum(geometry.n_crops for geometry in inp.image_geometry[: image + 1]) - 1
-
-    def position_ids(
-        self, attention_mask: Int[torch.Tensor, "batch pos"], **inputs: Any
-    ) -> Int[torch.Tensor, "batch pos"]:
-        """`HookedTransformer.position_ids`, refusing positions from `max_positions` on where
-        the checkpoint sets it (an InternLM2 release's dynamic rotary scaling)."""
-        position_ids = rotary_position_ids(attention_mask)
-        limit = self.cfg.connector.max_positions
-        if limit is not None and position_ids.numel() and int(position_ids.max()) >= limit:
-            raise ValueError(
-                f"the sequence reaches position {int(position_ids.max())}; from {limit} on "
-                "InternLM2's dynamic rotary scaling changes its base, which mmlens does not "
-                "implement: use a shorter prompt, fewer tiles or fewer new tokens"
-            )
-        return position_ids
 
     def vision_patch_index(
         self, inp: Any, image: int = 0

@@ -147,11 +147,13 @@ def release_config(folder: Path) -> Any:
     config.mmlens_release = {
         "template": TEMPLATES[raw["template"]],
         "column_major_tokens": _column_major(raw),
-        # InternLM2's dynamic rotary scaling: another base past this length (refused there)
-        "max_positions": config.text_config.max_position_embeddings
-        if (raw["llm_config"].get("rope_scaling") or {}).get("type") == "dynamic"
-        else None,
     }
+    # InternLM2's dynamic rotary scaling: another base past this length (refused there)
+    config.mmlens_rotary_limit = (
+        config.text_config.max_position_embeddings
+        if (raw["llm_config"].get("rope_scaling") or {}).get("type") == "dynamic"
+        else None
+    )
     return config
 
 

@@ -46,9 +46,6 @@ class InternVLConnectorConfig:
     """The conversation `prepare` uses: the -hf chat template, or an original release's."""
     column_major_tokens: bool = False
     """Each crop's tokens column by column (an original release's ``ps_version: v1``)."""
-    max_positions: int | None = None
-    """Positions from here on are refused (an original InternLM2 release's dynamic rotary
-    scaling changes its base there); None: no limit."""
 
     @property
     def merge_size(self) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 
 from mmlens.config import MMConfig, VisionConfig
 from mmlens.inputs.templates import ConversationTemplate, register_template
@@ -37,7 +37,6 @@ from mmlens.models.qwen_vl.release import (
 )
 from mmlens.models.qwen_vl.resampler import HookedResampler, ResamplerConfig
 from mmlens.models.registry import register
-from mmlens.sequence import rotary_position_ids
 
 QWEN_VL_CHAT_SYSTEM_PROMPT = "You are a helpful assistant."
 """The system text of Qwen-VL-Chat's ``chat()``."""
@@ -134,6 +133,10 @@ class HookedQwenVL(HookedLlava):
         special_ids = _special_ids(raw["vocab_size"], visual["image_start_id"])
         # Past seq_length the release changes its rotary base and query scale: refused there.
         long_context = raw.get("use_dynamic_ntk") or raw.get("use_logn_attn")
+        limit_reason = (
+            f"Qwen-VL is past its training length of {raw['seq_length']} tokens and changes its "
+            "rotary base (dynamic NTK) and query scale (log-n attention)"
+        )
         fields: dict[str, Any] = dict(
             n_layers=raw["num_hidden_layers"],
             d_model=raw["hidden_size"],
@@ -143,9 +146,9 @@ class HookedQwenVL(HookedLlava):
             d_vocab=raw["vocab_size"],
             eps=raw["layer_norm_epsilon"],
             rope_parameters={"rope_type": "default", "rope_theta": raw["rotary_emb_base"]},
-            max_position_embeddings=raw["seq_length"]
-            if long_context
-            else raw["max_position_embeddings"],
+            max_position_embeddings=raw["max_position_embeddings"],
+            rotary_limit=raw["seq_length"] if long_context else None,
+            rotary_limit_reason=limit_reason,
             qkv_bias=True,
             attention_bias=not raw.get("no_bias", True),
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
@@ -194,22 +197,6 @@ class HookedQwenVL(HookedLlava):
         """
         pattern = activations["resampler.hook_pattern"][image].detach().float()
         return pattern.mean(0).cpu()
-
-    def position_ids(
-        self, attention_mask: Int[torch.Tensor, "batch pos"], **inputs: Any
-    ) -> Int[torch.Tensor, "batch pos"]:
-        """`HookedTransformer.position_ids`, refusing positions at or past the release's
-        ``seq_length`` (where Qwen's dynamic NTK and log-n attention would change them)."""
-        position_ids = rotary_position_ids(attention_mask)
-        limit = self.cfg.max_position_embeddings
-        if position_ids.numel() and int(position_ids.max()) >= limit:
-            raise ValueError(
-                f"the sequence reaches position {int(position_ids.max())}, past Qwen-VL's "
-                f"training length of {limit} tokens, beyond which the release changes its rotary "
-                "base (dynamic NTK) and query scale (log-n attention), which mmlens does not "
-                "implement; use a shorter prompt or fewer new tokens"
-            )
-        return position_ids
 
     def encode_images(
         self, pixel_values: Float[torch.Tensor, "image channel height width"], **unused: Any
