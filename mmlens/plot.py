@@ -500,6 +500,81 @@ def activation_patching(result: pd.DataFrame) -> go.Figure:
     return figure
 
 
+def circuit(edges: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """A circuit of `mmlens.patching.edge_attribution_patching` edges (e.g. `top_edges`) over
+    the prompt: layers left to right (the input, each layer's heads then its MLP, the logits),
+    position groups top to bottom; each edge a line from its upstream node at its source group
+    to its downstream node at its target group, as wide as its score (blue raises the metric,
+    red lowers it).
+
+    Examples:
+        >>> from mmlens.patching import edge_attribution_patching, logit_difference, top_edges
+        >>> from mmlens.zoo.shapes import counterfactual
+        >>> other = counterfactual(sample)
+        >>> corrupted = model.prepare(other.image, other.question)
+        >>> metric = logit_difference(model, inp, "red", "blue")
+        >>> edges = edge_attribution_patching(model, inp, corrupted, metric, steps=2)
+        >>> figure = circuit(top_edges(edges, 20))
+        >>> len([trace for trace in figure.data if trace.mode == "lines"])
+        20
+    """
+    groups = list(edges.attrs.get("groups") or dict.fromkeys([*edges.source, *edges.target]))
+    largest = float(edges.score.abs().max()) if len(edges) else 1.0
+    n_layers = edges.attrs.get("n_layers") or 1 + max(
+        map(_layer_of, [*edges.upstream, *edges.downstream]), default=0
+    )
+
+    def place(node: str, group: str) -> tuple[float, float]:
+        if node == "input":
+            x = -1.0
+        elif node == "logits":
+            x = float(n_layers)
+        else:
+            x = _layer_of(node) + (0.5 if node.startswith("m") else 0.0)
+        spread = 0.0 if "." not in node else (int(node.split(".h")[1]) + 1) * 0.08
+        return x, groups.index(group) + spread
+
+    figure = go.Figure()
+    shown = set()
+    for edge in edges.itertuples():
+        (x0, y0), (x1, y1) = place(edge.upstream, edge.source), place(edge.downstream, edge.target)
+        sign = "raises the metric" if edge.score > 0 else "lowers the metric"
+        figure.add_scatter(
+            x=[x0, x1], y=[y0, y1], mode="lines", name=sign, legendgroup=sign,
+            showlegend=sign not in shown, opacity=0.75,
+            line=dict(width=1 + 7 * abs(edge.score) / largest,
+                      color="#2166ac" if edge.score > 0 else "#b2182b"),
+            hovertemplate=f"{edge.upstream} ({edge.source}) → {edge.downstream} ({edge.target})"
+            f": {edge.score:.3f}<extra></extra>",
+        )  # fmt: skip
+        shown.add(sign)
+    ends = [*zip(edges.upstream, edges.source, strict=True),
+            *zip(edges.downstream, edges.target, strict=True)]  # fmt: skip
+    nodes = {place(node, group): node for node, group in ends}
+    figure.add_scatter(
+        x=[x for x, _ in nodes], y=[y for _, y in nodes], mode="markers+text",
+        text=list(nodes.values()), textposition="top center", showlegend=False,
+        marker=dict(size=7, color="#333"), hoverinfo="skip",
+    )  # fmt: skip
+    figure.update_yaxes(
+        tickvals=list(range(len(groups))), ticktext=groups, autorange="reversed",
+        title_text="positions",
+    )  # fmt: skip
+    figure.update_xaxes(title_text="layer (input, heads, MLP at +0.5, logits)")
+    figure.update_layout(
+        title=title or f"circuit of {len(edges)} edges", width=900, height=480,
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+    )  # fmt: skip
+    return figure
+
+
+def _layer_of(node: str) -> int:
+    """The layer of an edge node name (``"a3.h1"``, ``"m3"``: 3; the input: -1)."""
+    if node in ("input", "logits"):
+        return -1
+    return int(node[1:].split(".")[0])
+
+
 def probes(result: pd.DataFrame) -> go.Figure:
     """Held-out accuracy of `mmlens.probes.fit_probes` per layer (rows) and segment (columns),
     the chance level in the title.

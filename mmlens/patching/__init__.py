@@ -1,9 +1,9 @@
 """Patching a corrupted run with a clean one's activations: exactly, one cell at a time on the
 prefix-reusing engine (`mmlens.patching.activation`), or by its first-order estimates, every
-cell at once from one backward pass (`mmlens.patching.attribution`); and the edges between
-components and segments, scored and pruned to circuits (`mmlens.patching.edges`). Both take the same
-arguments and give the same table (docs/analyses.md, "Activation patching" and "Attribution
-patching")."""
+cell at once from one backward pass (`mmlens.patching.attribution`); both take the same
+arguments and give the same table. And the edges between components and segments, scored,
+patched exactly and pruned to circuits (`mmlens.patching.edges`). Semantics: docs/analyses.md
+("Activation patching", "Attribution patching", "Edge attribution")."""
 
 from mmlens.patching.activation import (
     SITES,

@@ -26,6 +26,7 @@ corrupted and the clean one (``"eap-ig"``: Hanna et al. 2024).
 its corrupted value, as a fraction of the clean-corrupted gap.
 
 Examples:
+    >>> from mmlens.patching import logit_difference
     >>> from mmlens.zoo.shapes import counterfactual, generate
     >>> clean_sample = generate(1, seed=0)[0]                 # "Is the star blue or red?" red
     >>> corrupted_sample = counterfactual(clean_sample)       # the star painted blue
@@ -35,10 +36,13 @@ Examples:
     >>> edges = edge_attribution_patching(model, clean, corrupted, metric, method="eap-ig", steps=4)
     >>> top = top_edges(edges, 3)
     >>> top[["upstream", "downstream", "source", "target"]].values.tolist()[0]
-    ['input', 'a1.h1', 'image', 'last']
-    >>> curve = faithfulness(model, clean, corrupted, metric, edges, sizes=[10, 100])
+    ['input', 'a1.h3', 'image', 'last']
+    >>> curve = faithfulness(model, clean, corrupted, metric, edges, sizes=[20, 100])
     >>> curve.faithfulness.round(2).tolist()
-    [0.77, 0.98]
+    [0.46, 1.0]
+
+    Head 3 of layer 1 reads the star's colour from the image into the last position; a hundred
+    of the graph's 8780 edges carry the whole clean-corrupted difference.
 """
 
 from __future__ import annotations
@@ -180,7 +184,7 @@ def edge_attribution_patching(
     table["normalized"] = table.score / (clean_score - corrupted_score)
     table.attrs = dict(
         model=str(model.cfg.model_name), clean=clean_score, corrupted=corrupted_score,
-        method=method, steps=steps if method == "eap-ig" else None,
+        method=method, steps=steps if method == "eap-ig" else None, n_layers=graph.n_layers,
         groups={name: (graph.group_of == index).nonzero().flatten().tolist()
                 for index, name in enumerate(graph.groups)},
     )  # fmt: skip
@@ -192,8 +196,14 @@ def top_edges(edges: pd.DataFrame, n: int) -> pd.DataFrame:
     `metric` differences), largest first.
 
     Examples:
-        >>> len(top_edges(edges, 5))
-        5
+        >>> from mmlens.patching import logit_difference
+        >>> from mmlens.zoo.shapes import counterfactual
+        >>> other = counterfactual(sample)                     # the star painted blue
+        >>> corrupted = model.prepare(other.image, other.question)
+        >>> metric = logit_difference(model, inp, "red", "blue")
+        >>> edges = edge_attribution_patching(model, inp, corrupted, metric, method="eap")
+        >>> top_edges(edges, 2)[["upstream", "downstream", "target"]].values.tolist()
+        [['input', 'a1.h3', 'last'], ['m4', 'logits', 'last']]
     """
     if n < 0:
         raise ValueError(f"n must be at least 0, got {n}")
@@ -219,7 +229,13 @@ def edge_patching(
         with the estimated `score`.
 
     Examples:
-        >>> exact = edge_patching(model, clean, corrupted, metric, top_edges(edges, 2))
+        >>> from mmlens.patching import logit_difference
+        >>> from mmlens.zoo.shapes import counterfactual
+        >>> other = counterfactual(sample)                     # the star painted blue
+        >>> corrupted = model.prepare(other.image, other.question)
+        >>> metric = logit_difference(model, inp, "red", "blue")
+        >>> edges = edge_attribution_patching(model, inp, corrupted, metric, method="eap")
+        >>> exact = edge_patching(model, inp, corrupted, metric, top_edges(edges, 2))
         >>> bool((exact.effect * exact.score > 0).all())        # same sign as the estimate
         True
     """
@@ -255,8 +271,15 @@ def faithfulness(
         (clean - corrupted): 1 when the circuit alone carries the clean behaviour.
 
     Examples:
-        >>> faithfulness(model, clean, corrupted, metric, edges, sizes=[0]).faithfulness.round(3).tolist()
-        [0.0]
+        >>> from mmlens.patching import logit_difference
+        >>> from mmlens.zoo.shapes import counterfactual
+        >>> other = counterfactual(sample)                     # the star painted blue
+        >>> corrupted = model.prepare(other.image, other.question)
+        >>> metric = logit_difference(model, inp, "red", "blue")
+        >>> edges = edge_attribution_patching(model, inp, corrupted, metric, method="eap")
+        >>> curve = faithfulness(model, inp, corrupted, metric, edges, sizes=[0, 100, len(edges)])
+        >>> curve.faithfulness.round(2).tolist()        # no edge clean: the corrupted run
+        [0.0, 0.9, 1.0]
     """
     graph = _checked_graph(model, clean, corrupted, groups)
     clean_score, corrupted_score, _, corrupted_acts = _baselines(model, clean, corrupted, metric)
@@ -651,7 +674,7 @@ def _run_with_edges(
         if not mask.any():
             return args
         resid = args[0]
-        return (resid + additions(mask, layer, resid[0]),)
+        return (resid + additions(mask, layer + 1, resid[0]),)
 
     def record_mlp(out: Tensor, hook: Any) -> None:
         current.mlp[int(hook.name.split(".")[1])] = out[0] - other.mlp[int(hook.name.split(".")[1])]
