@@ -500,12 +500,13 @@ def activation_patching(result: pd.DataFrame) -> go.Figure:
     return figure
 
 
-def circuit(edges: pd.DataFrame, title: str | None = None) -> go.Figure:
-    """A circuit of `mmlens.patching.edge_attribution_patching` edges (e.g. `top_edges`) over
-    the prompt: layers left to right (the input, each layer's heads then its MLP, the logits),
-    position groups top to bottom; each edge a line from its upstream node at its source group
-    to its downstream node at its target group, as wide as its score (blue raises the metric,
-    red lowers it).
+def circuit(edges: pd.DataFrame | dict[str, pd.DataFrame], title: str | None = None) -> go.Figure:
+    """Circuits of `mmlens.patching.edge_attribution_patching` edges (e.g. `top_edges`) over
+    the prompt, one panel per circuit (pass a dict, name -> edges, for several side by side):
+    layers left to right (the input, each layer's heads then its MLP at +0.5, the logits),
+    position groups top to bottom with a layer's heads stacked within their group; each edge a
+    line from its upstream node at its source group to its downstream node at its target group,
+    as wide as its share of the panel's largest score (blue raises the metric, red lowers it).
 
     Examples:
         >>> from mmlens.patching import edge_attribution_patching, logit_difference, top_edges
@@ -514,35 +515,57 @@ def circuit(edges: pd.DataFrame, title: str | None = None) -> go.Figure:
         >>> corrupted = model.prepare(other.image, other.question)
         >>> metric = logit_difference(model, inp, "red", "blue")
         >>> edges = edge_attribution_patching(model, inp, corrupted, metric, steps=2)
-        >>> figure = circuit(top_edges(edges, 20))
+        >>> figure = circuit({"EAP-IG": top_edges(edges, 20), "EAP-IG, 5 edges": top_edges(edges, 5)})
         >>> len([trace for trace in figure.data if trace.mode == "lines"])
-        20
+        25
     """
+    panels = edges if isinstance(edges, dict) else {"": edges}
+    figure = make_subplots(
+        rows=1, cols=len(panels), subplot_titles=list(panels) if len(panels) > 1 else None,
+        shared_yaxes=True, horizontal_spacing=0.05,
+    )  # fmt: skip
+    shown: set[str] = set()
+    for column, panel in enumerate(panels.values(), 1):
+        groups = _draw_circuit(figure, panel, column, shown)
+        figure.update_xaxes(title_text="layer", row=1, col=column)
+    figure.update_yaxes(
+        tickvals=list(range(len(groups))), ticktext=groups,
+        range=[len(groups) - 0.2, -0.4], title_text="positions", row=1, col=1,
+    )  # fmt: skip
+    sizes = ", ".join(f"{len(panel)}" for panel in panels.values())
+    figure.update_layout(
+        title=title or f"circuit ({sizes} edges; heads stacked within a group, MLPs at +0.5)",
+        width=120 + 620 * len(panels), height=500,
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1.0),
+    )  # fmt: skip
+    return figure
+
+
+def _draw_circuit(figure: go.Figure, edges: pd.DataFrame, column: int, shown: set) -> list[str]:
+    """One panel of `circuit`; returns its position groups in prompt order."""
     groups = list(edges.attrs.get("groups") or dict.fromkeys([*edges.source, *edges.target]))
+    nodes = [*edges.upstream, *edges.downstream]
+    n_layers = edges.attrs.get("n_layers") or 1 + max(map(_layer_of, nodes), default=0)
+    n_heads = 1 + max((int(node.split(".h")[1]) for node in nodes if ".h" in node), default=0)
     largest = float(edges.score.abs().max()) if len(edges) else 1.0
-    n_layers = edges.attrs.get("n_layers") or 1 + max(
-        map(_layer_of, [*edges.upstream, *edges.downstream]), default=0
-    )
 
     def place(node: str, group: str) -> tuple[float, float]:
+        y = float(groups.index(group))
         if node == "input":
-            x = -1.0
-        elif node == "logits":
-            x = float(n_layers)
-        else:
-            x = _layer_of(node) + (0.5 if node.startswith("m") else 0.0)
-        spread = 0.0 if "." not in node else (int(node.split(".h")[1]) + 1) * 0.08
-        return x, groups.index(group) + spread
+            return -1.0, y
+        if node == "logits":
+            return float(n_layers), y
+        if node.startswith("m"):
+            return _layer_of(node) + 0.5, y
+        return float(_layer_of(node)), y + 0.6 * int(node.split(".h")[1]) / max(n_heads, 2)
 
-    figure = go.Figure()
-    shown = set()
     for edge in edges.itertuples():
         (x0, y0), (x1, y1) = place(edge.upstream, edge.source), place(edge.downstream, edge.target)
         sign = "raises the metric" if edge.score > 0 else "lowers the metric"
         figure.add_scatter(
             x=[x0, x1], y=[y0, y1], mode="lines", name=sign, legendgroup=sign,
-            showlegend=sign not in shown, opacity=0.75,
-            line=dict(width=1 + 7 * abs(edge.score) / largest,
+            showlegend=sign not in shown, opacity=0.7, row=1, col=column,
+            line=dict(width=0.5 + 7.5 * abs(edge.score) / largest,
                       color="#2166ac" if edge.score > 0 else "#b2182b"),
             hovertemplate=f"{edge.upstream} ({edge.source}) → {edge.downstream} ({edge.target})"
             f": {edge.score:.3f}<extra></extra>",
@@ -550,26 +573,20 @@ def circuit(edges: pd.DataFrame, title: str | None = None) -> go.Figure:
         shown.add(sign)
     ends = [*zip(edges.upstream, edges.source, strict=True),
             *zip(edges.downstream, edges.target, strict=True)]  # fmt: skip
-    nodes = {place(node, group): node for node, group in ends}
+    placed = {place(node, group): node for node, group in ends}
     figure.add_scatter(
-        x=[x for x, _ in nodes], y=[y for _, y in nodes], mode="markers+text",
-        text=list(nodes.values()), textposition="top center", showlegend=False,
-        marker=dict(size=7, color="#333"), hoverinfo="skip",
+        x=[x for x, _ in placed], y=[y for _, y in placed], mode="markers+text",
+        text=[node.split(".")[-1] if ".h" in node else node for node in placed.values()],
+        textposition="middle right", textfont=dict(size=10), showlegend=False,
+        marker=dict(size=6, color="#333"), row=1, col=column,
+        hovertext=list(placed.values()), hoverinfo="text",
     )  # fmt: skip
-    figure.update_yaxes(
-        tickvals=list(range(len(groups))), ticktext=groups, autorange="reversed",
-        title_text="positions",
-    )  # fmt: skip
-    figure.update_xaxes(title_text="layer (input, heads, MLP at +0.5, logits)")
-    figure.update_layout(
-        title=title or f"circuit of {len(edges)} edges", width=900, height=480,
-        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
-    )  # fmt: skip
-    return figure
+    figure.update_xaxes(range=[-1.4, n_layers + 0.6], row=1, col=column)
+    return groups
 
 
 def _layer_of(node: str) -> int:
-    """The layer of an edge node name (``"a3.h1"``, ``"m3"``: 3; the input: -1)."""
+    """The layer of an edge node name (``"a3.h1"``, ``"m3"``: 3; the input and logits: -1)."""
     if node in ("input", "logits"):
         return -1
     return int(node[1:].split(".")[0])

@@ -207,7 +207,9 @@ def top_edges(edges: pd.DataFrame, n: int) -> pd.DataFrame:
     """
     if n < 0:
         raise ValueError(f"n must be at least 0, got {n}")
-    return edges.loc[edges.score.abs().sort_values(ascending=False).index[:n]]
+    top = edges.loc[edges.score.abs().sort_values(ascending=False).index[:n]]
+    top.attrs = dict(edges.attrs)  # the groups and baselines a plot or faithfulness reads
+    return top
 
 
 def edge_patching(
