@@ -281,7 +281,7 @@ def faithfulness(
         >>> edges = edge_attribution_patching(model, inp, corrupted, metric, method="eap")
         >>> curve = faithfulness(model, inp, corrupted, metric, edges, sizes=[0, 100, len(edges)])
         >>> curve.faithfulness.round(2).tolist()        # no edge clean: the corrupted run
-        [0.0, 0.9, 1.0]
+        [0.0, 0.89, 1.0]
     """
     graph = _checked_graph(model, clean, corrupted, groups)
     clean_score, corrupted_score, _, corrupted_acts = _baselines(model, clean, corrupted, metric)
