@@ -474,7 +474,7 @@ def activation_patching(result: pd.DataFrame) -> go.Figure:
     figure = make_subplots(rows=1, cols=len(sites), subplot_titles=sites, shared_yaxes=True)
     for column, site in enumerate(sites, 1):
         rows = result[result.site == site]
-        across = "head" if site == "head" else "unit"
+        across = "head" if rows["head"].notna().any() else "unit"
         table = rows.pivot_table(index="layer", columns=across, values="normalized", sort=False)
         figure.add_heatmap(
             z=table.values, x=[str(c) for c in table.columns], y=table.index.tolist(),
@@ -482,7 +482,7 @@ def activation_patching(result: pd.DataFrame) -> go.Figure:
             colorbar=dict(title="restored"), row=1, col=column,
             hovertemplate="layer %{y}, %{x}: %{z:.2f}<extra>" + site + "</extra>",
         )  # fmt: skip
-        figure.update_xaxes(title_text="head" if site == "head" else attrs.get("by", ""),
+        figure.update_xaxes(title_text=across if across == "head" else attrs.get("by", ""),
                             row=1, col=column)  # fmt: skip
     figure.update_yaxes(title_text="layer", row=1, col=1)
     kind = (

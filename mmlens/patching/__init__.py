@@ -6,6 +6,7 @@ patched exactly and pruned to circuits (`mmlens.patching.edges`). Semantics: doc
 ("Activation patching", "Attribution patching", "Edge attribution")."""
 
 from mmlens.patching.activation import (
+    HEAD_SITES,
     SITES,
     UNITS,
     Metric,
@@ -23,6 +24,7 @@ from mmlens.patching.edges import (
 )
 
 __all__ = [
+    "HEAD_SITES",
     "SITES",
     "UNITS",
     "Metric",
