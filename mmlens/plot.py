@@ -585,6 +585,41 @@ def _draw_circuit(figure: go.Figure, edges: pd.DataFrame, column: int, shown: se
     return groups
 
 
+def faithfulness(curves: pd.DataFrame | dict[str, pd.DataFrame]) -> go.Figure:
+    """`mmlens.patching.faithfulness` curves: the share of the clean metric each circuit size
+    restores (one line per curve; pass a dict, name -> curve, for several).
+
+    Examples:
+        >>> from mmlens.patching import edge_attribution_patching, faithfulness as evaluate
+        >>> from mmlens.patching import logit_difference
+        >>> from mmlens.zoo.shapes import counterfactual
+        >>> other = counterfactual(sample)
+        >>> corrupted = model.prepare(other.image, other.question)
+        >>> metric = logit_difference(model, inp, "red", "blue")
+        >>> edges = edge_attribution_patching(model, inp, corrupted, metric, method="eap")
+        >>> curve = evaluate(model, inp, corrupted, metric, edges, sizes=[10, 100])
+        >>> [trace.name for trace in faithfulness({"EAP": curve}).data]
+        ['EAP']
+    """
+    named = curves if isinstance(curves, dict) else {"circuit": curves}
+    figure = go.Figure()
+    for name, curve in named.items():
+        figure.add_scatter(
+            x=curve.n_edges, y=curve.faithfulness, mode="lines+markers", name=name,
+            line=dict(color=_colour(named, name)),
+            hovertemplate="%{x} edges: %{y:.2f}<extra>" + name + "</extra>",
+        )  # fmt: skip
+    figure.add_hline(y=1.0, line=dict(dash="dot", color="#888"))
+    figure.update_xaxes(title_text="edges in the circuit", type="log")
+    figure.update_yaxes(title_text="share of the clean metric restored")
+    figure.update_layout(
+        title="circuit faithfulness (every other edge carries its corrupted value)",
+        width=760, height=420,
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+    )  # fmt: skip
+    return figure
+
+
 def _layer_of(node: str) -> int:
     """The layer of an edge node name (``"a3.h1"``, ``"m3"``: 3; the input and logits: -1)."""
     if node in ("input", "logits"):
