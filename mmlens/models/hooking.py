@@ -265,7 +265,7 @@ class HookBookkeeping(HookedRootModule):
             >>> sae = mmlens.sae.load("tiny-shapes-sae")
             >>> _, cache = model.run_with_cache_with_saes(inp, saes=[sae])
             >>> cache["blocks.2.hook_resid_post.hook_sae_acts_post"].shape  # [batch, pos, d_sae]
-            torch.Size([1, 105, 512])
+            torch.Size([1, 105, 256])
         """
         with self.saes(saes, use_error_term=use_error_term):
             return self.run_with_cache(*model_args, **kwargs)

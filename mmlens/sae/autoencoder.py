@@ -121,7 +121,7 @@ class SparseAutoencoder(HookedRootModule):
         >>> x = torch.randn(2, 5, sae.cfg.d_in)
         >>> acts = sae.encode(x)
         >>> acts.shape, torch.allclose(sae.decode(acts), sae(x))
-        (torch.Size([2, 5, 512]), True)
+        (torch.Size([2, 5, 256]), True)
         >>> torch.allclose(sae(x, use_error_term=True), x, atol=1e-5)   # reconstruction + error
         True
     """

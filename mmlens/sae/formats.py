@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from mmlens.sae.autoencoder import SAEConfig, SparseAutoencoder
 
 ZOO_SAES = {
-    "tiny-shapes-sae": "ReLU SAE (512 features) on tiny-shapes' blocks.2.hook_resid_post, "
+    "tiny-shapes-sae": "ReLU SAE (256 features) on tiny-shapes' blocks.2.hook_resid_post, "
     "trained by train/train_sae.py; evaluation in docs/zoo.md",
 }
 """SAEs shipped inside the package: names `load` accepts."""
@@ -65,7 +65,7 @@ def load(
     Examples:
         >>> sae = mmlens.sae.load("tiny-shapes-sae")
         >>> sae.cfg.architecture, sae.cfg.hook_name, sae.cfg.d_in, sae.cfg.d_sae
-        ('standard', 'blocks.2.hook_resid_post', 128, 512)
+        ('standard', 'blocks.2.hook_resid_post', 128, 256)
     """
     folder = _folder(path)
     if (folder / SAELENS_CONFIG).is_file():
@@ -90,7 +90,7 @@ def save(sae: SparseAutoencoder, folder: str | Path) -> Path:
     Examples:
         >>> sae = mmlens.sae.load("tiny-shapes-sae")
         >>> mmlens.sae.load(mmlens.sae.save(sae, "my-sae")).cfg.d_sae
-        512
+        256
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

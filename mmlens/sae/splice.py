@@ -34,7 +34,7 @@ class SAEScope:
         >>> with mmlens.sae.SAEScope(model, [sae]):
         ...     logits, cache = model.run_with_cache(inp, names_filter=lambda n: "sae" in n)
         >>> cache["blocks.2.hook_resid_post.hook_sae_acts_post"].shape
-        torch.Size([1, 105, 512])
+        torch.Size([1, 105, 256])
         >>> "blocks.2.hook_resid_post.hook_sae_input" in model.hook_dict   # gone after the block
         False
     """
