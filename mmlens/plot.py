@@ -266,8 +266,8 @@ def feature_map(
     Examples:
         >>> sae = mmlens.sae.load("tiny-shapes-sae")
         >>> figure = feature_map(model, inp, sae, [0, 1, 2])            # .show()
-        >>> len(figure.data), figure.data[1].z == mmlens.sae.patch_activations(
-        ...     model, inp, sae)[0, :, :, 0].tolist()
+        >>> grids = mmlens.sae.patch_activations(model, inp, sae)   # [batch, rows, cols, d_sae]
+        >>> len(figure.data), [list(row) for row in figure.data[1].z] == grids[0, :, :, 0].tolist()
         (6, True)
     """
     from mmlens.sae import patch_activations

@@ -105,7 +105,9 @@ def test_apply_b_dec_and_normalizations_follow_saelens(tmp_path):
     no_b_dec = load(write_saelens(tmp_path / "a", weights, apply_b_dec_to_input=False))
     torch.testing.assert_close(no_b_dec(x), by_hand(x, weights, "relu", apply_b_dec=False)[1])
     # constant_norm_rescale: in, x * sqrt(d_in) / |x|; out, divided by that factor again.
-    rescaled = load(write_saelens(tmp_path / "b", weights, normalize_activations="constant_norm_rescale"))
+    rescaled = load(
+        write_saelens(tmp_path / "b", weights, normalize_activations="constant_norm_rescale")
+    )
     factor = D_IN**0.5 / x.norm(dim=-1, keepdim=True)
     acts, recons = by_hand(x * factor, weights, "relu")
     torch.testing.assert_close(rescaled.encode(x), acts, atol=1e-6, rtol=0)
@@ -335,7 +337,9 @@ def test_patch_activations_and_feature_map(model, inp):
         torch.testing.assert_close(grids[item], sae.encode(cache[HOOK][item, grid]))
     figure = mmlens.plot.feature_map(model, inp, sae, [5, 9], item=1)
     heatmaps = [trace for trace in figure.data if trace.type == "heatmap"]
-    assert [h.z for h in heatmaps] == [grids[1, :, :, f].tolist() for f in (5, 9)]
+    assert [[list(row) for row in h.z] for h in heatmaps] == [
+        grids[1, :, :, f].tolist() for f in (5, 9)
+    ]
     assert heatmaps[0].zmax == pytest.approx(grids[1, :, :, [5, 9]].max().item())
     with pytest.raises(ValueError, match="features \\[999\\] do not exist"):
         mmlens.plot.feature_map(model, inp, sae, 999)
@@ -345,31 +349,42 @@ def test_sae_features_experiment_rows_and_resume(model, tmp_path, monkeypatch):
     samples = generate(6, seed=11)
     data = from_samples(samples)
     out = tmp_path / "run"
-    first = mmlens.run("sae-features", model, data, out, sae="tiny-shapes-sae", limit=4,
-                       batch_size=2, progress=False)  # fmt: skip
-    assert set(first.sample_id) == set(data.ids[:4])
-    calls: list[str] = []
     original = EXPERIMENTS["sae-features"]
-    counting = dataclasses.replace(
-        original, run=lambda c, s: calls.extend(x.sample_id for x in s) or original.run(c, s)
-    )
-    monkeypatch.setitem(EXPERIMENTS, "sae-features", counting)
-    resumed = mmlens.run("sae-features", model, data, out, sae="tiny-shapes-sae", batch_size=2,
-                         progress=False)  # fmt: skip
-    assert calls == data.ids[4:]  # only the new samples ran
+    calls: list[str] = []
+
+    def counting(context, batch, interrupt_after=None):
+        calls.extend(sample.sample_id for sample in batch)
+        if interrupt_after is not None and len(calls) > interrupt_after:
+            raise KeyboardInterrupt
+        return original.run(context, batch)
+
+    def run_with(function):
+        monkeypatch.setitem(
+            EXPERIMENTS, "sae-features", dataclasses.replace(original, run=function)
+        )
+        return mmlens.run("sae-features", model, data, out, sae="tiny-shapes-sae", batch_size=2,
+                          progress=False)  # fmt: skip
+
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C in the third batch
+        run_with(lambda context, batch: counting(context, batch, interrupt_after=4))
+    calls.clear()
+    resumed = run_with(counting)
+    assert calls == data.ids[4:]  # only the unfinished samples ran
+    assert set(resumed.sample_id) == set(data.ids)
     sae = load("tiny-shapes-sae")
-    inp = model.prepare(samples[5].image, samples[5].question)
-    grid = patch_activations(model, inp, sae)[0]
+    inp = model.prepare([s.image for s in samples[4:]], [s.question for s in samples[4:]])
+    grid = patch_activations(model, inp, sae)[1]  # as the run's last batch computed it
     rows = resumed[resumed.sample_id == data.ids[5]].set_index("feature")
     peak = grid.flatten(0, 1).max(0)
     assert set(rows.index) == set((peak.values > 0).nonzero().flatten().tolist())
     for feature, row in rows.iterrows():
-        assert row.activation == pytest.approx(peak.values[feature].item(), abs=1e-5)
-        assert grid[row.patch_row, row.patch_col, feature] == pytest.approx(row.activation)
+        assert row.activation == peak.values[feature].item()
+        assert grid[row.patch_row, row.patch_col, feature] == row.activation
     top = mmlens.sae.top_activations(resumed, k=2)
     assert (top.groupby("feature").size() <= 2).all()
     best = resumed.loc[resumed.groupby("feature").activation.idxmax()]
-    assert set(zip(best.feature, best.activation)) <= set(zip(top.feature, top.activation))
+    pairs = lambda frame: set(zip(frame.feature, frame.activation, strict=True))  # noqa: E731
+    assert pairs(best) <= pairs(top)
     assert results.load(out).equals(resumed)
     with pytest.raises(ValueError, match="needs sae=PATH"):
         mmlens.run("sae-features", model, data, tmp_path / "none", progress=False)

@@ -66,7 +66,7 @@ def run(
 
     Args:
         experiment: a name in `EXPERIMENTS` (knockout, logit-lens, module-jaccard,
-            attention-share, cam, cliff, truncation, fastv).
+            attention-share, cam, cliff, truncation, fastv, sae-features).
         model: a model, a checkpoint folder, a hub id in the local cache, or a zoo name.
         data: a `Dataset`, samples, or a spec ``"FORMAT:PATH"`` (`mmlens.data.load`).
         out: the run directory. If it holds a run of the same settings and data, that run
