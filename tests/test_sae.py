@@ -391,13 +391,17 @@ def test_sae_features_experiment_rows_and_resume(model, tmp_path, monkeypatch):
 
 
 def test_the_zoo_sae_meets_its_evaluation(model):
+    """Bars a little below what train/train_sae.py measured on 256 held-out samples (docs/zoo.md:
+    explained variance 0.955, L0 7.1, accuracy 99.2% -> 89.8% spliced, best colour feature r
+    0.49-0.60, shape 0.57-0.64, row 0 0.54)."""
     sae = load("tiny-shapes-sae")
     assert (sae.cfg.hook_name, sae.cfg.d_sae) == (HOOK, 256)
     held_out = generate(48, seed=7)
     scores = evaluate(model, sae, held_out)
-    assert scores["explained_variance"] > 0.9
-    assert scores["l0"] < 30
-    assert scores["accuracy_spliced"] >= scores["accuracy"] - 0.15
+    assert scores["explained_variance"] > 0.93
+    assert scores["l0"] < 10
+    assert scores["dead_fraction"] < 0.05
+    assert scores["accuracy_spliced"] >= scores["accuracy"] - 0.2
     table = feature_attributes(model, sae, held_out)
     best = table.groupby(table.attribute.str.split("=").str[0]).correlation.max()
-    assert best["color"] > 0.5 and best["shape"] > 0.4 and best["row"] > 0.4
+    assert best["color"] > 0.4 and best["shape"] > 0.45 and best["row"] > 0.3

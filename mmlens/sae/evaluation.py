@@ -36,8 +36,9 @@ def collect_activations(
 
     Examples:
         >>> from mmlens.sae.evaluation import collect_activations
-        >>> collect_activations(model, [sample], "blocks.2.hook_resid_post", progress=False).shape
-        torch.Size([77, 128])
+        >>> x = collect_activations(model, [sample], "blocks.2.hook_resid_post", progress=False)
+        >>> x.shape          # 64 image tokens, the question's 7 words and the last position
+        torch.Size([72, 128])
     """
     rows = []
     for start in tqdm(range(0, len(samples), batch_size), desc="activations", disable=not progress):

@@ -100,7 +100,7 @@ def top_activations(rows: pd.DataFrame, k: int = 10, by: str = "activation") -> 
         >>> sae = mmlens.sae.load("tiny-shapes-sae")
         >>> rows = pd.DataFrame(feature_rows(model, inp, sae, ["s0"]))
         >>> top = top_activations(rows, k=1)
-        >>> len(top) == rows.feature.nunique(), top.groupby("feature").size().max()
+        >>> len(top) == rows.feature.nunique(), int(top.groupby("feature").size().max())
         (True, 1)
     """
     if by not in rows.columns:
