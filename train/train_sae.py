@@ -10,7 +10,7 @@ SAELens does not install beside TransformerLens 4, so this is a short trainer in
 
 1. Activations: `mmlens.sae.evaluation.collect_activations` over ``--samples`` fresh samples of
    `mmlens.zoo.shapes` (dataset seed 1000 + seed, never an evaluation seed), held in memory
-   (~130k vectors of 128 floats), scaled by one constant so that their mean norm is sqrt(d_in)
+   (~60k vectors of 128 floats), scaled by one constant so that their mean norm is sqrt(d_in)
    (SAELens' ``expected_average_only_in``; the constant is folded into the weights at the end,
    so the saved SAE reads raw activations and says ``normalize_activations: "none"``).
 2. Model: W_dec rows of norm 0.1 in random directions, W_enc = W_dec.T, b_enc = 0, b_dec = the
@@ -21,7 +21,7 @@ SAELens does not install beside TransformerLens 4, so this is a short trainer in
 4. Saved with `mmlens.sae.save` (SAELens' format: cfg.json + sae_weights.safetensors), then
    evaluated on 256 held-out samples (dataset seed 7) with `mmlens.sae.evaluate`.
 
-About two minutes on two CPU threads. Everything is seeded.
+About five minutes on two busy CPU cores (a third of it the evaluation). Everything is seeded.
 """
 
 from __future__ import annotations
