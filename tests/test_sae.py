@@ -16,9 +16,10 @@ import mmlens
 from mmlens import results
 from mmlens.ablations import drop_tokens, zero_mlp
 from mmlens.data import from_samples
-from mmlens.experiments import EXPERIMENTS
+from mmlens.experiments import EXPERIMENTS, RunMismatch
 from mmlens.sae import SAEConfig, SparseAutoencoder, evaluate, load, patch_activations, save
 from mmlens.sae.evaluation import feature_attributes
+from mmlens.testing import build_tiny_gemma3, make_test_image
 from mmlens.zoo.shapes import generate
 
 D_IN, D_SAE = 128, 48
@@ -163,6 +164,33 @@ def test_gemma_scope_2_release_folders(tmp_path):
     )
     expected = by_hand(x, weights, "jumprelu", apply_b_dec=False)[1] + x @ skip
     torch.testing.assert_close(transcoder.decode(transcoder.encode(x), x), expected)
+
+
+def test_gemma_scope_2_saes_attach_to_gemma_3(tmp_path):
+    """A Gemma Scope 2 residual SAE and transcoder, in the release layout, on a random Gemma 3
+    (d_model 64): they attach by the hook names the release implies and splice exactly."""
+    gemma = mmlens.from_pretrained(build_tiny_gemma3(tmp_path / "gemma3"))
+    gemma_inp = gemma.prepare(make_test_image(40, 40, 1), "What is it?")
+    release = tmp_path / "gemma-scope-2-tiny-it"
+    for site, seed in (("resid_post", 10), ("transcoder", 11)):
+        folder = release / site / "layer_1_width_16k_l0_small"
+        folder.mkdir(parents=True)
+        weights = {k.lower(): v for k, v in random_weights(seed, 64, 64).items()}
+        save_file(weights, str(folder / "params.safetensors"))
+        (folder / "config.json").write_text(json.dumps({"architecture": "jump_relu"}))
+    sae = load(release / "resid_post" / "layer_1_width_16k_l0_small")
+    transcoder = load(release / "transcoder" / "layer_1_width_16k_l0_small")
+    with torch.no_grad():
+        plain = gemma(gemma_inp)
+        exact = gemma.run_with_saes(gemma_inp, saes=[sae, transcoder], use_error_term=True)
+        spliced = gemma.run_with_saes(gemma_inp, saes=[sae])
+        w = dict(sae.named_parameters())
+        jump = [("blocks.1.hook_resid_post",
+                 lambda x, hook: by_hand(x, w, "jumprelu", apply_b_dec=False)[1])]  # fmt: skip
+        expected = gemma.run_with_hooks(gemma_inp, fwd_hooks=jump)
+    torch.testing.assert_close(exact, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(spliced, expected, atol=1e-5, rtol=0)
+    assert (spliced - plain).abs().max() > 1e-2
 
 
 def test_bad_files_and_configs_are_named(tmp_path):
@@ -387,6 +415,15 @@ def test_sae_features_experiment_rows_and_resume(model, tmp_path, monkeypatch):
     assert results.load(out).equals(resumed)
     with pytest.raises(ValueError, match="needs sae=PATH"):
         mmlens.run("sae-features", model, data, tmp_path / "none", progress=False)
+    # Another SAE's weights under the same name: the resume is refused.
+    changed = save(load("tiny-shapes-sae"), tmp_path / "copy")
+    mmlens.run("sae-features", model, data, tmp_path / "copied", sae=str(changed), limit=2,
+               progress=False)  # fmt: skip
+    save_file({**{n: p.detach() for n, p in load(changed).named_parameters()},
+               "b_enc": torch.zeros(256)}, str(changed / "sae_weights.safetensors"))  # fmt: skip
+    with pytest.raises(RunMismatch, match="sae_fingerprint"):
+        mmlens.run("sae-features", model, data, tmp_path / "copied", sae=str(changed), limit=2,
+                   progress=False)  # fmt: skip
 
 
 def test_the_zoo_sae_meets_its_evaluation(model):

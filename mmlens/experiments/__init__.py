@@ -344,6 +344,10 @@ def _resolved_options(
         options["apply_final_norm"] = preset.apply_final_norm if preset else True
     if spec.name == "cam" and options["layers"] is None:
         options["layers"] = list(range(model.cfg.n_layers))
+    if spec.name == "sae-features" and options["sae"]:  # its content, as the model's
+        from mmlens.sae.formats import fingerprint
+
+        options["sae_fingerprint"] = fingerprint(options["sae"])
     return {
         key: list(value) if isinstance(value, tuple) else value for key, value in options.items()
     }

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -103,6 +104,26 @@ def save(sae: SparseAutoencoder, folder: str | Path) -> Path:
     weights = {name: p.detach().contiguous().cpu() for name, p in sae.named_parameters()}
     save_file(weights, str(folder / SAELENS_WEIGHTS))
     return folder
+
+
+def fingerprint(path: str | Path) -> str:
+    """A short hash of an SAE's files by content (config and weights), so that a run's manifest
+    names the SAE it used and a resume refuses one changed in place.
+
+    Examples:
+        >>> from mmlens.sae.formats import fingerprint
+        >>> len(fingerprint("tiny-shapes-sae"))
+        16
+    """
+    from mmlens.loading import file_digest
+
+    folder = _folder(path)
+    names = (SAELENS_CONFIG, SAELENS_WEIGHTS, "config.json", "params.safetensors", "params.npz")
+    digest = hashlib.blake2b(digest_size=8)
+    for name in names:
+        if (folder / name).is_file():
+            digest.update(f"{name}:{file_digest(folder / name)};".encode())
+    return digest.hexdigest()
 
 
 def _folder(path: str | Path) -> Path:
