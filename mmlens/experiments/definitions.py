@@ -311,7 +311,8 @@ def _sae_features(context: Context, samples: Sequence[Sample]) -> tuple[Rows, di
     `mmlens.sae.top_activations` ranks them per feature)."""
     from mmlens.sae import feature_rows
 
-    sae = _loaded_sae(context.options["sae"], context.model.W_E.device)
+    options = context.options
+    sae = _loaded_sae(options["sae"], options["sae_fingerprint"], context.model.W_E.device)
     inp = context.prepare(samples)
     rows = feature_rows(context.model, inp, sae, [sample.sample_id for sample in samples])
     types = {sample.sample_id: sample.question_type for sample in samples}
@@ -319,8 +320,9 @@ def _sae_features(context: Context, samples: Sequence[Sample]) -> tuple[Rows, di
 
 
 @functools.lru_cache(maxsize=1)
-def _loaded_sae(path: str, device: torch.device) -> Any:
-    """The SAE of a run, loaded once for all its batches."""
+def _loaded_sae(path: str, fingerprint: str, device: torch.device) -> Any:
+    """The SAE of a run, loaded once for all its batches (again if its files change: the
+    fingerprint is part of the key)."""
     from mmlens.sae import load
 
     return load(path, device=device)
