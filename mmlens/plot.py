@@ -167,44 +167,8 @@ def llava_cam(
         crop = inp.pixel_values[image]
         crop = crop[0] if crop.ndim == 4 else crop  # a tiling processor's [crop, ...]
     pixels = _model_view(crop, settings["image_mean"], settings["image_std"])
-    height, width = pixels.height, pixels.width
-    patch = geometry.patch_size
-    n_rows = math.ceil(len(result.layers) / columns)
-    figure = make_subplots(
-        rows=n_rows,
-        cols=min(columns, len(result.layers)),
-        subplot_titles=result.layers,
-        horizontal_spacing=0.02,
-        vertical_spacing=0.08,
-    )
-    source = _png_data_uri(pixels)
-    x0, y0, x1, y1 = _original_extent(geometry)
-    for index, layer_map in enumerate(result.maps):
-        row, col = index // columns + 1, index % columns + 1
-        figure.add_trace(go.Image(source=source, hoverinfo="skip"), row=row, col=col)
-        figure.add_trace(
-            go.Heatmap(
-                z=layer_map.tolist(),
-                x0=patch / 2 - 0.5,
-                dx=patch,
-                y0=patch / 2 - 0.5,
-                dy=patch,
-                zmin=0,
-                zmax=1,
-                zsmooth="best",
-                colorscale=CAM_COLOURS,
-                opacity=opacity,
-                showscale=index == 0,
-                name=result.layers[index],
-            ),
-            row=row,
-            col=col,
-        )
-        figure.add_shape(type="rect", x0=x0, y0=y0, x1=x1, y1=y1, row=row, col=col,
-                         line={"color": "white", "dash": "dash", "width": 1})  # fmt: skip
-        figure.update_xaxes(range=[-0.5, width - 0.5], visible=False, row=row, col=col)
-        figure.update_yaxes(range=[height - 0.5, -0.5], visible=False, row=row, col=col,
-                            scaleanchor=f"x{index + 1 if index else ''}")  # fmt: skip
+    figure = _maps_on_image(pixels, geometry, result.maps, result.layers, columns, opacity)
+    n_rows, patch = math.ceil(len(result.layers) / columns), geometry.patch_size
     figure_width = 240 * min(columns, len(result.layers)) + 120
     lines = _geometry_note(geometry, inp.image_mode).split("<br>")
     if settings.get("spread"):
@@ -230,6 +194,106 @@ def llava_cam(
     note = "<br>".join(lines)
     figure.add_annotation(text=note, xref="paper", yref="paper", x=0, y=0, yanchor="top",
                           yshift=-24, showarrow=False, xanchor="left", align="left")  # fmt: skip
+    return figure
+
+
+def _maps_on_image(
+    pixels: Image.Image,
+    geometry: ImageGeometry,
+    maps: Any,
+    titles: list[str],
+    columns: int,
+    opacity: float,
+    zmax: float = 1.0,
+) -> go.Figure:
+    """One panel per map ``[rows, cols]`` (one cell per patch): the image as the model saw it,
+    the map over it (smoothed, from 0 to `zmax`) and a dashed box where the original image
+    lies (`llava_cam`, `feature_map`)."""
+    height, width = pixels.height, pixels.width
+    patch = geometry.patch_size
+    figure = make_subplots(
+        rows=math.ceil(len(titles) / columns),
+        cols=min(columns, len(titles)),
+        subplot_titles=titles,
+        horizontal_spacing=0.02,
+        vertical_spacing=0.08,
+    )
+    source = _png_data_uri(pixels)
+    x0, y0, x1, y1 = _original_extent(geometry)
+    for index, panel_map in enumerate(maps):
+        row, col = index // columns + 1, index % columns + 1
+        figure.add_trace(go.Image(source=source, hoverinfo="skip"), row=row, col=col)
+        figure.add_trace(
+            go.Heatmap(
+                z=panel_map.tolist(),
+                x0=patch / 2 - 0.5,
+                dx=patch,
+                y0=patch / 2 - 0.5,
+                dy=patch,
+                zmin=0,
+                zmax=zmax,
+                zsmooth="best",
+                colorscale=CAM_COLOURS,
+                opacity=opacity,
+                showscale=index == 0,
+                name=titles[index],
+            ),
+            row=row,
+            col=col,
+        )
+        figure.add_shape(type="rect", x0=x0, y0=y0, x1=x1, y1=y1, row=row, col=col,
+                         line={"color": "white", "dash": "dash", "width": 1})  # fmt: skip
+        figure.update_xaxes(range=[-0.5, width - 0.5], visible=False, row=row, col=col)
+        figure.update_yaxes(range=[height - 0.5, -0.5], visible=False, row=row, col=col,
+                            scaleanchor=f"x{index + 1 if index else ''}")  # fmt: skip
+    return figure
+
+
+def feature_map(
+    model: Any,
+    inp: Any,
+    sae: Any,
+    features: int | list[int],
+    item: int = 0,
+    columns: int = 4,
+    opacity: float = 0.6,
+) -> go.Figure:
+    """One panel per SAE feature: its activation on each image patch of prompt `item`, drawn
+    over the image as the model saw it (`mmlens.sae.patch_activations`; the panels of
+    `llava_cam`). One colour scale for all panels, from 0 to the largest activation shown;
+    each title gives the feature's peak.
+
+    Examples:
+        >>> sae = mmlens.sae.load("tiny-shapes-sae")
+        >>> figure = feature_map(model, inp, sae, [0, 1, 2])            # .show()
+        >>> grids = mmlens.sae.patch_activations(model, inp, sae)   # [batch, rows, cols, d_sae]
+        >>> len(figure.data), [list(row) for row in figure.data[1].z] == grids[0, :, :, 0].tolist()
+        (6, True)
+    """
+    from mmlens.sae import patch_activations
+
+    features = [features] if isinstance(features, int) else list(features)
+    unknown = [f for f in features if not 0 <= f < sae.cfg.d_sae]
+    if unknown:
+        raise ValueError(f"features {unknown} do not exist; this SAE has 0..{sae.cfg.d_sae - 1}")
+    grids = patch_activations(model, inp.item(item), sae)[0]  # [rows, cols, d_sae]
+    maps = grids[:, :, features].permute(2, 0, 1)
+    image = inp.image_items.index(item)
+    processor = model.processor.image_processor
+    pixels = _model_view(model.vision_pixels(inp, image), processor.image_mean, processor.image_std)
+    titles = [
+        f"feature {f} (max {m:.2f})"
+        for f, m in zip(features, maps.amax((1, 2)).tolist(), strict=True)
+    ]
+    geometry = inp.image_geometry[image].vision_view
+    peak = max(maps.max().item(), 1e-6)
+    figure = _maps_on_image(pixels, geometry, maps, titles, columns, opacity, zmax=peak)
+    n_rows = math.ceil(len(features) / columns)
+    figure.update_layout(
+        title=f"SAE features at {sae.cfg.hook_name} - {_model_name(model.cfg.model_name)}",
+        height=260 * n_rows + 80,
+        width=240 * min(columns, len(features)) + 120,
+    )
     return figure
 
 
