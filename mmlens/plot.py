@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import plotly.io as pio
 import torch
 from jaxtyping import Float
 from PIL import Image
+from plotly.io._base_renderers import NotebookRenderer
 from plotly.subplots import make_subplots
 
 from mmlens.inputs import ImageGeometry
@@ -408,7 +410,7 @@ def knockout_sweep(result: pd.DataFrame, facet: str | None = None, columns: int 
     for index, (row, col, panel) in enumerate(panels):
         for flow, stats in knockout_curves(panel).groupby("flow", sort=False):
             colour = colours[flow]
-            if stats["n"].min() > 1:
+            if stats["n"].max() > 1:  # a one-sample centre's interval is its value
                 figure.add_scatter(
                     x=list(stats["layer"]) + list(stats["layer"][::-1]),
                     y=list(stats["high"]) + list(stats["low"][::-1]),
@@ -600,6 +602,38 @@ def probes(result: pd.DataFrame) -> go.Figure:
         height=460,
     )
     return figure
+
+
+OFFLINE_RENDERER = "mmlens_offline"
+"""The plotly renderer `offline_notebook` registers: plotly's ``notebook`` renderer, without
+the MathJax script it loads from a CDN into every figure (no mmlens figure writes TeX)."""
+
+
+class _OfflineNotebookRenderer(NotebookRenderer):
+    def to_mimebundle(self, fig_dict: dict) -> dict[str, str]:
+        figure_html = pio.to_html(fig_dict, config=self.config, include_plotlyjs=False,
+                                  include_mathjax=False, full_html=False, default_width="100%",
+                                  default_height=525, validate=False)  # fmt: skip
+        return {"text/html": figure_html}
+
+
+def offline_notebook(png: bool = False) -> None:
+    """Draw this Jupyter notebook's figures with no network: plotly.js from the installed
+    plotly is written into the notebook once (with the first figure) and every figure uses it.
+    plotly's ``notebook_connected`` renderer loads it from a CDN instead, and its figures stay
+    blank on an offline cluster node. With `png`, each figure is also stored as a PNG image
+    (for viewers that run no JavaScript, such as GitHub's). docs/analyses.md, "Figures offline".
+
+    Examples:
+        >>> import plotly.io as pio
+        >>> before = pio.renderers.default
+        >>> offline_notebook(png=True)
+        >>> pio.renderers.default
+        'mmlens_offline+png'
+        >>> pio.renderers.default = before
+    """
+    pio.renderers[OFFLINE_RENDERER] = _OfflineNotebookRenderer()
+    pio.renderers.default = f"{OFFLINE_RENDERER}+png" if png else OFFLINE_RENDERER
 
 
 def _model_name(name: Any) -> str:

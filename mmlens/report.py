@@ -216,7 +216,11 @@ def _sweep_section(
         samples += (
             f"; the flows from the question's own patches ({', '.join(map(html.escape, box_flows))}) "
             f"need its boxes and use {analysed.of(n_with_boxes)}"
-            + (f" ({without} ask about no object in the image)" if without else "")
+            + (
+                f" ({without} {'asks' if without == 1 else 'ask'} about no object in the image)"
+                if without
+                else ""
+            )  # fmt: skip
         )
     text = (
         f"Attention knockout (Cross-modal Information Flow, eq. 7): each flow's edges are blocked in a "
