@@ -141,7 +141,13 @@ class Analysed:
     answered_correctly: bool
 
     def of(self, count: int) -> str:
-        """`count` of them, in words: "26 of the 28 correctly answered samples"."""
+        """`count` of them, in words.
+
+        >>> Analysed([0, 2, 3], answered_correctly=True).of(2)
+        '2 of the 3 correctly answered samples'
+        >>> Analysed([0, 1], answered_correctly=False).of(2)
+        'all 2 samples'
+        """
         which = "correctly answered samples" if self.answered_correctly else "samples"
         whole = len(self.indices)
         return f"all {whole} {which}" if count == whole else f"{count} of the {whole} {which}"

@@ -32,6 +32,9 @@ def test_report_is_self_contained_with_every_section(tiny_checkpoint, tmp_path):
         "plotly.js inline, once"
     )
     assert text.count('class="plotly-graph-div"') == 6  # sweep, lens, share, one CAM, boxes, cliff
+    # A random model answers nothing right: every sample is analysed, and listed with its answer.
+    assert "No sample was answered correctly: the analyses below use all of them." in text
+    assert text.count("<tr><td>") == 4 + 4  # a row per question type, then each sample
     # The header says how the inputs were made (the checkpoint's defaults here).
     expected = (
         "Inputs: template vicuna_v1, no suffix, image mode: the checkpoint&#x27;s processor, "
