@@ -12,11 +12,16 @@ scratch folder holding small files in the published layouts and finished runs of
 at the paths the pages name (tests/published_formats.py); `figure.show()` renders the figure to
 HTML. A block that needs what no test has offline says so on the line before it,
 ``<!-- not run: needs the 13B checkpoint and GQA -->``; they stay few.
+
+Every ``mmlens`` command line the pages show (shell blocks and inline code) parses: its
+subcommand, experiment, options and their values are the command line's.
 """
 
 from __future__ import annotations
 
+import argparse
 import re
+import shlex
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -163,3 +168,49 @@ def test_the_docs_python_block_runs(
         exec(compile(earlier_code, f"{page}:{earlier_line}", "exec"), state["names"])
     exec(compile(code, f"{page}:{line}", "exec"), state["names"])
     state["ran"] = len(earlier) + 1
+
+
+SHELL = re.compile(r"```(?:bash|sh|console)\n(.*?)```", re.S)
+INLINE = re.compile(r"`(mmlens [^`]*--[^`]*)`")  # a command with options, not a mention
+
+
+def docs_commands() -> list[tuple[str, list[str]]]:
+    """(page, argv) of every `mmlens ...` command of docs/*.md, bar those with placeholders
+    (`...`, `EXPERIMENT`)."""
+    found = []
+    for page in sorted(DOCS.glob("*.md")):
+        text = page.read_text()
+        shell = [block.replace("\\\n", " ") for block in SHELL.findall(text)]
+        lines = [line for block in shell for line in block.splitlines()] + INLINE.findall(text)
+        for line in lines:
+            words = shlex.split(line, comments=True)
+            placeholders = [word for word in words if word == "..." or word.isupper()]
+            if words[:1] == ["mmlens"] and not placeholders:
+                found.append((page.name, words[1:]))
+    return found
+
+
+COMMANDS = docs_commands()
+
+
+class Parsed(Exception):
+    """Raised with the parsed arguments instead of running the command."""
+
+
+def test_the_pages_show_command_lines():
+    assert len(COMMANDS) >= 15 and {argv[0] for _, argv in COMMANDS} == {"run", "apply-delta"}
+
+
+@pytest.mark.parametrize("page, argv", COMMANDS, ids=[" ".join(argv[:2]) for _, argv in COMMANDS])
+def test_the_docs_command_line_parses(page, argv, monkeypatch):
+    from mmlens.__main__ import main
+
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_only(parser, args=None, namespace=None):
+        raise Parsed(parse(parser, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    with pytest.raises(Parsed) as parsed:
+        main(argv)
+    assert parsed.value.args[0].command == argv[0]
