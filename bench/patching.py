@@ -1,7 +1,9 @@
 """Activation patching: `mmlens.patching` (a prefix run, then the cells as variants of a few
 suffix runs) vs the per-cell loop of hooks that TransformerLens users write (one forward pass
 per cell), side by side on the same pair; and attribution patching (AtP, integrated gradients
-over 4 steps) against the exact result: time and rank correlation of the cells.
+over 4 steps, AtP*) against the exact result: time and rank correlation of the cells. On the
+organism, also edge attribution (EAP-IG, 8 steps) against exact patching of its top 50 edges one
+at a time: time per edge, extrapolated to every edge, and the correlation.
 
 The pair is a counterfactual of `mmlens.zoo.shapes` (the asked object repainted). Both sweep the
 residual stream, attention and MLP outputs of every layer at every aligned segment and compare
@@ -26,7 +28,10 @@ from mmlens.patching import (
     activation_patching,
     aligned_positions,
     attribution_patching,
+    edge_attribution_patching,
+    edge_patching,
     logit_difference,
+    top_edges,
 )
 from mmlens.zoo.shapes import counterfactual, generate
 
@@ -110,7 +115,7 @@ def main() -> None:
     print(f"speed-up: {loop_seconds / batched_seconds:.1f}x; max |difference| of the metric "
           f"{float(difference):.2e}")  # fmt: skip
     exact = pd.Series(result.normalized.tolist())
-    for method, steps in (("atp", 1), ("ig", 4)):
+    for method, steps in (("atp", 1), ("atp*", 1), ("ig", 4)):
         start = time.perf_counter()
         estimate = attribution_patching(
             model, clean, corrupted, metric, sites=PATCHED_SITES, method=method, steps=steps
@@ -123,6 +128,29 @@ def main() -> None:
               f"({batched_seconds / seconds:.1f}x the exact batched sweep); Spearman rank "
               f"correlation with exact {ranks:.3f}, Pearson "
               f"{pd.Series(estimate.normalized.tolist()).corr(exact):.3f}")  # fmt: skip
+
+    if not args.llava_shaped:
+        edge_attribution(model, clean, corrupted, metric, args.device)
+
+
+def edge_attribution(model, clean, corrupted, metric, device: str, n_checked: int = 50) -> None:
+    """EAP-IG over every edge vs exact edge patching, timed side by side."""
+    start = time.perf_counter()
+    edges = edge_attribution_patching(model, clean, corrupted, metric, method="eap-ig", steps=8)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    scored = time.perf_counter() - start
+    start = time.perf_counter()
+    exact = edge_patching(model, clean, corrupted, metric, top_edges(edges, n_checked))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    per_edge = (time.perf_counter() - start) / n_checked
+    every_edge = per_edge * len(edges)
+    print(f"edge_attribution_patching eap-ig steps=8: {scored:7.3f} s for {len(edges)} edges; "
+          f"exact edge patching {per_edge * 1e3:.1f} ms an edge, {every_edge:.0f} s for every "
+          f"edge (extrapolated): {every_edge / scored:.0f}x; on the top {n_checked}: Pearson "
+          f"{exact.score.corr(exact.effect):.3f}, Spearman "
+          f"{exact.score.rank().corr(exact.effect.rank()):.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

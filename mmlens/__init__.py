@@ -4,7 +4,8 @@ The subpackages are the rooms of the house (docs/architecture.md): `models` (dec
 tower, projector, LLaVA, LLaVA-NeXT), `inputs` (`MultimodalInput` and what it is made of),
 `ablations` (hook lists), `analysis` (the papers' measurements), `presets` (the papers'
 settings), `data` and `metrics` (data sets and benchmark scores), `experiments` (`run`: an
-experiment over a data set) and `results`, `plot`, `report`, `zoo` (the shipped organisms).
+experiment over a data set) and `results`, `plot`, `report`, `sae` (sparse autoencoders and
+transcoders), `zoo` (the shipped organisms).
 """
 
 from mmlens import (
@@ -19,6 +20,7 @@ from mmlens import (
     presets,
     report,
     results,
+    sae,
     zoo,
 )
 from mmlens.config import MMConfig, VisionConfig
@@ -73,6 +75,7 @@ __all__ = [
     "report",
     "results",
     "run",
+    "sae",
     "zoo",
 ]
 __version__ = "0.1.0"

@@ -79,6 +79,7 @@ RUN_OPTIONS = {
     "--noise-std": ("noise_std", float, "cam: SmoothGrad noise std (0: one noiseless run)"),
     "--final-norm": ("apply_final_norm", _final_norm, "logit-lens: true, false or last_layer"),
     "--n-samples": ("n_samples", int, "cam: SmoothGrad samples"),
+    "--sae": ("sae", str, "sae-features: SAE folder (SAELens, Gemma Scope) or zoo name"),
 }
 
 
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         "experiment",
         choices=[
             "knockout", "logit-lens", "module-jaccard", "attention-share", "cam", "cliff",
-            "truncation", "fastv",
+            "truncation", "fastv", "sae-features",
         ],
     )  # fmt: skip
     run_parser.add_argument(

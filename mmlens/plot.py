@@ -176,44 +176,8 @@ def llava_cam(
         crop = inp.pixel_values[image]
         crop = crop[0] if crop.ndim == 4 else crop  # a tiling processor's [crop, ...]
     pixels = _model_view(crop, settings["image_mean"], settings["image_std"])
-    height, width = pixels.height, pixels.width
-    patch = geometry.patch_size
-    n_rows = math.ceil(len(result.layers) / columns)
-    figure = make_subplots(
-        rows=n_rows,
-        cols=min(columns, len(result.layers)),
-        subplot_titles=result.layers,
-        horizontal_spacing=0.02,
-        vertical_spacing=0.08,
-    )
-    source = _png_data_uri(pixels)
-    x0, y0, x1, y1 = _original_extent(geometry)
-    for index, layer_map in enumerate(result.maps):
-        row, col = index // columns + 1, index % columns + 1
-        figure.add_trace(go.Image(source=source, hoverinfo="skip"), row=row, col=col)
-        figure.add_trace(
-            go.Heatmap(
-                z=layer_map.tolist(),
-                x0=patch / 2 - 0.5,
-                dx=patch,
-                y0=patch / 2 - 0.5,
-                dy=patch,
-                zmin=0,
-                zmax=1,
-                zsmooth="best",
-                colorscale=CAM_COLOURS,
-                opacity=opacity,
-                showscale=index == 0,
-                name=result.layers[index],
-            ),
-            row=row,
-            col=col,
-        )
-        figure.add_shape(type="rect", x0=x0, y0=y0, x1=x1, y1=y1, row=row, col=col,
-                         line={"color": "white", "dash": "dash", "width": 1})  # fmt: skip
-        figure.update_xaxes(range=[-0.5, width - 0.5], visible=False, row=row, col=col)
-        figure.update_yaxes(range=[height - 0.5, -0.5], visible=False, row=row, col=col,
-                            scaleanchor=f"x{index + 1 if index else ''}")  # fmt: skip
+    figure = _maps_on_image(pixels, geometry, result.maps, result.layers, columns, opacity)
+    n_rows, patch = math.ceil(len(result.layers) / columns), geometry.patch_size
     figure_width = 240 * min(columns, len(result.layers)) + 120
     lines = _geometry_note(geometry, inp.image_mode).split("<br>")
     if settings.get("spread"):
@@ -239,6 +203,106 @@ def llava_cam(
     note = "<br>".join(lines)
     figure.add_annotation(text=note, xref="paper", yref="paper", x=0, y=0, yanchor="top",
                           yshift=-24, showarrow=False, xanchor="left", align="left")  # fmt: skip
+    return figure
+
+
+def _maps_on_image(
+    pixels: Image.Image,
+    geometry: ImageGeometry,
+    maps: Any,
+    titles: list[str],
+    columns: int,
+    opacity: float,
+    zmax: float = 1.0,
+) -> go.Figure:
+    """One panel per map ``[rows, cols]`` (one cell per patch): the image as the model saw it,
+    the map over it (smoothed, from 0 to `zmax`) and a dashed box where the original image
+    lies (`llava_cam`, `feature_map`)."""
+    height, width = pixels.height, pixels.width
+    patch = geometry.patch_size
+    figure = make_subplots(
+        rows=math.ceil(len(titles) / columns),
+        cols=min(columns, len(titles)),
+        subplot_titles=titles,
+        horizontal_spacing=0.02,
+        vertical_spacing=0.08,
+    )
+    source = _png_data_uri(pixels)
+    x0, y0, x1, y1 = _original_extent(geometry)
+    for index, panel_map in enumerate(maps):
+        row, col = index // columns + 1, index % columns + 1
+        figure.add_trace(go.Image(source=source, hoverinfo="skip"), row=row, col=col)
+        figure.add_trace(
+            go.Heatmap(
+                z=panel_map.tolist(),
+                x0=patch / 2 - 0.5,
+                dx=patch,
+                y0=patch / 2 - 0.5,
+                dy=patch,
+                zmin=0,
+                zmax=zmax,
+                zsmooth="best",
+                colorscale=CAM_COLOURS,
+                opacity=opacity,
+                showscale=index == 0,
+                name=titles[index],
+            ),
+            row=row,
+            col=col,
+        )
+        figure.add_shape(type="rect", x0=x0, y0=y0, x1=x1, y1=y1, row=row, col=col,
+                         line={"color": "white", "dash": "dash", "width": 1})  # fmt: skip
+        figure.update_xaxes(range=[-0.5, width - 0.5], visible=False, row=row, col=col)
+        figure.update_yaxes(range=[height - 0.5, -0.5], visible=False, row=row, col=col,
+                            scaleanchor=f"x{index + 1 if index else ''}")  # fmt: skip
+    return figure
+
+
+def feature_map(
+    model: Any,
+    inp: Any,
+    sae: Any,
+    features: int | list[int],
+    item: int = 0,
+    columns: int = 4,
+    opacity: float = 0.6,
+) -> go.Figure:
+    """One panel per SAE feature: its activation on each image patch of prompt `item`, drawn
+    over the image as the model saw it (`mmlens.sae.patch_activations`; the panels of
+    `llava_cam`). One colour scale for all panels, from 0 to the largest activation shown;
+    each title gives the feature's peak.
+
+    Examples:
+        >>> sae = mmlens.sae.load("tiny-shapes-sae")
+        >>> figure = feature_map(model, inp, sae, [0, 1, 2])            # .show()
+        >>> grids = mmlens.sae.patch_activations(model, inp, sae)   # [batch, rows, cols, d_sae]
+        >>> len(figure.data), [list(row) for row in figure.data[1].z] == grids[0, :, :, 0].tolist()
+        (6, True)
+    """
+    from mmlens.sae import patch_activations
+
+    features = [features] if isinstance(features, int) else list(features)
+    unknown = [f for f in features if not 0 <= f < sae.cfg.d_sae]
+    if unknown:
+        raise ValueError(f"features {unknown} do not exist; this SAE has 0..{sae.cfg.d_sae - 1}")
+    grids = patch_activations(model, inp.item(item), sae)[0]  # [rows, cols, d_sae]
+    maps = grids[:, :, features].permute(2, 0, 1)
+    image = inp.image_items.index(item)
+    processor = model.processor.image_processor
+    pixels = _model_view(model.vision_pixels(inp, image), processor.image_mean, processor.image_std)
+    titles = [
+        f"feature {f} (max {m:.2f})"
+        for f, m in zip(features, maps.amax((1, 2)).tolist(), strict=True)
+    ]
+    geometry = inp.image_geometry[image].vision_view
+    peak = max(maps.max().item(), 1e-6)
+    figure = _maps_on_image(pixels, geometry, maps, titles, columns, opacity, zmax=peak)
+    n_rows = math.ceil(len(features) / columns)
+    figure.update_layout(
+        title=f"SAE features at {sae.cfg.hook_name} - {_model_name(model.cfg.model_name)}",
+        height=260 * n_rows + 80,
+        width=240 * min(columns, len(features)) + 120,
+    )
     return figure
 
 
@@ -538,7 +602,7 @@ def activation_patching(result: pd.DataFrame) -> go.Figure:
     figure = make_subplots(rows=1, cols=len(sites), subplot_titles=sites, shared_yaxes=True)
     for column, site in enumerate(sites, 1):
         rows = result[result.site == site]
-        across = "head" if site == "head" else "unit"
+        across = "head" if rows["head"].notna().any() else "unit"
         table = rows.pivot_table(index="layer", columns=across, values="normalized", sort=False)
         figure.add_heatmap(
             z=table.values, x=[str(c) for c in table.columns], y=table.index.tolist(),
@@ -546,7 +610,7 @@ def activation_patching(result: pd.DataFrame) -> go.Figure:
             colorbar=dict(title="restored"), row=1, col=column,
             hovertemplate="layer %{y}, %{x}: %{z:.2f}<extra>" + site + "</extra>",
         )  # fmt: skip
-        figure.update_xaxes(title_text="head" if site == "head" else attrs.get("by", ""),
+        figure.update_xaxes(title_text=across if across == "head" else attrs.get("by", ""),
                             row=1, col=column)  # fmt: skip
     figure.update_yaxes(title_text="layer", row=1, col=1)
     kind = (
@@ -562,6 +626,133 @@ def activation_patching(result: pd.DataFrame) -> go.Figure:
         height=420,
     )
     return figure
+
+
+def circuit(edges: pd.DataFrame | dict[str, pd.DataFrame], title: str | None = None) -> go.Figure:
+    """Circuits of `mmlens.patching.edge_attribution_patching` edges (e.g. `top_edges`) over
+    the prompt, one panel per circuit (pass a dict, name -> edges, for several side by side):
+    layers left to right (the input, each layer's heads then its MLP at +0.5, the logits),
+    position groups top to bottom with a layer's heads stacked within their group; each edge a
+    line from its upstream node at its source group to its downstream node at its target group,
+    as wide as its share of the panel's largest score (blue raises the metric, red lowers it).
+
+    Examples:
+        >>> from mmlens.patching import edge_attribution_patching, logit_difference, top_edges
+        >>> from mmlens.zoo.shapes import counterfactual
+        >>> other = counterfactual(sample)
+        >>> corrupted = model.prepare(other.image, other.question)
+        >>> metric = logit_difference(model, inp, "red", "blue")
+        >>> edges = edge_attribution_patching(model, inp, corrupted, metric, steps=2)
+        >>> figure = circuit({"EAP-IG": top_edges(edges, 20), "EAP-IG, 5 edges": top_edges(edges, 5)})
+        >>> len([trace for trace in figure.data if trace.mode == "lines"])
+        25
+    """
+    panels = edges if isinstance(edges, dict) else {"": edges}
+    figure = make_subplots(
+        rows=1, cols=len(panels), subplot_titles=list(panels) if len(panels) > 1 else None,
+        shared_yaxes=True, horizontal_spacing=0.05,
+    )  # fmt: skip
+    shown: set[str] = set()
+    for column, panel in enumerate(panels.values(), 1):
+        groups = _draw_circuit(figure, panel, column, shown)
+        figure.update_xaxes(title_text="layer", row=1, col=column)
+    figure.update_yaxes(
+        tickvals=list(range(len(groups))), ticktext=groups,
+        range=[len(groups) - 0.2, -0.4], title_text="positions", row=1, col=1,
+    )  # fmt: skip
+    sizes = ", ".join(f"{len(panel)}" for panel in panels.values())
+    figure.update_layout(
+        title=title or f"circuit ({sizes} edges; heads stacked within a group, MLPs at +0.5)",
+        width=120 + 620 * len(panels), height=500,
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1.0),
+    )  # fmt: skip
+    return figure
+
+
+def _draw_circuit(figure: go.Figure, edges: pd.DataFrame, column: int, shown: set) -> list[str]:
+    """One panel of `circuit`; returns its position groups in prompt order."""
+    groups = list(edges.attrs.get("groups") or dict.fromkeys([*edges.source, *edges.target]))
+    nodes = [*edges.upstream, *edges.downstream]
+    n_layers = edges.attrs.get("n_layers") or 1 + max(map(_layer_of, nodes), default=0)
+    n_heads = 1 + max((int(node.split(".h")[1]) for node in nodes if ".h" in node), default=0)
+    largest = float(edges.score.abs().max()) if len(edges) else 1.0
+
+    def place(node: str, group: str) -> tuple[float, float]:
+        y = float(groups.index(group))
+        if node == "input":
+            return -1.0, y
+        if node == "logits":
+            return float(n_layers), y
+        if node.startswith("m"):
+            return _layer_of(node) + 0.5, y
+        return float(_layer_of(node)), y + 0.6 * int(node.split(".h")[1]) / max(n_heads, 2)
+
+    for edge in edges.itertuples():
+        (x0, y0), (x1, y1) = place(edge.upstream, edge.source), place(edge.downstream, edge.target)
+        sign = "raises the metric" if edge.score > 0 else "lowers the metric"
+        figure.add_scatter(
+            x=[x0, x1], y=[y0, y1], mode="lines", name=sign, legendgroup=sign,
+            showlegend=sign not in shown, opacity=0.7, row=1, col=column,
+            line=dict(width=0.5 + 7.5 * abs(edge.score) / largest,
+                      color="#2166ac" if edge.score > 0 else "#b2182b"),
+            hovertemplate=f"{edge.upstream} ({edge.source}) → {edge.downstream} ({edge.target})"
+            f": {edge.score:.3f}<extra></extra>",
+        )  # fmt: skip
+        shown.add(sign)
+    ends = [*zip(edges.upstream, edges.source, strict=True),
+            *zip(edges.downstream, edges.target, strict=True)]  # fmt: skip
+    placed = {place(node, group): node for node, group in ends}
+    figure.add_scatter(
+        x=[x for x, _ in placed], y=[y for _, y in placed], mode="markers+text",
+        text=[node.split(".")[-1] if ".h" in node else node for node in placed.values()],
+        textposition="middle right", textfont=dict(size=10), showlegend=False,
+        marker=dict(size=6, color="#333"), row=1, col=column,
+        hovertext=list(placed.values()), hoverinfo="text",
+    )  # fmt: skip
+    figure.update_xaxes(range=[-1.4, n_layers + 0.6], row=1, col=column)
+    return groups
+
+
+def faithfulness(curves: pd.DataFrame | dict[str, pd.DataFrame]) -> go.Figure:
+    """`mmlens.patching.faithfulness` curves: the share of the clean metric each circuit size
+    restores (one line per curve; pass a dict, name -> curve, for several).
+
+    Examples:
+        >>> from mmlens.patching import edge_attribution_patching, faithfulness as evaluate
+        >>> from mmlens.patching import logit_difference
+        >>> from mmlens.zoo.shapes import counterfactual
+        >>> other = counterfactual(sample)
+        >>> corrupted = model.prepare(other.image, other.question)
+        >>> metric = logit_difference(model, inp, "red", "blue")
+        >>> edges = edge_attribution_patching(model, inp, corrupted, metric, method="eap")
+        >>> curve = evaluate(model, inp, corrupted, metric, edges, sizes=[10, 100])
+        >>> [trace.name for trace in faithfulness({"EAP": curve}).data]
+        ['EAP']
+    """
+    named = curves if isinstance(curves, dict) else {"circuit": curves}
+    figure = go.Figure()
+    for name, curve in named.items():
+        figure.add_scatter(
+            x=curve.n_edges, y=curve.faithfulness, mode="lines+markers", name=name,
+            line=dict(color=_colour(named, name)),
+            hovertemplate="%{x} edges: %{y:.2f}<extra>" + name + "</extra>",
+        )  # fmt: skip
+    figure.add_hline(y=1.0, line=dict(dash="dot", color="#888"))
+    figure.update_xaxes(title_text="edges in the circuit", type="log")
+    figure.update_yaxes(title_text="share of the clean metric restored")
+    figure.update_layout(
+        title="circuit faithfulness (every other edge carries its corrupted value)",
+        width=760, height=420,
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+    )  # fmt: skip
+    return figure
+
+
+def _layer_of(node: str) -> int:
+    """The layer of an edge node name (``"a3.h1"``, ``"m3"``: 3; the input and logits: -1)."""
+    if node in ("input", "logits"):
+        return -1
+    return int(node[1:].split(".")[0])
 
 
 def probes(result: pd.DataFrame) -> go.Figure:

@@ -35,8 +35,9 @@ def exact(model, pair):
     return activation_patching(model, *pair, sites=EVERY_SITE, progress=False)
 
 
-def by_hand(model, clean, corrupted, metric, name, positions, head=None):
-    """grad · delta for one hook point: the corrupted run with that activation made a leaf."""
+def by_hand(model, clean, corrupted, metric, name, positions, head=None, fwd_hooks=()):
+    """grad · delta for one hook point: the corrupted run with that activation made a leaf
+    (and `fwd_hooks` after it); the corrupted metric plus the estimate."""
     _, cache = model.run_with_cache(clean, names_filter=name)
     captured = {}
 
@@ -45,8 +46,10 @@ def by_hand(model, clean, corrupted, metric, name, positions, head=None):
         return captured["leaf"]
 
     with torch.enable_grad():
-        score = metric(model.run_with_hooks(corrupted, fwd_hooks=[(name, leaf)]))
-        (gradient,) = torch.autograd.grad(score.sum(), [captured["leaf"]])
+        score = metric(model.run_with_hooks(corrupted, fwd_hooks=[(name, leaf), *fwd_hooks]))
+        (gradient,) = torch.autograd.grad(score.sum(), [captured["leaf"]], allow_unused=True)
+    if gradient is None:  # the hooks cut every path from the activation to the metric
+        return score.item()
     delta = cache[name][0] - captured["leaf"].detach()[0]
     index = (positions,) if head is None else (positions, head)
     return score.item() + float((gradient[0][index] * delta[index]).sum())
@@ -83,7 +86,7 @@ def test_integrated_gradients_are_complete(model, pair):
     assert result.attrs["method"] == "ig" and result.attrs["steps"] == 16
 
 
-@pytest.mark.parametrize("method", ["atp", "ig"])
+@pytest.mark.parametrize("method", ["atp", "atp*", "ig"])
 def test_estimates_track_activation_patching(model, pair, exact, method):
     estimate = attribution_patching(model, *pair, sites=EVERY_SITE, method=method, steps=4)
     assert list(estimate[["site", "layer", "unit"]].itertuples(index=False)) == list(
@@ -97,14 +100,77 @@ def test_estimates_track_activation_patching(model, pair, exact, method):
     assert image.normalized.iloc[0] > (0.9 if method == "ig" else 0.3)
 
 
+def pattern_gradient(model, corrupted, metric, layer):
+    """The metric's gradient with respect to one layer's attention pattern at the corrupted run."""
+    name, captured = f"blocks.{layer}.attn.hook_pattern", {}
+
+    def leaf(pattern, hook):
+        captured["leaf"] = pattern.detach().requires_grad_()
+        return captured["leaf"]
+
+    with torch.enable_grad():
+        score = metric(model.run_with_hooks(corrupted, fwd_hooks=[(name, leaf)])).sum()
+        return torch.autograd.grad(score, [captured["leaf"]])[0][0], captured["leaf"].detach()[0]
+
+
+@pytest.mark.parametrize("site, layer, head", [("k", 1, 0), ("k", 3, 3), ("q", 2, 1), ("q", 5, 0)])
+def test_the_qk_fix_is_the_exact_pattern_change_weighed_by_its_gradient(
+    model, pair, site, layer, head
+):
+    """AtP*'s query/key estimate by hand: the corrupted run with that head's query (or key)
+    taken from the clean run gives the layer's new pattern exactly; the metric is linearised in
+    the pattern alone."""
+    clean, corrupted, metric = pair
+    result = attribution_patching(model, *pair, sites=[site], layers=[layer], method="atp*")
+    row = result[result["head"] == head].iloc[0]
+    name = SITES[site].format(layer=layer)
+    _, cache = model.run_with_cache(clean, names_filter=name)
+
+    def patch(activation, hook):
+        activation = activation.clone()
+        activation[0, :, head] = cache[name][0, :, head]
+        return activation
+
+    pattern_name = f"blocks.{layer}.attn.hook_pattern"
+    with model.hooks(fwd_hooks=[(name, patch)]):
+        _, patched = model.run_with_cache(corrupted, names_filter=pattern_name)
+    gradient, pattern = pattern_gradient(model, corrupted, metric, layer)
+    expected = float((gradient * (patched[pattern_name][0] - pattern)).sum())
+    assert row.metric - result.attrs["corrupted"] == pytest.approx(expected, abs=1e-5)
+    assert expected != 0
+
+
+def test_graddrop_is_the_mean_absolute_estimate_with_each_layer_dropped(model, pair):
+    clean, corrupted, metric = pair
+    n_layers = model.cfg.n_layers
+    result = attribution_patching(model, *pair, sites=["mlp_out"], method="atp*")
+    plain = attribution_patching(model, *pair, sites=["mlp_out"], method="atp")
+    # the last MLP: dropping its own layer zeroes it, no other layer lies after it
+    last = (result.layer == n_layers - 1) & (result.unit == "last")
+    assert result.magnitude[last].item() == pytest.approx(
+        abs(plain.metric[last].item() - plain.attrs["corrupted"]), rel=1e-5
+    )
+    # layer 0's MLP at the image, by hand: each layer's outputs detached in turn
+    total = 0.0
+    for dropped in range(n_layers):
+        cut = [(f"blocks.{dropped}.{point}", lambda a, hook: a.detach())
+               for point in ("hook_attn_out", "hook_mlp_out")]  # fmt: skip
+        estimate = by_hand(model, clean, corrupted, metric, "blocks.0.hook_mlp_out",
+                           clean.positions("image"), fwd_hooks=cut)  # fmt: skip
+        total += abs(estimate - result.attrs["corrupted"])
+    first = (result.layer == 0) & (result.unit == "image")
+    assert result.magnitude[first].item() == pytest.approx(total / (n_layers - 1), rel=1e-4)
+
+
 def test_errors(model, pair):
     clean, corrupted, metric = pair
-    with pytest.raises(ValueError, match="AtP.*not implemented"):
-        attribution_patching(model, clean, corrupted, metric, method="atp*")
+    with pytest.raises(ValueError, match="method must be one of"):
+        attribution_patching(model, clean, corrupted, metric, method="acdc")
     longer = model.prepare(
         generate(1, seed=0)[0].image, "What colour is the very big bright star in this picture?"
     )
-    with pytest.raises(ValueError, match="same layout.*use method='atp'"):
-        attribution_patching(model, clean, longer, metric, method="ig")
+    for method in ("ig", "atp*"):
+        with pytest.raises(ValueError, match="same layout.*use method='atp'"):
+            attribution_patching(model, clean, longer, metric, method=method)
     with pytest.raises(ValueError, match="nothing for patching to restore"):
         attribution_patching(model, clean, clean, metric)

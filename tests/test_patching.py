@@ -12,7 +12,13 @@ import torch
 from PIL import ImageChops
 
 import mmlens
-from mmlens.patching import SITES, activation_patching, aligned_positions, logit_difference
+from mmlens.patching import (
+    HEAD_SITES,
+    SITES,
+    activation_patching,
+    aligned_positions,
+    logit_difference,
+)
 from mmlens.zoo.shapes import counterfactual, generate
 
 
@@ -49,7 +55,7 @@ def explicit(model, clean, corrupted, metric, site, layer, clean_positions, posi
 @pytest.mark.parametrize("by", ["segment", "position"])
 def test_patching_equals_the_explicit_loop(model, pair, by):
     clean, corrupted, metric = pair
-    sites = ("resid_pre", "attn_out", "mlp_out", "head")
+    sites = ("resid_pre", "attn_out", "mlp_out", "head", "q", "k", "v")
     result = activation_patching(
         model, clean, corrupted, metric, sites=sites, by=by, layers=[1, 5], progress=False
     )
@@ -59,21 +65,21 @@ def test_patching_equals_the_explicit_loop(model, pair, by):
     every_corrupted = torch.cat([there for _, there in pairs.values()])
     checked = 0
     for row in result.itertuples():
-        if row.site == "head":
+        if row.site in HEAD_SITES:
             here, there, head = every_clean, every_corrupted, int(row.head)
         elif by == "segment":
             (here, there), head = pairs[row.unit], None
         else:
             there = torch.tensor([row.unit])
             here, head = every_clean[every_corrupted == row.unit], None
-        if by == "position" and row.site != "head" and row.unit % 9:
+        if by == "position" and row.site not in HEAD_SITES and row.unit % 9:
             continue  # every ninth position is enough for the loop
         expected = explicit(model, clean, corrupted, metric, row.site, row.layer, here, there, head)
         assert math.isclose(row.metric, expected, abs_tol=1e-4), row
         checked += 1
     assert checked >= 20
     n_units = len(pairs) if by == "segment" else len(every_corrupted)
-    assert len(result) == 2 * (3 * n_units + model.cfg.n_heads)
+    assert len(result) == 2 * (3 * n_units + 4 * model.cfg.n_heads)
 
 
 def test_a_sweep_costs_a_few_batched_forwards(model, pair):

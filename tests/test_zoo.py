@@ -433,8 +433,10 @@ def test_load_rejects_unknown_names_and_explains_a_missing_checkpoint(monkeypatc
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         mmlens.load("not-installed")
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
-    # every shipped model's folder is package data (in the wheel)
-    assert '"mmlens.zoo" = ["tiny-shapes/*", "tiny-shapes-routed/*"]' in pyproject
+    # every shipped model's folder (and the zoo's SAE, mmlens.sae.ZOO_SAES) is package data
+    assert (
+        '"mmlens.zoo" = ["tiny-shapes/*", "tiny-shapes-routed/*", "tiny-shapes-sae/*"]' in pyproject
+    )
 
 
 def test_checkpoint_ships_as_package_data_and_loads_through_from_pretrained(model):

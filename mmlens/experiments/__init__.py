@@ -66,7 +66,7 @@ def run(
 
     Args:
         experiment: a name in `EXPERIMENTS` (knockout, logit-lens, module-jaccard,
-            attention-share, cam, cliff, truncation, fastv).
+            attention-share, cam, cliff, truncation, fastv, sae-features).
         model: a model, a checkpoint folder, a hub id in the local cache, or a zoo name.
         data: a `Dataset`, samples, or a spec ``"FORMAT:PATH"`` (`mmlens.data.load`).
         out: the run directory. If it holds a run of the same settings and data, that run
@@ -344,6 +344,10 @@ def _resolved_options(
         options["apply_final_norm"] = preset.apply_final_norm if preset else True
     if spec.name == "cam" and options["layers"] is None:
         options["layers"] = list(range(model.cfg.n_layers))
+    if spec.name == "sae-features" and options["sae"]:  # its content, as the model's
+        from mmlens.sae.formats import fingerprint
+
+        options["sae_fingerprint"] = fingerprint(options["sae"])
     return {
         key: list(value) if isinstance(value, tuple) else value for key, value in options.items()
     }

@@ -53,6 +53,8 @@ def check_options(
             raise ValueError(f"experiment {name!r}: k={options['k']!r} must be at least 1")
     elif name == "attention-share":
         one_of("heads", options["heads"], ("mean", "max"))
+    elif name == "sae-features":
+        _check_sae(model, options["sae"])
     elif name in ("cliff", "truncation", "fastv"):
         one_of("mode", options["mode"], ("drop", "mask"))
     if name == "truncation":
@@ -67,3 +69,20 @@ def check_options(
         layer_range("k", options["k"], 1, n_layers - 1)
         if not 0 <= options["ratio"] <= 1:
             raise ValueError(f"experiment {name!r}: ratio={options['ratio']!r} must be in [0, 1]")
+
+
+def _check_sae(model: Any, path: Any) -> None:
+    """An SAE that loads and attaches to `model` (its hook exists and has its width)."""
+    from mmlens.sae import load
+
+    if not path:
+        raise ValueError(
+            "experiment 'sae-features' needs sae=PATH (--sae): a SAELens or Gemma Scope "
+            "folder, or a zoo name such as 'tiny-shapes-sae'"
+        )
+    cfg = load(path).cfg
+    if cfg.hook_name not in model.hook_dict:
+        raise ValueError(
+            f"experiment 'sae-features': the SAE reads {cfg.hook_name!r}: "
+            f"{model._unknown_hook_message(cfg.hook_name)}"
+        )

@@ -8,6 +8,7 @@ in docs/experiments.md.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -304,6 +305,29 @@ def _generated(
     return rows, {}
 
 
+def _sae_features(context: Context, samples: Sequence[Sample]) -> tuple[Rows, dict]:
+    """SAE feature dashboards: per sample, every feature active on its image, with its peak
+    activation, the patch of the peak and its peak at the question (`mmlens.sae.feature_rows`;
+    `mmlens.sae.top_activations` ranks them per feature)."""
+    from mmlens.sae import feature_rows
+
+    options = context.options
+    sae = _loaded_sae(options["sae"], options["sae_fingerprint"], context.model.W_E.device)
+    inp = context.prepare(samples)
+    rows = feature_rows(context.model, inp, sae, [sample.sample_id for sample in samples])
+    types = {sample.sample_id: sample.question_type for sample in samples}
+    return [{**row, "question_type": types[row["sample_id"]]} for row in rows], {}
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded_sae(path: str, fingerprint: str, device: torch.device) -> Any:
+    """The SAE of a run, loaded once for all its batches (again if its files change: the
+    fingerprint is part of the key)."""
+    from mmlens.sae import load
+
+    return load(path, device=device)
+
+
 def required_answer(sample: Sample) -> str:
     """The sample's reference answer; an error naming the sample if it has none."""
     if not sample.answer:
@@ -367,6 +391,13 @@ EXPERIMENTS: dict[str, Experiment] = {
             dict(k=2, ratio=0.5, mode="drop", baseline=True),
             filters_correct=False,
             description="benchmark metric under FastV pruning",
+        ),
+        Experiment(
+            "sae-features",
+            _sae_features,
+            dict(sae=None),
+            filters_correct=False,
+            description="each SAE feature's peak per sample over image patches and question",
         ),
     ]
 }

@@ -1,5 +1,6 @@
 """Hook bookkeeping of `HookedTransformer` (every mmlens model): adding, scoping and removing
-hooks, hook-name checks, `run_with_cache` and `hook_names`.
+hooks, hook-name checks, `run_with_cache` and `hook_names`, and SAEs spliced in (`saes`,
+`run_with_saes`, `run_with_cache_with_saes`: `mmlens.sae`).
 
 Every hook mmlens adds goes through these methods: names are checked (with suggestions), user
 hooks' return values are checked (`mmlens.hooks.check_result`), and temporary hooks are removed
@@ -207,6 +208,67 @@ class HookBookkeeping(HookedRootModule):
         if remove_batch_dim and output is not None and output.shape[0] != 1:
             raise ValueError("remove_batch_dim=True needs a batch of 1")
         return output, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+
+    def saes(
+        self,
+        saes: Any,
+        use_error_term: bool = False,
+        fwd_hooks: list[tuple[str | Callable, Callable]] = [],  # noqa: B006 - as hooks()
+    ) -> Any:
+        """Splice SAEs (`mmlens.sae.load`) into the model for a `with` block: each one's hook
+        point carries its reconstruction (plus its error with `use_error_term`), and its hook
+        points are ``{hook_name}.hook_sae_acts_post`` etc. (`mmlens.sae.SAEScope`); `fwd_hooks`
+        join them for the block, hooks on the SAE's points included.
+
+        Examples:
+            >>> sae = mmlens.sae.load("tiny-shapes-sae")
+            >>> with model.saes([sae], use_error_term=True):
+            ...     spliced = model(inp)
+            >>> torch.allclose(spliced, model(inp), atol=1e-4)   # the error term keeps the logits
+            True
+        """
+        from mmlens.sae import SAEScope
+
+        return SAEScope(self, saes, use_error_term=use_error_term, fwd_hooks=fwd_hooks)
+
+    def run_with_saes(
+        self,
+        *model_args: Any,
+        saes: Any,
+        use_error_term: bool = False,
+        fwd_hooks: list[tuple[str | Callable, Callable]] = [],  # noqa: B006 - as hooks()
+        **model_kwargs: Any,
+    ) -> Any:
+        """Run with SAEs spliced in (SAELens' `run_with_saes`); `fwd_hooks` run with them, e.g.
+        on a feature: ``("blocks.2.hook_resid_post.hook_sae_acts_post", zero_feature)``.
+
+        Examples:
+            >>> sae = mmlens.sae.load("tiny-shapes-sae")
+            >>> def zero_features(acts, hook):
+            ...     return torch.zeros_like(acts)
+            >>> logits = model.run_with_saes(inp, saes=[sae], fwd_hooks=[
+            ...     ("blocks.2.hook_resid_post.hook_sae_acts_post", zero_features)])
+            >>> logits.shape
+            torch.Size([1, 105, 70])
+        """
+        with self.saes(saes, use_error_term=use_error_term, fwd_hooks=fwd_hooks):
+            return self(*model_args, **model_kwargs)
+
+    def run_with_cache_with_saes(
+        self, *model_args: Any, saes: Any, use_error_term: bool = False, **kwargs: Any
+    ) -> tuple[Any, ActivationCache]:
+        """`run_with_cache` with SAEs spliced in; the cache holds their hook points as
+        ``{hook_name}.hook_sae_input``, ``.hook_sae_acts_pre``, ``.hook_sae_acts_post``,
+        ``.hook_sae_recons``, ``.hook_sae_error`` (with `use_error_term`), ``.hook_sae_output``.
+
+        Examples:
+            >>> sae = mmlens.sae.load("tiny-shapes-sae")
+            >>> _, cache = model.run_with_cache_with_saes(inp, saes=[sae])
+            >>> cache["blocks.2.hook_resid_post.hook_sae_acts_post"].shape  # [batch, pos, d_sae]
+            torch.Size([1, 105, 256])
+        """
+        with self.saes(saes, use_error_term=use_error_term):
+            return self.run_with_cache(*model_args, **kwargs)
 
     def hook_names(
         self, names_filter: str | list[str] | Callable[[str], bool] | None = None

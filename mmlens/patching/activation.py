@@ -56,9 +56,17 @@ SITES = {
     "attn_out": "blocks.{layer}.hook_attn_out",
     "mlp_out": "blocks.{layer}.hook_mlp_out",
     "head": "blocks.{layer}.attn.hook_z",
+    "q": "blocks.{layer}.attn.hook_q",
+    "k": "blocks.{layer}.attn.hook_k",
+    "v": "blocks.{layer}.attn.hook_v",
 }
 """Patchable sites and their hook points. ``"head"`` patches one head's `hook_z` (its output
-before `W_O`), per layer × head at every aligned position."""
+before `W_O`), per layer × head at every aligned position; ``"q"``, ``"k"``, ``"v"`` one head's
+query, key or value (before the rotary), per layer × head (key/value heads under grouped-query
+attention) at every aligned position."""
+
+HEAD_SITES = ("head", "q", "k", "v")
+"""Sites patched per head rather than per unit of positions."""
 
 UNITS = ("system", "image", "question", "between", "last")
 """The segments positions are aligned by, in prompt order: "between" is the text after the
@@ -234,8 +242,9 @@ def _cells(
     all_corrupted = torch.cat([corrupted for _, corrupted in pairs.values()])
     for site in sites:
         for layer in layers:
-            if site == "head":
-                for head in range(model.cfg.n_heads):
+            if site in HEAD_SITES:
+                n_heads = model.cfg.n_key_value_heads if site in ("k", "v") else model.cfg.n_heads
+                for head in range(n_heads):
                     cells.append(_Cell(site, layer, "all", head, all_clean, all_corrupted))
             elif by == "segment":
                 for unit, (here, there) in pairs.items():

@@ -7,6 +7,9 @@
   (masked, then penalised for attending to it: `python -m train.train_shapes --routed`): image
   information must reach the answer through the question tokens. 99.9% accuracy on held-out
   samples (docs/zoo.md).
+- ``"tiny-shapes-sae"``: a sparse autoencoder on tiny-shapes' ``blocks.2.hook_resid_post``
+  (SAELens' format; `mmlens.sae.load("tiny-shapes-sae")`), trained by
+  `python -m train.train_sae`; its evaluation is in docs/zoo.md.
 
 `load(name)` resolves the name to the checkpoint folder inside the installed package and loads it
 through `mmlens.from_pretrained`, the same path as any llava-hf checkpoint folder.
