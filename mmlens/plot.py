@@ -663,7 +663,7 @@ def circuit(edges: pd.DataFrame | dict[str, pd.DataFrame], title: str | None = N
     sizes = ", ".join(f"{len(panel)}" for panel in panels.values())
     figure.update_layout(
         title=title or f"circuit ({sizes} edges; heads stacked within a group, MLPs at +0.5)",
-        width=120 + 620 * len(panels), height=500,
+        width=min(120 + 620 * len(panels), MAX_WIDTH), height=500,
         legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1.0),
     )  # fmt: skip
     return figure
