@@ -16,13 +16,18 @@ import base64
 import io
 import math
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import plotly.io as pio
 import torch
+from jaxtyping import Float
 from PIL import Image
+from plotly.io._base_renderers import NotebookRenderer
 from plotly.subplots import make_subplots
 
 from mmlens.inputs import ImageGeometry
@@ -30,6 +35,10 @@ from mmlens.inputs import ImageGeometry
 if TYPE_CHECKING:
     from mmlens.analysis.cam import CamResult
     from mmlens.analysis.lens import HighNormPatches
+
+MAX_WIDTH = 1100
+"""The widest a figure is drawn (pixels): it and its legend fit a 1280-pixel screen, and the
+report's column (`mmlens.report`)."""
 
 SEGMENT_COLOURS = {
     "system": "#636efa",
@@ -391,11 +400,60 @@ def _geometry_note(geometry: ImageGeometry, image_mode: str | None) -> str:
     )
 
 
+INTERVAL_RESAMPLES = 2000
+"""Bootstrap resamples behind each interval of `knockout_curves`."""
+
+
+def knockout_curves(result: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
+    """The curves `knockout_sweep` draws, as a table: per flow and window centre (and per value
+    of each column in `by`), the mean relative change of p(answer) over samples, its 95%
+    percentile-bootstrap interval and the number of samples.
+
+    The interval resamples the samples with replacement (`INTERVAL_RESAMPLES` times, a fixed
+    seed) and takes the 2.5th and 97.5th percentiles of the resampled means. Each resampled mean
+    is a mean of measured changes, so the interval stays where the quantity can be: a
+    probability cannot fall by more than all of it (-100%), which mean ± 1.96 standard errors
+    of a few samples near -100% would cross. One sample's interval is its own value.
+    docs/analyses.md, "Intervals".
+
+    Examples:
+        >>> changes = pd.DataFrame({"flow": "Image→Last", "layer": 0, "sample": [0, 1, 2, 3],
+        ...                         "relative_change": [-100.0, -100.0, -100.0, 0.0]})
+        >>> knockout_curves(changes)
+                 flow  layer  mean    low  high  n
+        0  Image→Last      0 -75.0 -100.0 -25.0  4
+    """
+    keys = [*by, "flow", "layer"]
+    groups = [(key, rows["relative_change"].to_numpy(float))
+              for key, rows in result.groupby(keys, sort=False)]  # fmt: skip
+    table = pd.DataFrame(
+        [
+            (*key, values.mean(), *_bootstrap_interval(values), len(values))
+            for key, values in groups
+        ],
+        columns=[*keys, "mean", "low", "high", "n"],
+    )
+    order = {flow: index for index, flow in enumerate(result["flow"].unique())}  # as measured
+    return table.sort_values(
+        keys, key=lambda column: column.map(order) if column.name == "flow" else column
+    ).reset_index(drop=True)
+
+
+def _bootstrap_interval(values: Float[np.ndarray, " n"]) -> tuple[float, float]:
+    """2.5th and 97.5th percentiles of the means of `INTERVAL_RESAMPLES` resamples of `values`.
+    A resample is drawn as counts per value (multinomial), so the means are one matrix product."""
+    n = len(values)
+    counts = np.random.default_rng(0).multinomial(n, np.full(n, 1 / n), size=INTERVAL_RESAMPLES)
+    low, high = np.percentile(counts @ values / n, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def knockout_sweep(result: pd.DataFrame, facet: str | None = None, columns: int = 3) -> go.Figure:
     """Mean relative change of the answer probability per flow over window centres, with a
-    95% interval over samples (mean ± 1.96 standard errors), as the Cross-modal paper's
-    Figures 3-5; with `facet` (e.g. ``"question_type"`` of a run's results), one panel per
-    value, `columns` panels a row, as the paper's figures per question type.
+    95% interval over samples (percentile bootstrap, `knockout_curves`), as the Cross-modal
+    paper's Figures 3-5; with `facet` (e.g. ``"question_type"`` of a run's results), one panel
+    per value, `columns` panels a row, as the paper's figures per question type. A flow measured
+    on fewer of the samples (the box flows need samples with boxes) says how many in the legend.
 
     Examples:
         >>> figure = knockout_sweep(mmlens.results.load("runs/knockout"), facet="question_type")
@@ -405,30 +463,34 @@ def knockout_sweep(result: pd.DataFrame, facet: str | None = None, columns: int 
     attrs = result.attrs
     figure, panels = _facets(result, facet, columns)
     colours = {flow: _COLOURS[i % len(_COLOURS)] for i, flow in enumerate(result.flow.unique())}
+    sample = "sample_id" if "sample_id" in result else "sample"
+    n_samples = result[sample].nunique()
+    per_flow = result.groupby("flow", sort=False)[sample].nunique()
+    names = {
+        flow: flow if count == n_samples else f"{flow} ({count} of {n_samples} samples)"
+        for flow, count in per_flow.items()
+    }
     n_rows = max(row for row, _, _ in panels)
     for index, (row, col, panel) in enumerate(panels):
-        for flow, rows in panel.groupby("flow", sort=False):
+        for flow, stats in knockout_curves(panel).groupby("flow", sort=False):
             colour = colours[flow]
-            stats = rows.groupby("layer")["relative_change"].agg(["mean", "sem", "count"])
-            stats = stats.reset_index()
-            if stats["count"].min() > 1:
-                half_width = 1.96 * stats["sem"]
+            if stats["n"].max() > 1:  # a one-sample centre's interval is its value
                 figure.add_scatter(
                     x=list(stats["layer"]) + list(stats["layer"][::-1]),
-                    y=list(stats["mean"] + half_width) + list((stats["mean"] - half_width)[::-1]),
+                    y=list(stats["high"]) + list(stats["low"][::-1]),
                     mode="lines", fill="toself", fillcolor=colour, opacity=0.2, line_width=0,
                     hoverinfo="skip", showlegend=False, name=f"{flow} 95% interval",
                     row=row, col=col,
                 )  # fmt: skip
             style = list(colours).index(flow)  # overlapping curves stay distinguishable
-            figure.add_scatter(x=stats["layer"], y=stats["mean"], mode="lines+markers", name=flow,
+            figure.add_scatter(x=stats["layer"], y=stats["mean"], mode="lines+markers",
+                               name=names[flow], legendgroup=flow,
                                line=dict(color=colour, dash=_DASHES[style % len(_DASHES)]),
-                               marker_symbol=_MARKERS[style % len(_MARKERS)], legendgroup=flow,
+                               marker_symbol=_MARKERS[style % len(_MARKERS)],
                                showlegend=index == 0, row=row, col=col)  # fmt: skip
         figure.update_xaxes(title_text="window centre (layer)" if row == n_rows else None,
                             row=row, col=col)  # fmt: skip
     figure.update_yaxes(title_text="relative change of p(answer) (%)", col=1)
-    n_samples = result["sample_id" if "sample_id" in result else "sample"].nunique()
     figure.update_layout(
         title=f"Attention knockout, window {attrs.get('window_size')} - {_model_name(attrs.get('model'))} "
         f"({n_samples} sample{'s' if n_samples != 1 else ''})",
@@ -485,6 +547,7 @@ def cliff(result: Any) -> go.Figure:
             x=result.cliff_layer,
             line_dash="dot",
             annotation_text=f"cliff: layer {result.cliff_layer}",
+            annotation_position="bottom right",  # clear of the baseline's line and label at top
         )
     figure.update_layout(
         title=f"Information-flow cliff - {_model_name(curve.attrs.get('model'))} ({curve.attrs.get('n_samples')} samples)",
@@ -512,8 +575,9 @@ def _facets(
     )
     if n_rows > 1:
         figure.update_layout(height=320 * n_rows + 80)
-    if len(groups) > 1:  # room for every panel's axis titles
-        figure.update_layout(width=max(700, 280 * min(columns, len(groups)) + 260))
+    if len(groups) > 1:  # room for every panel's axis titles, within a page's width
+        width = max(700, 280 * min(columns, len(groups)) + 260)
+        figure.update_layout(width=min(width, MAX_WIDTH))
     panels = [(i // columns + 1, i % columns + 1, rows) for i, (_, rows) in enumerate(groups)]
     return figure, panels
 
@@ -558,7 +622,7 @@ def activation_patching(result: pd.DataFrame) -> go.Figure:
         title=f"{_model_name(attrs.get('model'))}: {kind} share of the clean "
         f"metric restored (clean {attrs.get('clean', float('nan')):.2f}, corrupted "
         f"{attrs.get('corrupted', float('nan')):.2f})",
-        width=max(500, 300 * len(sites) + 120),
+        width=min(max(500, 300 * len(sites) + 120), MAX_WIDTH),
         height=420,
     )
     return figure
@@ -599,7 +663,7 @@ def circuit(edges: pd.DataFrame | dict[str, pd.DataFrame], title: str | None = N
     sizes = ", ".join(f"{len(panel)}" for panel in panels.values())
     figure.update_layout(
         title=title or f"circuit ({sizes} edges; heads stacked within a group, MLPs at +0.5)",
-        width=120 + 620 * len(panels), height=500,
+        width=min(120 + 620 * len(panels), MAX_WIDTH), height=500,
         legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1.0),
     )  # fmt: skip
     return figure
@@ -729,6 +793,38 @@ def probes(result: pd.DataFrame) -> go.Figure:
         height=460,
     )
     return figure
+
+
+OFFLINE_RENDERER = "mmlens_offline"
+"""The plotly renderer `offline_notebook` registers: plotly's ``notebook`` renderer, without
+the MathJax script it loads from a CDN into every figure (no mmlens figure writes TeX)."""
+
+
+class _OfflineNotebookRenderer(NotebookRenderer):
+    def to_mimebundle(self, fig_dict: dict) -> dict[str, str]:
+        figure_html = pio.to_html(fig_dict, config=self.config, include_plotlyjs=False,
+                                  include_mathjax=False, full_html=False, default_width="100%",
+                                  default_height=525, validate=False)  # fmt: skip
+        return {"text/html": figure_html}
+
+
+def offline_notebook(png: bool = False) -> None:
+    """Draw this Jupyter notebook's figures with no network: plotly.js from the installed
+    plotly is written into the notebook once (with the first figure) and every figure uses it.
+    plotly's ``notebook_connected`` renderer loads it from a CDN instead, and its figures stay
+    blank on an offline cluster node. With `png`, each figure is also stored as a PNG image
+    (for viewers that run no JavaScript, such as GitHub's). docs/analyses.md, "Figures offline".
+
+    Examples:
+        >>> import plotly.io as pio
+        >>> before = pio.renderers.default
+        >>> offline_notebook(png=True)
+        >>> pio.renderers.default
+        'mmlens_offline+png'
+        >>> pio.renderers.default = before
+    """
+    pio.renderers[OFFLINE_RENDERER] = _OfflineNotebookRenderer()
+    pio.renderers.default = f"{OFFLINE_RENDERER}+png" if png else OFFLINE_RENDERER
 
 
 def _model_name(name: Any) -> str:

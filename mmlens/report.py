@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
@@ -32,14 +33,21 @@ from mmlens.analysis.grounding import box_scores, last_row_attention_maps
 from mmlens.analysis.sweep import PAPER_FLOWS, PATCH_FLOWS
 from mmlens.inputs import input_settings
 
-REPORT_FLOWS = {**PAPER_FLOWS, **PATCH_FLOWS}
-
 
 @dataclass
 class Section:
     title: str
     text: str
     figure: go.Figure | None = None
+
+
+NO_EFFECT = 0.05
+"""Below this size (percentage points) a mean relative change prints as 0.0%: the report calls
+a flow's effect "no effect" unless some window's mean change reaches it with a 95% interval
+that excludes 0 (docs/analyses.md, "Intervals")."""
+
+MAX_LISTED = 10
+"""Wrongly answered samples listed by the report (the rest are counted)."""
 
 
 def write_report(
@@ -54,108 +62,203 @@ def write_report(
     """Run the analyses on `samples` (objects with `image`, `question`, `answer`, `boxes`,
     `question_type`) and write one self-contained HTML file to `path`.
 
+    As the Cross-modal paper, the analyses use the correctly answered samples (all of them if
+    none is); the report lists the others with the model's answer beside the gold one. Flows
+    and scores that need the question's boxes use those of them with boxes, and each section
+    says how many samples it averages ("26 of the 28 correctly answered samples").
+
     Examples:
         >>> write_report(model, mmlens.zoo.shapes.generate(7, seed=1), "report.html", progress=False)
         PosixPath('report.html')
     """
     inputs = [model.prepare(sample.image, sample.question) for sample in samples]
-    answers = [sample.answer for sample in samples]
-    sections = [_accuracy_section(model, samples, inputs)]
-    correct = [
-        i
-        for i, (inp, answer) in enumerate(zip(inputs, answers, strict=True))
-        if bool(correct_answers(model, inp, answer))
-    ]
-    # As the paper: analyse correctly answered samples, and those whose question names objects
-    # in the image (the box-based flows and scores need their boxes).
-    used = [i for i in (correct or range(len(samples))) if samples[i].boxes]
-    if not used:
-        raise ValueError("no sample refers to an object in its image (all have empty boxes)")
+    replies, correct = [], []
+    for sample, inp in zip(
+        tqdm(samples, desc="answers", disable=not progress), inputs, strict=True
+    ):
+        with torch.no_grad():
+            last_logits = model(inp)[:, -1]
+        correct.append(bool(correct_answers(model, inp, sample.answer, last_logits)))
+        replies.append(model.to_string(last_logits.argmax(-1)).strip())
+    sections = [_accuracy_section(samples, correct, replies)]
+    analysed = Analysed(
+        [i for i, right in enumerate(correct) if right] or list(range(len(samples))),
+        answered_correctly=any(correct),
+    )
+    with_boxes = [i for i in analysed.indices if samples[i].boxes]
+    if not with_boxes:
+        raise ValueError(
+            "no analysed sample refers to an object in its image (all have empty boxes): "
+            "the box flows and scores need samples with boxes"
+        )
 
     # Where image tokens are not patches (learned queries), no image token shows a box.
-    flows = REPORT_FLOWS if model.image_tokens_are_patches else PAPER_FLOWS
-    sweep = knockout_sweep(
-        model,
-        [inputs[i] for i in used],
-        flows,
-        window_size,
-        boxes=[samples[i].boxes for i in used],
-        progress=progress,
-    )
-    sweep["question_type"] = [samples[used[row]].question_type for row in sweep["sample"]]
-    sections.append(_sweep_section(sweep, answered_correctly=bool(correct)))
-    first = used[0]
-    lens = logit_lens(
-        model, inputs[first], answer_token_variants(model, inputs[first], answers[first])
-    )
+    patch_flows = PATCH_FLOWS if model.image_tokens_are_patches else {}
+    sweep = _knockout(model, samples, inputs, PAPER_FLOWS, analysed.indices, window_size, progress)
+    if patch_flows:
+        box_sweep = _knockout(
+            model, samples, inputs, patch_flows, with_boxes, window_size, progress
+        )
+        sweep = pd.concat([sweep, box_sweep], ignore_index=True).__finalize__(sweep)
+    sections.append(_sweep_section(sweep, analysed, list(patch_flows), len(with_boxes)))
+    first = analysed.indices[0]
+    answer = samples[first].answer
+    lens = logit_lens(model, inputs[first], answer_token_variants(model, inputs[first], answer))
     sections.append(_lens_section(lens, samples[first]))
     share = attention_share(model, inputs[first])
     sections.append(_share_section(share))
     sections += _cam_sections(
         model,
-        [samples[i] for i in used[:n_cam_samples]],
-        [inputs[i] for i in used[:n_cam_samples]],
+        [samples[i] for i in with_boxes[:n_cam_samples]],
+        [inputs[i] for i in with_boxes[:n_cam_samples]],
         progress,
     )
     sections.append(
-        _attention_box_section(model, [samples[i] for i in used], [inputs[i] for i in used])
+        _attention_box_section(
+            model, [samples[i] for i in with_boxes], [inputs[i] for i in with_boxes], analysed
+        )
     )
     # One sample of the report's few dozen is ~4%: at the default 2% a single flip hides the cliff.
     cliff = cliff_layer(
         model,
-        [inputs[i] for i in used],
-        [answers[i] for i in used],
+        [inputs[i] for i in analysed.indices],
+        [samples[i].answer for i in analysed.indices],
         tolerance=0.05,
         progress=progress,
     )
-    sections.append(_cliff_section(cliff))
+    sections.append(_cliff_section(cliff, analysed))
 
     path = Path(path)
     path.write_text(_html(model, sections, input_settings(inputs)), encoding="utf-8")
     return path
 
 
-def _accuracy_section(model: Any, samples: Sequence[Any], inputs: Sequence[Any]) -> Section:
-    by_type: dict[str, list[bool]] = {}
-    for sample, inp in zip(samples, inputs, strict=True):
-        by_type.setdefault(sample.question_type, []).append(
-            bool(correct_answers(model, inp, sample.answer))
-        )
+@dataclass
+class Analysed:
+    """The samples the analyses use (indices into the report's samples)."""
+
+    indices: list[int]
+    answered_correctly: bool
+
+    def of(self, count: int) -> str:
+        """`count` of them, in words.
+
+        >>> Analysed([0, 2, 3], answered_correctly=True).of(2)
+        '2 of the 3 correctly answered samples'
+        >>> Analysed([0, 1], answered_correctly=False).of(2)
+        'all 2 samples'
+        """
+        which = "correctly answered samples" if self.answered_correctly else "samples"
+        whole = len(self.indices)
+        return f"all {whole} {which}" if count == whole else f"{count} of the {whole} {which}"
+
+
+def _knockout(
+    model: Any,
+    samples: Sequence[Any],
+    inputs: Sequence[Any],
+    flows: dict[str, Any],
+    indices: list[int],
+    window_size: int,
+    progress: bool,
+) -> pd.DataFrame:
+    """`knockout_sweep` of `flows` on the samples at `indices`; rows name the report's sample
+    index and its question type."""
+    sweep = knockout_sweep(model, [inputs[i] for i in indices], flows, window_size,
+                           boxes=[samples[i].boxes for i in indices], progress=progress)  # fmt: skip
+    sweep["sample"] = [indices[row] for row in sweep["sample"]]
+    sweep["question_type"] = [samples[i].question_type for i in sweep["sample"]]
+    return sweep
+
+
+def _accuracy_section(samples: Sequence[Any], correct: list[bool], replies: list[str]) -> Section:
+    by_type: dict[str, list[tuple[bool, bool]]] = {}
+    for sample, right in zip(samples, correct, strict=True):
+        by_type.setdefault(sample.question_type, []).append((right, not sample.boxes))
     rows = "".join(
-        f"<tr><td>{html.escape(kind)}</td><td>{sum(hits)}/{len(hits)}</td></tr>"
-        for kind, hits in by_type.items()
+        f"<tr><td>{html.escape(kind)}</td><td>{sum(r for r, _ in marks)}/{len(marks)}</td>"
+        f"<td>{sum(b for _, b in marks)}</td></tr>"
+        for kind, marks in by_type.items()
     )
     example = samples[0]
     text = (
-        f"{len(samples)} samples. Greedy first answer token vs the answer word, per question type:"
-        f"<table><tr><th>type</th><th>correct</th></tr>{rows}</table>"
+        f"{len(samples)} samples, {sum(correct)} answered correctly (the greedy first answer "
+        "token is the answer's first sub-word), per question type:"
+        "<table><tr><th>type</th><th>correct</th><th>without boxes</th></tr>"
+        f"{rows}</table>"
         f"Example: <i>{html.escape(example.question)}</i> → <b>{html.escape(example.answer)}</b>."
     )
+    wrong = [i for i, right in enumerate(correct) if not right]
+    if wrong:
+        lead = (
+            "No sample was answered correctly: the analyses below use all of them. What the model answered:"
+            if len(wrong) == len(samples)
+            else f"Left out of the analyses below, the {len(wrong)} wrongly answered samples:"
+        )
+        listed = "".join(
+            f"<tr><td>{html.escape(samples[i].question)}</td><td>{html.escape(samples[i].answer)}</td>"
+            f"<td>{html.escape(replies[i])}</td></tr>"
+            for i in wrong[:MAX_LISTED]
+        )
+        more = f" and {len(wrong) - MAX_LISTED} more" if len(wrong) > MAX_LISTED else ""
+        text += (
+            f"<br>{lead}<table><tr><th>question</th><th>answer</th><th>model's first token</th>"
+            f"</tr>{listed}</table>{more}"
+        )
     return Section("Model and samples", text)
 
 
-def _sweep_section(sweep: Any, answered_correctly: bool) -> Section:
-    # With no correct answer (an untrained model), every sample with boxes is used: say so.
-    which = "correctly answered" if answered_correctly else "(none answered correctly: all)"
-    means = sweep.groupby(["flow", "layer"]).relative_change.mean()
-    lines = []
-    for flow in sweep.flow.unique():
-        curve = means[flow]
-        lines.append(
-            f"{html.escape(flow)}: largest drop {curve.min():.1f}% with the window centred on layer {int(curve.idxmin())}"
+def _sweep_section(
+    sweep: pd.DataFrame, analysed: Analysed, box_flows: list[str], n_with_boxes: int
+) -> Section:
+    curves = plot.knockout_curves(sweep)
+    effects = "; ".join(
+        f"{html.escape(flow)}: {_effect(curve)}"
+        for flow, curve in curves.groupby("flow", sort=False)
+    )
+    samples = f"Samples: {analysed.of(len(analysed.indices))}"
+    if box_flows:
+        without = len(analysed.indices) - n_with_boxes
+        samples += (
+            f"; the flows from the question's own patches ({', '.join(map(html.escape, box_flows))}) "
+            f"need its boxes and use {analysed.of(n_with_boxes)}"
+            + (
+                f" ({without} {'asks' if without == 1 else 'ask'} about no object in the image)"
+                if without
+                else ""
+            )  # fmt: skip
         )
     text = (
         f"Attention knockout (Cross-modal Information Flow, eq. 7): each flow's edges are blocked in a "
         f"window of {sweep.attrs['window_size']} layers centred on each layer; the curve is the mean relative "
-        f"change of the probability of the clean prediction over {sweep['sample'].nunique()} {which} "
-        "samples, with a 95% interval, one panel per question type. Over all types: "
-        + "; ".join(lines)
-        + "."
+        "change of the probability of the clean prediction with a 95% bootstrap interval "
+        "(docs/analyses.md, &ldquo;Intervals&rdquo;), one panel per question type. "
+        f"{samples}. Over all types: {effects}. &ldquo;No effect&rdquo;: no window's mean change "
+        f"reaches {NO_EFFECT}% in size with a 95% interval that excludes 0."
     )
     return Section(
         "Information flow: attention knockout",
         text,
         plot.knockout_sweep(sweep, facet="question_type", columns=4),
+    )
+
+
+def _effect(curve: pd.DataFrame) -> str:
+    """A flow's curve (`plot.knockout_curves` rows) in words: its largest clear drop, else its
+    largest clear rise, else "no effect" (`NO_EFFECT`)."""
+    drops = curve[(curve["mean"] <= -NO_EFFECT) & (curve["high"] < 0)]
+    rises = curve[(curve["mean"] >= NO_EFFECT) & (curve["low"] > 0)]
+    if len(drops):
+        at = drops.loc[drops["mean"].idxmin()]
+        kind = "largest drop"
+    elif len(rises):
+        at = rises.loc[rises["mean"].idxmax()]
+        kind = "no drop; largest rise"
+    else:
+        return "no effect"
+    return (
+        f"{kind} {at['mean']:+.1f}% (95% interval {at['low']:+.1f}% to {at['high']:+.1f}%) with "
+        f"the window centred on layer {int(at['layer'])}"
     )
 
 
@@ -204,7 +307,9 @@ def _cam_sections(
     return sections
 
 
-def _attention_box_section(model: Any, samples: Sequence[Any], inputs: Sequence[Any]) -> Section:
+def _attention_box_section(
+    model: Any, samples: Sequence[Any], inputs: Sequence[Any], analysed: Analysed
+) -> Section:
     mass, hits, area = [], [], []
     for sample, inp in zip(samples, inputs, strict=True):
         scores = box_scores(model, inp, sample.boxes, last_row_attention_maps(model, inp))
@@ -225,16 +330,17 @@ def _attention_box_section(model: Any, samples: Sequence[Any], inputs: Sequence[
     best = int(mass_per_layer.argmax())
     text = (
         f"Ground truth: of the last position's attention to image patches (mean over heads), the share that "
-        f"lands on the question's objects, averaged over {len(samples)} samples, against the objects' share of "
+        f"lands on the question's objects, averaged over {analysed.of(len(samples))} that have boxes, against the objects' share of "
         f"the patches ({sum(area) / len(area):.0%}). Highest at layer {best}: {mass_per_layer[best]:.0%} "
         f"(pointing-game hit rate {hit_rate[best]:.0%})."
     )
     return Section("Attention against the ground-truth boxes", text, figure)
 
 
-def _cliff_section(cliff: Any) -> Section:
+def _cliff_section(cliff: Any, analysed: Analysed) -> Section:
     text = (
-        f"Accuracy when every image token is removed from the sequence from layer l on. Without "
+        f"Accuracy of {analysed.of(len(analysed.indices))} when every image token is removed "
+        f"from the sequence from layer l on. Without "
         f"truncation {cliff.baseline:.0%}; "
     )
     if cliff.cliff_layer is None:
@@ -286,7 +392,7 @@ def _html(model: Any, sections: Sequence[Section], settings: dict[str, Any]) -> 
         )
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>mmlens report</title>"
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+        f"<style>body{{font-family:sans-serif;max-width:{plot.MAX_WIDTH}px;margin:auto;padding:1em}}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}</style></head><body>"
         f"<h1>mmlens report: {html.escape(Path(str(model.cfg.model_name)).name)}</h1>"
         f"<p>Inputs: {html.escape(describe_settings(settings))} "

@@ -31,12 +31,14 @@ def test_cliff_text_says_where_the_cliff_is_or_that_there_is_none():
     import pandas as pd
 
     from mmlens.analysis.cliff import CliffResult
-    from mmlens.report import _cliff_section
+    from mmlens.report import Analysed, _cliff_section
 
     curve = pd.DataFrame({"layer": [0, 1, 2], "accuracy": [0.2, 0.6, 1.0]})
-    found = _cliff_section(CliffResult(curve, baseline=1.0, cliff_layer=1, tolerance=0.02))
+    analysed = Analysed([0, 1, 3, 4, 5], answered_correctly=True)
+    found = _cliff_section(CliffResult(curve, 1.0, cliff_layer=1, tolerance=0.02), analysed)
     assert "from layer 1 on, removing the image costs at most 2%" in found.text
-    none = _cliff_section(CliffResult(curve, baseline=1.0, cliff_layer=None, tolerance=0.02))
+    assert found.text.startswith("Accuracy of all 5 correctly answered samples when")
+    none = _cliff_section(CliffResult(curve, 1.0, cliff_layer=None, tolerance=0.02), analysed)
     assert (
         "no cliff" in none.text
         and "from layer 1" not in none.text
