@@ -80,7 +80,8 @@ def mmlens_key(
 
 
 def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
-    """A local folder as is; a hub id from the local HF cache, else a clear error."""
+    """A local folder as is; a hub id from the local HF cache, else a clear error. Nothing is
+    downloaded: a misspelt folder or zoo name never reaches the network."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -95,21 +96,23 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception as offline_error:
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-            raise _not_available(repo_id, HF_HUB_CACHE) from offline_error
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as online_error:
-        raise _not_available(repo_id, HF_HUB_CACHE) from online_error
+    except Exception as not_cached:
+        raise _not_available(repo_id, HF_HUB_CACHE) from not_cached
 
 
-def _not_available(repo_id: str, cache: str) -> FileNotFoundError:
+def _not_available(name: str, cache: str) -> FileNotFoundError:
+    import difflib
+
+    from mmlens.zoo import MODELS  # here: the zoo loads models through this module
+
+    close = difflib.get_close_matches(name, MODELS, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
     return FileNotFoundError(
-        f"checkpoint {repo_id!r} is not a local folder and is not in the Hugging Face cache "
-        f"({cache}), and it could not be downloaded. Pass the path of a local checkpoint folder "
-        "(config.json, *.safetensors, tokenizer and processor files), or point HF_HOME / "
-        "HF_HUB_CACHE at a cache that holds it."
+        f"model {name!r} is not a checkpoint folder, a zoo name ({', '.join(MODELS)}) or a hub "
+        f"id in the local Hugging Face cache ({cache}); {hint}mmlens downloads nothing: to use "
+        f"a hub id, fetch it first (`hf download {name}`) or point HF_HOME / HF_HUB_CACHE at a "
+        "cache that holds it, or pass a checkpoint folder (config.json, *.safetensors, tokenizer "
+        "and processor files)"
     )
 
 

@@ -31,7 +31,7 @@ from mmlens.components import (
     Unembed,
 )
 from mmlens.config import MMConfig
-from mmlens.inputs import processor_fingerprint
+from mmlens.inputs import MultimodalInput, processor_fingerprint
 from mmlens.loading import load_weights, read_checkpoint
 from mmlens.models.hooking import HookBookkeeping
 from mmlens.models.placement import place
@@ -317,7 +317,22 @@ class HookedTransformer(PrefixRuns, HookBookkeeping):
             raise ValueError(f"{string!r} is {len(ids)} tokens ({ids}), not a single token")
         return ids[0]
 
-    def to_str_tokens(self, tokens: str | Int[torch.Tensor, "pos"]) -> list[str]:
+    def to_str_tokens(
+        self, tokens: str | Int[torch.Tensor, "pos"] | MultimodalInput
+    ) -> list[str] | list[list[str]]:
+        """Each token as a string: of a text (tokenized with BOS), of ids, or of a prepared
+        input (`model.prepare`; image tokens included, padding left out): a list for one item,
+        a list per item for a batch.
+
+        Examples:
+            >>> inp = model.prepare(image, "Is the star blue or red?")
+            >>> model.to_str_tokens(inp)[-4:]
+            ['red', '?', 'ASSISTANT', ':']
+        """
+        if isinstance(tokens, MultimodalInput):
+            items = [tokens.item(index).input_ids[0] for index in range(tokens.batch_size)]
+            strings = [self.to_str_tokens(ids) for ids in items]
+            return strings[0] if len(strings) == 1 else strings
         if isinstance(tokens, str):
             tokens = self.to_tokens(tokens)[0]
         return self._require_tokenizer().convert_ids_to_tokens(
