@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -371,6 +373,34 @@ def register_checkpoint_format(checkpoint_format: CheckpointFormat) -> Checkpoin
 def checkpoint_format(folder: Path) -> CheckpointFormat | None:
     """The registered format of `folder`, None for the Hugging Face layout."""
     return next((fmt for fmt in CHECKPOINT_FORMATS if fmt.matches(folder)), None)
+
+
+RELEASE_NOISE = ("You are using a model of type", "requires torchvision (not installed)")
+"""Parts of transformers' log messages that loading a checkpoint makes about what mmlens
+handles itself: a release's own ``model_type`` (``shikra``, a full CLIP config for its tower)
+read with the config class mmlens chose, and the PIL image processors mmlens runs without
+torchvision (not a dependency). `quiet_release_noise` drops them."""
+
+
+class _DropReleaseNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(part in str(record.msg) for part in RELEASE_NOISE)
+
+
+@contextmanager
+def quiet_release_noise() -> Iterator[None]:
+    """Within the block, transformers' messages in `RELEASE_NOISE` are not printed (filtered at
+    transformers' handlers and the root logger's, where they would go); every other message
+    is."""
+    drop = _DropReleaseNoise()
+    handlers = [*logging.getLogger("transformers").handlers, *logging.getLogger().handlers]
+    for handler in handlers:
+        handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(drop)
 
 
 def read_checkpoint(path_or_id: str | os.PathLike) -> tuple[Path, Any]:

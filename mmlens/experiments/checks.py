@@ -62,9 +62,7 @@ def check_options(
         _check_layers(spec, model, preset, options, given)
 
 
-def _check_layers(
-    spec: Any, model: Any, preset: Any, options: dict[str, Any], given: Any
-) -> None:
+def _check_layers(spec: Any, model: Any, preset: Any, options: dict[str, Any], given: Any) -> None:
     """The options that name layers or count them, against `model`'s decoder layers."""
     n_layers = model.cfg.n_layers
     name = spec.name

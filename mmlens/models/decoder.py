@@ -32,7 +32,7 @@ from mmlens.components import (
 )
 from mmlens.config import MMConfig
 from mmlens.inputs import MultimodalInput, processor_fingerprint
-from mmlens.loading import load_weights, read_checkpoint
+from mmlens.loading import load_weights, quiet_release_noise, read_checkpoint
 from mmlens.models.hooking import HookBookkeeping
 from mmlens.models.placement import place
 from mmlens.models.prefix import PrefixRuns, _Rows
@@ -161,21 +161,23 @@ class HookedTransformer(PrefixRuns, HookBookkeeping):
             A hub id is read from the local cache (``"llava-hf/llava-1.5-7b-hf"``);
             ``device_map="auto"`` spreads a large model over the visible GPUs.
         """
-        folder, hf_config = read_checkpoint(path_or_id)
-        model_cls = model_class_for(hf_config.model_type)
-        if not issubclass(model_cls, cls):
-            raise TypeError(
-                f"{folder} holds a {hf_config.model_type!r} checkpoint, which loads as "
-                f"{model_cls.__name__}, not {cls.__name__}; use mmlens.from_pretrained to dispatch"
+        with quiet_release_noise():  # transformers' notes on configs mmlens reads its own way
+            folder, hf_config = read_checkpoint(path_or_id)
+            model_cls = model_class_for(hf_config.model_type)
+            if not issubclass(model_cls, cls):
+                raise TypeError(
+                    f"{folder} holds a {hf_config.model_type!r} checkpoint, which loads as "
+                    f"{model_cls.__name__}, not {cls.__name__}; use mmlens.from_pretrained to "
+                    "dispatch"
+                )
+            model = load_weights(
+                model_cls,
+                folder,
+                hf_config,
+                dtype=dtype,
+                device="cpu" if device_map is not None else device,
+                model_name=str(path_or_id),
             )
-        model = load_weights(
-            model_cls,
-            folder,
-            hf_config,
-            dtype=dtype,
-            device="cpu" if device_map is not None else device,
-            model_name=str(path_or_id),
-        )
         if device_map is not None:
             place(model, device_map)
         return model
