@@ -113,9 +113,7 @@ def run_command(args: argparse.Namespace) -> None:
     if wrong:
         flags = [flag for flag, (name, _, _) in RUN_OPTIONS.items() if name in wrong]
         flags += ["--no-baseline"] * ("baseline" in wrong)
-        raise SystemExit(
-            f"mmlens run {args.experiment}: {', '.join(flags)} does not apply to this experiment"
-        )
+        raise ValueError(f"{', '.join(flags)} does not apply to experiment {args.experiment!r}")
     result = mmlens.run(
         args.experiment,
         args.model,
@@ -204,10 +202,11 @@ def main(argv: list[str] | None = None) -> None:
     a one-line message on stderr, or 0."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    if not args.debug:  # a warning is one line too: "mmlens: warning: ..."
-        warnings.showwarning = _show_warning
     try:
-        _dispatch(args)
+        with warnings.catch_warnings():  # restores Python's own when done
+            if not args.debug:  # a warning is one line too: "mmlens: warning: ..."
+                warnings.showwarning = _show_warning
+            _dispatch(args)
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -4,13 +4,15 @@ processes, GPUs and nodes (docs/experiments.md).
 
 Examples:
     >>> result = mmlens.run("knockout", "tiny-shapes", "shapes:64", "runs/paper-knockout",
-    ...                     preset="cross_modal_flow", centres=[1, 3], progress=False)
+    ...                     preset="cross_modal_flow", window_size=3, centres=[1, 3],
+    ...                     progress=False)
     >>> sorted(result.flow.unique())       # the preset's flows: Figures 2-5
     ['Image→Last', 'Image→Question', 'Last→Last', 'Other patches→Question', 'Question→Last', 'Related patches→Question']
     >>> figure = mmlens.plot.knockout_sweep(result, facet="question_type")   # .show()
 
     The same run from a shell: ``mmlens run knockout --model tiny-shapes --data shapes:64 --out
-    runs/paper-knockout --preset cross_modal_flow --centres 1,3``. Run again, it resumes.
+    runs/paper-knockout --preset cross_modal_flow --window-size 3 --centres 1,3``. Run again, it
+    resumes. (The 6-layer organism needs a window narrower than the preset's 9.)
 """
 
 from __future__ import annotations
