@@ -91,14 +91,20 @@ def run(
         dtype: the dtype of a model given by name.
         shard: ``(index, count)`` or ``"index/count"``: run one shard of the samples; default:
             from the launcher (accelerate / torchrun / SLURM array), else all.
+        progress: show progress bars, and say on stderr how many samples a resumed run
+            had done and how many rows `skip_bad` left out.
         retry_failed: run samples that failed in an earlier attempt again (default).
         relabel: label committed batches that have no (readable) manifest with these settings
             instead of refusing them.
         options: the experiment's options (`EXPERIMENTS[name].options`).
 
     Raises:
-        ValueError: an unknown experiment, preset or option, or an option value the model
-            cannot take (before anything runs).
+        ValueError: an unknown experiment, preset or option, a preset without flows for the
+            experiment, or an option value the model cannot take, such as a knockout window
+            wider than the model (before anything runs; what needs no model, before it loads).
+        NothingMeasured: the run ended with no rows (every sample dropped by the
+            correct-answer rule, with what the model answered, or failed); the manifest is
+            written first.
 
     Returns:
         every committed row of the run directory (`mmlens.results.load(out)`), this process'
