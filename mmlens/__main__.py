@@ -244,7 +244,8 @@ def _dispatch(args: argparse.Namespace) -> None:
 
 def _build_parser() -> argparse.ArgumentParser:
     # --debug is read before or after the command (`mmlens --debug run ...`, `mmlens run ...
-    # --debug`); SUPPRESS keeps a subcommand from resetting the value given before it.
+    # --debug`); in a subcommand its default is SUPPRESS, so as not to reset the value given
+    # before it (a parser of its own: `parents` share their action objects).
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument(
         "--debug",
@@ -252,8 +253,8 @@ def _build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="on an error, show Python's traceback instead of one line",
     )
-    parser = _Parser(prog="mmlens", parents=[debug])
-    parser.set_defaults(debug=False)
+    parser = _Parser(prog="mmlens")
+    parser.add_argument("--debug", action="store_true", help=debug._actions[0].help)
     parser.add_argument("--version", action="version", version=f"mmlens {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo_parser = commands.add_parser(

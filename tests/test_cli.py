@@ -119,6 +119,8 @@ def test_option_mistakes_are_refused_before_the_model_loads(capsys, tmp_path, no
         "mmlens run: error: unknown preset 'cross_modal'; presets: cross_modal_flow, "
         "redundancy_to_relevance, redundancy_to_relevance_cam"
     )
+    with pytest.raises(ValueError, match="unknown preset 'cross_modal'"):  # --debug: raised
+        main(["--debug", *KNOCKOUT, *out, "--preset", "cross_modal"])
     line = fails(capsys, [*KNOCKOUT, *out, "--flows", "Image→Last,Imag→Last"])
     assert line.startswith(
         "mmlens run: error: experiment 'knockout': unknown flow(s) ['Imag→Last']"
