@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.debug:
             raise
         if isinstance(error, _user_errors()):
-            message = _one_line(str(error))
+            message = _one_line(str(error)) + _data_error_hint(args, error)
         else:
             message = (
                 f"{type(error).__name__}: {_one_line(str(error))} (an unexpected error: "
@@ -225,6 +225,14 @@ def main(argv: list[str] | None = None) -> None:
             )
         print(f"mmlens {args.command}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_ERROR) from None
+
+
+def _data_error_hint(args: argparse.Namespace, error: Exception) -> str:
+    """What to do about a malformed data row (`mmlens.data.DataError`) in `mmlens run`."""
+    data = sys.modules.get("mmlens.data.sample")
+    if data and isinstance(error, data.DataError) and not getattr(args, "skip_bad", True):
+        return "; fix the row, or pass --skip-bad to leave such rows out (the manifest lists them)"
+    return ""
 
 
 def _show_warning(message: Warning | str, category: type, *args: Any, **kwargs: Any) -> None:

@@ -205,11 +205,17 @@ def test_a_run_that_keeps_no_sample_says_what_the_model_answered(capsys, tmp_pat
     assert set(json.loads((out / "manifest.json").read_text())["dropped"]) == {"a", "b"}
 
 
-def test_skip_bad_reports_the_rows_it_left_out(capsys, tmp_path):
+def test_a_data_error_names_the_row_and_skip_bad_reports_what_it_left_out(capsys, tmp_path):
     data = write_questions(
         tmp_path, ["a,Is the star blue or red?,0.png,red", "b,What shape?,missing.png,star"]
     )
     out = tmp_path / "run"
+    line = fails(capsys, [*KNOCKOUT[:5], f"csv:{data}", "--out", str(out), "--window-size", "3"])
+    assert line == (
+        f"mmlens run: error: {data}, row 2, field 'image': image file {tmp_path / 'missing.png'} "
+        "does not exist; fix the row, or pass --skip-bad to leave such rows out (the manifest "
+        "lists them)"
+    )
     main([*KNOCKOUT[:5], f"csv:{data}", "--out", str(out), "--window-size", "3", "--skip-bad"])
     assert (
         f"left out 1 malformed row(s) of the data (--skip-bad); they are listed under "
