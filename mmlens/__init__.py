@@ -10,6 +10,7 @@ experiment over a data set) and `results`, `plot`, `report`, `zoo` (the shipped 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 # Names are imported on first use (PEP 562), so that `mmlens --help` and `mmlens --version` answer
@@ -79,10 +80,11 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     """Import a subpackage or a top-level name on first access (then cached in the module)."""
-    if name in _SUBMODULES:
-        value = importlib.import_module(f"mmlens.{name}")
-    elif name in _NAMES:
+    if name in _NAMES:
         value = getattr(importlib.import_module(_NAMES[name]), name)
+    elif name in _SUBMODULES or importlib.util.find_spec(f"mmlens.{name}") is not None:
+        # Any subpackage, as when they were all imported eagerly (`mmlens.experiments`).
+        value = importlib.import_module(f"mmlens.{name}")
     else:
         raise AttributeError(f"module 'mmlens' has no attribute {name!r}")
     globals()[name] = value
