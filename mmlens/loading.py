@@ -105,7 +105,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
 def _not_available(name: str, cache: str) -> FileNotFoundError:
     import difflib
 
-    from mmlens.zoo import MODELS  # here: the zoo loads models through this module
+    from mmlens.zoo.catalog import MODELS  # in here: the zoo's package imports this module
 
     close = difflib.get_close_matches(name, MODELS, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
@@ -377,8 +377,8 @@ def checkpoint_format(folder: Path) -> CheckpointFormat | None:
 
 RELEASE_NOISE = ("You are using a model of type", "requires torchvision (not installed)")
 """Parts of transformers' log messages that loading a checkpoint makes about what mmlens
-handles itself: a release's own ``model_type`` (``shikra``, a full CLIP config for its tower)
-read with the config class mmlens chose, and the PIL image processors mmlens runs without
+handles itself: a release's own ``model_type`` (its config.json, a full CLIP config for its
+tower) read with the config class mmlens chose, and the PIL image processors mmlens runs without
 torchvision (not a dependency). `quiet_release_noise` drops them."""
 
 
