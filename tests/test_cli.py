@@ -79,8 +79,8 @@ def test_an_error_after_the_model_loads_is_one_line_and_debug_shows_the_tracebac
     assert plain_err.strip().splitlines() == [
         "mmlens run: error: experiment 'knockout': window_size=9 (the default of preset "
         "'cross_modal_flow' for this model) is wider than the model's 6 decoder layers, so every "
-        "window covers (nearly) all of them and every curve comes out flat; pass --window-size N "
-        "with N < 6 (e.g. 3)"
+        "window covers (nearly) all of them and every curve comes out flat; pass a narrower "
+        "--window-size (window_size=), e.g. 3"
     ]
     assert debug_err.startswith("Traceback") and "ValueError: experiment 'knockout'" in debug_err
     assert not (tmp_path / "run").exists()

@@ -83,8 +83,8 @@ def _check_layers(spec: Any, model: Any, preset: Any, options: dict[str, Any], g
             raise ValueError(
                 f"experiment 'knockout': window_size={size}{origin} is wider than the model's "
                 f"{n_layers} decoder layers, so every window covers (nearly) all of them and "
-                f"every curve comes out flat; pass --window-size N with N < {n_layers} "
-                f"(e.g. {max(1, n_layers // 2)})"
+                f"every curve comes out flat; pass a narrower --window-size (window_size=), "
+                f"e.g. {max(1, n_layers // 2)}"
             )
         layer_range("window_size", size, 1, n_layers)
         for centre in options["centres"] or ():
