@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +82,8 @@ def mmlens_key(
 
 
 def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
-    """A local folder as is; a hub id from the local HF cache, else a clear error."""
+    """A local folder as is; a hub id from the local HF cache, else a clear error. Nothing is
+    downloaded: a misspelt folder or zoo name never reaches the network."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -95,21 +98,23 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception as offline_error:
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-            raise _not_available(repo_id, HF_HUB_CACHE) from offline_error
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as online_error:
-        raise _not_available(repo_id, HF_HUB_CACHE) from online_error
+    except Exception as not_cached:
+        raise _not_available(repo_id, HF_HUB_CACHE) from not_cached
 
 
-def _not_available(repo_id: str, cache: str) -> FileNotFoundError:
+def _not_available(name: str, cache: str) -> FileNotFoundError:
+    import difflib
+
+    from mmlens.zoo.catalog import MODELS  # in here: the zoo's package imports this module
+
+    close = difflib.get_close_matches(name, MODELS, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
     return FileNotFoundError(
-        f"checkpoint {repo_id!r} is not a local folder and is not in the Hugging Face cache "
-        f"({cache}), and it could not be downloaded. Pass the path of a local checkpoint folder "
-        "(config.json, *.safetensors, tokenizer and processor files), or point HF_HOME / "
-        "HF_HUB_CACHE at a cache that holds it."
+        f"model {name!r} is not a checkpoint folder, a zoo name ({', '.join(MODELS)}) or a hub "
+        f"id in the local Hugging Face cache ({cache}); {hint}mmlens downloads nothing: to use "
+        f"a hub id, fetch it first (`hf download {name}`) or point HF_HOME / HF_HUB_CACHE at a "
+        "cache that holds it, or pass a checkpoint folder (config.json, *.safetensors, tokenizer "
+        "and processor files)"
     )
 
 
@@ -368,6 +373,34 @@ def register_checkpoint_format(checkpoint_format: CheckpointFormat) -> Checkpoin
 def checkpoint_format(folder: Path) -> CheckpointFormat | None:
     """The registered format of `folder`, None for the Hugging Face layout."""
     return next((fmt for fmt in CHECKPOINT_FORMATS if fmt.matches(folder)), None)
+
+
+RELEASE_NOISE = ("You are using a model of type", "requires torchvision (not installed)")
+"""Parts of transformers' log messages that loading a checkpoint makes about what mmlens
+handles itself: a release's own ``model_type`` (its config.json, a full CLIP config for its
+tower) read with the config class mmlens chose, and the PIL image processors mmlens runs without
+torchvision (not a dependency). `quiet_release_noise` drops them."""
+
+
+class _DropReleaseNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(part in str(record.msg) for part in RELEASE_NOISE)
+
+
+@contextmanager
+def quiet_release_noise() -> Iterator[None]:
+    """Within the block, transformers' messages in `RELEASE_NOISE` are not printed (filtered at
+    transformers' handlers and the root logger's, where they would go); every other message
+    is."""
+    drop = _DropReleaseNoise()
+    handlers = [*logging.getLogger("transformers").handlers, *logging.getLogger().handlers]
+    for handler in handlers:
+        handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(drop)
 
 
 def read_checkpoint(path_or_id: str | os.PathLike) -> tuple[Path, Any]:

@@ -62,12 +62,18 @@ def load_tensors(out: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+ID_COLUMNS = {"sample_index", "token", "answer_token"}
+"""Numeric columns that name a thing (a position in the data set, a token id), which
+`summary` never averages."""
+
+
 def summary(result: pd.DataFrame) -> pd.DataFrame:
     """The aggregate of a loaded run: for ``truncation`` / ``fastv``, the data set's metric
     (`mmlens.metrics.summarize`) per condition; for ``cliff``, the accuracy per layer (the last
     layer row is the untouched model; `mmlens.analysis.cliff_of` finds its cliff and
     `mmlens.plot.cliff` draws it); for the others, the mean of each numeric column per
-    question type and layer or flow.
+    question type and layer, flow, segment, module or answer variant (ids such as the answer's
+    token are not quantities: left out, `ID_COLUMNS`).
 
     Examples:
         >>> mmlens.results.summary(mmlens.results.load("runs/truncation")).columns.tolist()
@@ -87,8 +93,9 @@ def summary(result: pd.DataFrame) -> pd.DataFrame:
         curve = curve.rename(columns={"correct": "accuracy"})
         curve.attrs.update(model=result.attrs["model"], n_samples=result["sample_id"].nunique())
         return curve
-    keys = [key for key in ("question_type", "flow", "segment", "module", "layer") if key in result]
-    values = result.drop(columns=["sample_index"]).select_dtypes("number").columns
+    keys = ("question_type", "flow", "segment", "module", "variant", "layer")
+    keys = [key for key in keys if key in result]
+    values = result.drop(columns=[*ID_COLUMNS & set(result)]).select_dtypes("number").columns
     values = [value for value in values if value not in keys]
     return result.groupby(keys, as_index=False, dropna=False)[values].mean()
 

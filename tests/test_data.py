@@ -108,13 +108,30 @@ def test_gqa_bad_cells_name_file_row_and_field(gqa, column, value, problem):
 def test_gqa_missing_image_and_skip_bad(gqa):
     file, images = gqa
     (images / "2368341.jpg").unlink()
-    with pytest.raises(DataError, match="does not exist") as error:
+    with pytest.raises(DataError, match="no image file for id '2368341'") as error:
         load_gqa(file, images)
     assert (error.value.row, error.value.field) == (2, "image")
+    assert "looked for 2368341.jpg, 2368341.jpeg, 2368341.png, 2368341.webp" in str(error.value)
     data = load_gqa(file, images, skip_bad=True)
     assert data.ids == ["0123"]
     assert len(data.skipped) == 1 and "row 2, field 'image'" in data.skipped[0]
     assert "2368341.jpg" in data.skipped[0]
+
+
+@pytest.mark.parametrize("extension", [".jpeg", ".png", ".webp", ".PNG"])
+def test_gqa_finds_images_by_id_with_any_common_extension(gqa, extension):
+    file, images = gqa
+    (images / "2368341.jpg").rename(images / f"2368341{extension}")
+    data = load_gqa(file, images)
+    assert data[1].image == images / f"2368341{extension}"
+    assert data[0].image == images / "2354786.jpg"
+
+
+def test_gqa_refuses_two_images_of_one_id(gqa):
+    file, images = gqa
+    save_image(images / "2368341.png")
+    with pytest.raises(DataError, match=r"row 2, field 'image': several images for id '2368341'"):
+        load_gqa(file, images)
 
 
 def test_gqa_missing_required_column(tmp_path):

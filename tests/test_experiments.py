@@ -5,6 +5,7 @@ SIGKILL without losing or duplicating samples, refuses other settings, shards de
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 import signal
@@ -49,6 +50,8 @@ def shapes() -> Dataset:
 
 def run(model, data, out, experiment="knockout", **kwargs):
     kwargs.setdefault("progress", False)
+    if experiment == "knockout":  # the organism's 6 layers take no 9-layer window
+        kwargs.setdefault("window_size", 3)
     return mmlens.run(experiment, model, data, out, **kwargs)
 
 
@@ -62,7 +65,15 @@ def comparable(frame: pd.DataFrame) -> pd.DataFrame:
 def test_knockout_rows_equal_knockout_sweep_and_wrong_answers_are_dropped(model, shapes, tmp_path):
     wrong = dataclasses.replace(shapes[1], answer="purple-ish")  # never the model's answer
     data = Dataset([shapes[0], wrong, *shapes[2:5]], "shapes")
-    result = run(model, data, tmp_path, preset="cross_modal_flow", centres=[1, 3], batch_size=2)
+    result = run(
+        model,
+        data,
+        tmp_path,
+        preset="cross_modal_flow",
+        centres=[1, 3],
+        batch_size=2,
+        window_size=3,
+    )
     # The organism was trained without the preset's suffix, so it misses some of these: the
     # run keeps exactly those that correct_answers accepts under the preset.
     candidates = [shapes[0], wrong, *shapes[2:5]]
@@ -79,6 +90,7 @@ def test_knockout_rows_equal_knockout_sweep_and_wrong_answers_are_dropped(model,
         inputs,
         preset=CROSS_MODAL_FLOW,
         boxes=[s.boxes for s in kept],
+        window_size=3,
         centres=[1, 3],
         progress=False,
     )
@@ -88,12 +100,24 @@ def test_knockout_rows_equal_knockout_sweep_and_wrong_answers_are_dropped(model,
     )
     assert (result.flow.values == expected.flow.values).all()
     dropped = {s.sample_id for s, ok in zip(candidates, is_correct, strict=True) if not ok}
-    assert result.attrs["dropped"] == dict.fromkeys(dropped, "answered incorrectly")
-    assert result.attrs["window_size"] == 9 and result.attrs["preset"] == "cross_modal_flow"
+    # Each dropped sample's reason names the model's greedy first token and the gold answer.
+    said = {
+        s.sample_id: model.to_string(model(inp)[0, -1].argmax())
+        for s, inp in zip(candidates, prepared, strict=True)
+    }
+    assert result.attrs["dropped"] == {
+        key: f"answered incorrectly: {said[key].strip()!r} for {data[data.ids.index(key)].answer!r}"
+        for key in dropped
+    }
+    assert "for 'purple-ish'" in result.attrs["dropped"][wrong.sample_id]
+    assert result.attrs["window_size"] == 3 and result.attrs["preset"] == "cross_modal_flow"
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["complete"] and manifest["finished"] == 5
     assert manifest["identity"]["options"]["centres"] == [1, 3]
     assert manifest["versions"]["torch"] == torch.__version__
+    assert manifest["versions"]["transformer_lens"] == importlib.metadata.version(
+        "transformer-lens"
+    )
     assert manifest["processor"]["image_processor"]["image_mean"]
 
 
@@ -236,7 +260,7 @@ def test_two_gloo_processes_give_the_single_process_rows(model, shapes, tmp_path
     command = [
         sys.executable, "-m", "mmlens", "run", "knockout", "--model", "tiny-shapes",
         "--data", "shapes:8", "--out", str(tmp_path / "two"), "--batch-size", "1",
-        "--centres", "1,4", "--device", "cpu",
+        "--centres", "1,4", "--window-size", "3", "--device", "cpu",
     ]  # fmt: skip
     processes = [
         subprocess.Popen(
@@ -278,9 +302,13 @@ def test_cli_runs_and_checks_its_options(tmp_path, capsys):
           "--centres", "1", "--window-size", "3", "--device", "cpu"])  # fmt: skip
     assert "'experiment': 'knockout'" in capsys.readouterr().out
     assert results.load(out).attrs["window_size"] == 3
-    with pytest.raises(SystemExit, match="--keep does not apply"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["run", "knockout", "--model", "tiny-shapes", "--data", "shapes:2", "--out",
               str(out), "--keep", "3"])  # fmt: skip
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == (
+        "mmlens run: error: --keep does not apply to experiment 'knockout'\n"
+    )
 
 
 def test_the_fixture_samples_are_all_answered_correctly(model, shapes):
@@ -358,3 +386,20 @@ def test_cli_on_the_papers_file_formats(tmp_path, capsys):
     assert list(pope.condition.unique()) == ["baseline", "layer 2"]
     assert set(pope.label) == {sample.answer for sample in exist}
     assert set(pope.prediction) <= {"yes", "no"}
+
+
+def test_summary_averages_quantities_not_token_ids(model, shapes, tmp_path):
+    lens = run(model, shapes[:2], tmp_path / "lens", "logit-lens")
+    summary = results.summary(lens)
+    assert "token" not in summary and "sample_index" not in summary
+    assert {"variant", "layer", "probability"} <= set(summary.columns)
+    # One curve per question type, answer variant and layer: the mean of the samples' rows.
+    key = summary.iloc[0]
+    rows = lens[
+        (lens.question_type == key.question_type)
+        & (lens.variant == key.variant)
+        & (lens.layer == key.layer)
+    ]
+    assert key.probability == pytest.approx(rows.probability.mean(), abs=1e-12)
+    knockout = results.summary(run(model, shapes[:2], tmp_path / "knockout", centres=[1]))
+    assert "answer_token" not in knockout and "relative_change" in knockout

@@ -275,7 +275,8 @@ def test_more_images_than_image_slots(model, inp):
 def test_hub_id_not_available_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(
-        FileNotFoundError, match=r"'mmlens-tests/not-a-model'.*local checkpoint folder"
+        FileNotFoundError,
+        match=r"'mmlens-tests/not-a-model' is not a checkpoint folder.*hf download",
     ):
         mmlens.from_pretrained("mmlens-tests/not-a-model")
 

@@ -263,7 +263,7 @@ def test_the_runner_under_the_cross_modal_preset_records_the_geometric_rule(fold
 
     result = mmlens.run(
         "knockout", folder, "shapes:3", tmp_path, preset="cross_modal_flow", correct_only=False,
-        centres=[0], progress=False,
+        centres=[0], window_size=1, progress=False,
     )  # fmt: skip
     assert {"Related patches→Question", "Other patches→Question"} <= set(result.flow)
     assert result["sample_id"].nunique() == 3

@@ -70,7 +70,9 @@ def test_weights_changed_in_place_with_the_same_shapes_are_refused(tmp_path):
     folder = tmp_path / "ckpt"
     shutil.copytree(checkpoint_path("tiny-shapes"), folder)
     data = "shapes:2"
-    mmlens.run("knockout", str(folder), data, tmp_path / "out", centres=[1], progress=False)
+    mmlens.run(
+        "knockout", str(folder), data, tmp_path / "out", centres=[1], window_size=3, progress=False
+    )
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["identity"]["model"]["weight_files"] == ["model.safetensors"]
     tensors = load_file(folder / "model.safetensors")
@@ -82,7 +84,15 @@ def test_weights_changed_in_place_with_the_same_shapes_are_refused(tmp_path):
     with pytest.raises(
         RunMismatch, match=r"model: fingerprint: '[0-9a-f]{16}' there, '[0-9a-f]{16}' now"
     ):
-        mmlens.run("knockout", str(folder), data, tmp_path / "out", centres=[1], progress=False)
+        mmlens.run(
+            "knockout",
+            str(folder),
+            data,
+            tmp_path / "out",
+            centres=[1],
+            window_size=3,
+            progress=False,
+        )
 
 
 def test_another_dtype_is_refused(tmp_path):
@@ -180,8 +190,8 @@ def test_a_scoring_error_fails_that_sample_only(model, shapes, tmp_path, monkeyp
     "options, message",
     [
         (dict(flows=["Image→Nowhere"]), r"unknown flow\(s\) \['Image→Nowhere'\]; flows: "),
-        (dict(window_size=7), r"window_size=7 is outside 1..6 \(the model has 6 decoder layers\)"),
-        (dict(centres=[6]), r"centres=6 is outside 0..5"),
+        (dict(window_size=7), r"window_size=7 is wider than the model's 6 decoder layers"),
+        (dict(centres=[6], window_size=3), r"centres=6 is outside 0..5"),
     ],
 )
 def test_option_errors_are_raised_once_before_the_run(model, shapes, tmp_path, options, message):
@@ -440,8 +450,9 @@ def test_the_cli_takes_relabel_and_no_retry_failed(tmp_path, capsys):
                str(tmp_path), "--device", "cpu"]  # fmt: skip
     main(command)
     (tmp_path / "manifest.json").unlink()
-    with pytest.raises(RunMismatch, match="--relabel"):
+    with pytest.raises(SystemExit) as exit_info:  # RunMismatch, told in one line
         main(command + ["--no-retry-failed"])
+    assert exit_info.value.code == 1 and "--relabel" in capsys.readouterr().err
     main(command + ["--relabel", "--no-retry-failed"])
     assert json.loads((tmp_path / "manifest.json").read_text())["complete"]
     assert "'experiment': 'cliff'" in capsys.readouterr().out

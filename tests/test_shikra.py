@@ -155,3 +155,22 @@ def test_the_truncation_experiment_runs_on_it(folder, tmp_path):
         correct_only=False, layers=[0], keep=0, progress=False,
     )  # fmt: skip
     assert result["sample_id"].nunique() == 3 and len(result) > 0
+
+
+def test_loading_prints_no_transformers_notes_on_what_mmlens_reads_itself(folder, caplog):
+    from transformers.utils import logging as hf_logging
+
+    from mmlens.loading import quiet_release_noise
+
+    note = "You are using a model of type `shikra` to instantiate a model of type ``."
+    logger = hf_logging.get_logger("transformers.models.llava")
+    with caplog.at_level("WARNING"):
+        mmlens.from_pretrained(folder)
+        # Without the filter, reading the tokenizer logs `note` (and more) five times.
+        assert "model of type" not in caplog.text
+        with quiet_release_noise():  # any other message still goes out
+            logger.warning("a real problem")
+            logger.warning(note)
+        assert [record.getMessage() for record in caplog.records] == ["a real problem"]
+        logger.warning(note)  # the filter is gone after the block
+        assert caplog.records[-1].getMessage() == note

@@ -581,3 +581,42 @@ def test_llava_cam_lands_on_the_question_boxes(model):
     area = scores.area_share
     assert scores.mass_in_box[best] > CAM_MASS_RATIO * area, scores.table()
     assert scores.pointing_hit[best] > CAM_HIT_RATIO * area, scores.table()
+
+
+def test_to_str_tokens_of_a_prepared_input(model):
+    samples = generate(2, seed=0)
+    inp = model.prepare(samples[0].image, samples[0].question)
+    strings = model.to_str_tokens(inp)
+    assert strings == model.tokenizer.convert_ids_to_tokens(inp.input_ids[0].tolist())
+    assert strings[-8:] == ["the", "star", "blue", "or", "red", "?", "ASSISTANT", ":"]
+    image_token = model.tokenizer.convert_ids_to_tokens(model.cfg.image_token_id)
+    assert strings.count(image_token) == len(inp.positions("image")) == 64
+    batch = model.prepare([s.image for s in samples], [s.question for s in samples])
+    per_item = model.to_str_tokens(batch)
+    assert len(per_item) == 2
+    for index, tokens in enumerate(per_item):  # each without its padding
+        assert tokens == model.to_str_tokens(batch.item(index))
+        assert len(tokens) == int(batch.attention_mask[index].sum())
+
+
+def test_unknown_words_are_reported_once(model, monkeypatch):
+    from mmlens.inputs import arguments
+    from mmlens.presets import CROSS_MODAL_FLOW
+
+    monkeypatch.setattr(arguments, "_REPORTED_UNKNOWN", set())
+    samples = generate(3, seed=0)
+    with pytest.warns(UserWarning) as caught:
+        for sample in samples:  # the preset's answer instruction is outside the vocabulary
+            inp = model.prepare(sample.image, sample.question, preset=CROSS_MODAL_FLOW)
+        model.prepare([s.image for s in samples], [s.question for s in samples],
+                      preset=CROSS_MODAL_FLOW)  # fmt: skip
+    unknown = [str(w.message) for w in caught if "does not know" in str(w.message)]
+    assert unknown == [
+        "the tokenizer does not know the word(s) 'Answer', 'phrase', 'question', 'single', "
+        "'using', 'word': the model reads <unk> for each (reported once); a word-level "
+        "vocabulary knows only the words it was trained on, so leave them out of the prompt "
+        "(e.g. a preset's answer instruction: prepare without the preset's suffix, suffix=...)"
+    ]
+    assert int((inp.input_ids == model.tokenizer.unk_token_id).sum()) == 6
+    with pytest.warns(UserWarning, match=r"does not know the word\(s\) 'zebra'"):
+        model.prepare(samples[0].image, "Is the zebra red?")

@@ -64,6 +64,43 @@ def image_file(file: Path, row: Row, root: Path, name: str) -> Path:
     return path
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+"""The extensions `image_by_id` tries (lower or upper case) for an image named by its id."""
+
+
+def image_by_id(file: Path, row: Row, root: Path, image_id: str) -> Path:
+    """The one image file of `image_id` under `root`: ``root / image_id`` where the id already
+    names a file with one of `IMAGE_EXTENSIONS`, else ``root / (image_id + extension)`` for the
+    one extension that exists. None, or several (``1.jpg`` and ``1.png``), is a `DataError`
+    that names the files looked for or found.
+
+    >>> image_by_id(Path("q.csv"), 1, Path("/nowhere"), "n1")
+    Traceback (most recent call last):
+    ...
+    mmlens.data.sample.DataError: q.csv, row 1, field 'image': no image file for id 'n1' in /nowhere (looked for n1.jpg, n1.jpeg, n1.png, n1.webp, upper case too)
+    """
+    named = root / image_id
+    if named.suffix.lower() in IMAGE_EXTENSIONS and named.is_file():
+        return named
+    extensions = [*IMAGE_EXTENSIONS, *(extension.upper() for extension in IMAGE_EXTENSIONS)]
+    found = [
+        root / f"{image_id}{ext}" for ext in extensions if (root / f"{image_id}{ext}").is_file()
+    ]
+    if len(found) > 1:
+        names = ", ".join(path.name for path in found)
+        raise DataError(
+            file, row, "image", f"several images for id {image_id!r} in {root} ({names}); "
+            "keep one, or name the file with its extension"
+        )  # fmt: skip
+    if not found:
+        tried = ", ".join(f"{image_id}{ext}" for ext in IMAGE_EXTENSIONS)
+        raise DataError(
+            file, row, "image",
+            f"no image file for id {image_id!r} in {root} (looked for {tried}, upper case too)",
+        )  # fmt: skip
+    return found[0]
+
+
 def read_csv(file: Path) -> pd.DataFrame:
     """Every cell as written (strings; an empty or missing cell is ``""``, never NaN), so that
     ids keep their leading zeros and "NA" stays a word."""

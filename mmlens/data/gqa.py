@@ -19,7 +19,7 @@ from mmlens.data._files import (
     csv_rows,
     data_files,
     first_in_name,
-    image_file,
+    image_by_id,
     image_root,
     parse_int,
     read_csv,
@@ -49,8 +49,9 @@ def load_gqa(
     """The samples of one GQA CSV of the Cross-modal paper, or of every ``*.csv`` in a folder.
 
     - ``sample_id`` is ``question_id`` as written (leading zeros kept); the image is
-      ``<images>/<img_id>.jpg`` (``img_id`` as is where it already ends in ``.jpg``), `images`
-      defaulting to the CSV's folder.
+      ``<images>/<img_id>`` with whichever of ``.jpg``, ``.jpeg``, ``.png``, ``.webp`` exists
+      (`image_by_id`; ``img_id`` as is where it already ends in one), `images` defaulting to
+      the CSV's folder.
     - ``question_type`` is the first of `QUESTION_TYPES` that occurs in the file name (None if
       none does); an explicit `question_type` overrides it for every file.
     - ``boxes``: one per object present, in column order, `box_from_xywh` of its
@@ -98,7 +99,7 @@ def _sample(
     root: Path,
 ) -> Sample:
     img_id = required_text(file, row, "img_id", cells["img_id"])
-    image = image_file(file, row, root, img_id if img_id.endswith(".jpg") else f"{img_id}.jpg")
+    image = image_by_id(file, row, root, img_id)
     box_columns = {f"{p} {part}" for p in prefixes for part in BOX_PARTS}
     metadata: dict[str, object] = {
         column: value

@@ -4,13 +4,15 @@ processes, GPUs and nodes (docs/experiments.md).
 
 Examples:
     >>> result = mmlens.run("knockout", "tiny-shapes", "shapes:64", "runs/paper-knockout",
-    ...                     preset="cross_modal_flow", centres=[1, 3], progress=False)
+    ...                     preset="cross_modal_flow", window_size=3, centres=[1, 3],
+    ...                     progress=False)
     >>> sorted(result.flow.unique())       # the preset's flows: Figures 2-5
     ['Image→Last', 'Image→Question', 'Last→Last', 'Other patches→Question', 'Question→Last', 'Related patches→Question']
     >>> figure = mmlens.plot.knockout_sweep(result, facet="question_type")   # .show()
 
     The same run from a shell: ``mmlens run knockout --model tiny-shapes --data shapes:64 --out
-    runs/paper-knockout --preset cross_modal_flow --centres 1,3``. Run again, it resumes.
+    runs/paper-knockout --preset cross_modal_flow --window-size 3 --centres 1,3``. Run again, it
+    resumes. (The 6-layer organism needs a window narrower than the preset's 9.)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import subprocess
+import sys
 import warnings
 from collections.abc import Iterable
 from itertools import groupby
@@ -39,7 +42,7 @@ from mmlens.experiments.store import Batch, DamagedRun, RunMismatch, RunStore, o
 from mmlens.inputs import processor_fingerprint
 from mmlens.presets import PRESETS, Preset
 
-__all__ = ["EXPERIMENTS", "DamagedRun", "RunLocked", "RunMismatch", "run"]
+__all__ = ["EXPERIMENTS", "DamagedRun", "NothingMeasured", "RunLocked", "RunMismatch", "run"]
 
 
 def run(
@@ -88,14 +91,20 @@ def run(
         dtype: the dtype of a model given by name.
         shard: ``(index, count)`` or ``"index/count"``: run one shard of the samples; default:
             from the launcher (accelerate / torchrun / SLURM array), else all.
+        progress: show progress bars, and say on stderr how many samples a resumed run
+            had done and how many rows `skip_bad` left out.
         retry_failed: run samples that failed in an earlier attempt again (default).
         relabel: label committed batches that have no (readable) manifest with these settings
             instead of refusing them.
         options: the experiment's options (`EXPERIMENTS[name].options`).
 
     Raises:
-        ValueError: an unknown experiment, preset or option, or an option value the model
-            cannot take (before anything runs).
+        ValueError: an unknown experiment, preset or option, a preset without flows for the
+            experiment, or an option value the model cannot take, such as a knockout window
+            wider than the model (before anything runs; what needs no model, before it loads).
+        NothingMeasured: the run ended with no rows (every sample dropped by the
+            correct-answer rule, with what the model answered, or failed); the manifest is
+            written first.
 
     Returns:
         every committed row of the run directory (`mmlens.results.load(out)`), this process'
@@ -105,15 +114,21 @@ def run(
 
     spec = _experiment(experiment)
     preset = _preset(preset)
-    spec.resolve(options)  # an unknown option is refused before the model is loaded
+    given = {key for key, value in options.items() if value is not None}
+    # Every option that needs no model is refused before the model is loaded.
+    check_options(spec, preset, spec.resolve(options), given)
     this_shard = current_shard(shard, cpu=str(device) == "cpu")
     model, model_identity = _model(model, device or this_shard.device or "cpu", dtype)
+    options = _resolved_options(spec, model, preset, options)
+    check_options(spec, preset, options, given, model)
     dataset = _dataset(data, images, skip_bad)
     if limit is not None:
         dataset = dataset[:limit]
-    given = {key for key, value in options.items() if value is not None}
-    options = _resolved_options(spec, model, preset, options)
-    check_options(spec, model, preset, options, given)
+    if dataset.skipped and progress:
+        _say(
+            f"left out {len(dataset.skipped)} malformed row(s) of the data (--skip-bad); they "
+            f"are listed under skipped_rows in {Path(out) / 'manifest.json'}"
+        )
     if correct_only is None:
         correct_only = bool(preset and preset.correct_only)
     correct_only = correct_only and spec.filters_correct
@@ -143,6 +158,11 @@ def run(
         hashes = _sample_hashes(mine, progress)
         _check_data(store, records, hashes)
         todo = [(index, sample) for index, sample in mine if sample.sample_id not in finished]
+        if len(todo) < len(mine) and progress:
+            _say(
+                f"resuming {out}: {len(mine) - len(todo)} of {len(mine)} samples already done, "
+                f"{len(todo)} to run"
+            )
         context = Context(
             model=model,
             preset=preset,
@@ -163,6 +183,9 @@ def run(
         failed = _finish(store, this_shard, dataset)
     finally:
         store.close()
+    result = results.load(out)
+    if not len(result):
+        raise NothingMeasured(_nothing_measured(store, result))
     if failed:
         first = next(iter(failed.items()))
         warnings.warn(
@@ -170,7 +193,37 @@ def run(
             f"run the same command again to retry them); first: {first[0]}: {first[1]}",
             stacklevel=2,
         )
-    return results.load(out)
+    return result
+
+
+class NothingMeasured(ValueError):
+    """A run that ended with no rows at all (every sample dropped by the correct-answer rule,
+    failed, or none to run); the manifest records why."""
+
+
+def _nothing_measured(store: RunStore, result: pd.DataFrame) -> str:
+    """Why a run has no rows, with the first few reasons (the model's answers for samples
+    the correct-answer rule dropped)."""
+    dropped, failed = result.attrs["dropped"], result.attrs["failed"]
+    n_samples = result.attrs["data"]["n_samples"]
+    if dropped and not failed:
+        examples = "; ".join(f"{key}: {reason}" for key, reason in list(dropped.items())[:3])
+        return (
+            f"the run measured nothing: the model answered all {len(dropped)} sample(s) "
+            f"wrongly, so the correct-answer rule dropped them ({examples}); check the "
+            "model, prompt and preset (the answer instruction must be words the model knows), "
+            f"or pass --all-samples / correct_only=False (listed in {store.manifest_path})"
+        )
+    if failed:
+        first = next(iter(failed.items()))
+        return (
+            f"the run measured nothing: {len(failed)} sample(s) failed and {len(dropped)} were "
+            f"dropped (listed in {store.manifest_path}); first failure: {first[0]}: {first[1]}"
+        )
+    return (
+        f"the run measured nothing: the data has {n_samples} sample(s) and none gave a row "
+        "(an empty data set, a --limit of 0, or a shard with no samples)"
+    )
 
 
 def _run_batch(
@@ -219,12 +272,15 @@ def _correct_only(
     """The samples of `readable` the model answers correctly; the others go to
     `result.dropped`, and those the filter fails on (no answer, an error) to `result.failed`."""
 
-    def correct(group: list[tuple[int, Sample]]) -> list[bool]:
+    def correct(group: list[tuple[int, Sample]]) -> list[tuple[bool, str]]:
         samples = [sample for _, sample in group]
+        answers = [required_answer(sample) for sample in samples]
+        inp = context.prepare(samples)
         with torch.no_grad():
-            return correct_answers(
-                context.model, context.prepare(samples), [required_answer(s) for s in samples]
-            ).tolist()
+            last = context.model(inp)[:, -1]
+        verdicts = correct_answers(context.model, inp, answers, last_logits=last).tolist()
+        said = [context.model.to_string(token) for token in last.argmax(-1).tolist()]
+        return list(zip(verdicts, said, strict=True))
 
     try:
         verdicts = list(zip(readable, correct(readable), strict=True))
@@ -237,10 +293,12 @@ def _correct_only(
                 result.failed[pair[1].sample_id] = (
                     f"correct-answer filter: {type(error).__name__}: {error}"
                 )
-    for (_, sample), is_correct in verdicts:
+    for (_, sample), (is_correct, said) in verdicts:
         if not is_correct:
-            result.dropped[sample.sample_id] = "answered incorrectly"
-    return [pair for pair, is_correct in verdicts if is_correct]
+            result.dropped[sample.sample_id] = (
+                f"answered incorrectly: {said.strip()!r} for {sample.answer!r}"
+            )
+    return [pair for pair, (is_correct, _) in verdicts if is_correct]
 
 
 def _alone(
@@ -313,6 +371,11 @@ def _batches(todo: list[tuple[int, Sample]], batch_size: int) -> Iterable[list[t
         group = list(same_suffix)
         for start in range(0, len(group), batch_size):
             yield group[start : start + batch_size]
+
+
+def _say(message: str) -> None:
+    """A line for the person running the experiment (on stderr, beside the progress bars)."""
+    tqdm.write(message, file=sys.stderr)
 
 
 def _experiment(name: str) -> Experiment:
@@ -401,7 +464,6 @@ def _environment(model: Any) -> dict[str, Any]:
     """Versions, the git revision of mmlens' checkout (None for an installed wheel) and the
     processor's configuration, for the manifest."""
     import accelerate
-    import transformer_lens
     import transformers
 
     try:
@@ -422,7 +484,8 @@ def _environment(model: Any) -> dict[str, Any]:
             mmlens=importlib.metadata.version("mmlens"),
             torch=torch.__version__,
             transformers=transformers.__version__,
-            transformer_lens=getattr(transformer_lens, "__version__", None),
+            # transformer_lens has no __version__: the installed distribution's.
+            transformer_lens=importlib.metadata.version("transformer-lens"),
             accelerate=accelerate.__version__,
             pandas=pd.__version__,
         ),

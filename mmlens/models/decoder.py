@@ -31,8 +31,8 @@ from mmlens.components import (
     Unembed,
 )
 from mmlens.config import MMConfig
-from mmlens.inputs import processor_fingerprint
-from mmlens.loading import load_weights, read_checkpoint
+from mmlens.inputs import MultimodalInput, processor_fingerprint
+from mmlens.loading import load_weights, quiet_release_noise, read_checkpoint
 from mmlens.models.hooking import HookBookkeeping
 from mmlens.models.placement import place
 from mmlens.models.prefix import PrefixRuns, _Rows
@@ -161,21 +161,23 @@ class HookedTransformer(PrefixRuns, HookBookkeeping):
             A hub id is read from the local cache (``"llava-hf/llava-1.5-7b-hf"``);
             ``device_map="auto"`` spreads a large model over the visible GPUs.
         """
-        folder, hf_config = read_checkpoint(path_or_id)
-        model_cls = model_class_for(hf_config.model_type)
-        if not issubclass(model_cls, cls):
-            raise TypeError(
-                f"{folder} holds a {hf_config.model_type!r} checkpoint, which loads as "
-                f"{model_cls.__name__}, not {cls.__name__}; use mmlens.from_pretrained to dispatch"
+        with quiet_release_noise():  # transformers' notes on configs mmlens reads its own way
+            folder, hf_config = read_checkpoint(path_or_id)
+            model_cls = model_class_for(hf_config.model_type)
+            if not issubclass(model_cls, cls):
+                raise TypeError(
+                    f"{folder} holds a {hf_config.model_type!r} checkpoint, which loads as "
+                    f"{model_cls.__name__}, not {cls.__name__}; use mmlens.from_pretrained to "
+                    "dispatch"
+                )
+            model = load_weights(
+                model_cls,
+                folder,
+                hf_config,
+                dtype=dtype,
+                device="cpu" if device_map is not None else device,
+                model_name=str(path_or_id),
             )
-        model = load_weights(
-            model_cls,
-            folder,
-            hf_config,
-            dtype=dtype,
-            device="cpu" if device_map is not None else device,
-            model_name=str(path_or_id),
-        )
         if device_map is not None:
             place(model, device_map)
         return model
@@ -317,7 +319,22 @@ class HookedTransformer(PrefixRuns, HookBookkeeping):
             raise ValueError(f"{string!r} is {len(ids)} tokens ({ids}), not a single token")
         return ids[0]
 
-    def to_str_tokens(self, tokens: str | Int[torch.Tensor, "pos"]) -> list[str]:
+    def to_str_tokens(
+        self, tokens: str | Int[torch.Tensor, "pos"] | MultimodalInput
+    ) -> list[str] | list[list[str]]:
+        """Each token as a string: of a text (tokenized with BOS), of ids, or of a prepared
+        input (`model.prepare`; image tokens included, padding left out): a list for one item,
+        a list per item for a batch.
+
+        Examples:
+            >>> inp = model.prepare(image, "Is the star blue or red?")
+            >>> model.to_str_tokens(inp)[-4:]
+            ['red', '?', 'ASSISTANT', ':']
+        """
+        if isinstance(tokens, MultimodalInput):
+            items = [tokens.item(index).input_ids[0] for index in range(tokens.batch_size)]
+            strings = [self.to_str_tokens(ids) for ids in items]
+            return strings[0] if len(strings) == 1 else strings
         if isinstance(tokens, str):
             tokens = self.to_tokens(tokens)[0]
         return self._require_tokenizer().convert_ids_to_tokens(

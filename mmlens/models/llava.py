@@ -12,7 +12,7 @@ from transformer_lens.hook_points import HookPoint
 
 from mmlens.config import MMConfig
 from mmlens.inputs import MultimodalInput
-from mmlens.inputs.arguments import check_prompts, warn_if_too_long
+from mmlens.inputs.arguments import check_prompts, warn_if_too_long, warn_unknown_words
 from mmlens.inputs.images import without_alpha
 from mmlens.inputs.templates import default_template
 from mmlens.models.decoder import HookedTransformer
@@ -185,6 +185,7 @@ class HookedLlava(HookedTransformer):
             **kwargs,
         )
         warn_if_too_long(inp.input_ids.shape[1], self.cfg.max_position_embeddings)
+        warn_unknown_words(inp, self.processor.tokenizer.unk_token_id)
         return inp.to(self.W_E.device)
 
     def encode_images(

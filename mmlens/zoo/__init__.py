@@ -29,13 +29,7 @@ from typing import Any
 
 from mmlens.models import HookedLlava, from_pretrained
 from mmlens.zoo import shapes
-
-MODELS = {
-    "tiny-shapes": "LLaVA-1.5-style model trained on mmlens.zoo.shapes (112 px, 64 image tokens)",
-    "tiny-shapes-routed": "tiny-shapes retrained with its answer positions kept from the image: "
-    "image information reaches the answer through the question tokens",
-}
-"""Names `load` accepts, with a one-line description each."""
+from mmlens.zoo.catalog import MODELS
 
 TRAINED_TEMPLATES = {"tiny-shapes": shapes.TEMPLATE, "tiny-shapes-routed": shapes.TEMPLATE}
 """The conversation each shipped model was trained with: its `prepare` default."""
