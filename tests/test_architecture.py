@@ -17,11 +17,12 @@ MODULES = sorted(PACKAGE.rglob("*.py"))
 
 FAMILY_NAMES = re.compile(
     r"instructblip|qformer|q-former|onevision|llava[_ -]?next|llava-v?1\.6|llava[_ -]interleave|"
-    r"qwen\d?[_.-]?\d?[_-]?vl|internvl|gemma|shikra|(?-i:\bNeXT\b|\bBLIP)",
+    r"qwen\d?[_.-]?\d?[_-]?vl|internvl|gemma(?![ _-]?scope)|shikra|(?-i:\bNeXT\b|\bBLIP)",
     re.IGNORECASE,
 )
 """What names a family. Where they may appear: `models/` (the families themselves), the
-tiny-checkpoint builders (`testing/`) and the two front doors."""
+tiny-checkpoint builders (`testing/`) and the two front doors. "Gemma Scope" names a release
+format of sparse autoencoders (`mmlens.sae`), not a family, and may appear anywhere."""
 FRONT_DOORS = {PACKAGE / "__init__.py", PACKAGE / "models" / "__init__.py"}
 
 
@@ -62,7 +63,8 @@ def test_the_family_pattern_finds_what_it_should():
                  "the Q-Former", "Qwen2.5-VL", "qwen2_vl", "InternVL", "Gemma 3", "Shikra",
                  "LLaVA-Interleave", "NeXT's tiles", "BLIP-2"):  # fmt: skip
         assert FAMILY_NAMES.search(text), text
-    for text in ("next(iter(x))", "the next token", "LLaVA-CAM", "llava_cam", "repeat_interleave"):
+    for text in ("next(iter(x))", "the next token", "LLaVA-CAM", "llava_cam", "repeat_interleave",
+                 "Gemma Scope 2", "GEMMA_SCOPE_SITES", "gemma-scope-2b-pt-res"):  # fmt: skip
         assert not FAMILY_NAMES.search(text), text
 
 

@@ -23,6 +23,7 @@ from mmlens.testing import (
     build_tiny_qwen3_vl,
     build_tiny_qwen_vl,
 )
+from mmlens.testing.sae import build_random_sae
 
 BUILDERS = {
     "interleave": build_tiny_llava_interleave,
@@ -45,6 +46,13 @@ SMALL = {  # options that keep each run to a few forward passes
 }
 
 
+def options(experiment, model, folder):
+    """`SMALL`'s options; ``sae-features`` gets a random SAE as wide as the model."""
+    if experiment == "sae-features":
+        return dict(sae=str(build_random_sae(folder / "sae", model)))
+    return SMALL.get(experiment, {})
+
+
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def model(request, tmp_path_factory):
     folder = BUILDERS[request.param](tmp_path_factory.mktemp(request.param))
@@ -57,6 +65,6 @@ def test_every_experiment_runs(model, experiment, tmp_path):
         warnings.simplefilter("error")  # a failed sample is a warning: make it fail the test
         result = mmlens.run(
             experiment, model, "shapes:3", tmp_path, correct_only=False, batch_size=2,
-            progress=False, **SMALL.get(experiment, {}),
+            progress=False, **options(experiment, model, tmp_path),
         )  # fmt: skip
     assert len(result) > 0 and result["sample_id"].nunique() == 3

@@ -215,6 +215,7 @@ def test_every_experiment_and_the_demo_report_run_on_an_original_release(checkpo
 
     from mmlens.experiments import EXPERIMENTS
     from mmlens.report import write_report
+    from mmlens.testing.sae import build_random_sae
     from mmlens.zoo.shapes import generate
 
     small = {  # a few forward passes each on these 2-layer decoders
@@ -225,6 +226,7 @@ def test_every_experiment_and_the_demo_report_run_on_an_original_release(checkpo
         "fastv": dict(k=1),
     }
     model = mmlens.from_pretrained(checkpoints[1])
+    small["sae-features"] = dict(sae=str(build_random_sae(tmp_path / "sae", model)))
     for experiment in sorted(EXPERIMENTS):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a failed sample is a warning

@@ -373,6 +373,28 @@ def test_patch_activations_and_feature_map(model, inp):
         mmlens.plot.feature_map(model, inp, sae, 999)
 
 
+def test_features_over_learned_queries_spread_to_the_patches(tmp_path):
+    """Where image tokens are learned queries (InstructBLIP's Q-Former), each query's feature
+    activation goes to the vision patches as the Q-Former's cross-attention weighs them: the
+    grid is on the tower's patches and holds each query's activation times its attention on
+    the patches (the rest went to the class token)."""
+    from mmlens.testing import build_tiny_instructblip
+    from mmlens.testing.sae import build_random_sae
+
+    blip = mmlens.from_pretrained(build_tiny_instructblip(tmp_path / "blip"))
+    sae = load(build_random_sae(tmp_path / "sae", blip, "blocks.1.hook_resid_post"))
+    inp = blip.prepare(make_test_image(40, 30), "What is it?")
+    grid = patch_activations(blip, inp, sae)[0]
+    assert tuple(grid.shape[:2]) == inp.image_geometry[0].vision_view.grid_size
+    names = ["blocks.1.hook_resid_post", *blip.spread_hook_names()]
+    _, cache = blip.run_with_cache(inp, names_filter=names)
+    queries = sae.encode(cache["blocks.1.hook_resid_post"][0, inp.positions("image")])
+    on_patches = blip.tokens_to_patches(cache).sum(1)  # [query]: below 1, the rest on the class
+    assert (on_patches < 1).all() and (on_patches > 0).all()
+    expected = (on_patches[:, None] * queries).sum(0)
+    torch.testing.assert_close(grid.sum((0, 1)), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_sae_features_experiment_rows_and_resume(model, tmp_path, monkeypatch):
     samples = generate(6, seed=11)
     data = from_samples(samples)

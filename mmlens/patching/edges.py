@@ -144,7 +144,8 @@ def edge_attribution_patching(
 
     Args:
         model: a model whose residual stream is the sum of its input, head and MLP outputs
-            (every family but Gemma 3's sandwich norms and Qwen3-VL's DeepStack additions).
+            (families that norm outputs before they join it, or add image features inside the stack,
+            are refused).
         clean, corrupted: single prompts of the same layout (`aligned_positions` finds every
             segment of the same length).
         metric: logits ``[rows, pos, d_vocab]`` -> one number per row, differentiable

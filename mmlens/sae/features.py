@@ -18,8 +18,11 @@ def patch_activations(
     model: Any, inp: Any, sae: SparseAutoencoder
 ) -> Float[Tensor, "batch rows cols d_sae"]:
     """Every feature's activation on every patch token of each prompt's image, on the image's
-    patch grid (`inp.layout.patch_grid`). One image per prompt; the SAE reads a decoder (or
-    vision) hook of the model, whose activation at the image tokens it encodes.
+    patch grid (`inp.layout.patch_grid`). One image per prompt; the SAE reads a decoder hook of
+    the model, whose activation at the image tokens it encodes. Where the image tokens are
+    learned queries (`model.image_tokens_are_patches` False), each query's activation is spread
+    to the vision tower's patches as the family's `tokens_to_patches` weighs them (the
+    connector's cross-attention), on the vision grid, as LLaVA-CAM's maps are.
 
     Examples:
         >>> from mmlens.sae import patch_activations
@@ -28,20 +31,35 @@ def patch_activations(
         torch.Size([1, 8, 8, 256])
     """
     with torch.no_grad():
-        _, cache = model.run_with_cache(inp, names_filter=sae.cfg.hook_name)
-        return _patch_grids(inp, cache[sae.cfg.hook_name], sae)
+        cache = _cached(model, inp, sae)
+        return _patch_grids(model, inp, cache, sae)
 
 
-def _patch_grids(inp: Any, activation: Tensor, sae: SparseAutoencoder) -> Tensor:
+def _cached(model: Any, inp: Any, sae: SparseAutoencoder) -> Any:
+    """One forward pass caching the SAE's hook and what the family spreads image tokens to the
+    patches with (none where image tokens are patches)."""
+    names = [sae.cfg.hook_name, *model.spread_hook_names()]
+    return model.run_with_cache(inp, names_filter=names)[1]
+
+
+def _patch_grids(model: Any, inp: Any, cache: Any, sae: SparseAutoencoder) -> Tensor:
     if inp.n_images != inp.batch_size:
         raise ValueError(
             f"SAE features over image patches take one image per prompt; this input has "
             f"{inp.n_images} image(s) for {inp.batch_size} prompt(s)"
         )
+    activation = cache[sae.cfg.hook_name]
     grids = []
     for item in range(inp.batch_size):
-        grid = inp.layout.patch_grid(inp.image_items.index(item))
-        grids.append(sae.encode(activation[item, grid.to(activation.device)]))
+        image = inp.image_items.index(item)
+        if model.image_tokens_are_patches:
+            grid = inp.layout.patch_grid(image)
+            grids.append(sae.encode(activation[item, grid.to(activation.device)]))
+        else:  # learned queries: each query's activation spread to the patches it reads
+            tokens = sae.encode(activation[item, inp.positions("image", item)]).float().cpu()
+            spread = model.tokens_to_patches(cache, image).float().cpu()  # [token, patch]
+            rows, cols = inp.image_geometry[image].vision_view.grid_size
+            grids.append((spread.T @ tokens).reshape(rows, cols, -1))
     return torch.stack(grids)
 
 
@@ -61,8 +79,8 @@ def feature_rows(
         ['activation', 'feature', 'n_patches', 'patch_col', 'patch_row', 'sample_id', 'text_activation', 'text_token']
     """
     with torch.no_grad():
-        _, cache = model.run_with_cache(inp, names_filter=sae.cfg.hook_name)
-        grids = _patch_grids(inp, cache[sae.cfg.hook_name], sae)
+        cache = _cached(model, inp, sae)
+        grids = _patch_grids(model, inp, cache, sae)
     rows = []
     for item, sample_id in enumerate(sample_ids):
         grid = grids[item]

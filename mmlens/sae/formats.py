@@ -6,13 +6,13 @@
   a boolean ``normalize_activations`` is the old spelling of "none" /
   "expected_average_only_in"; a pre-6 "standard" config with ``activation_fn_str="topk"`` is a
   TopK SAE (``activation_fn_kwargs.k``).
-- Gemma Scope 2 (Gemma 3): a folder ``{site}/layer_{L}_width_{W}_l0_{size}`` holding
+- Gemma Scope 2 (the SAEs of the third generation): a folder ``{site}/layer_{L}_width_{W}_l0_{size}`` holding
   ``params.safetensors`` (``w_enc`` ``[d_in, d_sae]``, ``w_dec``, ``b_enc``, ``b_dec``,
   ``threshold``, for transcoders ``affine_skip_connection`` ``[d_in, d_out]``) and
   ``config.json`` (``architecture: "jump_relu"``). The site names the hook as SAELens maps it:
   resid_post -> ``blocks.L.hook_resid_post``, attn_out -> ``blocks.L.hook_attn_out``, mlp_out ->
   ``blocks.L.hook_mlp_out``, transcoder -> ``blocks.L.ln2.hook_normalized`` to
-  ``blocks.L.hook_mlp_out``. Gemma Scope 1 (Gemma 2): ``params.npz`` with ``W_enc``, ``W_dec``,
+  ``blocks.L.hook_mlp_out``. Gemma Scope 1 (the second generation): ``params.npz`` with ``W_enc``, ``W_dec``,
   ``b_enc``, ``b_dec``, ``threshold``, its folder ``layer_L/...`` under a ``...-res`` /
   ``-mlp`` / ``-att`` release.
 """

@@ -17,7 +17,6 @@ import io
 import math
 import textwrap
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,14 +30,13 @@ from plotly.io._base_renderers import NotebookRenderer
 from plotly.subplots import make_subplots
 
 from mmlens.inputs import ImageGeometry
+from mmlens.plot.circuits import activation_patching, circuit, faithfulness, probes
+from mmlens.plot.style import COLOURS, DASHES, MARKERS, MAX_WIDTH, colour, model_name
 
 if TYPE_CHECKING:
     from mmlens.analysis.cam import CamResult
     from mmlens.analysis.lens import HighNormPatches
 
-MAX_WIDTH = 1100
-"""The widest a figure is drawn (pixels): it and its legend fit a 1280-pixel screen, and the
-report's column (`mmlens.report`)."""
 
 SEGMENT_COLOURS = {
     "system": "#636efa",
@@ -70,7 +68,7 @@ def logit_lens(result: pd.DataFrame, facet: str | None = None, columns: int = 3)
         for key, rows in curves.groupby(series, sort=False):
             figure.add_scatter(x=rows["layer"], y=rows["probability"], mode="lines+markers",
                                name=str(key) if many else repr(key), legendgroup=str(key),
-                               line_color=_colour(curves[series].unique(), key),
+                               line_color=colour(curves[series].unique(), key),
                                showlegend=index == 0, row=row, col=col)  # fmt: skip
     norm = {True: "final norm applied", False: "no final norm"}.get(
         attrs.get("apply_final_norm", True),
@@ -78,7 +76,7 @@ def logit_lens(result: pd.DataFrame, facet: str | None = None, columns: int = 3)
     )
     where = "the last position, mean over samples" if many else f"position {attrs.get('position')}"
     figure.update_layout(
-        title=f"Logit lens at {where} ({norm}) - {_model_name(attrs.get('model'))}",
+        title=f"Logit lens at {where} ({norm}) - {model_name(attrs.get('model'))}",
         legend_title="answer" if many else "token",
     )
     figure.update_xaxes(title_text="layer (0 = embeddings)")
@@ -108,7 +106,7 @@ def attention_share(result: pd.DataFrame, facet: str | None = None, columns: int
     figure.update_layout(
         barmode="stack",
         title=f"Attention share of the {attrs.get('query', 'last')} query "
-        f"({attrs.get('heads', 'mean')} over heads) - {_model_name(attrs.get('model'))}",
+        f"({attrs.get('heads', 'mean')} over heads) - {model_name(attrs.get('model'))}",
         legend_title="keys",
     )
     figure.update_xaxes(title_text="layer")
@@ -130,7 +128,7 @@ def patch_norms(result: HighNormPatches) -> go.Figure:
                      annotation_text=f"threshold {result.threshold:.3g} ({settings['rule']})")  # fmt: skip
     figure.update_layout(
         title=f"Residual norms of image positions at layer {settings['layer']} - "
-        f"{_model_name(settings['model'])}: {len(result.positions)} above the threshold",
+        f"{model_name(settings['model'])}: {len(result.positions)} above the threshold",
         xaxis_title="L2 norm",
         yaxis_title="image positions",
     )
@@ -195,7 +193,7 @@ def llava_cam(
     noise = f"SmoothGrad sigma={settings['noise_std']}, n={settings['n_samples']}"
     figure.update_layout(
         title=f"LLaVA-CAM of {settings['answer']!r} ({settings['site']}, {noise}) - "
-        f"{_model_name(settings['model'])}",
+        f"{model_name(settings['model'])}",
         height=260 * n_rows + 66 + note_height,
         width=figure_width,
         margin={"b": 36 + note_height},
@@ -299,7 +297,7 @@ def feature_map(
     figure = _maps_on_image(pixels, geometry, maps, titles, columns, opacity, zmax=peak)
     n_rows = math.ceil(len(features) / columns)
     figure.update_layout(
-        title=f"SAE features at {sae.cfg.hook_name} - {_model_name(model.cfg.model_name)}",
+        title=f"SAE features at {sae.cfg.hook_name} - {model_name(model.cfg.model_name)}",
         height=260 * n_rows + 80,
         width=240 * min(columns, len(features)) + 120,
     )
@@ -341,7 +339,7 @@ def _tiled_cam(
     panel_height = 240 * height / max(width, 1)
     figure.update_layout(
         title=f"LLaVA-CAM of {settings['answer']!r} ({settings['site']}, {noise}) - "
-        f"{_model_name(settings['model'])}",
+        f"{model_name(settings['model'])}",
         height=int(panel_height * n_rows) + 160,
         width=240 * min(columns, len(result.layers)) + 120,
         margin={"b": 70},
@@ -462,7 +460,7 @@ def knockout_sweep(result: pd.DataFrame, facet: str | None = None, columns: int 
     """
     attrs = result.attrs
     figure, panels = _facets(result, facet, columns)
-    colours = {flow: _COLOURS[i % len(_COLOURS)] for i, flow in enumerate(result.flow.unique())}
+    colours = {flow: COLOURS[i % len(COLOURS)] for i, flow in enumerate(result.flow.unique())}
     sample = "sample_id" if "sample_id" in result else "sample"
     n_samples = result[sample].nunique()
     per_flow = result.groupby("flow", sort=False)[sample].nunique()
@@ -485,14 +483,14 @@ def knockout_sweep(result: pd.DataFrame, facet: str | None = None, columns: int 
             style = list(colours).index(flow)  # overlapping curves stay distinguishable
             figure.add_scatter(x=stats["layer"], y=stats["mean"], mode="lines+markers",
                                name=names[flow], legendgroup=flow,
-                               line=dict(color=colour, dash=_DASHES[style % len(_DASHES)]),
-                               marker_symbol=_MARKERS[style % len(_MARKERS)],
+                               line=dict(color=colour, dash=DASHES[style % len(DASHES)]),
+                               marker_symbol=MARKERS[style % len(MARKERS)],
                                showlegend=index == 0, row=row, col=col)  # fmt: skip
         figure.update_xaxes(title_text="window centre (layer)" if row == n_rows else None,
                             row=row, col=col)  # fmt: skip
     figure.update_yaxes(title_text="relative change of p(answer) (%)", col=1)
     figure.update_layout(
-        title=f"Attention knockout, window {attrs.get('window_size')} - {_model_name(attrs.get('model'))} "
+        title=f"Attention knockout, window {attrs.get('window_size')} - {model_name(attrs.get('model'))} "
         f"({n_samples} sample{'s' if n_samples != 1 else ''})",
         legend_title="blocked flow",
         height=max(450, 320 * n_rows + 80),
@@ -517,12 +515,12 @@ def module_knockout_jaccard(
         for module, rows in means.groupby("module", sort=False):
             figure.add_scatter(x=rows["layer"], y=rows["jaccard"], mode="lines+markers",
                                name=module, legendgroup=module, showlegend=index == 0,
-                               line_color=_colour(means["module"].unique(), module),
+                               line_color=colour(means["module"].unique(), module),
                                row=row, col=col)  # fmt: skip
     figure.update_layout(
         title=f"Semantic change when zeroing {attrs.get('window')} layers from l "
         f"(top-{attrs.get('k')} words at {attrs.get('positions', 'question')}) - "
-        f"{_model_name(attrs.get('model'))}",
+        f"{model_name(attrs.get('model'))}",
     )
     figure.update_xaxes(title_text="first zeroed layer")
     figure.update_yaxes(title_text="Jaccard similarity to the clean run", range=[0, 1.02], col=1)
@@ -550,7 +548,7 @@ def cliff(result: Any) -> go.Figure:
             annotation_position="bottom right",  # clear of the baseline's line and label at top
         )
     figure.update_layout(
-        title=f"Information-flow cliff - {_model_name(curve.attrs.get('model'))} ({curve.attrs.get('n_samples')} samples)",
+        title=f"Information-flow cliff - {model_name(curve.attrs.get('model'))} ({curve.attrs.get('n_samples')} samples)",
         xaxis_title="image tokens removed from layer",
         yaxis_title="accuracy",
         yaxis_range=[0, 1.02],
@@ -580,219 +578,6 @@ def _facets(
         figure.update_layout(width=min(width, MAX_WIDTH))
     panels = [(i // columns + 1, i % columns + 1, rows) for i, (_, rows) in enumerate(groups)]
     return figure, panels
-
-
-def activation_patching(result: pd.DataFrame) -> go.Figure:
-    """Heatmaps of `mmlens.patching.activation_patching` (or `attribution_patching`'s
-    estimates): the normalised metric (0 = corrupted, 1 = clean) per layer and unit (segment,
-    position or head), one panel per site.
-
-    Examples:
-        >>> from mmlens.patching import activation_patching as patch, logit_difference
-        >>> from mmlens.zoo.shapes import counterfactual
-        >>> other = counterfactual(sample)
-        >>> corrupted = model.prepare(other.image, other.question)
-        >>> metric = logit_difference(model, inp, "red", "blue")
-        >>> figure = activation_patching(patch(model, inp, corrupted, metric, progress=False))
-        >>> [annotation.text for annotation in figure.layout.annotations]
-        ['resid_pre', 'attn_out', 'mlp_out']
-    """
-    attrs = result.attrs
-    sites = list(dict.fromkeys(result.site))
-    figure = make_subplots(rows=1, cols=len(sites), subplot_titles=sites, shared_yaxes=True)
-    for column, site in enumerate(sites, 1):
-        rows = result[result.site == site]
-        across = "head" if rows["head"].notna().any() else "unit"
-        table = rows.pivot_table(index="layer", columns=across, values="normalized", sort=False)
-        figure.add_heatmap(
-            z=table.values, x=[str(c) for c in table.columns], y=table.index.tolist(),
-            zmin=-1, zmax=1, colorscale="RdBu", reversescale=True, showscale=column == 1,
-            colorbar=dict(title="restored"), row=1, col=column,
-            hovertemplate="layer %{y}, %{x}: %{z:.2f}<extra>" + site + "</extra>",
-        )  # fmt: skip
-        figure.update_xaxes(title_text=across if across == "head" else attrs.get("by", ""),
-                            row=1, col=column)  # fmt: skip
-    figure.update_yaxes(title_text="layer", row=1, col=1)
-    kind = (
-        f"attribution patching ({attrs.get('method')}), estimated"
-        if attrs.get("analysis") == "attribution_patching"
-        else "activation patching,"
-    )
-    figure.update_layout(
-        title=f"{_model_name(attrs.get('model'))}: {kind} share of the clean "
-        f"metric restored (clean {attrs.get('clean', float('nan')):.2f}, corrupted "
-        f"{attrs.get('corrupted', float('nan')):.2f})",
-        width=min(max(500, 300 * len(sites) + 120), MAX_WIDTH),
-        height=420,
-    )
-    return figure
-
-
-def circuit(edges: pd.DataFrame | dict[str, pd.DataFrame], title: str | None = None) -> go.Figure:
-    """Circuits of `mmlens.patching.edge_attribution_patching` edges (e.g. `top_edges`) over
-    the prompt, one panel per circuit (pass a dict, name -> edges, for several side by side):
-    layers left to right (the input, each layer's heads then its MLP at +0.5, the logits),
-    position groups top to bottom with a layer's heads stacked within their group; each edge a
-    line from its upstream node at its source group to its downstream node at its target group,
-    as wide as its share of the panel's largest score (blue raises the metric, red lowers it).
-
-    Examples:
-        >>> from mmlens.patching import edge_attribution_patching, logit_difference, top_edges
-        >>> from mmlens.zoo.shapes import counterfactual
-        >>> other = counterfactual(sample)
-        >>> corrupted = model.prepare(other.image, other.question)
-        >>> metric = logit_difference(model, inp, "red", "blue")
-        >>> edges = edge_attribution_patching(model, inp, corrupted, metric, steps=2)
-        >>> figure = circuit({"EAP-IG": top_edges(edges, 20), "EAP-IG, 5 edges": top_edges(edges, 5)})
-        >>> len([trace for trace in figure.data if trace.mode == "lines"])
-        25
-    """
-    panels = edges if isinstance(edges, dict) else {"": edges}
-    figure = make_subplots(
-        rows=1, cols=len(panels), subplot_titles=list(panels) if len(panels) > 1 else None,
-        shared_yaxes=True, horizontal_spacing=0.05,
-    )  # fmt: skip
-    shown: set[str] = set()
-    for column, panel in enumerate(panels.values(), 1):
-        groups = _draw_circuit(figure, panel, column, shown)
-        figure.update_xaxes(title_text="layer", row=1, col=column)
-    figure.update_yaxes(
-        tickvals=list(range(len(groups))), ticktext=groups,
-        range=[len(groups) - 0.2, -0.4], title_text="positions", row=1, col=1,
-    )  # fmt: skip
-    sizes = ", ".join(f"{len(panel)}" for panel in panels.values())
-    figure.update_layout(
-        title=title or f"circuit ({sizes} edges; heads stacked within a group, MLPs at +0.5)",
-        width=min(120 + 620 * len(panels), MAX_WIDTH), height=500,
-        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1.0),
-    )  # fmt: skip
-    return figure
-
-
-def _draw_circuit(figure: go.Figure, edges: pd.DataFrame, column: int, shown: set) -> list[str]:
-    """One panel of `circuit`; returns its position groups in prompt order."""
-    groups = list(edges.attrs.get("groups") or dict.fromkeys([*edges.source, *edges.target]))
-    nodes = [*edges.upstream, *edges.downstream]
-    n_layers = edges.attrs.get("n_layers") or 1 + max(map(_layer_of, nodes), default=0)
-    n_heads = 1 + max((int(node.split(".h")[1]) for node in nodes if ".h" in node), default=0)
-    largest = float(edges.score.abs().max()) if len(edges) else 1.0
-
-    def place(node: str, group: str) -> tuple[float, float]:
-        y = float(groups.index(group))
-        if node == "input":
-            return -1.0, y
-        if node == "logits":
-            return float(n_layers), y
-        if node.startswith("m"):
-            return _layer_of(node) + 0.5, y
-        return float(_layer_of(node)), y + 0.6 * int(node.split(".h")[1]) / max(n_heads, 2)
-
-    for edge in edges.itertuples():
-        (x0, y0), (x1, y1) = place(edge.upstream, edge.source), place(edge.downstream, edge.target)
-        sign = "raises the metric" if edge.score > 0 else "lowers the metric"
-        figure.add_scatter(
-            x=[x0, x1], y=[y0, y1], mode="lines", name=sign, legendgroup=sign,
-            showlegend=sign not in shown, opacity=0.7, row=1, col=column,
-            line=dict(width=0.5 + 7.5 * abs(edge.score) / largest,
-                      color="#2166ac" if edge.score > 0 else "#b2182b"),
-            hovertemplate=f"{edge.upstream} ({edge.source}) → {edge.downstream} ({edge.target})"
-            f": {edge.score:.3f}<extra></extra>",
-        )  # fmt: skip
-        shown.add(sign)
-    ends = [*zip(edges.upstream, edges.source, strict=True),
-            *zip(edges.downstream, edges.target, strict=True)]  # fmt: skip
-    placed = {place(node, group): node for node, group in ends}
-    figure.add_scatter(
-        x=[x for x, _ in placed], y=[y for _, y in placed], mode="markers+text",
-        text=[node.split(".")[-1] if ".h" in node else node for node in placed.values()],
-        textposition="middle right", textfont=dict(size=10), showlegend=False,
-        marker=dict(size=6, color="#333"), row=1, col=column,
-        hovertext=list(placed.values()), hoverinfo="text",
-    )  # fmt: skip
-    figure.update_xaxes(range=[-1.4, n_layers + 0.6], row=1, col=column)
-    return groups
-
-
-def faithfulness(curves: pd.DataFrame | dict[str, pd.DataFrame]) -> go.Figure:
-    """`mmlens.patching.faithfulness` curves: the share of the clean metric each circuit size
-    restores (one line per curve; pass a dict, name -> curve, for several).
-
-    Examples:
-        >>> from mmlens.patching import edge_attribution_patching, faithfulness as evaluate
-        >>> from mmlens.patching import logit_difference
-        >>> from mmlens.zoo.shapes import counterfactual
-        >>> other = counterfactual(sample)
-        >>> corrupted = model.prepare(other.image, other.question)
-        >>> metric = logit_difference(model, inp, "red", "blue")
-        >>> edges = edge_attribution_patching(model, inp, corrupted, metric, method="eap")
-        >>> curve = evaluate(model, inp, corrupted, metric, edges, sizes=[10, 100])
-        >>> [trace.name for trace in faithfulness({"EAP": curve}).data]
-        ['EAP']
-    """
-    named = curves if isinstance(curves, dict) else {"circuit": curves}
-    figure = go.Figure()
-    for name, curve in named.items():
-        figure.add_scatter(
-            x=curve.n_edges, y=curve.faithfulness, mode="lines+markers", name=name,
-            line=dict(color=_colour(named, name)),
-            hovertemplate="%{x} edges: %{y:.2f}<extra>" + name + "</extra>",
-        )  # fmt: skip
-    figure.add_hline(y=1.0, line=dict(dash="dot", color="#888"))
-    figure.update_xaxes(title_text="edges in the circuit", type="log")
-    figure.update_yaxes(title_text="share of the clean metric restored")
-    figure.update_layout(
-        title="circuit faithfulness (every other edge carries its corrupted value)",
-        width=760, height=420,
-        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
-    )  # fmt: skip
-    return figure
-
-
-def _layer_of(node: str) -> int:
-    """The layer of an edge node name (``"a3.h1"``, ``"m3"``: 3; the input and logits: -1)."""
-    if node in ("input", "logits"):
-        return -1
-    return int(node[1:].split(".")[0])
-
-
-def probes(result: pd.DataFrame) -> go.Figure:
-    """Held-out accuracy of `mmlens.probes.fit_probes` per layer (rows) and segment (columns),
-    the chance level in the title.
-
-    Examples:
-        >>> from mmlens.probes import fit_probes
-        >>> from mmlens.zoo.shapes import generate
-        >>> samples = generate(16, seed=3, question_types=["Exist"])
-        >>> inputs = [model.prepare(s.image, s.question) for s in samples]
-        >>> figure = probes(fit_probes(model, inputs, [s.answer for s in samples], layers=[0, 5]))
-        >>> figure.data[0].x
-        ('image', 'question', 'last')
-    """
-    table = result.pivot_table(index="layer", columns="segment", values="test_accuracy", sort=False)
-    figure = go.Figure(
-        go.Heatmap(
-            z=table.values,
-            x=list(table.columns),
-            y=table.index.tolist(),
-            zmin=0,
-            zmax=1,
-            colorscale="Viridis",
-            colorbar=dict(title="held-out<br>accuracy"),
-            texttemplate="%{z:.2f}",
-            hovertemplate="layer %{y}, %{x}: %{z:.2f}<extra></extra>",
-        )  # fmt: skip
-    )
-    attrs = result.attrs
-    figure.update_layout(
-        title=f"Linear probes on {attrs.get('site', '')}: held-out accuracy<br>"
-        f"<sup>{len(attrs.get('classes', []))} classes, chance {result.chance.iloc[0]:.2f}, "
-        f"{int(result.n_test.iloc[0])} held-out samples</sup>",
-        xaxis_title="segment",
-        yaxis_title="layer",
-        width=560,
-        height=460,
-    )
-    return figure
 
 
 OFFLINE_RENDERER = "mmlens_offline"
@@ -827,16 +612,9 @@ def offline_notebook(png: bool = False) -> None:
     pio.renderers.default = f"{OFFLINE_RENDERER}+png" if png else OFFLINE_RENDERER
 
 
-def _model_name(name: Any) -> str:
-    """A checkpoint's name for a title: its folder's name, not the whole path."""
-    return Path(str(name)).name if name else "model"
-
-
-def _colour(keys: Any, key: Any) -> str:
-    """The colour of `key` among `keys` (the same in every panel)."""
-    return _COLOURS[list(keys).index(key) % len(_COLOURS)]
-
-
-_DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
-_MARKERS = ["circle", "square", "diamond", "triangle-up", "x", "star"]
-_COLOURS = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880"]
+__all__ = [
+    "CAM_COLOURS", "INTERVAL_RESAMPLES", "MAX_WIDTH", "OFFLINE_RENDERER", "SEGMENT_COLOURS",
+    "activation_patching", "attention_share", "circuit", "cliff", "faithfulness", "feature_map",
+    "knockout_curves", "knockout_sweep", "llava_cam", "logit_lens", "module_knockout_jaccard",
+    "offline_notebook", "patch_norms", "probes",
+]  # fmt: skip
