@@ -207,6 +207,32 @@ def test_option_errors_are_raised_once_before_the_run(model, shapes, tmp_path, o
     assert calls == [] and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "experiment, options, message",
+    [
+        ("knockout", dict(window_size=7), r"window_size=7 is wider than the model's 6"),
+        ("knockout", dict(), r"window_size=9 \(the default\) is wider than the model's 6"),
+        ("truncation", dict(layers=[8]), r"layers=8 is outside 0..5"),
+        ("fastv", dict(k=6), r"k=6 is outside 1..5"),
+    ],
+)
+def test_layer_options_are_refused_before_the_weights_load(
+    shapes, tmp_path, monkeypatch, experiment, options, message
+):
+    """A model given by name: its layers come from its config, so no weight is read for a run
+    whose options it cannot take."""
+    import mmlens.models.decoder
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the options were checked")
+
+    monkeypatch.setattr(mmlens.models.decoder, "load_weights", no_weights)
+    with pytest.raises(ValueError, match=message):
+        mmlens.run(experiment, "tiny-shapes", shapes[:2], tmp_path / "out", progress=False,
+                   **options)  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
 def test_skip_bad_covers_undecodable_lines_and_over_deep_json(shapes, tmp_path):
     from mmlens.data import DataError, load_jsonl
 

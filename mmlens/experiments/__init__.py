@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Iterable
 from itertools import groupby
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 from mmlens.analysis import correct_answers
 from mmlens.data import Dataset, Sample, from_samples, load, shard_of
-from mmlens.experiments.checks import check_options
+from mmlens.experiments.checks import check_layers, check_options
 from mmlens.experiments.definitions import EXPERIMENTS, Context, Experiment, required_answer
 from mmlens.experiments.integrity import RunLocked, sample_digest
 from mmlens.experiments.parallel import Shard, current_shard
@@ -115,8 +116,12 @@ def run(
     spec = _experiment(experiment)
     preset = _preset(preset)
     given = {key for key, value in options.items() if value is not None}
-    # Every option that needs no model is refused before the model is loaded.
+    # Every option that needs no model is refused before the model is loaded; those that
+    # count layers, before its weights load (from its config).
     check_options(spec, preset, spec.resolve(options), given)
+    described = _described(model)
+    early = _layer_defaults(spec, described, preset, spec.resolve(options))
+    check_layers(spec, described.cfg.n_layers, preset, early, given)
     this_shard = current_shard(shard, cpu=str(device) == "cpu")
     model, model_identity = _model(model, device or this_shard.device or "cpu", dtype)
     options = _resolved_options(spec, model, preset, options)
@@ -398,15 +403,11 @@ def _resolved_options(
 ) -> dict[str, Any]:
     """The experiment's options with every default that depends on the model made explicit
     (so the manifest says what ran)."""
-    options = spec.resolve(given)
-    if spec.name == "knockout" and options["window_size"] is None:
-        options["window_size"] = preset.window_size(model) if preset else 9
+    options = _layer_defaults(spec, model, preset, spec.resolve(given))
     if spec.name == "knockout" and options["patch_rule"] is None:  # the manifest says which
         options["patch_rule"] = preset.patch_rule_for(model)[0] if preset else "geometric"
     if spec.name == "logit-lens" and options["apply_final_norm"] is None:
         options["apply_final_norm"] = preset.apply_final_norm if preset else True
-    if spec.name == "cam" and options["layers"] is None:
-        options["layers"] = list(range(model.cfg.n_layers))
     if spec.name == "sae-features" and options["sae"]:  # its content, as the model's
         from mmlens.sae.formats import fingerprint
 
@@ -414,6 +415,35 @@ def _resolved_options(
     return {
         key: list(value) if isinstance(value, tuple) else value for key, value in options.items()
     }
+
+
+def _layer_defaults(
+    spec: Experiment, model: Any, preset: Preset | None, options: dict[str, Any]
+) -> dict[str, Any]:
+    """`options` with the defaults that count layers made explicit (`model` needs only its
+    `cfg` and its family's `paper_window_sizes`)."""
+    if spec.name == "knockout" and options["window_size"] is None:
+        options["window_size"] = preset.window_size(model) if preset else 9
+    if spec.name == "cam" and options["layers"] is None:
+        options["layers"] = list(range(model.cfg.n_layers))
+    return options
+
+
+def _described(model: Any) -> Any:
+    """A model given by name as far as its config tells (its `cfg` and its family's
+    `paper_window_sizes`), without its weights; a loaded model as it is."""
+    if not isinstance(model, (str, Path)):
+        return model
+    from mmlens.loading import quiet_release_noise, read_checkpoint
+    from mmlens.models import model_class_for
+    from mmlens.zoo import MODELS, checkpoint_path
+
+    name = str(model)
+    with quiet_release_noise():
+        _, hf_config = read_checkpoint(checkpoint_path(name) if name in MODELS else name)
+    family = model_class_for(hf_config.model_type)
+    cfg = family.config_from_hf(hf_config, model_name=name)
+    return SimpleNamespace(cfg=cfg, paper_window_sizes=family.paper_window_sizes)
 
 
 def _model(model: Any, device: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:

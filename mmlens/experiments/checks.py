@@ -1,7 +1,8 @@
 """Option checks the runner makes once, before anything runs (docs/experiments.md, "What a run
 guarantees"): an option that no sample could run with (an unknown flow, a window larger than
 the model, a layer the model does not have) is one clear error, not one failure per sample.
-What needs no model is checked before the model loads."""
+What needs no model is checked before the model loads, and the layers (from the checkpoint's
+config) before its weights load."""
 
 from __future__ import annotations
 
@@ -59,14 +60,16 @@ def check_options(
     if name == "fastv" and not 0 <= options["ratio"] <= 1:
         raise ValueError(f"experiment {name!r}: ratio={options['ratio']!r} must be in [0, 1]")
     if model is not None:
-        _check_layers(spec, model, preset, options, given)
+        check_layers(spec, model.cfg.n_layers, preset, options, given)
         if name == "sae-features":
             _check_sae(model, options["sae"])
 
 
-def _check_layers(spec: Any, model: Any, preset: Any, options: dict[str, Any], given: Any) -> None:
-    """The options that name layers or count them, against `model`'s decoder layers."""
-    n_layers = model.cfg.n_layers
+def check_layers(
+    spec: Any, n_layers: int, preset: Any, options: dict[str, Any], given: Any = ()
+) -> None:
+    """The options that name layers or count them, against a model's `n_layers` decoder
+    layers (the runner checks them from the checkpoint's config, before the weights load)."""
     name = spec.name
 
     def layer_range(option: str, value: Any, low: int = 0, high: int = n_layers - 1) -> None:
