@@ -161,10 +161,7 @@ def activation_patching(
         clean_logits, clean_cache = model.run_with_cache(clean, names_filter=names)
         prefix = model.run_prefix(corrupted, logits="last")
     clean_score, corrupted_score = metric(clean_logits).item(), metric(prefix.logits).item()
-    if math.isclose(clean_score, corrupted_score, rel_tol=1e-5, abs_tol=1e-6):
-        raise ValueError(
-            f"the metric is {clean_score:.4g} on both inputs: nothing for patching to restore"
-        )
+    _check_restorable(clean_score, corrupted_score)
     scores = []
     chunks = [cells[start : start + batch_size] for start in range(0, len(cells), batch_size)]
     for chunk in tqdm(chunks, desc="activation patching", disable=not progress):
@@ -174,6 +171,26 @@ def activation_patching(
         cells, values.tolist(), model, clean_score, corrupted_score,
         analysis="activation_patching", by=by, unaligned=unaligned, suffix_runs=len(chunks),
     )  # fmt: skip
+
+
+def _check_restorable(clean_score: float, corrupted_score: float) -> None:
+    if math.isclose(clean_score, corrupted_score, rel_tol=1e-5, abs_tol=1e-6):
+        raise ValueError(
+            f"the metric is {clean_score:.4g} on both inputs: nothing for patching to restore"
+        )
+
+
+def _cached_pair(
+    model: Any, clean: Any, corrupted: Any, metric: Metric, names: list[str]
+) -> tuple[float, float, Any, Any]:
+    """Both prompts run once with `names` cached: their metrics (refused if equal: nothing to
+    restore) and caches."""
+    with torch.no_grad():
+        clean_logits, clean_cache = model.run_with_cache(clean, names_filter=names)
+        corrupted_logits, corrupted_cache = model.run_with_cache(corrupted, names_filter=names)
+    clean_score, corrupted_score = metric(clean_logits).item(), metric(corrupted_logits).item()
+    _check_restorable(clean_score, corrupted_score)
+    return clean_score, corrupted_score, clean_cache, corrupted_cache
 
 
 def _plan(

@@ -52,7 +52,6 @@ Examples:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -63,7 +62,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmlens.patching.activation import SITES, Metric, _plan, _table
+from mmlens.patching.activation import SITES, Metric, _cached_pair, _plan, _table
 
 METHODS = ("atp", "atp*", "ig")
 """The estimates `attribution_patching` computes."""
@@ -115,14 +114,9 @@ def attribution_patching(
             prefix = f"blocks.{layer}.attn."
             cached += [prefix + "hook_pattern", prefix + "hook_attn_scores"]
             cached += _qk_names(model, layer)
-    with torch.no_grad():
-        clean_logits, clean_cache = model.run_with_cache(clean, names_filter=cached)
-        corrupted_logits, corrupted_cache = model.run_with_cache(corrupted, names_filter=cached)
-    clean_score, corrupted_score = metric(clean_logits).item(), metric(corrupted_logits).item()
-    if math.isclose(clean_score, corrupted_score, rel_tol=1e-5, abs_tol=1e-6):
-        raise ValueError(
-            f"the metric is {clean_score:.4g} on both inputs: nothing for patching to restore"
-        )
+    clean_score, corrupted_score, clean_cache, corrupted_cache = _cached_pair(
+        model, clean, corrupted, metric, cached
+    )
     if method != "atp" and (unaligned or clean.input_ids.shape != corrupted.input_ids.shape):
         raise ValueError(
             f"method={method!r} compares the two prompts position by position, so clean and "

@@ -48,7 +48,6 @@ Examples:
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -61,7 +60,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mmlens.hooks import HookScope
-from mmlens.patching.activation import UNITS, Metric, _unit_positions
+from mmlens.patching.activation import UNITS, Metric, _cached_pair, _unit_positions
 
 METHODS = ("eap", "eap-ig")
 """The scores `edge_attribution_patching` computes."""
@@ -368,16 +367,10 @@ class _Activations:
 def _baselines(
     model: Any, clean: Any, corrupted: Any, metric: Metric
 ) -> tuple[float, float, _Activations, _Activations]:
-    names = _Activations.names(model.cfg.n_layers)
-    with torch.no_grad():
-        clean_logits, clean_cache = model.run_with_cache(clean, names_filter=names)
-        corrupted_logits, corrupted_cache = model.run_with_cache(corrupted, names_filter=names)
-    clean_score, corrupted_score = metric(clean_logits).item(), metric(corrupted_logits).item()
-    if math.isclose(clean_score, corrupted_score, rel_tol=1e-5, abs_tol=1e-6):
-        raise ValueError(
-            f"the metric is {clean_score:.4g} on both inputs: nothing for patching to restore"
-        )
     n_layers = model.cfg.n_layers
+    clean_score, corrupted_score, clean_cache, corrupted_cache = _cached_pair(
+        model, clean, corrupted, metric, _Activations.names(n_layers)
+    )
     return (
         clean_score,
         corrupted_score,
