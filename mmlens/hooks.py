@@ -22,7 +22,67 @@ from typing import Any, Literal
 
 import torch
 from torch.utils.hooks import RemovableHandle
-from transformer_lens.hook_points import HookPoint, LensHandle
+from transformer_lens.hook_points import HookPoint as LensHookPoint
+from transformer_lens.hook_points import LensHandle
+
+
+class HookPoint(LensHookPoint):
+    """TransformerLens' hook point, plus a cache sink: while `sink` is set, each call hands its
+    activation to `sink(name, activation)` without a PyTorch hook. `run_with_cache` uses it
+    for the points no hook is on (registering, calling and removing a PyTorch hook on each of a
+    model's hundreds of points cost more than the forward pass itself on a small model; a point
+    with hooks keeps a caching hook after them, so that the cache holds edited values).
+    `CacheSinks` sets and clears sinks whatever interrupts it."""
+
+    sink: Callable[[str, torch.Tensor], None] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sink is not None:
+            self.sink(self.name, x)
+        return x
+
+
+class CacheSinks:
+    """`sink` on each of `points` for the length of a `with` block; on exit, also after an
+    error or an interrupt at any moment, every one is cleared (entry and exit each one
+    protected step, as `HookScope`'s)."""
+
+    def __init__(self, points: Iterable[HookPoint], sink: Callable[[str, torch.Tensor], None]):
+        self.points, self.sink = list(points), sink
+
+    def __enter__(self) -> CacheSinks:
+        self.held = _hold_interrupts()
+        try:
+            for point in self.points:
+                set_sink(point, self.sink)
+            if _SIGINT["pending"]:  # Ctrl-C while setting them: clear, then raise it
+                _SIGINT["pending"] = False
+                _deliver(signal.SIGINT, None)
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        try:
+            run_to_completion(self._clear)
+        finally:
+            held, self.held = self.held, False
+            _release_interrupts(held)
+
+    def _clear(self) -> None:
+        for point in self.points:
+            set_sink(point, None)
+
+
+def set_sink(point: HookPoint, sink: Callable[[str, torch.Tensor], None] | None) -> None:
+    """Set (or with None, clear) `point`'s cache sink, past nn.Module's `__setattr__` (about
+    5 µs a call, and a full cache sets and clears hundreds)."""
+    object.__setattr__(point, "sink", sink)
+
 
 Direction = Literal["fwd", "bwd", "both"]
 
@@ -257,9 +317,11 @@ def _has_hook_or_record(point: HookPoint) -> bool:
 
 
 def has_any_hooks(points: Iterable[HookPoint]) -> bool:
-    """Whether any PyTorch hook (recorded or raw) is on any of `points`."""
+    """Whether any PyTorch hook (recorded or raw) or cache sink is on any of `points`."""
     return any(
-        getattr(point, name) for point in points for name in ("_forward_hooks", "_backward_hooks")
+        getattr(point, name, None)
+        for point in points
+        for name in ("_forward_hooks", "_backward_hooks", "sink")
     )
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens.hook_points import HookPoint
+
+from mmlens.hooks import HookPoint
 
 SEQUENCE = "sequence"
 """Key of the `SequenceState` in the context (`hook.ctx`) of every decoder-block hook point."""

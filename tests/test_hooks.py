@@ -154,6 +154,23 @@ def test_cache_sees_values_edited_by_earlier_hooks(model, inp):
     assert torch.equal(cache["blocks.0.hook_resid_mid"], clean["blocks.0.hook_resid_pre"])
 
 
+def test_a_full_cache_holds_what_hooks_on_every_point_see(model, inp):
+    """Points without hooks hand their activations to the cache directly (cache sinks): every
+    cached tensor equals what a hook on that point receives, and no sink stays behind."""
+    seen = {}
+
+    def capture(tensor, hook):
+        seen[hook.name] = tensor.detach().clone()
+
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(inp)
+        hooked = model.run_with_hooks(inp, fwd_hooks=[(lambda name: True, capture)])
+    assert torch.equal(logits, hooked) and set(cache.keys()) == set(seen)
+    for name, tensor in seen.items():
+        assert torch.equal(cache[name], tensor), name
+    assert all(point.sink is None for point in model.hook_dict.values())
+
+
 def test_cache_options(model, inp):
     _, cache = model.run_with_cache(
         inp, names_filter="blocks.0.hook_resid_post", remove_batch_dim=True

@@ -38,6 +38,7 @@ PATCHED = [
     (HookPoint, "add_hook"),
     (torch.utils.hooks.RemovableHandle, "remove"),
     (mmlens.hooks, "_remove_from_point"),
+    (mmlens.hooks, "set_sink"),  # run_with_cache's cache sinks, set and cleared point by point
 ]
 
 
@@ -95,6 +96,7 @@ def assert_clean(model, inp, clean_logits, context: str) -> None:
         for attribute in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
             assert not getattr(point, attribute), f"{context}: {attribute} left on {name}"
         assert not point.fwd_hooks and not point.bwd_hooks, f"{context}: records left on {name}"
+        assert point.sink is None, f"{context}: a cache sink left on {name}"
     assert model.context_level == 0, f"{context}: context level {model.context_level}"
     with torch.no_grad():
         assert torch.equal(model(inp), clean_logits), f"{context}: logits changed"

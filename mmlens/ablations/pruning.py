@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens.hook_points import HookPoint
 
 from mmlens.ablations.positions import (
     Hook,
@@ -20,6 +19,7 @@ from mmlens.ablations.positions import (
     check_in_range,
     is_layer_hook,
 )
+from mmlens.hooks import HookPoint
 from mmlens.sequence import sequence_of
 
 Mode = Literal["drop", "mask"]

@@ -7,7 +7,6 @@ from collections.abc import Iterable
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens.hook_points import HookPoint
 
 from mmlens.ablations.positions import (
     Hook,
@@ -16,6 +15,7 @@ from mmlens.ablations.positions import (
     as_layers,
     check_in_range,
 )
+from mmlens.hooks import HookPoint
 from mmlens.sequence import sequence_of
 
 

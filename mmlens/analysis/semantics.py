@@ -10,9 +10,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens.hook_points import HookPoint
 
 from mmlens.analysis.sweep import PositionSpec, active_layers, resolve_positions
+from mmlens.hooks import HookPoint
 from mmlens.inputs import input_settings
 from mmlens.sequence import sequence_of
 

@@ -22,13 +22,12 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens.hook_points import HookPoint
 
 from mmlens.ablations import LaterRowsHook, attention_knockout, block_edges, window
 from mmlens.ablations.knockout import check_rows_keep_a_key
 from mmlens.ablations.positions import PositionSet, as_positions, check_positions_exist
 from mmlens.analysis.probability import relative_change
-from mmlens.hooks import original_hook
+from mmlens.hooks import HookPoint, original_hook
 from mmlens.inputs import input_settings
 from mmlens.sequence import sequence_of
 

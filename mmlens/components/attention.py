@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import nn
 from transformer_lens import FactoredMatrix
-from transformer_lens.hook_points import HookPoint
 
 from mmlens.components.norms import RMSNorm
 from mmlens.components.rotary import apply_rotary
+from mmlens.hooks import HookPoint
 
 KeyValue = tuple[
     Float[torch.Tensor, "batch k_pos kv_head d_head"],
@@ -223,9 +223,13 @@ class Attention(nn.Module):
         return self.o_proj(z.reshape(*z.shape[:2], -1)), (k, v)
 
     def _scores_hooked(self) -> bool:
-        # Any PyTorch hook counts: TransformerLens hooks and run_with_cache's caching hooks.
+        # Any PyTorch hook counts (TransformerLens hooks, run_with_cache's caching hooks), and a
+        # cache sink.
         hooked = (self.hook_attn_scores, self.hook_pattern)
-        return any(point._forward_hooks or point._backward_hooks for point in hooked)
+        return any(
+            point._forward_hooks or point._backward_hooks or point.sink is not None
+            for point in hooked
+        )
 
     def _repeat_kv(self, tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Key/value heads along `dim` -> one copy per query head, as grouped-query attention

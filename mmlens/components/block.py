@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float, Int
 from torch import nn
-from transformer_lens.hook_points import HookPoint
 
 from mmlens.components.attention import Attention, KeyValue
+from mmlens.hooks import HookPoint
 
 EVERY_ROW_HOOKS = frozenset(
     ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_k", "attn.hook_v",

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import nn
-from transformer_lens.hook_points import HookPoint
+
+from mmlens.hooks import HookPoint
 
 
 class CrossAttention(nn.Module):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float
 from torch import nn
-from transformer_lens.hook_points import HookPoint
 from transformers.activations import ACT2FN
+
+from mmlens.hooks import HookPoint
 
 
 class GatedMLP(nn.Module):

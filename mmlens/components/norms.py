@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float
 from torch import nn
-from transformer_lens.hook_points import HookPoint
+
+from mmlens.hooks import HookPoint
 
 
 class RMSNorm(nn.Module):

@@ -19,7 +19,6 @@ from jaxtyping import Float, Int
 from torch import nn
 from tqdm.auto import tqdm
 from transformer_lens import FactoredMatrix
-from transformer_lens.hook_points import HookPoint
 
 from mmlens.components import (
     Attention,
@@ -31,6 +30,7 @@ from mmlens.components import (
     Unembed,
 )
 from mmlens.config import MMConfig
+from mmlens.hooks import HookPoint
 from mmlens.inputs import MultimodalInput, processor_fingerprint
 from mmlens.loading import load_weights, quiet_release_noise, read_checkpoint
 from mmlens.models.hooking import HookBookkeeping

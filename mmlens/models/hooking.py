@@ -9,6 +9,7 @@ whatever interrupts the call (`mmlens.hooks`, docs/hooks.md).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
 from collections.abc import Callable
@@ -17,10 +18,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from transformer_lens import ActivationCache, HookedRootModule
-from transformer_lens.hook_points import HookPoint
 
 from mmlens.config import MMConfig
-from mmlens.hooks import HookScope, checked_hook, remove_hooks, run_to_completion
+from mmlens.hooks import (
+    CacheSinks,
+    HookPoint,
+    HookScope,
+    checked_hook,
+    remove_hooks,
+    run_to_completion,
+    set_sink,
+)
 from mmlens.perf import enable_for_cpu_caching
 
 
@@ -130,6 +138,8 @@ class HookBookkeeping(HookedRootModule):
                 self.clear_contexts()
             if level is None:
                 self.context_level = 0
+                for point in self.hook_points():  # a cache an interrupted cell left open
+                    set_sink(point, None)
             self.is_caching = False
 
         run_to_completion(lambda: remove_hooks(self.hook_points(), selected, direction), finish)
@@ -169,10 +179,12 @@ class HookBookkeeping(HookedRootModule):
             incl_bwd: also cache gradients (`name + "_grad"`); the output must be a scalar
                 (e.g. `return_type="loss"`), as in TransformerLens.
 
-        Caching hooks are plain PyTorch forward hooks added after any hooks already on the
-        model (so the cache holds edited values) and removed whatever interrupts the call. They
-        bypass TransformerLens' per-hook bookkeeping, whose cost dominated a full cache of a
-        large model on a GPU (see `bench/forward.py`). On the CPU, the first call makes glibc
+        A hook point with no hook on it hands its activation to the cache directly (its cache
+        sink, `mmlens.hooks.HookPoint`); one with hooks gets a plain PyTorch forward hook added
+        after them (so the cache holds edited values). Both are removed whatever interrupts the
+        call. Neither goes through TransformerLens' per-hook bookkeeping, whose cost dominated a
+        full cache of a large model on a GPU (`bench/forward.py`); on a small model, PyTorch's
+        own hooks did (`bench/cache.py`). On the CPU, the first call makes glibc
         keep freed memory for reuse (`mmlens.perf`; opt out with MMLENS_KEEP_FREED_MEMORY=0):
         a full cache allocates hundreds of MB per call, and re-faulting it cost ~40%.
 
@@ -196,14 +208,22 @@ class HookBookkeeping(HookedRootModule):
             enable_for_cpu_caching()
         cache_dict: dict[str, torch.Tensor] = {}
 
-        def save(hook_point: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            stored = output.detach().to(device)
-            cache_dict[hook_point.name] = stored[0] if remove_batch_dim else stored
+        def store(name: str, activation: torch.Tensor) -> None:
+            stored = activation.detach().to(device)
+            cache_dict[name] = stored[0] if remove_batch_dim else stored
 
-        names = self.hook_names(names_filter)
-        with HookScope(self):
-            for name in names:
-                self.hook_dict[name].register_forward_hook(save)
+        def save(hook_point: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            store(hook_point.name, output)
+
+        # Points without hooks hand their activation to a sink (no PyTorch hook to register,
+        # call and remove); a point with hooks gets a caching hook after them.
+        points = [self.hook_dict[name] for name in self.hook_names(names_filter)]
+        hooked = [point for point in points if point._forward_hooks]
+        plain = [point for point in points if not point._forward_hooks]
+        # (no scope to scan the model's points for hooks to remove when none were added)
+        with HookScope(self) if hooked else contextlib.nullcontext(), CacheSinks(plain, store):
+            for point in hooked:
+                point.register_forward_hook(save)
             output = self(*model_args, **model_kwargs)
         if remove_batch_dim and output is not None and output.shape[0] != 1:
             raise ValueError("remove_batch_dim=True needs a batch of 1")

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 from jaxtyping import Float, Int
-from transformer_lens.hook_points import HookPoint
 
 from mmlens.config import MMConfig
+from mmlens.hooks import HookPoint
 from mmlens.inputs import MultimodalInput
 from mmlens.inputs.arguments import check_prompts, warn_if_too_long, warn_unknown_words
 from mmlens.inputs.images import without_alpha

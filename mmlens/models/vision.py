@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import nn
-from transformer_lens.hook_points import HookPoint
 
 from mmlens.components import MLP, Attention, LayerNorm, TransformerBlock
 from mmlens.config import VisionConfig
+from mmlens.hooks import HookPoint
 
 TOWER_TYPES: dict[str, dict[str, Any]] = {
     # CLIP: class token, pre-layernorm, quick-gelu MLP.

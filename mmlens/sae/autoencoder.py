@@ -23,7 +23,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import HookedRootModule
-from transformer_lens.hook_points import HookPoint
+
+from mmlens.hooks import HookPoint
 
 ACTIVATIONS = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}
 """SAE architectures and their activation function."""

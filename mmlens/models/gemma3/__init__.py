@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
-from transformer_lens.hook_points import HookPoint
 
 from mmlens.components import RMSNorm
 from mmlens.config import MMConfig
+from mmlens.hooks import HookPoint
 from mmlens.inputs.templates import ConversationTemplate, register_template
 from mmlens.models.gemma3.processor import Gemma3InputProcessor
 from mmlens.models.llava import HookedLlava, on_device_of

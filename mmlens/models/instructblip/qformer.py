@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import nn
-from transformer_lens.hook_points import HookPoint
 
 from mmlens.components import MLP, CrossAttention, LayerNorm
+from mmlens.hooks import HookPoint
 
 
 @dataclass

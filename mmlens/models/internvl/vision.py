@@ -15,11 +15,11 @@ import einops
 import torch
 from jaxtyping import Float
 from torch import nn
-from transformer_lens.hook_points import HookPoint
 from transformers.activations import ACT2FN
 
 from mmlens.components import MLP, Attention, LayerNorm, RMSNorm, TransformerBlock
 from mmlens.config import VisionConfig
+from mmlens.hooks import HookPoint
 from mmlens.models.vision import HookedVisionTower, PatchEmbed
 
 

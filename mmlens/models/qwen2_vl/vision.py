@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 from torch import nn
-from transformer_lens.hook_points import HookPoint
 
 from mmlens.components import MLP, Attention, LayerNorm, TransformerBlock
 from mmlens.config import VisionConfig
+from mmlens.hooks import HookPoint
 
 
 @dataclass

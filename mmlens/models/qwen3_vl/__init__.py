@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 from jaxtyping import Float, Int
-from transformer_lens.hook_points import HookPoint
 
 from mmlens.components import RotaryEmbedding
 from mmlens.config import MMConfig, VisionConfig
+from mmlens.hooks import HookPoint
 from mmlens.inputs.templates import ConversationTemplate, register_template
 from mmlens.models.llava import on_device_of
 from mmlens.models.prefix import _Rows

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 from torch import nn
-from transformer_lens.hook_points import HookPoint
 
 from mmlens.components import CrossAttention, LayerNorm
+from mmlens.hooks import HookPoint
 from mmlens.models.vision import resize_positions
 
 
