@@ -42,20 +42,22 @@ class HookPoint(LensHookPoint):
         return x
 
 
-class CacheSinks:
-    """`sink` on each of `points` for the length of a `with` block; on exit, also after an
-    error or an interrupt at any moment, every one is cleared (entry and exit each one
-    protected step, as `HookScope`'s)."""
+class _ProtectedScope:
+    """A `with` block whose entry (`_open`) and exit (`_shut`) are each one protected step, as
+    `HookScope`'s: a Ctrl-C inside either is held back until it is done, and an error or
+    interrupt in `_open` runs `_shut` before it is raised."""
 
-    def __init__(self, points: Iterable[HookPoint], sink: Callable[[str, torch.Tensor], None]):
-        self.points, self.sink = list(points), sink
+    def _open(self) -> None:
+        raise NotImplementedError
 
-    def __enter__(self) -> CacheSinks:
+    def _shut(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> _ProtectedScope:
         self.held = _hold_interrupts()
         try:
-            for point in self.points:
-                set_sink(point, self.sink)
-            if _SIGINT["pending"]:  # Ctrl-C while setting them: clear, then raise it
+            self._open()
+            if _SIGINT["pending"]:  # Ctrl-C while opening: shut, then raise it
                 _SIGINT["pending"] = False
                 _deliver(signal.SIGINT, None)
         except BaseException:
@@ -68,14 +70,52 @@ class CacheSinks:
 
     def _close(self) -> None:
         try:
-            run_to_completion(self._clear)
+            run_to_completion(self._shut)
         finally:
             held, self.held = self.held, False
             _release_interrupts(held)
 
-    def _clear(self) -> None:
+
+class CacheSinks(_ProtectedScope):
+    """`sink` on each of `points` for the length of a `with` block; every one cleared on exit,
+    also after an error or an interrupt at any moment."""
+
+    def __init__(self, points: Iterable[HookPoint], sink: Callable[[str, torch.Tensor], None]):
+        self.points, self.sink = list(points), sink
+
+    def _open(self) -> None:
+        for point in self.points:
+            set_sink(point, self.sink)
+
+    def _shut(self) -> None:
         for point in self.points:
             set_sink(point, None)
+
+
+class ModuleHooks(_ProtectedScope):
+    """Forward pre-hooks on modules that are not hook points (the arguments of an attention
+    call, a norm's input) for the length of a `with` block: `pre_hooks` holds ``(module, hook,
+    with_kwargs)``. On exit, also after an error or an interrupt at any moment, every pre-hook
+    registered on those modules since entry is gone: found by PyTorch's hook ids, as
+    `HookScope` finds its hooks, so also one whose registration was interrupted before its
+    handle came back."""
+
+    def __init__(self, pre_hooks: Iterable[tuple[torch.nn.Module, Callable, bool]]):
+        self.pre_hooks, self.first_id = list(pre_hooks), None
+
+    def _open(self) -> None:
+        self.first_id = next_hook_id()
+        for module, hook, with_kwargs in self.pre_hooks:
+            module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+
+    def _shut(self) -> None:
+        if self.first_id is None:
+            return
+        for module, _, _ in self.pre_hooks:
+            for hook_id in [hook_id for hook_id in module._forward_pre_hooks
+                            if hook_id >= self.first_id]:  # fmt: skip
+                module._forward_pre_hooks.pop(hook_id, None)
+                module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
 
 
 def set_sink(point: HookPoint, sink: Callable[[str, torch.Tensor], None] | None) -> None:

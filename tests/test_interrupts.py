@@ -28,12 +28,14 @@ from mmlens.analysis import (
     logit_lens,
     module_knockout_jaccard,
 )
+from mmlens.patching import edge_attribution_patching, faithfulness
 from mmlens.testing import make_test_image
 
 N_LAYERS = 3
 # (owner, attribute): every function through which a hook is added to or removed from a model.
 PATCHED = [
     (nn.Module, "register_forward_hook"),
+    (nn.Module, "register_forward_pre_hook"),
     (nn.Module, "register_full_backward_hook"),
     (HookPoint, "add_hook"),
     (torch.utils.hooks.RemovableHandle, "remove"),
@@ -97,6 +99,9 @@ def assert_clean(model, inp, clean_logits, context: str) -> None:
             assert not getattr(point, attribute), f"{context}: {attribute} left on {name}"
         assert not point.fwd_hooks and not point.bwd_hooks, f"{context}: records left on {name}"
         assert point.sink is None, f"{context}: a cache sink left on {name}"
+    for name, module in model.named_modules():  # raw hooks on modules that are not hook points
+        for attribute in ("_forward_hooks", "_forward_pre_hooks"):
+            assert not getattr(module, attribute), f"{context}: {attribute} left on {name}"
     assert model.context_level == 0, f"{context}: context level {model.context_level}"
     with torch.no_grad():
         assert torch.equal(model(inp), clean_logits), f"{context}: logits changed"
@@ -109,6 +114,16 @@ def calls(model, inp) -> dict[str, Callable[[], object]]:
     def in_hooks_block():
         with model.hooks(fwd_hooks=knockout):
             return model(inp)
+
+    def edge_circuit():  # exact edge patching: hooks on hook points and on modules
+        other = model.prepare(make_test_image(56, 56, 7), "What colour is the square?")
+        top = model(inp)[0, -1].argsort(descending=True)[:2].tolist()
+
+        def metric(logits):
+            return logits[:, -1, top[0]] - logits[:, -1, top[1]]
+
+        edges = edge_attribution_patching(model, inp, other, metric, method="eap")
+        return faithfulness(model, inp, other, metric, edges, sizes=[5])
 
     def generate_with_hooks():
         with model.hooks(fwd_hooks=drop_tokens(image, 1)):
@@ -135,6 +150,7 @@ def calls(model, inp) -> dict[str, Callable[[], object]]:
         "module_knockout_jaccard": lambda: module_knockout_jaccard(model, inp, progress=False),
         "cliff_layer": lambda: cliff_layer(model, inp, ["red"], progress=False),
         "llava_cam": lambda: llava_cam(model, inp, "red", n_samples=1, progress=False),
+        "edge attribution and faithfulness": edge_circuit,
     }
 
 
@@ -152,6 +168,7 @@ CALLS = [
     "module_knockout_jaccard",
     "cliff_layer",
     "llava_cam",
+    "edge attribution and faithfulness",
 ]
 
 

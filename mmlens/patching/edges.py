@@ -59,7 +59,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmlens.hooks import HookScope
+from mmlens.hooks import HookScope, ModuleHooks
 from mmlens.patching.activation import UNITS, Metric, _cached_pair, _unit_positions
 
 METHODS = ("eap", "eap-ig")
@@ -387,8 +387,9 @@ def _upstream_outputs(
     heads = einops.einsum(
         deltas.z[layer], model.blocks[layer].attn.W_O, "pos head d_head, head d_head d_model -> head pos d_model"
     )  # fmt: skip
-    mlp = deltas.mlp[layer]
-    if mlp is None:  # the MLP has not run yet: only its own layer's MLP reads this layer
+    if layer < len(deltas.mlp):
+        mlp = deltas.mlp[layer]
+    else:  # the MLP has not run yet: only its own layer's MLP, which reads the heads, is here
         mlp = torch.zeros_like(heads[0])
     return torch.cat([heads, mlp[None]])
 
@@ -607,7 +608,8 @@ def _run_with_edges(
     n_layers = model.cfg.n_layers
     group_of = graph.group_of
     # this run's outputs minus the other run's, filled in as the layers run
-    current = _Activations(other.embed, None, [None] * n_layers, [None] * n_layers)  # type: ignore[arg-type]
+    current = _Activations(other.embed, torch.zeros_like(other.input), [], [])
+    block_inputs: list[Tensor] = []
     attention_arguments: dict[int, dict] = {}
     nested = [False]
 
@@ -623,8 +625,10 @@ def _run_with_edges(
             )
         return total
 
-    def record_input(resid: Tensor, hook: Any) -> None:
-        current.input = resid[0] - other.input
+    def keep_input(resid: Tensor, hook: Any) -> None:
+        if not block_inputs:  # the first block's: the input node
+            current.input = resid[0] - other.input
+        block_inputs.append(resid)
 
     def keep_arguments(layer: int, module: Any, args: tuple, kwargs: dict) -> None:
         if not nested[0]:
@@ -657,13 +661,8 @@ def _run_with_edges(
                 head, target = divmod(index, len(graph.groups))
                 rows = (group_of == target).to(z.device)
                 z[0, rows, head] = seen["z"][variant, rows, head]
-        current.z[layer] = z[0] - other.z[layer]
+        current.z.append(z[0] - other.z[layer])
         return z
-
-    block_inputs: dict[int, Tensor] = {}
-
-    def keep_input(resid: Tensor, hook: Any) -> None:
-        block_inputs[int(hook.name.split(".")[1])] = resid
 
     def mlp_input(layer: int, module: Any, args: tuple) -> tuple:
         mask = masks.mlp[layer][None]
@@ -673,12 +672,12 @@ def _run_with_edges(
         return (resid + additions(mask, layer + 1, resid[0]),)
 
     def record_mlp(out: Tensor, hook: Any) -> None:
-        current.mlp[int(hook.name.split(".")[1])] = out[0] - other.mlp[int(hook.name.split(".")[1])]
+        current.mlp.append(out[0] - other.mlp[len(current.mlp)])
 
     def logits_input(resid: Tensor, hook: Any) -> Tensor:
         return resid + additions(masks.logits[None], n_layers, resid[0])
 
-    fwd_hooks = [("blocks.0.hook_resid_pre", record_input)]
+    fwd_hooks = []
     for layer in range(n_layers):
         fwd_hooks += [
             (f"blocks.{layer}.hook_resid_pre", keep_input),
@@ -686,20 +685,13 @@ def _run_with_edges(
             (f"blocks.{layer}.hook_mlp_out", record_mlp),
         ]
     fwd_hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", logits_input))
-    handles = []
-    try:
-        for layer, block in enumerate(model.blocks):
-            handles.append(
-                block.attn.register_forward_pre_hook(
-                    functools.partial(keep_arguments, layer), with_kwargs=True
-                )
-            )
-            handles.append(block.ln2.register_forward_pre_hook(functools.partial(mlp_input, layer)))
-        with torch.no_grad(), HookScope(model, fwd_hooks):
-            return metric(model(inp)).item()
-    finally:
-        for handle in handles:
-            handle.remove()
+    # The attention's arguments (rotary, mask) and the MLP's input are not at hook points.
+    pre_hooks = []
+    for layer, block in enumerate(model.blocks):
+        pre_hooks += [(block.attn, functools.partial(keep_arguments, layer), True),
+                      (block.ln2, functools.partial(mlp_input, layer), False)]  # fmt: skip
+    with torch.no_grad(), ModuleHooks(pre_hooks), HookScope(model, fwd_hooks):
+        return metric(model(inp)).item()
 
 
 def _broadcast(value: Any, n: int) -> Any:
